@@ -1,0 +1,40 @@
+"""One exception hierarchy for every known failure of llmflow-hpo.
+
+A ``LlmflowError`` is a failure the user can fix: the CLI prints its one-line message and exits 1.
+Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = ["LlmflowError", "ConfigError", "DataError", "StorageError", "TrialFailure"]
+
+
+class LlmflowError(Exception):
+    """A known failure, reported to the user as one line."""
+
+
+class ConfigError(LlmflowError):
+    """A study config or search-space file is invalid.
+
+    ``problems`` holds every problem found, each already naming the file and the field.
+    """
+
+    def __init__(self, problems: list[str] | str) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+class DataError(LlmflowError):
+    """A data file cannot be read or holds unusable examples."""
+
+    def __init__(self, path: object, message: str) -> None:
+        self.path = str(path)
+        super().__init__(f"{self.path}: {message}")
+
+
+class StorageError(LlmflowError):
+    """The study storage cannot be opened, or the study in it does not fit the request."""
+
+
+class TrialFailure(LlmflowError):
+    """A trial that cannot produce a metric (diverged, out of memory): it ends as FAIL with a reason."""
