@@ -6,7 +6,7 @@ Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-__all__ = ["LlmflowError", "ConfigError", "DataError", "StorageError", "TrialFailure"]
+__all__ = ["ConfigError", "DataError", "LlmflowError", "StorageError", "TrialFailure"]
 
 
 class LlmflowError(Exception):

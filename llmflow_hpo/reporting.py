@@ -1,0 +1,67 @@
+"""Between a training run and its optuna trial: report each evaluation, prune, and store what a trial found."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import optuna
+
+from llmflow_hpo.train import Evaluation, TrainResult
+
+__all__ = ["TrialReporter", "store_result"]
+
+
+class TrialReporter:
+    """Reports every dev evaluation to the trial, at a step counted in training examples seen.
+
+    Called by the training loop after each evaluation. Raises ``optuna.TrialPruned`` when the pruner
+    says so, after storing the best evaluation reached, so a pruned trial still shows what it found.
+    """
+
+    def __init__(self, trial: optuna.Trial, metric: str, direction: str) -> None:
+        self.trial = trial
+        self.metric = metric
+        self.direction = direction
+        self.best: Evaluation | None = None
+
+    def __call__(self, evaluation: Evaluation) -> None:
+        value = evaluation.metrics[self.metric]
+        if not math.isfinite(value):
+            raise optuna.TrialPruned(f"dev {self.metric} is {value} at step {evaluation.step}")
+        better = self.best is None or (
+            value > self.best.metrics[self.metric]
+            if self.direction == "maximize"
+            else value < self.best.metrics[self.metric]
+        )
+        if better:
+            self.best = evaluation
+        self.trial.report(value, evaluation.step)
+        if self.trial.should_prune():
+            store_best(self.trial, self.best)
+            self.trial.set_user_attr("pruned_at_step", evaluation.step)
+            raise optuna.TrialPruned(f"pruned at step {evaluation.step} (dev {self.metric}={value:.4f})")
+
+
+def store_best(trial: Any, best: Evaluation | None) -> None:
+    if best is None:
+        return
+    for name, value in best.metrics.items():
+        trial.set_user_attr(f"dev_{name}", value)
+    trial.set_user_attr("best_step", best.step)
+    trial.set_user_attr("best_optimizer_step", best.optimizer_step)
+    trial.set_user_attr("best_epoch", round(best.epoch, 4))
+
+
+def store_result(trial: Any, result: TrainResult, seed: int) -> None:
+    """User attributes of a finished trial: the best evaluation's dev metrics and the run's costs."""
+    store_best(trial, result.best)
+    trial.set_user_attr("seed", seed)
+    trial.set_user_attr("evaluations", len(result.history))
+    trial.set_user_attr("stopped_early", result.stopped_early)
+    trial.set_user_attr("train_time_s", round(result.train_time_s, 3))
+    trial.set_user_attr("examples_per_second", round(result.examples_per_second, 2))
+    trial.set_user_attr("n_params", result.n_params)
+    trial.set_user_attr("peak_memory_mb", round(result.peak_memory_mb, 1))
+    trial.set_user_attr("peak_memory_kind", result.peak_memory_kind)
+    trial.set_user_attr("device", result.device)

@@ -1,0 +1,102 @@
+"""retrain-best: the best trial's parameters, read from the storage alone, trained into a finished model.
+
+``--train-on train`` repeats the best trial's run with its seed and stops at the step of its best
+evaluation: the same weights, so the same dev score (checked and reported). ``train+dev`` trains on
+both for the same number of epochs; its dev score is then no estimate, and only test counts.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from llmflow_hpo.errors import StorageError
+from llmflow_hpo.features import prepare_features
+from llmflow_hpo.objective import trial_params
+from llmflow_hpo.storage import load_study, stored_config
+from llmflow_hpo.train import train_and_evaluate
+
+__all__ = ["RetrainResult", "retrain_best"]
+
+
+@dataclass
+class RetrainResult:
+    output_dir: Path
+    trial_number: int
+    params: dict[str, Any]
+    dev_metrics: dict[str, float]
+    test_metrics: dict[str, float]
+    trial_dev_value: float
+    reproduced: bool | None  # None when trained on train+dev (dev was seen)
+
+
+def retrain_best(
+    *,
+    study_name: str,
+    storage: str,
+    output_dir: Path | None = None,
+    train_on: Literal["train", "train+dev"] = "train",
+    log: Callable[[str], None] | None = None,
+) -> RetrainResult:
+    from llmflow_hpo.export import save_model
+
+    say = log or (lambda line: print(line, file=sys.stderr))
+    study = load_study(study_name, storage)
+    cfg, space, space_raw = stored_config(study)
+    try:
+        best = study.best_trial
+    except ValueError:
+        raise StorageError(f"study {study_name!r} has no complete trial yet; run `llmflow-hpo search` first") from None
+    if "best_step" not in best.user_attrs:
+        raise StorageError(
+            f"trial {best.number} of study {study_name!r} has no best_step; it was not run by llmflow-hpo"
+        )
+    params = trial_params(best, space)
+    seed = int(best.user_attrs.get("seed", cfg.seed))
+    say(f"retrain-best: study {study_name}, trial {best.number} (dev {cfg.metric}={best.value:.4f}), params {params}")
+    features = prepare_features(cfg, log=say)
+    best_step = int(best.user_attrs["best_step"])
+    if train_on == "train":
+        split, stop_at = "train", best_step
+    else:
+        import datasets
+
+        merged = datasets.concatenate_datasets([features.splits["train"], features.splits["dev"]])
+        features.splits["train+dev"] = merged
+        epochs = best_step / len(features.splits["train"])
+        split, stop_at = "train+dev", math.ceil(epochs * len(merged))
+        say(f"retrain-best: training on train+dev ({len(merged)} examples) for {epochs:.2f} epochs, as the best trial")
+    result = train_and_evaluate(
+        cfg,
+        params,
+        features,
+        seed=seed,
+        stop_at_examples=stop_at,
+        train_split=split,
+        keep_model=True,
+        eval_splits=("test",),
+    )
+    assert result.final is not None
+    dev = result.final.metrics
+    reproduced = None if train_on == "train+dev" else math.isclose(dev[cfg.metric], best.value, abs_tol=1e-9)
+    out = Path(output_dir) if output_dir else Path("runs") / study_name / "best-model"
+    save_model(
+        out,
+        model=result.model,
+        cfg=cfg,
+        space_raw=space_raw,
+        study=study,
+        trial=best,
+        params=params,
+        seed=seed,
+        train_on=train_on,
+        dev_metrics=dev,
+        test_metrics=result.test_metrics,
+        reproduced=reproduced,
+        examples_seen=result.final.examples_seen,
+    )
+    return RetrainResult(out, best.number, params, dev, result.test_metrics, float(best.value), reproduced)

@@ -1,0 +1,393 @@
+"""One training recipe: set up, train, evaluate on dev several times, keep the best, free everything.
+
+Reads top to bottom. The same function runs a search trial (reporting each evaluation, which may prune
+it) and ``retrain-best`` (stopping at the best trial's step and handing the model back).
+
+Reproducibility: the training order comes from a generator seeded with the trial's seed, and the
+evaluation loaders own their generators too, so evaluating never draws from the global torch RNG.
+A retrain with the same seed that skips the evaluations reaches the same weights at the same step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import math
+import random
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from llmflow_hpo.config import StudyConfig, TrainConfig
+from llmflow_hpo.errors import ConfigError, TrialFailure
+from llmflow_hpo.features import IGNORE_INDEX, Features
+from llmflow_hpo.metrics import text_classification_metrics, token_classification_metrics
+from llmflow_hpo.models import build_model, load_tokenizer
+
+__all__ = ["Evaluation", "TrainResult", "evaluate", "resolve_device", "train_and_evaluate"]
+
+OnEval = Callable[["Evaluation"], None]
+
+
+@dataclass
+class Evaluation:
+    """One dev evaluation. ``step`` is the nominal number of training examples seen (the pruner's unit)."""
+
+    step: int
+    examples_seen: int
+    optimizer_step: int
+    epoch: float
+    metrics: dict[str, float]
+    train_loss: float
+
+
+@dataclass
+class TrainResult:
+    best: Evaluation | None
+    history: list[Evaluation]
+    stopped_early: bool
+    train_time_s: float
+    examples_per_second: float
+    n_params: int
+    peak_memory_mb: float
+    peak_memory_kind: str
+    device: str
+    model: Any = None  # only when keep_model=True (retrain-best)
+    test_metrics: dict[str, float] = field(default_factory=dict)
+    final: Evaluation | None = None  # the evaluation at stop_at_examples (retrain-best)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {name} asked for, but torch sees no CUDA device; use auto or cpu")
+    return torch.device(name)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _collator(task: str, tokenizer: Any) -> Any:
+    from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
+
+    if task == "token-classification":
+        return DataCollatorForTokenClassification(tokenizer, label_pad_token_id=IGNORE_INDEX)
+    return DataCollatorWithPadding(tokenizer)
+
+
+def _model_columns(ds: Any) -> Any:
+    return ds.remove_columns([c for c in ("word_labels",) if c in ds.column_names])
+
+
+def _optimizer(model: torch.nn.Module, hp: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """Weight decay on weights only: not on biases, not on normalisation layers."""
+    decay, no_decay = [], []
+    norm_types = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.BatchNorm1d)
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            (no_decay if isinstance(module, norm_types) or name == "bias" else decay).append(param)
+    groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if hp.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=hp.learning_rate, fused=device.type == "cuda")
+    if hp.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=hp.learning_rate, momentum=hp.momentum)
+    from transformers.optimization import Adafactor
+
+    return Adafactor(groups, lr=hp.learning_rate, scale_parameter=False, relative_step=False, warmup_init=False)
+
+
+def warmup_steps(warmup_ratio: float, total_steps: int) -> int:
+    """Warmup as a ratio of the run's optimizer steps (TrainingArguments no longer takes a ratio)."""
+    return math.ceil(warmup_ratio * total_steps)
+
+
+def _class_weights(features: Features, split_labels: list[Any], device: torch.device) -> torch.Tensor:
+    """balanced: n / (n_classes * n_c), as scikit-learn's compute_class_weight; unseen classes weigh 1."""
+    counts = np.zeros(len(features.labels), dtype=np.float64)
+    for row in split_labels:
+        for label in row if isinstance(row, list) else [row]:
+            if label != IGNORE_INDEX:
+                counts[label] += 1
+    total = counts.sum()
+    weights = np.where(counts > 0, total / (len(counts) * np.maximum(counts, 1)), 1.0)
+    return torch.tensor(weights, dtype=torch.float32, device=device)
+
+
+def loss_fn(
+    logits: torch.Tensor, labels: torch.Tensor, hp: TrainConfig, class_weights: torch.Tensor | None
+) -> torch.Tensor:
+    """Cross-entropy (with label smoothing and class weights) or focal loss; IGNORE_INDEX positions skipped."""
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    labels = labels.reshape(-1)
+    if hp.loss == "cross_entropy":
+        return F.cross_entropy(
+            logits, labels, weight=class_weights, ignore_index=IGNORE_INDEX, label_smoothing=hp.label_smoothing
+        )
+    # Focal loss (Lin et al. 2017): (1 - p_t)^gamma scales each position's (smoothed, weighted) cross-entropy.
+    keep = labels != IGNORE_INDEX
+    logits, labels = logits[keep], labels[keep]
+    ce = F.cross_entropy(logits, labels, weight=class_weights, reduction="none", label_smoothing=hp.label_smoothing)
+    p_t = torch.softmax(logits, dim=-1).gather(1, labels[:, None]).squeeze(1)
+    return ((1.0 - p_t) ** hp.focal_gamma * ce).sum() / labels.numel()
+
+
+@torch.inference_mode()
+def evaluate(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    features: Features,
+    split: str,
+    hp: TrainConfig,
+    device: torch.device,
+) -> dict[str, float]:
+    """Dev or test metrics: entity-level (seqeval) on word-level tags for NER, scikit-learn for classification."""
+    model.eval()
+    total_loss, total_count = 0.0, 0
+    predictions: list[Any] = []
+    for batch in loader:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        logits = model(**batch).logits
+        flat = labels.reshape(-1)
+        count = int((flat != IGNORE_INDEX).sum())
+        total_loss += float(
+            F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), flat, ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+        )
+        total_count += count
+        predicted = logits.argmax(-1)
+        if features.task == "token-classification":
+            for row_pred, row_labels in zip(predicted.cpu().tolist(), labels.cpu().tolist(), strict=True):
+                predictions.append([p for p, g in zip(row_pred, row_labels, strict=True) if g != IGNORE_INDEX])
+        else:
+            predictions.extend(predicted.cpu().tolist())
+    model.train()
+    names = features.labels
+    if features.task == "token-classification":
+        gold = features.gold_tags(split)
+        # Words cut off by max_length get no prediction: they are scored as O, never dropped.
+        pred = [[names[i] for i in row] + ["O"] * (len(g) - len(row)) for row, g in zip(predictions, gold, strict=True)]
+        metrics = token_classification_metrics(gold, pred)
+    else:
+        metrics = text_classification_metrics(features.gold_labels(split), [names[i] for i in predictions])
+    metrics["loss"] = total_loss / max(total_count, 1)
+    return metrics
+
+
+def _improved(value: float, best: float | None, direction: str, min_delta: float) -> bool:
+    if best is None:
+        return True
+    return value - best > min_delta if direction == "maximize" else best - value > min_delta
+
+
+def _peak_memory(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss_kb / 1024 if sys.platform != "darwin" else rss_kb / 2**20, "process_max_rss"
+
+
+def train_and_evaluate(
+    cfg: StudyConfig,
+    params: dict[str, Any],
+    features: Features,
+    *,
+    seed: int,
+    on_eval: OnEval | None = None,
+    stop_at_examples: int | None = None,
+    train_split: str = "train",
+    keep_model: bool = False,
+    eval_splits: tuple[str, ...] = (),
+) -> TrainResult:
+    """Train with ``params`` (searched values over cfg.train's fixed ones) and evaluate on dev.
+
+    Search trials (``stop_at_examples`` None) evaluate ``evals_per_epoch`` times an epoch, call
+    ``on_eval`` after each evaluation (it may raise optuna.TrialPruned) and stop early after
+    ``early_stopping_patience`` evaluations without improvement. Retraining passes ``stop_at_examples``:
+    it trains, without evaluating, until that many examples were seen, then evaluates ``eval_splits``.
+    """
+    hp = dataclasses.replace(cfg.train, **params)
+    device = resolve_device(hp.device)
+    if hp.num_threads is not None:
+        torch.set_num_threads(hp.num_threads)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    direction, metric = cfg.direction, cfg.metric
+    state: dict[str, Any] = {}  # every heavy object of the trial lives here and is dropped in `finally`
+    try:
+        _seed_everything(seed)
+        tokenizer = load_tokenizer(cfg.model)
+        model = build_model(
+            cfg.model,
+            task=cfg.task,
+            labels=features.labels,
+            hidden_dropout=hp.hidden_dropout,
+            attention_dropout=hp.attention_dropout,
+        ).to(device)
+        state["model"] = model
+        model.train()
+        collate = _collator(cfg.task, tokenizer)
+        train_ds = features.splits[train_split]
+        n_train = len(train_ds)
+        pin = device.type == "cuda"
+        state["train_loader"] = train_loader = DataLoader(
+            _model_columns(train_ds),
+            batch_size=hp.batch_size,
+            shuffle=True,
+            collate_fn=collate,
+            generator=torch.Generator().manual_seed(seed),
+            pin_memory=pin,
+        )
+
+        def eval_loader(split: str) -> DataLoader:
+            return DataLoader(
+                _model_columns(features.splits[split]),
+                batch_size=hp.eval_batch_size,
+                shuffle=False,
+                collate_fn=collate,
+                generator=torch.Generator().manual_seed(0),  # keeps evaluation off the global RNG
+                pin_memory=pin,
+            )
+
+        state["dev_loader"] = dev_loader = eval_loader("dev")
+        state["optimizer"] = optimizer = _optimizer(model, hp, device)
+        steps_per_epoch = math.ceil(n_train / hp.batch_size)
+        total_steps = hp.epochs * steps_per_epoch
+        from transformers import get_scheduler
+
+        scheduler = get_scheduler(
+            hp.scheduler,
+            optimizer,
+            num_warmup_steps=warmup_steps(hp.warmup_ratio, total_steps),
+            num_training_steps=total_steps,
+        )
+        class_weights = None
+        if hp.class_weighting == "balanced":
+            class_weights = _class_weights(features, train_ds["labels"], device)
+
+        # Evaluation points in examples seen: the same positions whatever the batch size.
+        n_points = hp.epochs * hp.evals_per_epoch
+        eval_points = [round(n_train * k / hp.evals_per_epoch) for k in range(1, n_points + 1)]
+        if stop_at_examples is not None:
+            eval_points = [stop_at_examples]
+        next_point = 0
+        history: list[Evaluation] = []
+        best: Evaluation | None = None
+        since_best = 0
+        stopped_early = False
+        examples_seen = optimizer_step = 0
+        running_loss, running_count = 0.0, 0
+        train_seconds = 0.0
+        start = time.perf_counter()
+        done = False
+        for _epoch in range(hp.epochs):
+            tick = time.perf_counter()
+            for batch in train_loader:
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                labels = batch.pop("labels")
+                logits = model(**batch).logits
+                loss = loss_fn(logits, labels, hp, class_weights)
+                if not torch.isfinite(loss):
+                    raise TrialFailure(
+                        f"diverged: non-finite training loss ({float(loss)}) at optimizer step {optimizer_step + 1} "
+                        f"(learning_rate={hp.learning_rate:g})"
+                    )
+                loss.backward()
+                if hp.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), hp.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                optimizer_step += 1
+                examples_seen += len(labels)
+                running_loss += float(loss.detach())
+                running_count += 1
+                if next_point < len(eval_points) and examples_seen >= eval_points[next_point]:
+                    train_seconds += time.perf_counter() - tick
+                    step = eval_points[next_point]
+                    next_point += 1
+                    if stop_at_examples is not None:
+                        done = True
+                        break
+                    evaluation = Evaluation(
+                        step=step,
+                        examples_seen=examples_seen,
+                        optimizer_step=optimizer_step,
+                        epoch=examples_seen / n_train,
+                        metrics=evaluate(model, dev_loader, features, "dev", hp, device),
+                        train_loss=running_loss / max(running_count, 1),
+                    )
+                    running_loss, running_count = 0.0, 0
+                    history.append(evaluation)
+                    if _improved(
+                        evaluation.metrics[metric],
+                        best and best.metrics[metric],
+                        direction,
+                        hp.early_stopping_min_delta,
+                    ):
+                        best, since_best = evaluation, 0
+                    else:
+                        since_best += 1
+                    if on_eval is not None:
+                        on_eval(evaluation)  # may raise optuna.TrialPruned
+                    if hp.early_stopping_patience is not None and since_best >= hp.early_stopping_patience:
+                        stopped_early = done = True
+                        break
+                    tick = time.perf_counter()
+            else:
+                train_seconds += time.perf_counter() - tick
+            if done:
+                break
+
+        result = TrainResult(
+            best=best,
+            history=history,
+            stopped_early=stopped_early,
+            train_time_s=time.perf_counter() - start,
+            examples_per_second=examples_seen / max(train_seconds, 1e-9),
+            n_params=sum(p.numel() for p in model.parameters()),
+            peak_memory_mb=0.0,
+            peak_memory_kind="",
+            device=str(device),
+        )
+        if stop_at_examples is not None:
+            result.final = Evaluation(
+                step=stop_at_examples,
+                examples_seen=examples_seen,
+                optimizer_step=optimizer_step,
+                epoch=examples_seen / n_train,
+                metrics=evaluate(model, dev_loader, features, "dev", hp, device),
+                train_loss=running_loss / max(running_count, 1),
+            )
+            for split in eval_splits:
+                result.test_metrics = evaluate(model, eval_loader(split), features, split, hp, device)
+        result.peak_memory_mb, result.peak_memory_kind = _peak_memory(device)
+        if keep_model:
+            result.model = model.cpu()
+        return result
+    except torch.OutOfMemoryError as e:
+        raise TrialFailure(
+            f"out of memory on {device}: {str(e).splitlines()[0]} (batch_size={hp.batch_size})"
+        ) from None
+    finally:
+        # Drop the frame's own references too: a traceback that outlives the trial keeps its frame alive.
+        model = optimizer = scheduler = train_loader = dev_loader = tokenizer = None
+        state.clear()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
