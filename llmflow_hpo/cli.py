@@ -87,6 +87,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     cfg, space, space_raw = _load(args.config, args.set)
     _log("resolved config:\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip())
+    _quiet_libraries()
     from llmflow_hpo.backends import run_search
 
     summary = run_search(cfg, space, space_raw, log=_log)
@@ -104,6 +105,17 @@ def cmd_search(args: argparse.Namespace) -> int:
         )
         print(f"next: llmflow-hpo retrain-best --study {summary.study_name} --storage {summary.storage}")
     return 0
+
+
+def _quiet_libraries() -> None:
+    """Our own lines report progress: silence the libraries' load reports and progress bars."""
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
 
 
 def _storage(args: argparse.Namespace) -> str:
@@ -169,6 +181,7 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_retrain_best(args: argparse.Namespace) -> int:
+    _quiet_libraries()
     from llmflow_hpo.retrain import retrain_best
 
     result = retrain_best(
