@@ -7,6 +7,7 @@ versions of the libraries that ran it (``study.user_attrs``).
 from __future__ import annotations
 
 import json
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -138,7 +139,9 @@ def open_study(
     study.set_user_attr("versions", library_versions())
     study.set_user_attr("data_report", data_report)
     study.set_user_attr("metric", cfg.metric)
-    study.set_metric_names([f"dev_{cfg.metric}"])
+    with warnings.catch_warnings():  # experimental in optuna, but it is what names the objective in the dashboard
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([f"dev_{cfg.metric}"])
     return study
 
 

