@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -30,6 +31,7 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "check_hyperparameter",
+    "coerce_hyperparameter",
     "config_from_dict",
     "config_to_dict",
     "load_study_config",
@@ -275,7 +277,7 @@ def _convert(value: Any, tp: Any, path: str, problems: _Problems) -> Any:
         if not isinstance(value, dict):
             problems.add(path, f"expected a mapping, got {value!r}")
             return _MISSING
-        return _build(tp, value, path, problems)
+        return _build(tp, value, f"{path}.", problems)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None:
@@ -305,13 +307,19 @@ def _convert(value: Any, tp: Any, path: str, problems: _Problems) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if math.isfinite(number):
+                return number
+            problems.add(path, f"must be a finite number, got {value!r}")
+            return _MISSING
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -381,16 +389,21 @@ def _check_train(t: TrainConfig, need: Any) -> None:
     need(t.num_threads is None or t.num_threads >= 1, "train.num_threads", "must be >= 1 or null")
 
 
-def check_hyperparameter(name: str, value: Any) -> str | None:
-    """Why ``value`` is not a valid value of hyperparameter ``name``, or None when it is."""
+def coerce_hyperparameter(name: str, value: Any) -> tuple[Any, str | None]:
+    """``value`` converted to hyperparameter ``name``'s type, and why it is invalid (None when valid)."""
     problems = _Problems("")
     converted = _convert(value, typing.get_type_hints(TrainConfig)[name], name, problems)
     if converted is _MISSING:
-        return problems.items[0].split(": ", 2)[-1]
+        return value, problems.items[0].split(": ", 2)[-1]
     train = TrainConfig(**{name: converted})
     found: list[str] = []
     _check_train(train, lambda ok, path, message: found.append(message) if not ok and path == f"train.{name}" else None)
-    return found[0] if found else None
+    return converted, (found[0] if found else None)
+
+
+def check_hyperparameter(name: str, value: Any) -> str | None:
+    """Why ``value`` is not a valid value of hyperparameter ``name``, or None when it is."""
+    return coerce_hyperparameter(name, value)[1]
 
 
 def _check_ranges(cfg: StudyConfig, problems: _Problems) -> None:
@@ -517,6 +530,11 @@ def config_from_dict(raw: Any, *, source: str, base: Path | None = None) -> Stud
     cfg = _build(StudyConfig, raw, "", problems)
     if cfg is not _MISSING:
         _check_ranges(cfg, problems)
+    elif isinstance(raw.get("train", {}), dict):
+        # Another section failed to build: still report the impossible training values with it.
+        train = _build(TrainConfig, raw.get("train", {}), "train.", _Problems(source))
+        if train is not _MISSING:
+            _check_train(train, lambda ok, path, message: None if ok else problems.add(path, message))
     if problems.items:
         raise ConfigError(problems.items)
     _resolve(cfg, base)

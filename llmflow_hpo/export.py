@@ -12,10 +12,11 @@ import yaml
 
 from llmflow_hpo import __version__
 from llmflow_hpo.config import StudyConfig, config_to_dict
+from llmflow_hpo.errors import LlmflowError
 from llmflow_hpo.models import load_tokenizer
 from llmflow_hpo.storage import library_versions
 
-__all__ = ["save_model"]
+__all__ = ["check_output_dir", "save_model"]
 
 
 def _fmt(metrics: dict[str, float]) -> str:
@@ -89,6 +90,12 @@ tokenizer = AutoTokenizer.from_pretrained("PATH/TO/THIS/FOLDER")
 """
 
 
+def check_output_dir(out: Path) -> None:
+    """Refuse to replace a folder that is not an earlier llmflow-hpo model (nothing of the user's is lost)."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "metrics.json").exists())):
+        raise LlmflowError(f"--output {out}: exists and is not an llmflow-hpo model folder; choose another folder")
+
+
 def save_model(
     out: Path,
     *,
@@ -106,6 +113,7 @@ def save_model(
     examples_seen: int,
 ) -> None:
     """Write the folder next to ``out`` first, then move it in place: a failed export leaves no half folder."""
+    check_output_dir(out)
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

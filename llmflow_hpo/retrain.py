@@ -42,9 +42,11 @@ def retrain_best(
     train_on: Literal["train", "train+dev"] = "train",
     log: Callable[[str], None] | None = None,
 ) -> RetrainResult:
-    from llmflow_hpo.export import save_model
+    from llmflow_hpo.export import check_output_dir, save_model
 
     say = log or (lambda line: print(line, file=sys.stderr))
+    out = Path(output_dir) if output_dir else Path("runs") / study_name / "best-model"
+    check_output_dir(out)
     study = load_study(study_name, storage)
     cfg, space, space_raw = stored_config(study)
     try:
@@ -83,7 +85,6 @@ def retrain_best(
     assert result.final is not None
     dev = result.final.metrics
     reproduced = None if train_on == "train+dev" else math.isclose(dev[cfg.metric], best.value, abs_tol=1e-9)
-    out = Path(output_dir) if output_dir else Path("runs") / study_name / "best-model"
     save_model(
         out,
         model=result.model,

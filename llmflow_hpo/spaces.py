@@ -22,7 +22,7 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from llmflow_hpo.config import HYPERPARAMETERS, check_hyperparameter, read_yaml
+from llmflow_hpo.config import HYPERPARAMETERS, check_hyperparameter, coerce_hyperparameter, read_yaml
 from llmflow_hpo.errors import ConfigError
 
 __all__ = ["SearchSpace", "load_search_space", "parse_search_space", "suggest_params"]
@@ -79,14 +79,16 @@ def _parse_one(name: str, spec: Any, where: str, problems: list[str]) -> BaseDis
             return None
         if len({repr(c) for c in choices}) != len(choices):
             problems.append(f"{at}.choices: repeated values in {choices!r}")
+        converted = []
         for choice in choices:
             if not (choice is None or isinstance(choice, (bool, int, float, str))):
                 problems.append(f"{at}.choices: {choice!r} is not a scalar")
                 continue
-            why = check_hyperparameter(name, choice)
+            value, why = coerce_hyperparameter(name, choice)  # "1e-5" (YAML 1.1) becomes a float
             if why:
                 problems.append(f"{at}.choices: {choice!r}: {why}")
-        return CategoricalDistribution(choices) if len(problems) == before else None
+            converted.append(value)
+        return CategoricalDistribution(converted) if len(problems) == before else None
 
     integer = kind == "int"
     low, high = _number(spec.get("low"), integer), _number(spec.get("high"), integer)

