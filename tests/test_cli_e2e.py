@@ -51,10 +51,31 @@ def test_search_trials_best_and_retrain_best(write_study, tmp_path):
     assert result["reproduced"] is True and result["dev_metrics"]["f1"] == study.best_value
     assert (out / "model.safetensors").exists() and "f1" in result["test_metrics"]
 
+    # optuna-dashboard opens the same database and shows the trials with their learning curves.
+    dashboard = _dashboard_get(storage, f"/api/studies/{study._study_id}", "after=0")
+    assert dashboard["name"] == "tiny-ner" and len(dashboard["trials"]) == 2
+    assert dashboard["objective_names"] == ["dev_f1"]
+    assert all(t["intermediate_values"] for t in dashboard["trials"])
+
     # A rerun of a finished study adds nothing.
     again = cli("search", str(config), "--set", "train.epochs=1")
     assert again.returncode == 0 and "nothing to run" in again.stderr
     assert len(optuna.load_study(study_name="tiny-ner", storage=storage).trials) == 2
+
+
+def _dashboard_get(storage: str, path: str, query: str = "") -> dict:
+    """Call optuna-dashboard's own WSGI app (what `optuna-dashboard URL` serves) without a server."""
+    import io
+    import wsgiref.util
+
+    from optuna_dashboard import wsgi
+
+    environ: dict = {"PATH_INFO": path, "QUERY_STRING": query, "wsgi.input": io.BytesIO()}
+    wsgiref.util.setup_testing_defaults(environ)
+    status = []
+    body = b"".join(wsgi(storage)(environ, lambda s, h, exc_info=None: status.append(s)))
+    assert status[0].startswith("200"), status
+    return json.loads(body)
 
 
 def test_known_errors_are_one_line_with_exit_1(write_study, tmp_path):
