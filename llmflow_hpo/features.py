@@ -177,7 +177,9 @@ def prepare_features(cfg: StudyConfig, *, log: Callable[[str], None] | None = No
                 "subword tokens"
                 + (" (their cut-off words are scored as O)" if cfg.task == "token-classification" else "")
             )
-        splits[split] = datasets.Dataset.from_dict(columns)
+        # Our cache key is the fingerprint: datasets need not hash (pickle) the whole table to make one.
+        table = datasets.table.InMemoryTable.from_pydict(columns)
+        splits[split] = datasets.Dataset(table, fingerprint=f"llmflow-{cache_path.name}-{split}")
     for line in report:
         say(f"data: {line}")
     say(

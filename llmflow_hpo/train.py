@@ -96,8 +96,22 @@ def _collator(task: str, tokenizer: Any) -> Any:
     return DataCollatorWithPadding(tokenizer)
 
 
-def _model_columns(ds: Any) -> Any:
-    return ds.remove_columns([c for c in ("word_labels",) if c in ds.column_names])
+class _ModelInputs(torch.utils.data.Dataset):
+    """The columns the model takes (not the word-level gold tags), read row by row from the cached dataset.
+
+    A plain view rather than ``Dataset.remove_columns``: no fingerprinting (hashing) work per trial.
+    """
+
+    def __init__(self, ds: Any) -> None:
+        self.ds = ds
+        self.columns = [c for c in ds.column_names if c != "word_labels"]
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = self.ds[index]
+        return {c: row[c] for c in self.columns}
 
 
 def _optimizer(model: torch.nn.Module, hp: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -267,7 +281,7 @@ def train_and_evaluate(
         n_train = len(train_ds)
         pin = device.type == "cuda"
         state["train_loader"] = train_loader = DataLoader(
-            _model_columns(train_ds),
+            _ModelInputs(train_ds),
             batch_size=hp.batch_size,
             shuffle=True,
             collate_fn=collate,
@@ -277,7 +291,7 @@ def train_and_evaluate(
 
         def eval_loader(split: str) -> DataLoader:
             return DataLoader(
-                _model_columns(features.splits[split]),
+                _ModelInputs(features.splits[split]),
                 batch_size=hp.eval_batch_size,
                 shuffle=False,
                 collate_fn=collate,

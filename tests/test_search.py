@@ -184,7 +184,7 @@ def test_text_classification_study_optimises_macro_f1(tiny_cfg, tmp_path):
     summary = run_search(cfg, dist, raw, **QUIET)
     assert summary.counts["complete"] == 2
     study = load_study(cfg.study_name, cfg.storage)
-    assert "splits: train 36, dev 12, test 12" in study.user_attrs["data_report"]
+    assert "splits: train 28, dev 10, test 10" in study.user_attrs["data_report"]  # 48 read (limit_train)
     for t in study.trials:
         assert t.value == t.user_attrs["dev_macro_f1"]
         assert {"dev_accuracy", "dev_weighted_f1", "dev_loss"} <= set(t.user_attrs)
