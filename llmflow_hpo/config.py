@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from llmflow_hpo.errors import ConfigError
+from llmflow_hpo.metrics import TEXT_METRICS, TOKEN_METRICS
 
 __all__ = [
     "HYPERPARAMETERS",
@@ -44,18 +45,10 @@ OptimizerName = Literal["adamw", "sgd", "adafactor"]
 LossName = Literal["cross_entropy", "focal"]
 ClassWeighting = Literal["none", "balanced"]
 
-# Metric names a study may optimise, per task, and the direction that makes sense for each.
+# Metric names a study may optimise, per task (the dev loss too, which is minimised).
 TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "token-classification": ("f1", "precision", "recall", "accuracy", "loss"),
-    "text-classification": (
-        "accuracy",
-        "macro_f1",
-        "micro_f1",
-        "weighted_f1",
-        "macro_precision",
-        "macro_recall",
-        "loss",
-    ),
+    "token-classification": (*TOKEN_METRICS, "loss"),
+    "text-classification": (*TEXT_METRICS, "loss"),
 }
 DEFAULT_METRIC = {"token-classification": "f1", "text-classification": "accuracy"}
 

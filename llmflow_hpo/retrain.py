@@ -80,7 +80,7 @@ def retrain_best(
         stop_at_examples=stop_at,
         train_split=split,
         keep_model=True,
-        eval_splits=("test",),
+        evaluate_test=True,
     )
     assert result.final is not None
     dev = result.final.metrics

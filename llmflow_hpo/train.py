@@ -247,14 +247,14 @@ def train_and_evaluate(
     stop_at_examples: int | None = None,
     train_split: str = "train",
     keep_model: bool = False,
-    eval_splits: tuple[str, ...] = (),
+    evaluate_test: bool = False,
 ) -> TrainResult:
     """Train with ``params`` (searched values over cfg.train's fixed ones) and evaluate on dev.
 
     Search trials (``stop_at_examples`` None) evaluate ``evals_per_epoch`` times an epoch, call
     ``on_eval`` after each evaluation (it may raise optuna.TrialPruned) and stop early after
     ``early_stopping_patience`` evaluations without improvement. Retraining passes ``stop_at_examples``:
-    it trains, without evaluating, until that many examples were seen, then evaluates ``eval_splits``.
+    it trains, without evaluating, until that many examples were seen, then evaluates dev (and test).
     """
     hp = dataclasses.replace(cfg.train, **params)
     device = resolve_device(hp.device)
@@ -322,6 +322,17 @@ def train_and_evaluate(
         train_seconds = 0.0
         start = time.perf_counter()
         done = False
+
+        def evaluate_dev(step: int) -> Evaluation:
+            return Evaluation(
+                step=step,
+                examples_seen=examples_seen,
+                optimizer_step=optimizer_step,
+                epoch=examples_seen / n_train,
+                metrics=evaluate(model, dev_loader, features, "dev", hp, device),
+                train_loss=running_loss / max(running_count, 1),
+            )
+
         for _epoch in range(hp.epochs):
             tick = time.perf_counter()
             for batch in train_loader:
@@ -351,14 +362,7 @@ def train_and_evaluate(
                     if stop_at_examples is not None:
                         done = True
                         break
-                    evaluation = Evaluation(
-                        step=step,
-                        examples_seen=examples_seen,
-                        optimizer_step=optimizer_step,
-                        epoch=examples_seen / n_train,
-                        metrics=evaluate(model, dev_loader, features, "dev", hp, device),
-                        train_loss=running_loss / max(running_count, 1),
-                    )
+                    evaluation = evaluate_dev(step)
                     running_loss, running_count = 0.0, 0
                     history.append(evaluation)
                     if _improved(
@@ -393,16 +397,9 @@ def train_and_evaluate(
             device=str(device),
         )
         if stop_at_examples is not None:
-            result.final = Evaluation(
-                step=stop_at_examples,
-                examples_seen=examples_seen,
-                optimizer_step=optimizer_step,
-                epoch=examples_seen / n_train,
-                metrics=evaluate(model, dev_loader, features, "dev", hp, device),
-                train_loss=running_loss / max(running_count, 1),
-            )
-            for split in eval_splits:
-                result.test_metrics = evaluate(model, eval_loader(split), features, split, hp, device)
+            result.final = evaluate_dev(stop_at_examples)
+            if evaluate_test:
+                result.test_metrics = evaluate(model, eval_loader("test"), features, "test", hp, device)
         result.peak_memory_mb, result.peak_memory_kind = _peak_memory(device)
         if keep_model:
             result.model = model.cpu()
