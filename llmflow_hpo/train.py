@@ -174,6 +174,8 @@ def loss_fn(
         )
     # Focal loss (Lin et al. 2017): (1 - p_t)^gamma scales each position's (smoothed, weighted) cross-entropy.
     keep = labels != IGNORE_INDEX
+    if not bool(keep.any()):  # nothing labelled in this batch: no loss, not a divergence
+        return logits.sum() * 0.0
     logits, labels = logits[keep], labels[keep]
     ce = F.cross_entropy(logits, labels, weight=class_weights, reduction="none", label_smoothing=hp.label_smoothing)
     p_t = torch.softmax(logits, dim=-1).gather(1, labels[:, None]).squeeze(1)
@@ -258,6 +260,7 @@ def train_and_evaluate(
     """
     hp = dataclasses.replace(cfg.train, **params)
     device = resolve_device(hp.device)
+    threads_before = torch.get_num_threads()
     if hp.num_threads is not None:
         torch.set_num_threads(hp.num_threads)
     if device.type == "cuda":
@@ -357,8 +360,11 @@ def train_and_evaluate(
                 running_count += 1
                 if next_point < len(eval_points) and examples_seen >= eval_points[next_point]:
                     train_seconds += time.perf_counter() - tick
-                    step = eval_points[next_point]
-                    next_point += 1
+                    # One evaluation per optimizer step, reported at the last point this step crossed
+                    # (a batch larger than the interval between points crosses several).
+                    while next_point < len(eval_points) and examples_seen >= eval_points[next_point]:
+                        next_point += 1
+                    step = eval_points[next_point - 1]
                     if stop_at_examples is not None:
                         done = True
                         break
@@ -412,6 +418,7 @@ def train_and_evaluate(
         # Drop the frame's own references too: a traceback that outlives the trial keeps its frame alive.
         model = optimizer = scheduler = train_loader = dev_loader = tokenizer = None
         state.clear()
+        torch.set_num_threads(threads_before)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -171,3 +171,17 @@ def test_every_knob_trains(tiny_cfg, params):
     assert len(result.history) == 2
     assert all(math.isfinite(e.train_loss) for e in result.history)
     assert result.n_params > 0 and result.examples_per_second > 0
+
+
+def test_a_batch_larger_than_the_evaluation_interval_is_reported_at_the_last_point_it_crossed(tiny_cfg):
+    cfg, _, _ = tiny_cfg({"train": {"epochs": 1, "evals_per_epoch": 4, "batch_size": 16}})
+    features = prepare_features(cfg, log=lambda _: None)
+    result = train_and_evaluate(cfg, {}, features, seed=1)  # 48 examples: points 12, 24, 36, 48
+    assert [(e.step, e.examples_seen) for e in result.history] == [(12, 16), (24, 32), (48, 48)]
+
+
+def test_focal_loss_of_a_batch_without_labels_is_zero_not_nan():
+    logits = torch.zeros(1, 3, 2, requires_grad=True)
+    labels = torch.full((1, 3), IGNORE_INDEX)
+    loss = loss_fn(logits, labels, TrainConfig(loss="focal"), None)
+    assert float(loss) == 0.0
