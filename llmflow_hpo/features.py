@@ -73,7 +73,8 @@ def _file_digest(path: str | None) -> str | None:
 
 
 def _cache_key(cfg: StudyConfig) -> str:
-    data = dataclasses.asdict(cfg.data)
+    # The files count by their contents (digests below), not by where they lie.
+    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in SPLITS}
     parts = {
         "format_version": _FORMAT_VERSION,
         "task": cfg.task,

@@ -92,3 +92,18 @@ def test_text_classification_features(tiny_cfg, tmp_path):
     assert features.labels == ["0", "1"]
     assert [len(features.splits[s]) for s in ("train", "dev", "test")] == [18, 6, 6]
     assert sorted(features.gold_labels("dev")) == ["0", "0", "0", "1", "1", "1"]  # stratified
+
+
+def test_the_cache_follows_file_contents_not_paths(tiny_cfg, tmp_path):
+    import shutil
+    from pathlib import Path
+
+    copy = tmp_path / "copy"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "studies" / "data" / "quickstart-ner", copy)
+    cfg, _, _ = tiny_cfg()
+    moved, _, _ = tiny_cfg({"data": {s: str(copy / f"{s}.txt") for s in ("train", "dev", "test")}})
+    first = prepare_features(cfg, log=lambda _: None)
+    assert prepare_features(moved, log=lambda _: None).from_cache
+    (copy / "train.txt").write_text((copy / "train.txt").read_text().replace(" B-PER", " B-ORG", 1))
+    changed = prepare_features(moved, log=lambda _: None)
+    assert not changed.from_cache and changed.cache_path != first.cache_path
