@@ -93,3 +93,20 @@ def tiny_cfg(write_study):
         return cfg, dist, raw
 
     return make
+
+
+@pytest.fixture
+def text_data(tmp_path: Path):
+    """Write a small SST-2-style TSV (every k-th sentence in class 1); returns the config changes that read it."""
+
+    def make(n: int, every: int, dev_split: float | int, test_split: float | int) -> dict[str, Any]:
+        rows = ["sentence\tlabel"]
+        for i in range(n):
+            in_class_1 = i % every == 0
+            rows.append(f"a {'bad' if in_class_1 else 'good'} film number {i}\t{int(in_class_1)}")
+        (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n")
+        data = {"format": "tsv", "train": str(tmp_path / "train.tsv"), "dev": None, "test": None}
+        data |= {"text_column": "sentence", "label_column": "label", "dev_split": dev_split, "test_split": test_split}
+        return {"task": "text-classification", "data": data}
+
+    return make

@@ -70,24 +70,8 @@ def test_truncation_is_reported_and_cut_words_are_kept_in_gold(tiny_cfg):
     )
 
 
-def test_text_classification_features(tiny_cfg, tmp_path):
-    rows = ["sentence\tlabel"] + [f"a {'good' if i % 2 else 'bad'} film number {i}\t{i % 2}" for i in range(30)]
-    (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n")
-    cfg, _, _ = tiny_cfg(
-        {
-            "task": "text-classification",
-            "data": {
-                "format": "tsv",
-                "train": str(tmp_path / "train.tsv"),
-                "dev": None,
-                "test": None,
-                "text_column": "sentence",
-                "label_column": "label",
-                "dev_split": 6,
-                "test_split": 6,
-            },
-        }
-    )
+def test_text_classification_features(tiny_cfg, text_data):
+    cfg, _, _ = tiny_cfg(text_data(30, every=2, dev_split=6, test_split=6))
     features = prepare_features(cfg, log=lambda _: None)
     assert features.labels == ["0", "1"]
     assert [len(features.splits[s]) for s in ("train", "dev", "test")] == [18, 6, 6]

@@ -153,32 +153,15 @@ def test_rerun_with_another_config_is_refused_and_stores_nothing(tiny_cfg):
     assert len(load_study(cfg.study_name, cfg.storage).trials) == 1
 
 
-def test_text_classification_study_optimises_macro_f1(tiny_cfg, tmp_path):
-    rows = ["sentence\tlabel"] + [
-        f"a {'good' if i % 3 else 'bad'} film number {i}\t{int(i % 3 == 0)}" for i in range(60)
-    ]
-    (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n")
+def test_text_classification_study_optimises_macro_f1(tiny_cfg, text_data):
     space = {
         "learning_rate": {"type": "float", "low": 1e-3, "high": 5e-3, "log": True},
         "class_weighting": {"type": "categorical", "choices": ["none", "balanced"]},
         "loss": {"type": "categorical", "choices": ["cross_entropy", "focal"]},
     }
+    changes = text_data(60, every=3, dev_split=0.2, test_split=0.2)
     cfg, dist, raw = tiny_cfg(
-        {
-            "task": "text-classification",
-            "n_trials": 2,
-            "objective": {"metric": "macro_f1"},
-            "data": {
-                "format": "tsv",
-                "train": str(tmp_path / "train.tsv"),
-                "dev": None,
-                "test": None,
-                "text_column": "sentence",
-                "label_column": "label",
-                "dev_split": 0.2,
-                "test_split": 0.2,
-            },
-        },
+        {**changes, "n_trials": 2, "objective": {"metric": "macro_f1"}},
         space=space,
     )
     summary = run_search(cfg, dist, raw, **QUIET)
