@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import warnings
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import FrozenTrial
 
 from llmflow_hpo.config import StudyConfig
 from llmflow_hpo.errors import ConfigError
 from llmflow_hpo.spaces import SearchSpace
 
-__all__ = ["build_pruner", "build_sampler", "check_strategy", "default_startup_trials"]
+__all__ = ["PerTrialSeed", "build_pruner", "build_sampler", "check_strategy", "default_startup_trials", "trial_seed"]
 
 _SAMPLERS: dict[str, str] = {
     "tpe": "TPESampler",
@@ -104,16 +108,67 @@ def check_strategy(cfg: StudyConfig, space: SearchSpace, source: str) -> None:
         raise ConfigError(problems)
 
 
+def trial_seed(seed: int, number: int) -> int:
+    """The sampler seed of trial ``number``: independent streams per trial, the same on every rerun."""
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
+
+
+class PerTrialSeed(optuna.samplers.BaseSampler):
+    """The configured sampler, seeded again before each trial from (study seed, trial number).
+
+    A sampler seeded once per process replays its random draws in every process: the first trial a
+    rerun (or a second worker) samples would repeat the first trial of the first run. optuna's samplers
+    read the study's history from the storage, so building one per trial loses nothing but that replay.
+    """
+
+    def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int) -> None:
+        self._make, self._seed = make, seed
+        self._inner = make(seed)
+
+    @property
+    def inner(self) -> optuna.samplers.BaseSampler:
+        return self._inner
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._inner = self._make(trial_seed(self._seed, trial.number))
+        self._inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+        return self._inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, Any]) -> dict[str, Any]:
+        return self._inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: Any
+    ) -> Any:
+        return self._inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: Any, values: Any) -> None:
+        self._inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._inner.reseed_rng()
+
+
 def build_sampler(cfg: StudyConfig, space: SearchSpace) -> optuna.samplers.BaseSampler:
-    """The configured sampler, seeded with the study's seed."""
+    """The configured sampler, seeded per trial from the study's seed (QMC and grid: once)."""
     name, options = cfg.sampler.name, dict(cfg.sampler.options)
     cls = getattr(optuna.samplers, _SAMPLERS[name])
     if name in ("tpe", "gp"):
         options.setdefault("n_startup_trials", default_startup_trials(cfg.n_trials))
     if name == "grid":
         options["search_space"] = _grid(space, "sampler")
+
+    def make(seed: int) -> optuna.samplers.BaseSampler:
+        with warnings.catch_warnings():  # GP and QMC are "experimental" in optuna; one warning per trial is noise
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return cls(seed=seed, **options)
+
     try:
-        return cls(seed=cfg.seed, **options)
+        # QMC and grid number their points by the seed and find the next unvisited one from the storage:
+        # one seed for the whole study, and no replay.
+        return make(cfg.seed) if name in ("qmc", "grid") else PerTrialSeed(make, cfg.seed)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"sampler.options: optuna's {cls.__name__} refused them: {e}") from None
 

@@ -14,7 +14,14 @@ import yaml
 from llmflow_hpo.config import StudyConfig, config_from_dict
 from llmflow_hpo.errors import ConfigError
 from llmflow_hpo.spaces import SearchSpace, parse_search_space, suggest_params
-from llmflow_hpo.strategy import build_pruner, build_sampler, check_strategy, default_startup_trials
+from llmflow_hpo.strategy import (
+    PerTrialSeed,
+    build_pruner,
+    build_sampler,
+    check_strategy,
+    default_startup_trials,
+    trial_seed,
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -73,6 +80,11 @@ def space_for(name: str) -> SearchSpace:
     return GRID_SPACE if name == "grid" else SPACE
 
 
+def inner(sampler: optuna.samplers.BaseSampler) -> optuna.samplers.BaseSampler:
+    """The optuna sampler itself (build_sampler wraps it to seed it per trial)."""
+    return sampler.inner if isinstance(sampler, PerTrialSeed) else sampler
+
+
 def first_params(sampler: optuna.samplers.BaseSampler, space: SearchSpace, n: int = 3) -> list[dict[str, Any]]:
     study = optuna.create_study(sampler=sampler)
     out = []
@@ -102,7 +114,7 @@ def test_each_sampler_builds_its_optuna_class(name: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sampler = build_sampler(cfg, space_for(name))
-    assert type(sampler) is SAMPLER_CLASSES[name]
+    assert type(inner(sampler)) is SAMPLER_CLASSES[name]
 
 
 def sampling_names(names: list[str]) -> list[Any]:
@@ -125,7 +137,7 @@ def test_the_study_seed_is_what_seeds_the_sampler(name: str) -> None:
         warnings.simplefilter("ignore")
         a = first_params(build_sampler(config(sampler={"name": name}, seed=1), SPACE), SPACE, n=1)
         b = first_params(build_sampler(config(sampler={"name": name}, seed=2), SPACE), SPACE, n=1)
-        c = first_params(optuna.samplers.RandomSampler(seed=1), SPACE, n=1)
+        c = first_params(optuna.samplers.RandomSampler(seed=trial_seed(1, 0)), SPACE, n=1)
     assert a != b
     if name == "random":
         assert a == c
@@ -139,13 +151,13 @@ def test_default_startup_trials(n_trials: int | None, expected: int) -> None:
 @pytest.mark.parametrize(("name", "n_trials", "expected"), [("tpe", 10, 2), ("tpe", 100, 10), ("gp", 20, 5)])
 def test_startup_trials_follow_the_budget(name: str, n_trials: int, expected: int) -> None:
     sampler = build_sampler(config(sampler={"name": name}, n_trials=n_trials), SPACE)
-    assert sampler._n_startup_trials == expected  # type: ignore[attr-defined]
+    assert inner(sampler)._n_startup_trials == expected  # type: ignore[attr-defined]
 
 
 def test_user_startup_trials_are_kept() -> None:
     cfg = config(sampler={"name": "tpe", "options": {"n_startup_trials": 7}}, n_trials=100)
     check_strategy(cfg, SPACE, "study.yaml")
-    assert build_sampler(cfg, SPACE)._n_startup_trials == 7  # type: ignore[attr-defined]
+    assert inner(build_sampler(cfg, SPACE))._n_startup_trials == 7  # type: ignore[attr-defined]
     assert cfg.sampler.options == {"n_startup_trials": 7}  # the config is not changed
 
 
@@ -155,8 +167,8 @@ def test_sampler_options_reach_optuna() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sampler = build_sampler(cfg, SPACE)
-    assert sampler._n_ei_candidates == 5  # type: ignore[attr-defined]
-    assert sampler._multivariate is True  # type: ignore[attr-defined]
+    assert inner(sampler)._n_ei_candidates == 5  # type: ignore[attr-defined]
+    assert inner(sampler)._multivariate is True  # type: ignore[attr-defined]
 
 
 def test_grid_covers_categorical_int_and_stepped_float() -> None:
