@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import optuna
@@ -25,16 +26,30 @@ class TrialReporter:
         self.direction = direction
         self.best: Evaluation | None = None
 
+    def restore(self, history: list[Evaluation]) -> None:
+        """A resumed run: take back the best evaluation and report any step the trial does not hold yet."""
+        for evaluation in history:
+            value = evaluation.metrics[self.metric]
+            if self._better(value):
+                self.best = evaluation
+            with warnings.catch_warnings():  # a retry inherits its attempt's values; optuna ignores repeats
+                warnings.simplefilter("ignore")
+                self.trial.report(value, evaluation.step)
+        if history:
+            self.trial.set_user_attr("resumed_at_step", history[-1].step)
+            self.trial.set_user_attr("resumed_at_optimizer_step", history[-1].optimizer_step)
+
+    def _better(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        best = self.best.metrics[self.metric]
+        return value > best if self.direction == "maximize" else value < best
+
     def __call__(self, evaluation: Evaluation) -> None:
         value = evaluation.metrics[self.metric]
         if not math.isfinite(value):
             raise optuna.TrialPruned(f"dev {self.metric} is {value} at step {evaluation.step}")
-        better = self.best is None or (
-            value > self.best.metrics[self.metric]
-            if self.direction == "maximize"
-            else value < self.best.metrics[self.metric]
-        )
-        if better:
+        if self._better(value):
             self.best = evaluation
         self.trial.report(value, evaluation.step)
         if self.trial.should_prune():
@@ -65,3 +80,6 @@ def store_result(trial: Any, result: TrainResult, seed: int) -> None:
     trial.set_user_attr("peak_memory_mb", round(result.peak_memory_mb, 1))
     trial.set_user_attr("peak_memory_kind", result.peak_memory_kind)
     trial.set_user_attr("device", result.device)
+    if result.checkpoints_written or result.checkpoint_seconds:
+        trial.set_user_attr("checkpoints_written", result.checkpoints_written)
+        trial.set_user_attr("checkpoint_s", round(result.checkpoint_seconds, 3))

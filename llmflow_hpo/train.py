@@ -6,6 +6,11 @@ it) and ``retrain-best`` (stopping at the best trial's step and handing the mode
 Reproducibility: the training order comes from a generator seeded with the trial's seed, and the
 evaluation loaders own their generators too, so evaluating never draws from the global torch RNG.
 A retrain with the same seed that skips the evaluations reaches the same weights at the same step.
+
+Resuming: with a ``checkpoint``, the loop saves its whole state after dev evaluations (model, optimizer,
+scheduler, the RNG states, the generator state at the start of the epoch and how far into the epoch it
+was). A run given a saved state continues from it and takes the same batches and dropout masks an
+uninterrupted run would have taken.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ __all__ = [
 ]
 
 OnEval = Callable[["Evaluation"], None]
+OnResume = Callable[[list["Evaluation"]], None]
 
 
 @dataclass
@@ -72,6 +78,8 @@ class TrainResult:
     model: Any = None  # only when keep_model=True (retrain-best)
     test_metrics: dict[str, float] = field(default_factory=dict)
     final: Evaluation | None = None  # the evaluation at stop_at_examples (retrain-best)
+    checkpoints_written: int = 0
+    checkpoint_seconds: float = 0.0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -94,6 +102,50 @@ def _collator(task: str, tokenizer: Any) -> Any:
     if task == "token-classification":
         return DataCollatorForTokenClassification(tokenizer, label_pad_token_id=IGNORE_INDEX)
     return DataCollatorWithPadding(tokenizer)
+
+
+class _EpochSampler(torch.utils.data.Sampler[int]):
+    """The training order of ``DataLoader(shuffle=True, generator=g)``, able to start mid-epoch.
+
+    Like RandomSampler it draws a permutation per epoch from the loader's generator, and a second,
+    unused one at the end of the epoch, so the orders stay those of earlier versions (and of stored
+    studies' retrains). ``skip`` drops the first examples of the next epoch drawn: the ones a resumed
+    run had already trained on.
+    """
+
+    def __init__(self, n: int, generator: torch.Generator) -> None:
+        self.n = n
+        self.generator = generator
+        self.skip = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Any:
+        order = torch.randperm(self.n, generator=self.generator).tolist()
+        skip, self.skip = self.skip, 0
+        yield from order[skip:]
+        torch.randperm(self.n, generator=self.generator)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
 
 
 class _ModelInputs(torch.utils.data.Dataset):
@@ -250,6 +302,8 @@ def train_and_evaluate(
     train_split: str = "train",
     keep_model: bool = False,
     evaluate_test: bool = False,
+    checkpoint: Any = None,
+    on_resume: OnResume | None = None,
 ) -> TrainResult:
     """Train with ``params`` (searched values over cfg.train's fixed ones) and evaluate on dev.
 
@@ -257,6 +311,10 @@ def train_and_evaluate(
     ``on_eval`` after each evaluation (it may raise optuna.TrialPruned) and stop early after
     ``early_stopping_patience`` evaluations without improvement. Retraining passes ``stop_at_examples``:
     it trains, without evaluating, until that many examples were seen, then evaluates dev (and test).
+
+    ``checkpoint`` (a ``checkpoints.TrialCheckpoint``): resume from its saved state when it has one, save
+    the state after every ``every_evals``-th evaluation that does not end the run, and save the model
+    each time the dev metric improves. ``on_resume`` receives the evaluations the saved state had made.
     """
     hp = dataclasses.replace(cfg.train, **params)
     device = resolve_device(hp.device)
@@ -283,12 +341,14 @@ def train_and_evaluate(
         train_ds = features.splits[train_split]
         n_train = len(train_ds)
         pin = device.type == "cuda"
+        generator = torch.Generator().manual_seed(seed)
+        sampler = _EpochSampler(n_train, generator)
         state["train_loader"] = train_loader = DataLoader(
             _ModelInputs(train_ds),
             batch_size=hp.batch_size,
-            shuffle=True,
+            sampler=sampler,
             collate_fn=collate,
-            generator=torch.Generator().manual_seed(seed),
+            generator=generator,  # the loader draws its base seed from it each epoch, as with shuffle=True
             pin_memory=pin,
         )
 
@@ -325,6 +385,50 @@ def train_and_evaluate(
         train_seconds = 0.0
         start = time.perf_counter()
         done = False
+        first_epoch = examples_in_epoch = 0
+        epoch_start_state: torch.Tensor | None = None
+        saved = checkpoint.load() if checkpoint is not None and stop_at_examples is None else None
+        if saved is not None:
+            progress = saved["progress"]
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            _set_rng_state(saved["rng"], device)
+            epoch_start_state = progress["epoch_start_state"]
+            first_epoch, examples_in_epoch = progress["epoch"], progress["examples_in_epoch"]
+            sampler.skip = examples_in_epoch
+            examples_seen, optimizer_step = progress["examples_seen"], progress["optimizer_step"]
+            next_point, since_best = progress["next_point"], progress["since_best"]
+            train_seconds = progress["train_seconds"]
+            start -= progress["elapsed"]
+            history = [Evaluation(**e) for e in progress["history"]]
+            best = history[progress["best_index"]] if progress["best_index"] is not None else None
+            saved = None
+            if on_resume is not None:
+                on_resume(history)
+
+        def save_checkpoint(epoch: int) -> None:
+            checkpoint.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": _rng_state(device),
+                    "progress": {
+                        "epoch": epoch,
+                        "examples_in_epoch": examples_in_epoch,
+                        "epoch_start_state": epoch_start_state,
+                        "examples_seen": examples_seen,
+                        "optimizer_step": optimizer_step,
+                        "next_point": next_point,
+                        "since_best": since_best,
+                        "train_seconds": train_seconds,
+                        "elapsed": time.perf_counter() - start,
+                        "history": [dataclasses.asdict(e) for e in history],
+                        "best_index": next((i for i, e in enumerate(history) if e is best), None),
+                    },
+                }
+            )
 
         def evaluate_dev(step: int) -> Evaluation:
             return Evaluation(
@@ -336,8 +440,13 @@ def train_and_evaluate(
                 train_loss=running_loss / max(running_count, 1),
             )
 
-        for _epoch in range(hp.epochs):
+        for epoch in range(first_epoch, hp.epochs):
             tick = time.perf_counter()
+            if epoch == first_epoch and epoch_start_state is not None:  # resuming: replay this epoch's draws
+                generator.set_state(epoch_start_state)
+            else:
+                examples_in_epoch = 0
+                epoch_start_state = generator.get_state()
             for batch in train_loader:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 labels = batch.pop("labels")
@@ -356,6 +465,7 @@ def train_and_evaluate(
                 optimizer.zero_grad(set_to_none=True)
                 optimizer_step += 1
                 examples_seen += len(labels)
+                examples_in_epoch += len(labels)
                 running_loss += float(loss.detach())
                 running_count += 1
                 if next_point < len(eval_points) and examples_seen >= eval_points[next_point]:
@@ -378,6 +488,8 @@ def train_and_evaluate(
                         hp.early_stopping_min_delta,
                     ):
                         best, since_best = evaluation, 0
+                        if checkpoint is not None:
+                            checkpoint.save_best(model)
                     else:
                         since_best += 1
                     if on_eval is not None:
@@ -385,6 +497,9 @@ def train_and_evaluate(
                     if hp.early_stopping_patience is not None and since_best >= hp.early_stopping_patience:
                         stopped_early = done = True
                         break
+                    more_to_come = next_point < len(eval_points)
+                    if checkpoint is not None and more_to_come and len(history) % checkpoint.every_evals == 0:
+                        save_checkpoint(epoch)
                     tick = time.perf_counter()
             else:
                 train_seconds += time.perf_counter() - tick
@@ -402,6 +517,8 @@ def train_and_evaluate(
             peak_memory_kind="",
             device=str(device),
         )
+        if checkpoint is not None:
+            result.checkpoints_written, result.checkpoint_seconds = checkpoint.written, checkpoint.seconds
         if stop_at_examples is not None:
             result.final = evaluate_dev(stop_at_examples)
             if evaluate_test:
@@ -416,7 +533,7 @@ def train_and_evaluate(
         ) from None
     finally:
         # Drop the frame's own references too: a traceback that outlives the trial keeps its frame alive.
-        model = optimizer = scheduler = train_loader = dev_loader = tokenizer = None
+        model = optimizer = scheduler = train_loader = dev_loader = tokenizer = sampler = generator = saved = None
         state.clear()
         torch.set_num_threads(threads_before)
         gc.collect()
