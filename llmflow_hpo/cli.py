@@ -1,8 +1,8 @@
 """The ``llmflow-hpo`` command line.
 
 Results go to stdout (``--json`` for scripts); logs, progress and hints to stderr. A known error is one
-line and exit code 1 (``--debug`` shows its traceback); a usage error exits 2; Ctrl-C exits 130 with the
-study left consistent. Heavy libraries (torch, transformers) are imported only by the commands that train.
+line and exit code 1 (``--debug`` shows its traceback); a usage error exits 2; Ctrl-C exits 130 and
+SIGTERM 143, with the running trial recorded and queued again. Heavy libraries (torch, transformers) are imported only by the commands that train.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ examples:
   llmflow-hpo validate studies/quickstart.yaml
   llmflow-hpo search studies/quickstart.yaml
   llmflow-hpo search studies/conll2003.yaml --set n_trials=4 --set train.epochs=2
+  llmflow-hpo search studies/conll2003.yaml --workers 4
+  llmflow-hpo worker --study conll2003 --storage postgresql+psycopg://user@db-host/hpo
   llmflow-hpo trials --study quickstart --storage sqlite:///studies/quickstart.db
   llmflow-hpo retrain-best --study quickstart --output runs/quickstart/best-model
   optuna-dashboard sqlite:///studies/quickstart.db
@@ -90,8 +92,40 @@ def cmd_search(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from llmflow_hpo.backends import run_search
 
-    summary = run_search(cfg, space, space_raw, log=_log)
-    if args.json:
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: must be >= 1")
+    summary = run_search(cfg, space, space_raw, workers=args.workers, new_study=args.new_study, log=_log)
+    _print_summary(summary, cfg, args.json)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from llmflow_hpo.config import apply_overrides, config_from_dict, config_to_dict
+    from llmflow_hpo.storage import MAY_CHANGE, may_change, stored_config
+
+    storage = _storage(args)
+    _quiet_libraries()
+    from llmflow_hpo.backends.optuna_backend import join_study
+    from llmflow_hpo.storage import load_study
+
+    cfg, space, _ = stored_config(load_study(args.study, storage))
+    refused = [item for item in args.set if not may_change(item.partition("=")[0].strip())]
+    if refused:
+        allowed = ", ".join(k + ("*" if k.endswith(".") else "") for k in MAY_CHANGE)
+        raise ConfigError(
+            f"worker --set {refused[0]}: a worker may only change settings that do not change what the study "
+            f"searches ({allowed})"
+        )
+    raw = apply_overrides(config_to_dict(cfg), args.set)
+    raw["storage"] = storage
+    cfg = config_from_dict(raw, source=f"study {args.study!r} (stored config) with --set")
+    summary = join_study(cfg, space, log=_log)
+    _print_summary(summary, cfg, args.json)
+    return 0
+
+
+def _print_summary(summary: Any, cfg: Any, as_json: bool) -> None:
+    if as_json:
         print(json.dumps(summary.__dict__, indent=2))
     else:
         c = summary.counts
@@ -103,8 +137,11 @@ def cmd_search(args: argparse.Namespace) -> int:
                 else "no complete trial"
             )
         )
+        if summary.checkpoint_bytes:
+            print(
+                f"checkpoints: {summary.checkpoint_bytes / 2**20:.1f} MiB kept in {cfg.checkpoint.dir}/{cfg.study_name}"
+            )
         print(f"next: llmflow-hpo retrain-best --study {summary.study_name} --storage {summary.storage}")
-    return 0
 
 
 def _quiet_libraries() -> None:
@@ -134,7 +171,7 @@ def _trial_row(t: Any) -> dict[str, Any]:
         "params": t.params,
         "best_step": t.user_attrs.get("best_step"),
         "duration_s": t.duration.total_seconds() if t.duration else None,
-        "fail_reason": t.user_attrs.get("fail_reason"),
+        "fail_reason": t.user_attrs.get("fail_reason") if t.state.name == "FAIL" else None,
         "user_attrs": t.user_attrs,
     }
 
@@ -254,6 +291,19 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override a config field, e.g. train.epochs=2 (repeatable)",
         )
+        if name == "search":
+            p.add_argument(
+                "--workers",
+                type=int,
+                default=1,
+                metavar="N",
+                help="worker processes on this machine; the cores (and GPUs) are divided between them (default 1)",
+            )
+            p.add_argument(
+                "--new-study",
+                action="store_true",
+                help="start a new study (NAME-2, NAME-3...) beside the stored one instead of continuing it",
+            )
 
     def study_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--study", required=True, help="study name")
@@ -272,6 +322,21 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("train", "train+dev"),
         default="train",
         help="train: reproduce the best trial exactly (default); train+dev: also learn from dev, same epochs",
+    )
+    p = add(
+        "worker",
+        cmd_worker,
+        "Join an existing study from any machine (its config comes from the storage) and run trials until it "
+        "holds n_trials.",
+        "llmflow-hpo worker --study conll2003 --storage postgresql+psycopg://user@db-host/hpo",
+    )
+    study_args(p)
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change a setting that does not change the search, e.g. train.device=cuda:1 or checkpoint.dir=/shared/ckpt",
     )
     p = add(
         "trials",
@@ -300,12 +365,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"llmflow-hpo: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print(
-            "llmflow-hpo: interrupted; the running trial was recorded as failed, rerun the command to continue",
+            "llmflow-hpo: interrupted; the running trial was recorded and queued again, rerun the command to continue",
             file=sys.stderr,
         )
-        return 130
+        return getattr(e, "exit_code", 130)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ from llmflow_hpo.metrics import TEXT_METRICS, TOKEN_METRICS
 
 __all__ = [
     "HYPERPARAMETERS",
+    "CheckpointConfig",
     "DataConfig",
+    "HeartbeatConfig",
     "ModelConfig",
     "ObjectiveConfig",
     "PrunerConfig",
@@ -171,6 +173,33 @@ class TrainConfig:
     num_threads: int | None = _help("CPU threads for torch; null keeps torch's default.", default=None)
 
 
+@dataclass
+class CheckpointConfig:
+    enabled: bool = _help(
+        "Write a resumable checkpoint of each running trial, so a retried trial continues instead of restarting.",
+        default=True,
+    )
+    dir: str | None = _help(
+        "Folder of the trial checkpoints (one subfolder per study); default: checkpoints/ beside this config. "
+        "Workers on several machines need a shared folder here to resume each other's trials.",
+        default=None,
+    )
+    every_evals: int = _help("Write the checkpoint after every N-th dev evaluation.", default=1)
+    keep_best: int = _help(
+        "Finished trials whose best model weights are kept (the best K by dev metric); 0 keeps none.", default=2
+    )
+
+
+@dataclass
+class HeartbeatConfig:
+    interval: int = _help("Seconds between a running trial's heartbeats in the storage (optuna heartbeat).", default=10)
+    grace_period: int | None = _help(
+        "Seconds without a heartbeat after which a trial counts as dead and is retried; default: 3 x interval.",
+        default=None,
+    )
+    max_retries: int = _help("Times a dead (or interrupted) trial is retried with the same parameters.", default=3)
+
+
 # The names a search space may use: every hyperparameter field of TrainConfig.
 HYPERPARAMETERS: tuple[str, ...] = (
     "learning_rate",
@@ -212,6 +241,12 @@ class StudyConfig:
     train: TrainConfig = _help("Fixed training settings and hyperparameter defaults.", default_factory=TrainConfig)
     cache_dir: str | None = _help(
         "Where tokenized data is cached; default: $XDG_CACHE_HOME/llmflow-hpo (~/.cache/llmflow-hpo).", default=None
+    )
+    checkpoint: CheckpointConfig = _help(
+        "Per-trial checkpoints for resuming dead or interrupted trials.", default_factory=CheckpointConfig
+    )
+    heartbeat: HeartbeatConfig = _help(
+        "How dead workers' trials are detected and retried.", default_factory=HeartbeatConfig
     )
 
     @property
@@ -411,6 +446,16 @@ def _check_ranges(cfg: StudyConfig, problems: _Problems) -> None:
     need(cfg.timeout is None or cfg.timeout > 0, "timeout", "must be > 0 seconds or null")
     need(cfg.n_trials is not None or cfg.timeout is not None, "n_trials", "set n_trials or timeout (or both)")
     need(bool(cfg.study_name.strip()), "study_name", "must not be empty")
+    need(cfg.checkpoint.every_evals >= 1, "checkpoint.every_evals", "must be >= 1")
+    need(cfg.checkpoint.keep_best >= 0, "checkpoint.keep_best", "must be >= 0")
+    need(cfg.heartbeat.interval >= 1, "heartbeat.interval", "must be >= 1 second")
+    grace = cfg.heartbeat.grace_period
+    need(
+        grace is None or grace > cfg.heartbeat.interval,
+        "heartbeat.grace_period",
+        "must be longer than heartbeat.interval (or null for 3 x interval)",
+    )
+    need(cfg.heartbeat.max_retries >= 0, "heartbeat.max_retries", "must be >= 0")
     need(d.max_length >= 8, "data.max_length", "must be >= 8")
     for split in ("dev_split", "test_split"):
         value = getattr(d, split)
@@ -451,6 +496,10 @@ def _resolve(cfg: StudyConfig, base: Path | None) -> None:
                 cfg.model.name_or_path = str(candidate.resolve())
         if cfg.storage is None:
             cfg.storage = f"sqlite:///{(base / f'{cfg.study_name}.db').resolve()}"
+        if cfg.checkpoint.dir is None:
+            cfg.checkpoint.dir = str((base / "checkpoints").resolve())
+        else:
+            cfg.checkpoint.dir = absolute(cfg.checkpoint.dir)
     if cfg.cache_dir is None:
         xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
         cfg.cache_dir = str(Path(xdg) / "llmflow-hpo")

@@ -6,7 +6,7 @@ Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "DataError", "LlmflowError", "StorageError", "TrialFailure"]
+__all__ = ["ConfigError", "DataError", "Interrupted", "LlmflowError", "StorageError", "TrialFailure", "WorkerError"]
 
 
 class LlmflowError(Exception):
@@ -38,3 +38,18 @@ class StorageError(LlmflowError):
 
 class TrialFailure(LlmflowError):
     """A trial that cannot produce a metric (diverged, out of memory): it ends as FAIL with a reason."""
+
+
+class WorkerError(LlmflowError):
+    """A worker process of ``search --workers N`` ended with an error."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM reached a worker: the running trial is recorded, then the process exits 128+signal."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted ({signal.Signals(signum).name})")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -187,12 +188,18 @@ def prepare_features(cfg: StudyConfig, *, log: Callable[[str], None] | None = No
         "data: " + ", ".join(f"{s} {len(splits[s])}" for s in SPLITS) + f" examples, {len(data.labels)} labels; "
         f"tokenized once, cached in {cache_path}"
     )
-    staging = cache_path.with_name(cache_path.name + ".tmp")
+    # Staged under a name of this process's own, then renamed: workers that tokenize at the same time
+    # never see (or delete) each other's half-written folders; the first rename wins, the others drop theirs.
+    staging = cache_path.with_name(f"{cache_path.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     for split, ds in splits.items():
         ds.save_to_disk(str(staging / split))
     (staging / "meta.json").write_text(json.dumps({"labels": data.labels, "report": report}, indent=1))
-    shutil.rmtree(cache_path, ignore_errors=True)
-    staging.rename(cache_path)
+    if cache_path.exists() and not meta_path.exists():  # left by an older version: incomplete
+        shutil.rmtree(cache_path, ignore_errors=True)
+    try:
+        staging.rename(cache_path)
+    except OSError:  # another process stored the same tokenization first
+        shutil.rmtree(staging, ignore_errors=True)
     splits = {s: datasets.load_from_disk(str(cache_path / s)) for s in SPLITS}
     return Features(cfg.task, data.labels, splits, report, cache_path, from_cache=False)

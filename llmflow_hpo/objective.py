@@ -6,10 +6,12 @@ stored, a pruned run as PRUNED.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import optuna
 
+from llmflow_hpo.checkpoints import CheckpointStore, TrialCheckpoint
 from llmflow_hpo.config import StudyConfig
 from llmflow_hpo.errors import TrialFailure
 from llmflow_hpo.features import Features
@@ -21,29 +23,65 @@ __all__ = ["Objective"]
 
 
 class Objective:
-    """Callable given to ``study.optimize``; holds only the study's config, space and tokenized data."""
+    """Callable given to the worker loop; holds only the study's config, space, tokenized data and checkpoints."""
 
-    def __init__(self, cfg: StudyConfig, space: SearchSpace, features: Features) -> None:
+    def __init__(
+        self,
+        cfg: StudyConfig,
+        space: SearchSpace,
+        features: Features,
+        checkpoints: CheckpointStore | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.space = space
         self.features = features
+        self.checkpoints = checkpoints
+        self.log = log or (lambda line: None)
+
+    def _checkpoint(self, trial: optuna.Trial, params: dict[str, Any]) -> TrialCheckpoint | None:
+        """This trial's checkpoint; a retry first takes over the folder of the attempt it repeats.
+
+        Every trial records its own number as ``checkpoint_trial``; a retry inherits the user attributes
+        of the attempt it repeats, so it finds that number there.
+        """
+        if self.checkpoints is None:
+            return None
+        previous = trial.user_attrs.get("checkpoint_trial")
+        if previous is not None and previous != trial.number:
+            trial.set_user_attr("fail_reason", None)  # inherited from the attempt; this one has not failed
+            trial.set_user_attr("retry_of", previous)
+            if self.checkpoints.take_over(previous, trial.number):
+                self.log(f"trial {trial.number}: retrying trial {previous} from its checkpoint")
+            else:
+                self.log(f"trial {trial.number}: retrying trial {previous}; no checkpoint of it, starting over")
+        trial.set_user_attr("checkpoint_trial", trial.number)
+        return self.checkpoints.trial(trial.number, params)
 
     def __call__(self, trial: optuna.Trial) -> float:
         params = suggest_params(trial, self.space)
         seed = self.cfg.seed
         reporter = TrialReporter(trial, self.cfg.metric, self.cfg.direction)
+        checkpoint = self._checkpoint(trial, params)
         try:
-            result = train_and_evaluate(self.cfg, params, self.features, seed=seed, on_eval=reporter)
+            result = train_and_evaluate(
+                self.cfg,
+                params,
+                self.features,
+                seed=seed,
+                on_eval=reporter,
+                checkpoint=checkpoint,
+                on_resume=reporter.restore,
+            )
         except TrialFailure as e:
             trial.set_user_attr("fail_reason", str(e))
-            raise
-        except KeyboardInterrupt:
-            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C)")
+            trial.set_user_attr("failed_for_good", True)
             raise
         store_result(trial, result, seed)
         if result.best is None:
             reason = "the run ended before its first evaluation"
             trial.set_user_attr("fail_reason", reason)
+            trial.set_user_attr("failed_for_good", True)
             raise TrialFailure(reason)
         return result.best.metrics[self.cfg.metric]
 

@@ -6,33 +6,61 @@ versions of the libraries that ran it (``study.user_attrs``).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
+import os
+import random
+import sqlite3
+import time
 import warnings
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import optuna
 from optuna.trial import TrialState
 
 from llmflow_hpo import __version__
-from llmflow_hpo.config import StudyConfig, config_from_dict, config_to_dict
+from llmflow_hpo.config import HeartbeatConfig, StudyConfig, config_from_dict, config_to_dict
 from llmflow_hpo.errors import StorageError
 from llmflow_hpo.spaces import SearchSpace, parse_search_space
 
 __all__ = [
+    "StudyLock",
     "check_same_study",
     "default_storage_for",
     "finished_trials",
+    "free_study_name",
     "library_versions",
     "load_study",
+    "may_change",
     "open_storage",
     "open_study",
+    "retry_callback",
+    "retry_transient",
     "stored_config",
 ]
 
-# Changing these never changes what a study searches, so a rerun may change them.
-_MAY_CHANGE = {"n_trials", "timeout", "storage", "cache_dir", "train.device", "train.num_threads"}
+T = TypeVar("T")
+
+# Changing these never changes what a study searches, so a rerun (or a worker) may change them.
+MAY_CHANGE = (
+    "n_trials",
+    "timeout",
+    "storage",
+    "cache_dir",
+    "train.device",
+    "train.num_threads",
+    "checkpoint.",
+    "heartbeat.",
+)
+
+
+def may_change(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in MAY_CHANGE)
 
 
 def library_versions() -> dict[str, str]:
@@ -55,16 +83,49 @@ def default_storage_for(study_name: str) -> str:
     return f"sqlite:///{path.resolve()}"
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """An optuna RDB storage for ``url``; SQLite waits for locks instead of failing at once."""
+def _sqlite_path(url: str) -> Path | None:
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        return Path(url[len("sqlite:///") :])
+    return None
+
+
+def _sqlite_wal(path: Path) -> None:
+    """Write-ahead logging: readers never block the writer, so several local workers share one file.
+
+    The mode is stored in the database file itself; setting it once is enough for every later connection.
+    """
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=60)) as con:
+            con.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.Error as e:
+        raise StorageError(f"storage sqlite:///{path}: cannot open ({e})") from None
+
+
+def open_storage(url: str, heartbeat: HeartbeatConfig | None = None) -> optuna.storages.BaseStorage:
+    """An optuna RDB storage for ``url``; with ``heartbeat``, dead trials are detected and queued again.
+
+    SQLite runs in WAL mode and waits up to 60 s for a lock instead of failing at once. A trial whose
+    heartbeat stops (its worker was killed) is failed by the next worker that looks, and retried with the
+    same parameters and its intermediate values (optuna's RetryHeartbeatStaleTrialCallback).
+    """
     engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite:///"):
-        path = Path(url[len("sqlite:///") :])
+    path = _sqlite_path(url)
+    if path is not None:
         if not path.parent.exists():
             raise StorageError(f"storage {url}: folder {path.parent} does not exist; create it or change storage")
+        _sqlite_wal(path)
         engine_kwargs["connect_args"] = {"timeout": 60}
+    beat: dict[str, Any] = {}
+    if heartbeat is not None:
+        beat = {
+            "heartbeat_interval": heartbeat.interval,
+            "grace_period": heartbeat.grace_period or 3 * heartbeat.interval,
+            "heartbeat_stale_trial_callback": retry_callback(heartbeat),
+        }
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        with warnings.catch_warnings():  # the heartbeat arguments are "experimental" in optuna since 2.9
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **beat)
     except ImportError as e:
         raise StorageError(
             f"storage {url}: database driver missing ({e}); e.g. pip install 'llmflow-hpo[postgres]'"
@@ -72,6 +133,93 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     except Exception as e:  # sqlalchemy's connection errors: one line, the URL named
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise StorageError(f"storage {url}: cannot open ({reason})") from None
+
+
+def retry_callback(heartbeat: HeartbeatConfig) -> Callable[[optuna.Study, Any], None]:
+    """Queue a dead or interrupted trial again: same parameters, its intermediate values inherited."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback(
+            max_retry=heartbeat.max_retries, inherit_intermediate_values=True
+        )
+
+
+def retry_transient(fn: Callable[[], T], *, attempts: int = 6) -> T:
+    """Run a storage call again when the database said "try again" (SQLite locked, PostgreSQL deadlock).
+
+    Only for calls whose failed attempt left nothing behind: the transaction was rolled back.
+    """
+    from sqlalchemy.exc import OperationalError
+
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except OperationalError as e:
+            text = str(e).lower()
+            transient = any(s in text for s in ("database is locked", "deadlock", "could not serialize", "busy"))
+            if not transient or attempt == attempts - 1:
+                raise
+            time.sleep(min(0.1 * 2**attempt, 2.0) * (1 + random.random()))
+    raise AssertionError("unreachable")
+
+
+class StudyLock:
+    """A lock shared by every worker of one study, held while a worker claims its next trial.
+
+    Counting "finished + running + queued < n_trials" and creating the trial must be one step, or two
+    workers that count at the same moment both start the last trial. Optuna has no such primitive, so:
+    SQLite (workers on one machine) locks a file beside the database; PostgreSQL takes an advisory lock
+    on a connection of its own, which the server frees if the worker dies. Other databases run unlocked
+    (counting may overshoot by a trial or two when several workers race).
+    """
+
+    def __init__(self, url: str, study_name: str) -> None:
+        self.url, self.study_name = url, study_name
+        self._fd: int | None = None
+        self._conn: Any = None
+        self._key = int.from_bytes(
+            hashlib.sha256(f"llmflow-hpo:{study_name}".encode()).digest()[:8], "big", signed=True
+        )
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+    def acquire(self) -> None:
+        path = _sqlite_path(self.url)
+        if path is not None:
+            if self._fd is None:
+                self._fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        elif self.url.startswith("postgresql"):
+            from sqlalchemy import create_engine, text
+            from sqlalchemy.pool import NullPool
+
+            if self._conn is None:
+                self._conn = create_engine(self.url, poolclass=NullPool).connect()
+            self._conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": self._key})
+            self._conn.commit()
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        elif self._conn is not None:
+            from sqlalchemy import text
+
+            self._conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self._key})
+            self._conn.commit()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -92,7 +240,7 @@ def check_same_study(study: optuna.Study, cfg: StudyConfig, space_raw: dict[str,
             f"study {study.study_name!r} in {cfg.storage} was not made by llmflow-hpo; choose another study_name"
         )
     old, new = _flatten(stored), _flatten(json.loads(json.dumps(config_to_dict(cfg))))
-    changed = [k for k in sorted(set(old) | set(new)) if k not in _MAY_CHANGE and old.get(k) != new.get(k)]
+    changed = [k for k in sorted(set(old) | set(new)) if not may_change(k) and old.get(k) != new.get(k)]
     if study.user_attrs.get("search_space") != space_raw:
         changed.append("search_space (file contents)")
     if changed:
@@ -113,10 +261,15 @@ def open_study(
     sampler: optuna.samplers.BaseSampler,
     pruner: optuna.pruners.BasePruner,
     data_report: list[str],
+    heartbeat: HeartbeatConfig | None = None,
 ) -> optuna.Study:
-    """Create the study, or load it when it exists and was made by the same config."""
+    """Create the study, or load it when it exists and was made by the same config.
+
+    A rerun may change ``n_trials``: the stored config takes the new target, so workers that join from
+    other machines (``llmflow-hpo worker``) run towards it.
+    """
     assert cfg.storage is not None
-    storage = open_storage(cfg.storage)
+    storage = open_storage(cfg.storage, heartbeat)
     exists = cfg.study_name in {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
     study = optuna.create_study(
         storage=storage,
@@ -133,6 +286,9 @@ def open_study(
                 f"the config says {cfg.direction}"
             )
         check_same_study(study, cfg, space_raw)
+        stored = study.user_attrs["config"]
+        if stored.get("n_trials") != cfg.n_trials:
+            study.set_user_attr("config", {**stored, "n_trials": cfg.n_trials})
         return study
     study.set_user_attr("config", json.loads(json.dumps(config_to_dict(cfg))))
     study.set_user_attr("search_space", space_raw)
@@ -143,6 +299,18 @@ def open_study(
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names([f"dev_{cfg.metric}"])
     return study
+
+
+def free_study_name(storage_url: str, study_name: str) -> str:
+    """``study_name`` when the storage has no such study, else the first free ``study_name-2``, ``-3``..."""
+    storage = open_storage(storage_url)
+    names = {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    if study_name not in names:
+        return study_name
+    k = 2
+    while f"{study_name}-{k}" in names:
+        k += 1
+    return f"{study_name}-{k}"
 
 
 def load_study(study_name: str, storage_url: str) -> optuna.Study:

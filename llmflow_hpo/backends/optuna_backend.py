@@ -1,27 +1,52 @@
-"""The optuna backend: one process runs trials of the study until it holds ``n_trials`` finished ones."""
+"""The optuna backend: workers claim trials of one study until it holds ``n_trials`` finished ones.
+
+Any number of workers (processes here, or on other machines sharing the storage) run the same loop:
+
+1. Under the study lock: fail trials whose heartbeat stopped (their retry, same parameters, is queued),
+   count the trials that hold a slot (finished, running, queued) and, when a slot is free or a retry is
+   queued, ``study.ask()``: the claim and the trial's creation are one step, so the study ends with
+   exactly ``n_trials`` finished trials whatever the number of workers. (optuna's ``MaxTrialsCallback``
+   counts after the fact, so parallel workers overshoot it.)
+2. Run the trial with a heartbeat thread beside it. A trial that fails for good (diverged, out of
+   memory) frees its slot; a killed worker's trial is found stale by another worker after the grace
+   period and retried from its checkpoint.
+3. SIGINT/SIGTERM: the running trial is told FAIL ("interrupted") and queued again with its parameters,
+   so the next ``search`` resumes it; the process then exits 130 or 143.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from llmflow_hpo.config import StudyConfig
-from llmflow_hpo.errors import TrialFailure
-from llmflow_hpo.features import prepare_features
-from llmflow_hpo.objective import Objective
-from llmflow_hpo.spaces import SearchSpace
-from llmflow_hpo.storage import finished_trials, open_study
-from llmflow_hpo.strategy import build_pruner, build_sampler
+from llmflow_hpo.errors import Interrupted, TrialFailure
+from llmflow_hpo.storage import (
+    StudyLock,
+    finished_trials,
+    load_study,
+    open_storage,
+    open_study,
+    retry_callback,
+    retry_transient,
+)
 
-__all__ = ["SearchSummary", "run_search"]
+__all__ = ["SearchSummary", "run_search", "run_worker", "work_on_study"]
 
 Log = Callable[[str], None]
+Objective = Callable[[optuna.Trial], float]
 
 
 @dataclass
@@ -33,6 +58,9 @@ class SearchSummary:
     best_number: int | None
     best_value: float | None
     best_params: dict[str, Any]
+    workers: int = 1
+    checkpoint_bytes: int = 0
+    notes: list[str] = field(default_factory=list)
 
 
 def _counts(study: optuna.Study) -> dict[str, int]:
@@ -60,7 +88,7 @@ class _Progress:
         elif trial.state == TrialState.PRUNED:
             outcome = f"pruned    at step {trial.user_attrs.get('pruned_at_step', trial.last_step)}"
         else:
-            outcome = f"{trial.state.name.lower():9s} {trial.user_attrs.get('fail_reason', '')}"
+            outcome = f"{trial.state.name.lower():9s} {trial.user_attrs.get('fail_reason') or ''}"
         finished = counts["complete"] + counts["pruned"]
         best = _best(study)
         best_text = f"best {best.value:.4f} (trial {best.number})" if best else "best -"
@@ -72,50 +100,338 @@ class _Progress:
         )
 
 
+class _Heartbeat:
+    """Records the trial's heartbeat in the storage every ``interval`` seconds while the trial runs.
+
+    The first beat is written before the trial starts, so a worker killed at any point of the trial
+    leaves a heartbeat that goes stale. (optuna's own heartbeat thread is private to Study.optimize.)
+    """
+
+    def __init__(self, storage: Any, trial_id: int, interval: int) -> None:
+        self.storage, self.trial_id, self.interval = storage, trial_id, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{trial_id}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            with contextlib.suppress(Exception):  # a missed beat is retried at the next interval
+                retry_transient(lambda: self.storage.record_heartbeat(self.trial_id))
+
+    def __enter__(self) -> _Heartbeat:
+        retry_transient(lambda: self.storage.record_heartbeat(self.trial_id))
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """SIGINT and SIGTERM raise ``Interrupted`` once; repeats are ignored while the trial is recorded."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired: list[int] = []
+
+    def handler(signum: int, _frame: Any) -> None:
+        if fired:
+            return
+        fired.append(signum)
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _frozen(study: optuna.Study, number: int) -> FrozenTrial:
+    return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+
+
+def _failed_for_good(trials: list[FrozenTrial]) -> int:
+    return sum(1 for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("failed_for_good"))
+
+
+def run_worker(
+    study: optuna.Study,
+    objective: Objective,
+    *,
+    target: int | None,
+    timeout: float | None = None,
+    lock: StudyLock | None = None,
+    retry: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+    heartbeat_interval: int | None = None,
+    callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] | None = None,
+    after_trial: Callable[[optuna.Study], None] | None = None,
+    poll_seconds: float = 2.0,
+    log: Log | None = None,
+) -> int:
+    """Claim and run trials of ``study`` until it holds ``target`` finished trials; returns how many ran here.
+
+    ``objective`` returns the trial's value, or raises ``optuna.TrialPruned`` or ``TrialFailure`` (the
+    trial fails for good and frees its slot). ``after_trial`` runs under the lock after each trial (the
+    checkpoint cleanup). Ctrl-C / SIGTERM: the running trial is told FAIL, queued again through ``retry``
+    and ``Interrupted`` (a KeyboardInterrupt) is raised.
+    """
+    say = log or (lambda line: print(line, file=sys.stderr))
+    lock = lock or StudyLock("", study.study_name)  # no storage URL: an unlocked no-op
+    storage = study._storage  # optuna exposes no public handle for record_heartbeat / fail_stale_trials
+    start = time.monotonic()
+    trials = retry_transient(lambda: study.get_trials(deepcopy=False))
+    failed_at_start = _failed_for_good(trials)
+    finished_at_start = sum(1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED))
+    # As many failures as trials still missing are tolerated (the same budget again); one more stops the run.
+    max_failures = None if target is None else max(target - finished_at_start, 1)
+    ran = 0
+    waiting_said = False
+    while True:
+        if timeout is not None and time.monotonic() - start >= timeout:
+            say(f"study {study.study_name}: timeout of {timeout:g}s reached; no new trial started")
+            break
+        trial = None
+        with lock.held():
+            if heartbeat_interval is not None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    retry_transient(lambda: optuna.storages.fail_stale_trials(study))
+            trials = retry_transient(lambda: study.get_trials(deepcopy=False))
+            states = [t.state for t in trials]
+            finished = sum(1 for s in states if s in (TrialState.COMPLETE, TrialState.PRUNED))
+            running, queued = states.count(TrialState.RUNNING), states.count(TrialState.WAITING)
+            if target is not None and finished >= target:
+                break
+            failed = _failed_for_good(trials) - failed_at_start
+            if max_failures is not None and failed > max_failures:
+                say(
+                    f"study {study.study_name}: stopping, {failed} trial(s) failed during this run; "
+                    "see their fail_reason with `llmflow-hpo trials`"
+                )
+                break
+            if queued or target is None or finished + running < target:
+                with warnings.catch_warnings():  # "heartbeat is supposed to be used with Study.optimize"
+                    warnings.simplefilter("ignore")
+                    trial = retry_transient(study.ask)
+                if heartbeat_interval is not None:
+                    retry_transient(functools.partial(storage.record_heartbeat, trial._trial_id))
+        if trial is None:
+            # Every remaining slot is held by a running trial: wait, in case one fails or its worker dies.
+            if not waiting_said:
+                say(
+                    f"study {study.study_name}: {running} trial(s) still running elsewhere hold the last slots; waiting"
+                )
+                waiting_said = True
+            time.sleep(poll_seconds)
+            continue
+        waiting_said = False
+        _run_trial(study, trial, objective, lock=lock, retry=retry, heartbeat_interval=heartbeat_interval)
+        ran += 1
+        frozen = retry_transient(functools.partial(_frozen, study, trial.number))
+        if after_trial is not None:
+            with lock.held():
+                after_trial(study)
+        for callback in callbacks or []:
+            callback(study, frozen)
+    return ran
+
+
+def _run_trial(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    objective: Objective,
+    *,
+    lock: StudyLock,
+    retry: Callable[[optuna.Study, FrozenTrial], None] | None,
+    heartbeat_interval: int | None,
+) -> None:
+    beat = (
+        _Heartbeat(study._storage, trial._trial_id, heartbeat_interval)
+        if heartbeat_interval is not None
+        else contextlib.nullcontext()
+    )
+    value: float | None = None
+    state = TrialState.COMPLETE
+    try:
+        with beat:
+            try:
+                value = objective(trial)
+            except optuna.TrialPruned:
+                state = TrialState.PRUNED
+            except TrialFailure:
+                state = TrialState.FAIL
+    except KeyboardInterrupt as e:
+        _record_interruption(study, trial, e, lock=lock, retry=retry)
+        raise
+    except BaseException as e:
+        with contextlib.suppress(Exception):
+            trial.set_user_attr("fail_reason", f"error: {type(e).__name__}: {e}")
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        raise
+    told = retry_transient(
+        lambda: study.tell(trial, value if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True)
+    )
+    if told.state != state:
+        print(
+            f"trial {trial.number}: another worker marked it {told.state.name} (its heartbeat was missed); "
+            "the result of this attempt is dropped, its retry continues it",
+            file=sys.stderr,
+        )
+
+
+def _record_interruption(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    error: KeyboardInterrupt,
+    *,
+    lock: StudyLock,
+    retry: Callable[[optuna.Study, FrozenTrial], None] | None,
+) -> None:
+    """FAIL the trial with the reason, and queue it again (same parameters) for the next run to resume."""
+    how = signal.Signals(error.signum).name if isinstance(error, Interrupted) else "SIGINT"
+    with lock.held():
+        retry_transient(lambda: trial.set_user_attr("fail_reason", f"interrupted ({how})"))
+        told = retry_transient(lambda: study.tell(trial, state=TrialState.FAIL, skip_if_finished=True))
+        if retry is not None and told.state == TrialState.FAIL:
+            retry(study, _frozen(study, trial.number))
+
+
+def work_on_study(
+    cfg: StudyConfig,
+    space: Any,
+    features: Any,
+    study: optuna.Study,
+    *,
+    log: Log,
+    poll_seconds: float | None = None,
+) -> int:
+    """This process's share of the study: the real objective, checkpoints, heartbeat, lock, signals."""
+    from llmflow_hpo.checkpoints import CheckpointStore
+    from llmflow_hpo.objective import Objective as TrialObjective
+
+    checkpoints = None
+    if cfg.checkpoint.enabled:
+        assert cfg.checkpoint.dir is not None
+        checkpoints = CheckpointStore(
+            Path(cfg.checkpoint.dir) / cfg.study_name,
+            every_evals=cfg.checkpoint.every_evals,
+            keep_best=cfg.checkpoint.keep_best,
+        )
+
+    def cleanup(study: optuna.Study) -> None:
+        if checkpoints is not None:
+            checkpoints.cleanup(study.get_trials(deepcopy=False), cfg.direction)
+
+    assert cfg.storage is not None
+    lock = StudyLock(cfg.storage, cfg.study_name)
+    try:
+        with _signals_raise():
+            ran = run_worker(
+                study,
+                TrialObjective(cfg, space, features, checkpoints, log=log),
+                target=cfg.n_trials,
+                timeout=cfg.timeout,
+                lock=lock,
+                retry=retry_callback(cfg.heartbeat),
+                heartbeat_interval=cfg.heartbeat.interval,
+                callbacks=[_Progress(cfg.n_trials, cfg.metric, log)],
+                after_trial=cleanup,
+                poll_seconds=poll_seconds if poll_seconds is not None else min(2.0, cfg.heartbeat.interval),
+                log=log,
+            )
+            with lock.held():
+                cleanup(study)
+    finally:
+        lock.close()
+    return ran
+
+
+def summarize(study: optuna.Study, cfg: StudyConfig, ran: int, workers: int) -> SearchSummary:
+    from llmflow_hpo.checkpoints import folder_size
+
+    best = _best(study)
+    size = folder_size(Path(cfg.checkpoint.dir) / cfg.study_name) if cfg.checkpoint.dir else 0
+    return SearchSummary(
+        study_name=cfg.study_name,
+        storage=str(cfg.storage),
+        ran=ran,
+        counts=_counts(study),
+        best_number=best.number if best else None,
+        best_value=best.value if best else None,
+        best_params=dict(best.params) if best else {},
+        workers=workers,
+        checkpoint_bytes=size,
+    )
+
+
 def run_search(
-    cfg: StudyConfig, space: SearchSpace, space_raw: dict[str, Any], *, log: Log | None = None
+    cfg: StudyConfig,
+    space: Any,
+    space_raw: dict[str, Any],
+    *,
+    workers: int = 1,
+    new_study: bool = False,
+    log: Log | None = None,
 ) -> SearchSummary:
-    """Tokenize once, open (or continue) the study, and run the missing trials."""
+    """Tokenize once, open (or continue) the study, and run the missing trials in ``workers`` processes."""
+    from llmflow_hpo.features import prepare_features
+    from llmflow_hpo.storage import free_study_name
+    from llmflow_hpo.strategy import build_pruner, build_sampler
+
     say = log or (lambda line: print(line, file=sys.stderr))
     # Our progress lines report each trial (fail reasons included); optuna would repeat them with tracebacks.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     features = prepare_features(cfg, log=say)
+    assert cfg.storage is not None
+    if new_study:
+        cfg.study_name = free_study_name(cfg.storage, cfg.study_name)
+        say(f"study {cfg.study_name}: a new study, as --new-study asked")
     sampler, pruner = build_sampler(cfg, space), build_pruner(cfg)
-    study = open_study(cfg, space_raw, sampler=sampler, pruner=pruner, data_report=features.report)
+    study = open_study(
+        cfg, space_raw, sampler=sampler, pruner=pruner, data_report=features.report, heartbeat=cfg.heartbeat
+    )
     done = finished_trials(study)
     remaining = None if cfg.n_trials is None else max(cfg.n_trials - done, 0)
     if done:
         say(f"study {cfg.study_name}: continuing, {done} finished trial(s) already stored")
     if remaining == 0:
         say(f"study {cfg.study_name}: already holds {done} finished trials (n_trials={cfg.n_trials}); nothing to run")
-    else:
-        say(
-            f"study {cfg.study_name}: running {remaining if remaining is not None else 'unbounded'} trial(s) "
-            f"({cfg.sampler.name} sampler, {cfg.pruner.name} pruner, dev {cfg.metric} {cfg.direction}), storage {cfg.storage}"
-        )
-        start = time.perf_counter()
-        callbacks: list[Any] = [_Progress(cfg.n_trials, cfg.metric, say)]
-        if cfg.n_trials is not None:
-            callbacks.append(
-                optuna.study.MaxTrialsCallback(cfg.n_trials, states=(TrialState.COMPLETE, TrialState.PRUNED))
-            )
-        study.optimize(
-            Objective(cfg, space, features),
-            # Failed trials do not count towards n_trials: allow as many retries; MaxTrialsCallback stops at the target.
-            n_trials=None if remaining is None else 2 * remaining,
-            timeout=cfg.timeout,
-            catch=(TrialFailure,),
-            callbacks=callbacks,
-            gc_after_trial=True,
-        )
-        say(f"study {cfg.study_name}: search took {time.perf_counter() - start:.1f}s")
-    best = _best(study)
-    return SearchSummary(
-        study_name=cfg.study_name,
-        storage=str(cfg.storage),
-        ran=finished_trials(study) - done,
-        counts=_counts(study),
-        best_number=best.number if best else None,
-        best_value=best.value if best else None,
-        best_params=dict(best.params) if best else {},
+        return summarize(study, cfg, 0, workers)
+    say(
+        f"study {cfg.study_name}: running {remaining if remaining is not None else 'unbounded'} trial(s) "
+        f"in {workers} worker(s) ({cfg.sampler.name} sampler, {cfg.pruner.name} pruner, "
+        f"dev {cfg.metric} {cfg.direction}), storage {cfg.storage}"
     )
+    start = time.perf_counter()
+    if workers == 1:
+        work_on_study(cfg, space, features, study, log=say)
+    else:
+        from llmflow_hpo.workers import run_worker_processes
+
+        run_worker_processes(cfg, workers, log=say)
+    say(f"study {cfg.study_name}: search took {time.perf_counter() - start:.1f}s")
+    return summarize(study, cfg, finished_trials(study) - done, workers)
+
+
+def join_study(cfg: StudyConfig, space: Any, *, log: Log | None = None) -> SearchSummary:
+    """``llmflow-hpo worker``: join an existing study with its stored config and run trials until it is done."""
+    from llmflow_hpo.features import prepare_features
+    from llmflow_hpo.strategy import build_pruner, build_sampler
+
+    say = log or (lambda line: print(line, file=sys.stderr))
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    assert cfg.storage is not None
+    load_study(cfg.study_name, cfg.storage)  # a clear error when the study is not there
+    features = prepare_features(cfg, log=say)
+    study = optuna.load_study(
+        study_name=cfg.study_name,
+        storage=open_storage(cfg.storage, cfg.heartbeat),
+        sampler=build_sampler(cfg, space),
+        pruner=build_pruner(cfg),
+    )
+    done = finished_trials(study)
+    ran = work_on_study(cfg, space, features, study, log=say)
+    return summarize(study, cfg, finished_trials(study) - done if ran else 0, 1)
