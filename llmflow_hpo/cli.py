@@ -120,17 +120,22 @@ def cmd_worker(args: argparse.Namespace) -> int:
     raw["storage"] = storage
     cfg = config_from_dict(raw, source=f"study {args.study!r} (stored config) with --set")
     summary = join_study(cfg, space, log=_log)
-    _print_summary(summary, cfg, args.json)
+    if not args.spawned:  # a worker of `search --workers N` leaves the summary to the search itself
+        _print_summary(summary, cfg, args.json)
     return 0
 
 
 def _print_summary(summary: Any, cfg: Any, as_json: bool) -> None:
+    from llmflow_hpo.backends.optuna_backend import checkpoint_root
+
     if as_json:
         print(json.dumps(summary.__dict__, indent=2))
     else:
         c = summary.counts
         print(
-            f"study {summary.study_name}: {c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed; "
+            f"study {summary.study_name}: {c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed"
+            + (f" ({summary.retried} of them retried)" if summary.retried else "")
+            + "; "
             + (
                 f"best trial {summary.best_number} with dev {cfg.metric}={summary.best_value:.4f} {summary.best_params}"
                 if summary.best_number is not None
@@ -138,9 +143,7 @@ def _print_summary(summary: Any, cfg: Any, as_json: bool) -> None:
             )
         )
         if summary.checkpoint_bytes:
-            print(
-                f"checkpoints: {summary.checkpoint_bytes / 2**20:.1f} MiB kept in {cfg.checkpoint.dir}/{cfg.study_name}"
-            )
+            print(f"checkpoints: {summary.checkpoint_bytes / 2**20:.1f} MiB kept in {checkpoint_root(cfg)}")
         print(f"next: llmflow-hpo retrain-best --study {summary.study_name} --storage {summary.storage}")
 
 
@@ -191,6 +194,10 @@ def cmd_trials(args: argparse.Namespace) -> int:
         secs = f"{r['duration_s']:.1f}" if r["duration_s"] is not None else "-"
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
         extra = f"  ({r['fail_reason']})" if r["fail_reason"] else ""
+        attrs = r["user_attrs"]
+        if attrs.get("retry_of") is not None:
+            resumed = attrs.get("resumed_at_step")
+            extra += f"  (retry of {attrs['retry_of']}" + (f", resumed at step {resumed})" if resumed else ")")
         print(f"{r['number']:>4} {r['state']:9} {value:>9} {r['best_step'] or '-':>8} {secs:>7}  {params}{extra}")
     return 0
 
@@ -338,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="change a setting that does not change the search, e.g. train.device=cuda:1 or checkpoint.dir=/shared/ckpt",
     )
+    p.add_argument("--spawned", action="store_true", help=argparse.SUPPRESS)  # started by search --workers
     p = add(
         "trials",
         cmd_trials,

@@ -184,7 +184,12 @@ class CheckpointConfig:
         "Workers on several machines need a shared folder here to resume each other's trials.",
         default=None,
     )
-    every_evals: int = _help("Write the checkpoint after every N-th dev evaluation.", default=1)
+    every_evals: int = _help("Write the checkpoint at most after every N-th dev evaluation.", default=1)
+    max_overhead: float = _help(
+        "Skip a due checkpoint until the time since the last one is at least 1/max_overhead times what writing "
+        "it took, so checkpoints cost at most about this share of a trial's time; 1 writes at every due evaluation.",
+        default=0.05,
+    )
     keep_best: int = _help(
         "Finished trials whose best model weights are kept (the best K by dev metric); 0 keeps none.", default=2
     )
@@ -448,6 +453,7 @@ def _check_ranges(cfg: StudyConfig, problems: _Problems) -> None:
     need(bool(cfg.study_name.strip()), "study_name", "must not be empty")
     need(cfg.checkpoint.every_evals >= 1, "checkpoint.every_evals", "must be >= 1")
     need(cfg.checkpoint.keep_best >= 0, "checkpoint.keep_best", "must be >= 0")
+    need(0 < cfg.checkpoint.max_overhead <= 1, "checkpoint.max_overhead", "must be in (0, 1]")
     need(cfg.heartbeat.interval >= 1, "heartbeat.interval", "must be >= 1 second")
     grace = cfg.heartbeat.grace_period
     need(

@@ -6,6 +6,8 @@ stored, a pruned run as PRUNED.
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -60,6 +62,7 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         params = suggest_params(trial, self.space)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         seed = self.cfg.seed
         reporter = TrialReporter(trial, self.cfg.metric, self.cfg.direction)
         checkpoint = self._checkpoint(trial, params)

@@ -80,6 +80,7 @@ def store_result(trial: Any, result: TrainResult, seed: int) -> None:
     trial.set_user_attr("peak_memory_mb", round(result.peak_memory_mb, 1))
     trial.set_user_attr("peak_memory_kind", result.peak_memory_kind)
     trial.set_user_attr("device", result.device)
+    trial.set_user_attr("torch_threads", result.torch_threads)
     if result.checkpoints_written or result.checkpoint_seconds:
         trial.set_user_attr("checkpoints_written", result.checkpoints_written)
         trial.set_user_attr("checkpoint_s", round(result.checkpoint_seconds, 3))

@@ -80,6 +80,7 @@ class TrainResult:
     final: Evaluation | None = None  # the evaluation at stop_at_examples (retrain-best)
     checkpoints_written: int = 0
     checkpoint_seconds: float = 0.0
+    torch_threads: int = 0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -313,8 +314,8 @@ def train_and_evaluate(
     it trains, without evaluating, until that many examples were seen, then evaluates dev (and test).
 
     ``checkpoint`` (a ``checkpoints.TrialCheckpoint``): resume from its saved state when it has one, save
-    the state after every ``every_evals``-th evaluation that does not end the run, and save the model
-    each time the dev metric improves. ``on_resume`` receives the evaluations the saved state had made.
+    the state after evaluations that do not end the run when it says one is due, and keep the best
+    model (written with the next checkpoint, or when the run completes). ``on_resume`` receives the evaluations the saved state had made.
     """
     hp = dataclasses.replace(cfg.train, **params)
     device = resolve_device(hp.device)
@@ -489,7 +490,7 @@ def train_and_evaluate(
                     ):
                         best, since_best = evaluation, 0
                         if checkpoint is not None:
-                            checkpoint.save_best(model)
+                            checkpoint.remember_best(model)
                     else:
                         since_best += 1
                     if on_eval is not None:
@@ -498,7 +499,7 @@ def train_and_evaluate(
                         stopped_early = done = True
                         break
                     more_to_come = next_point < len(eval_points)
-                    if checkpoint is not None and more_to_come and len(history) % checkpoint.every_evals == 0:
+                    if checkpoint is not None and more_to_come and checkpoint.due():
                         save_checkpoint(epoch)
                     tick = time.perf_counter()
             else:
@@ -516,8 +517,10 @@ def train_and_evaluate(
             peak_memory_mb=0.0,
             peak_memory_kind="",
             device=str(device),
+            torch_threads=torch.get_num_threads(),
         )
         if checkpoint is not None:
+            checkpoint.finish()
             result.checkpoints_written, result.checkpoint_seconds = checkpoint.written, checkpoint.seconds
         if stop_at_examples is not None:
             result.final = evaluate_dev(stop_at_examples)

@@ -111,7 +111,8 @@ def run_worker_processes(cfg: StudyConfig, n: int, *, log: Log) -> None:
         env = dict(os.environ, OMP_NUM_THREADS=str(plan.threads), MKL_NUM_THREADS=str(plan.threads))
         if plan.cuda_visible_devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = plan.cuda_visible_devices
-        command = [sys.executable, "-m", "llmflow_hpo", "worker", "--study", cfg.study_name, "--storage", cfg.storage]
+        command = [sys.executable, "-m", "llmflow_hpo", "worker", "--spawned"]
+        command += ["--study", cfg.study_name, "--storage", cfg.storage]
         for item in worker_overrides(cfg, plan):
             command += ["--set", item]
         proc = subprocess.Popen(

@@ -124,4 +124,19 @@ def test_ctrl_c_leaves_the_study_consistent_and_exits_130(write_study, tmp_path)
     assert "interrupted" in stderr and "Traceback" not in stderr
     trials = optuna.load_study(study_name="tiny-ner", storage=storage).trials
     assert trials and all(t.state != TrialState.RUNNING for t in trials)
-    assert trials[-1].state == TrialState.FAIL and trials[-1].user_attrs["fail_reason"] == "interrupted (Ctrl-C)"
+    interrupted, queued = trials[-2], trials[-1]
+    assert interrupted.state == TrialState.FAIL and interrupted.user_attrs["fail_reason"] == "interrupted (SIGINT)"
+    # Queued again with its parameters: the next search resumes it first.
+    assert queued.state == TrialState.WAITING and queued.params == interrupted.params
+    again = subprocess.run(
+        [sys.executable, "-m", "llmflow_hpo", "search", str(config), "--set", f"n_trials={len(trials) - 1}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 0, again.stderr
+    assert f"retrying trial {interrupted.number}" in again.stderr
+    trials = optuna.load_study(study_name="tiny-ner", storage=storage).trials
+    assert trials[queued.number].state == TrialState.COMPLETE
+    assert trials[queued.number].user_attrs["retry_of"] == interrupted.number

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import optuna
 import pytest
 import torch
@@ -110,6 +112,27 @@ def test_every_evals_spaces_the_checkpoints(setup, tmp_path):
     # 6 evaluations; the last one ends the run, so evaluations 2 and 4 are checkpointed.
     assert len(result.history) == 6 and checkpoint.written == 2
     assert result.checkpoints_written == 2 and result.checkpoint_seconds > 0
+
+
+def test_a_checkpoint_is_due_only_when_its_write_cost_fits_the_overhead(tmp_path):
+    cheap = TrialCheckpoint(tmp_path / "a", PARAMS, every_evals=2, max_overhead=1.0)
+    assert [cheap.due() for _ in range(4)] == [False, True, False, True]  # every second evaluation
+    cheap.save({"progress": {"history": []}})
+    time.sleep(0.05)
+    assert [cheap.due(), cheap.due()] == [False, True]  # the write took far less than 50 ms
+    strict = TrialCheckpoint(tmp_path / "b", PARAMS, max_overhead=1e-6)
+    assert strict.due()  # the first one is always written: it measures the cost
+    strict.save({"progress": {"history": []}})
+    assert not strict.due()  # the next only after a million times the write's duration
+
+
+def test_the_write_cost_carries_over_to_the_next_trial_of_the_process(tmp_path):
+    store = CheckpointStore(tmp_path, max_overhead=1e-6)
+    first = store.trial(0, PARAMS)
+    assert first.due()  # nothing known yet: written, and timed
+    first.save({"progress": {"history": []}})
+    assert store.write_s is not None
+    assert not store.trial(1, PARAMS).due()  # a short trial with a known cost writes none
 
 
 def _trial(number, state, value=None, **attrs):

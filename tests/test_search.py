@@ -137,7 +137,29 @@ def test_rerun_continues_the_study_up_to_n_trials(tiny_cfg):
     study = load_study(cfg.study_name, cfg.storage)
     assert [t.number for t in study.trials] == [0, 1, 2]
     assert summary.ran == 1 and run_search(cfg3, space3, raw3, **QUIET).ran == 0
-    assert len(load_study(cfg.study_name, cfg.storage).trials) == 3
+    study = load_study(cfg.study_name, cfg.storage)
+    assert len(study.trials) == 3
+    assert study.user_attrs["config"]["n_trials"] == 3  # workers joining later run towards the new target
+
+
+def test_a_seeded_sampler_does_not_repeat_earlier_parameters_on_rerun(tiny_cfg):
+    cfg, space, raw = tiny_cfg({"n_trials": 2, "train": {"epochs": 1}})
+    run_search(cfg, space, raw, **QUIET)
+    cfg4, space4, raw4 = tiny_cfg({"n_trials": 4, "train": {"epochs": 1}})
+    run_search(cfg4, space4, raw4, **QUIET)
+    rates = [t.params["learning_rate"] for t in load_study(cfg.study_name, cfg.storage).trials]
+    # A sampler seeded once per process would draw trials 2 and 3 exactly as trials 0 and 1.
+    assert len(set(rates)) == 4
+
+
+def test_new_study_leaves_the_stored_one_untouched(tiny_cfg):
+    cfg, space, raw = tiny_cfg({"n_trials": 1, "train": {"epochs": 1}})
+    run_search(cfg, space, raw, **QUIET)
+    changed, space2, raw2 = tiny_cfg({"n_trials": 1, "train": {"epochs": 2}})
+    summary = run_search(changed, space2, raw2, new_study=True, **QUIET)
+    assert summary.study_name == "tiny-ner-2" and summary.ran == 1
+    assert load_study("tiny-ner", cfg.storage).user_attrs["config"]["train"]["epochs"] == 1
+    assert load_study("tiny-ner-2", cfg.storage).user_attrs["config"]["train"]["epochs"] == 2
 
 
 def test_rerun_with_another_config_is_refused_and_stores_nothing(tiny_cfg):

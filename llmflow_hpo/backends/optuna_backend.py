@@ -17,6 +17,7 @@ Any number of workers (processes here, or on other machines sharing the storage)
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import signal
 import sys
@@ -24,7 +25,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ class SearchSummary:
     best_params: dict[str, Any]
     workers: int = 1
     checkpoint_bytes: int = 0
-    notes: list[str] = field(default_factory=list)
+    retried: int = 0  # failed trials (killed, interrupted) that a later trial repeated
 
 
 def _counts(study: optuna.Study) -> dict[str, int]:
@@ -127,30 +128,72 @@ class _Heartbeat:
         self._thread.join()
 
 
-@contextlib.contextmanager
-def _signals_raise() -> Iterator[None]:
-    """SIGINT and SIGTERM raise ``Interrupted`` once; repeats are ignored while the trial is recorded."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    fired: list[int] = []
+class _Signals:
+    """SIGINT and SIGTERM raise ``Interrupted`` once; repeats are ignored.
 
-    def handler(signum: int, _frame: Any) -> None:
-        if fired:
+    Inside ``critical()`` (claiming a trial, telling its result) a signal waits until the section ends:
+    a trial created but never given its heartbeat would hold its slot with nothing to detect it.
+    """
+
+    depth = 0
+    pending: int | None = None
+    fired = False
+
+    @classmethod
+    def _handler(cls, signum: int, _frame: Any) -> None:
+        if cls.fired:
             return
-        fired.append(signum)
+        if cls.depth:
+            cls.pending = cls.pending or signum
+            return
+        cls.fired = True
         raise Interrupted(signum)
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+    @classmethod
+    @contextlib.contextmanager
+    def installed(cls) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        cls.depth, cls.pending, cls.fired = 0, None, False
+        previous = {s: signal.signal(s, cls._handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    @classmethod
+    @contextlib.contextmanager
+    def critical(cls) -> Iterator[None]:
+        cls.depth += 1
+        try:
+            yield
+        finally:
+            cls.depth -= 1
+        if cls.depth == 0 and cls.pending is not None and not cls.fired:
+            signum, cls.pending, cls.fired = cls.pending, None, True
+            raise Interrupted(signum)
 
 
 def _frozen(study: optuna.Study, number: int) -> FrozenTrial:
     return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+
+
+def _fail_orphans(study: optuna.Study, heartbeat_interval: int) -> None:
+    """Fail RUNNING trials that never got their parameters: their worker died before the first heartbeat.
+
+    optuna's stale-trial check only sees trials with a heartbeat; a worker killed in the milliseconds
+    between creating its trial and the first beat leaves one it cannot see, holding a slot forever.
+    Our objective suggests its parameters first thing, so a trial without any after three heartbeat
+    intervals and a minute (clock skew between machines) is dead. It had no parameters: nothing to retry.
+    """
+    limit = datetime.datetime.now() - datetime.timedelta(seconds=3 * heartbeat_interval + 60)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not t.params and t.datetime_start is not None and t.datetime_start < limit:
+            with contextlib.suppress(Exception):  # another worker failed it first
+                study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "its worker died before it started")
+                study.tell(t.number, state=TrialState.FAIL)
 
 
 def _failed_for_good(trials: list[FrozenTrial]) -> int:
@@ -194,30 +237,36 @@ def run_worker(
             say(f"study {study.study_name}: timeout of {timeout:g}s reached; no new trial started")
             break
         trial = None
-        with lock.held():
-            if heartbeat_interval is not None:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    retry_transient(lambda: optuna.storages.fail_stale_trials(study))
-            trials = retry_transient(lambda: study.get_trials(deepcopy=False))
-            states = [t.state for t in trials]
-            finished = sum(1 for s in states if s in (TrialState.COMPLETE, TrialState.PRUNED))
-            running, queued = states.count(TrialState.RUNNING), states.count(TrialState.WAITING)
-            if target is not None and finished >= target:
-                break
-            failed = _failed_for_good(trials) - failed_at_start
-            if max_failures is not None and failed > max_failures:
-                say(
-                    f"study {study.study_name}: stopping, {failed} trial(s) failed during this run; "
-                    "see their fail_reason with `llmflow-hpo trials`"
-                )
-                break
-            if queued or target is None or finished + running < target:
-                with warnings.catch_warnings():  # "heartbeat is supposed to be used with Study.optimize"
-                    warnings.simplefilter("ignore")
-                    trial = retry_transient(study.ask)
+        try:
+            with _Signals.critical(), lock.held():
                 if heartbeat_interval is not None:
-                    retry_transient(functools.partial(storage.record_heartbeat, trial._trial_id))
+                    _fail_orphans(study, heartbeat_interval)
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                        retry_transient(lambda: optuna.storages.fail_stale_trials(study))
+                trials = retry_transient(lambda: study.get_trials(deepcopy=False))
+                states = [t.state for t in trials]
+                finished = sum(1 for s in states if s in (TrialState.COMPLETE, TrialState.PRUNED))
+                running, queued = states.count(TrialState.RUNNING), states.count(TrialState.WAITING)
+                if target is not None and finished >= target:
+                    break
+                failed = _failed_for_good(trials) - failed_at_start
+                if max_failures is not None and failed > max_failures:
+                    say(
+                        f"study {study.study_name}: stopping, {failed} trial(s) failed during this run; "
+                        "see their fail_reason with `llmflow-hpo trials`"
+                    )
+                    break
+                if queued or target is None or finished + running < target:
+                    with warnings.catch_warnings():  # "heartbeat is supposed to be used with Study.optimize"
+                        warnings.simplefilter("ignore")
+                        trial = retry_transient(study.ask)
+                    if heartbeat_interval is not None:
+                        retry_transient(functools.partial(storage.record_heartbeat, trial._trial_id))
+        except KeyboardInterrupt as e:  # a signal held back during the claim: the trial is recorded first
+            if trial is not None:
+                _record_interruption(study, trial, e, lock=lock, retry=retry)
+            raise
         if trial is None:
             # Every remaining slot is held by a running trial: wait, in case one fails or its worker dies.
             if not waiting_said:
@@ -271,9 +320,12 @@ def _run_trial(
             trial.set_user_attr("fail_reason", f"error: {type(e).__name__}: {e}")
             study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         raise
-    told = retry_transient(
-        lambda: study.tell(trial, value if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True)
-    )
+    with _Signals.critical():
+        told = retry_transient(
+            lambda: study.tell(
+                trial, value if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True
+            )
+        )
     if told.state != state:
         print(
             f"trial {trial.number}: another worker marked it {told.state.name} (its heartbeat was missed); "
@@ -292,11 +344,21 @@ def _record_interruption(
 ) -> None:
     """FAIL the trial with the reason, and queue it again (same parameters) for the next run to resume."""
     how = signal.Signals(error.signum).name if isinstance(error, Interrupted) else "SIGINT"
-    with lock.held():
+    with _Signals.critical(), lock.held():
         retry_transient(lambda: trial.set_user_attr("fail_reason", f"interrupted ({how})"))
         told = retry_transient(lambda: study.tell(trial, state=TrialState.FAIL, skip_if_finished=True))
         if retry is not None and told.state == TrialState.FAIL:
             retry(study, _frozen(study, trial.number))
+
+
+def checkpoint_root(cfg: StudyConfig) -> Path:
+    """The study's checkpoint folder; a config without ``checkpoint.dir`` (a study stored by an older
+    version) uses ``checkpoints/`` beside its SQLite file, or in the working directory."""
+    if cfg.checkpoint.dir is not None:
+        return Path(cfg.checkpoint.dir) / cfg.study_name
+    url = str(cfg.storage)
+    base = Path(url[len("sqlite:///") :]).parent if url.startswith("sqlite:///") else Path.cwd()
+    return base / "checkpoints" / cfg.study_name
 
 
 def work_on_study(
@@ -314,10 +376,10 @@ def work_on_study(
 
     checkpoints = None
     if cfg.checkpoint.enabled:
-        assert cfg.checkpoint.dir is not None
         checkpoints = CheckpointStore(
-            Path(cfg.checkpoint.dir) / cfg.study_name,
+            checkpoint_root(cfg),
             every_evals=cfg.checkpoint.every_evals,
+            max_overhead=cfg.checkpoint.max_overhead,
             keep_best=cfg.checkpoint.keep_best,
         )
 
@@ -328,7 +390,7 @@ def work_on_study(
     assert cfg.storage is not None
     lock = StudyLock(cfg.storage, cfg.study_name)
     try:
-        with _signals_raise():
+        with _Signals.installed():
             ran = run_worker(
                 study,
                 TrialObjective(cfg, space, features, checkpoints, log=log),
@@ -353,7 +415,7 @@ def summarize(study: optuna.Study, cfg: StudyConfig, ran: int, workers: int) -> 
     from llmflow_hpo.checkpoints import folder_size
 
     best = _best(study)
-    size = folder_size(Path(cfg.checkpoint.dir) / cfg.study_name) if cfg.checkpoint.dir else 0
+    size = folder_size(checkpoint_root(cfg))
     return SearchSummary(
         study_name=cfg.study_name,
         storage=str(cfg.storage),
@@ -364,6 +426,7 @@ def summarize(study: optuna.Study, cfg: StudyConfig, ran: int, workers: int) -> 
         best_params=dict(best.params) if best else {},
         workers=workers,
         checkpoint_bytes=size,
+        retried=len({t.user_attrs["retry_of"] for t in study.get_trials(deepcopy=False) if "retry_of" in t.user_attrs}),
     )
 
 

@@ -1,0 +1,279 @@
+"""Many workers on one study, on SQLite and on PostgreSQL: exact counting, killed workers, signals, resume.
+
+PostgreSQL tests create a database of their own on the server at 127.0.0.1:5432 and drop it after;
+they skip, saying why, only where no server answers there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from llmflow_hpo.workers import plan_workers
+
+REPO = Path(__file__).resolve().parents[1]
+PG_SERVER = "host=127.0.0.1 port=5432 dbname=test user=postgres connect_timeout=3"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dividing the machine
+
+
+def test_cores_are_divided_between_workers():
+    plans = plan_workers(2, cores=list(range(8)), gpus=[], device="auto", num_threads=None)
+    assert [p.cores for p in plans] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [p.threads for p in plans] == [4, 4] and all(p.cuda_visible_devices is None for p in plans)
+
+
+def test_more_workers_than_cores_share_them_with_one_thread_each():
+    plans = plan_workers(4, cores=[0, 1], gpus=[], device="auto", num_threads=None)
+    assert [p.cores for p in plans] == [[0], [1], [0], [1]] and {p.threads for p in plans} == {1}
+
+
+def test_each_worker_gets_its_own_gpus():
+    plans = plan_workers(2, cores=list(range(16)), gpus=["0", "1", "2", "3"], device="auto", num_threads=None)
+    assert [p.cuda_visible_devices for p in plans] == ["0,1", "2,3"]
+    shared = plan_workers(3, cores=list(range(16)), gpus=["4", "5"], device="cuda", num_threads=2)
+    assert [p.cuda_visible_devices for p in shared] == ["4", "5", "4"] and {p.threads for p in shared} == {2}
+
+
+def test_an_explicit_device_is_left_alone():
+    for device in ("cpu", "cuda:1"):
+        plans = plan_workers(2, cores=[0, 1], gpus=["0", "1"], device=device, num_threads=None)
+        assert all(p.cuda_visible_devices is None for p in plans)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Storages
+
+
+@pytest.fixture
+def pg_url():
+    psycopg = pytest.importorskip("psycopg")
+    try:
+        admin = psycopg.connect(PG_SERVER, autocommit=True)
+    except psycopg.OperationalError as e:
+        pytest.skip(f"no PostgreSQL server answers at 127.0.0.1:5432 ({str(e).strip().splitlines()[0]})")
+    name = f"llmflow_test_{uuid.uuid4().hex[:10]}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'study.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Four workers, a fast objective: exactly n_trials
+
+
+FAST_WORKER = textwrap.dedent(
+    """
+    import os, random, sys, time
+    import optuna
+    from llmflow_hpo.backends.optuna_backend import run_worker
+    from llmflow_hpo.config import HeartbeatConfig
+    from llmflow_hpo.storage import StudyLock, open_storage, retry_callback
+
+    url, name, target = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    heartbeat = HeartbeatConfig(interval=1, grace_period=3)
+    study = optuna.load_study(study_name=name, storage=open_storage(url, heartbeat))
+
+    def objective(trial):
+        x = trial.suggest_float("x", 0.0, 1.0)
+        trial.set_user_attr("pid", os.getpid())
+        time.sleep(random.uniform(0.0, 0.05))
+        return x
+
+    ran = run_worker(
+        study, objective, target=target, lock=StudyLock(url, name), retry=retry_callback(heartbeat),
+        heartbeat_interval=1, poll_seconds=0.2, log=lambda line: None,
+    )
+    print(ran)
+    """
+)
+
+
+def test_four_workers_finish_exactly_n_trials(storage_url):
+    target = 30
+    optuna.create_study(study_name="fast", storage=storage_url)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", FAST_WORKER, storage_url, "fast", str(target)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outputs]
+    assert sum(int(out.strip()) for out, _ in outputs) == target
+    trials = optuna.load_study(study_name="fast", storage=storage_url).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * target  # nothing failed, nothing left over
+    assert sorted(t.number for t in trials) == list(range(target))
+    assert len({t.user_attrs["pid"] for t in trials}) >= 2  # they really ran side by side
+
+
+# ----------------------------------------------------------------------------------------------------
+# The real CLI on tiny data
+
+
+def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "llmflow_hpo", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "llmflow_hpo", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+# Trials of a few seconds with six evaluations each; a dead worker's trial is found within 2-3 s.
+SLOW_TRIALS = {
+    "n_trials": 2,
+    "data": {"limit_train": 200, "limit_dev": 48},
+    "train": {"epochs": 6},
+    "heartbeat": {"interval": 1, "grace_period": 2},
+    "checkpoint": {"max_overhead": 1.0},  # after every evaluation, whatever the write costs
+}
+
+
+def _trials(storage: str, name: str = "tiny-ner") -> list[optuna.trial.FrozenTrial]:
+    try:
+        return optuna.load_study(study_name=name, storage=storage).trials
+    except KeyError:  # not created yet
+        return []
+
+
+def _wait_for_running_trial(
+    storage: str, checkpoints: Path, min_evals: int = 2, beyond: int = 0, seconds: float = 180
+) -> optuna.trial.FrozenTrial:
+    """A running trial with a checkpoint after ``min_evals`` evaluations (a retry: after step ``beyond``)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for t in _trials(storage):
+            if (
+                t.state == TrialState.RUNNING
+                and len(t.intermediate_values) >= min_evals
+                and (t.user_attrs.get("retry_of") is None or max(t.intermediate_values) > beyond)
+                and (checkpoints / f"trial-{t.number}" / "resume.pt").exists()
+            ):
+                return t
+        time.sleep(0.05)
+    raise AssertionError("no trial reached its checkpoint in time")
+
+
+def test_a_worker_killed_again_and_again_resumes_its_trial_each_time(write_study, tmp_path, storage_url):
+    config = write_study({**SLOW_TRIALS, "storage": storage_url})
+    checkpoints = tmp_path / "checkpoints" / "tiny-ner"
+    killed = []
+    for _ in range(3):
+        proc = start("search", str(config))
+        beyond = max(killed[-1].intermediate_values) if killed else 0
+        trial = _wait_for_running_trial(storage_url, checkpoints, beyond=beyond)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        killed.append(trial)
+    final = cli("search", str(config))
+    assert final.returncode == 0, final.stderr
+
+    trials = {t.number: t for t in _trials(storage_url)}
+    finished = [t for t in trials.values() if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 2
+    assert not [t for t in trials.values() if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    for dead in killed:
+        assert trials[dead.number].state == TrialState.FAIL
+        retry = next(t for t in trials.values() if t.user_attrs.get("retry_of") == dead.number)
+        assert retry.params == dead.params
+        # It resumed from the checkpoint of the killed attempt (written after its last or
+        # second-to-last evaluation), not from step 0 ...
+        steps = sorted(dead.intermediate_values)
+        assert retry.user_attrs["resumed_at_step"] in steps[-2:] and retry.user_attrs["resumed_at_step"] > 0
+        # ... and its learning curve continues the killed attempt's.
+        assert {s: v for s, v in retry.intermediate_values.items() if s in steps} == dead.intermediate_values
+        assert max(retry.intermediate_values) > max(steps)
+    # Only the kept best checkpoints remain: no resume states, no pruned or failed trials' folders.
+    assert not list(checkpoints.glob("*/resume.pt"))
+    assert len(list(checkpoints.glob("*/best.safetensors"))) <= 2
+
+
+def test_search_with_workers_shares_the_study_and_counts_exactly(write_study, tmp_path):
+    config = write_study({"n_trials": 5, "heartbeat": {"interval": 1, "grace_period": 2}})
+    storage = f"sqlite:///{tmp_path / 'tiny-ner.db'}"
+    run = cli("search", str(config), "--workers", "2", "--json")
+    assert run.returncode == 0, run.stderr
+    assert "worker 0: cores" in run.stderr and "[w0] " in run.stderr and "[w1] " in run.stderr
+    assert "Traceback" not in run.stderr
+    summary = json.loads(run.stdout)
+    assert summary["workers"] == 2 and summary["ran"] == 5
+    trials = _trials(storage)
+    assert len(trials) == 5 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    assert len({t.params["learning_rate"] for t in trials}) == 5
+    # Each worker trained with its share of the cores (one thread each on a 2-core machine).
+    cores = len(os.sched_getaffinity(0))
+    assert {t.user_attrs["torch_threads"] for t in trials} == {max(1, cores // 2)}
+
+
+def test_sigterm_exits_143_and_the_next_search_resumes_the_trial(write_study, tmp_path, pg_url):
+    config = write_study({**SLOW_TRIALS, "n_trials": 2, "storage": pg_url})
+    proc = start("search", str(config))
+    running = _wait_for_running_trial(pg_url, tmp_path / "checkpoints" / "tiny-ner", min_evals=1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    trials = {t.number: t for t in _trials(pg_url)}
+    assert trials[running.number].state == TrialState.FAIL
+    assert trials[running.number].user_attrs["fail_reason"] == "interrupted (SIGTERM)"
+    queued = [t for t in trials.values() if t.state == TrialState.WAITING]
+    assert len(queued) == 1 and queued[0].params == running.params  # queued again, same parameters
+
+    again = cli("search", str(config))
+    assert again.returncode == 0, again.stderr
+    trials = {t.number: t for t in _trials(pg_url)}
+    retry = next(t for t in trials.values() if t.user_attrs.get("retry_of") == running.number)
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_at_step"] > 0
+    assert sum(t.state == TrialState.COMPLETE for t in trials.values()) == 2
+
+
+def test_worker_joins_a_study_with_its_stored_config(write_study, tmp_path):
+    config = write_study({"n_trials": 1})
+    storage = f"sqlite:///{tmp_path / 'tiny-ner.db'}"
+    assert cli("search", str(config)).returncode == 0
+    joined = cli("worker", "--study", "tiny-ner", "--storage", storage, "--set", "n_trials=2", "--json")
+    assert joined.returncode == 0, joined.stderr
+    assert json.loads(joined.stdout)["ran"] == 1
+    assert len([t for t in _trials(storage) if t.state == TrialState.COMPLETE]) == 2
+
+    refused = cli("worker", "--study", "tiny-ner", "--storage", storage, "--set", "train.epochs=9")
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1
+    assert "worker --set train.epochs=9" in refused.stderr and "Traceback" not in refused.stderr
+    missing = cli("worker", "--study", "nope", "--storage", storage)
+    assert missing.returncode == 1 and "no study 'nope'" in missing.stderr
