@@ -241,23 +241,32 @@ def test_search_with_workers_shares_the_study_and_counts_exactly(write_study, tm
     assert {t.user_attrs["torch_threads"] for t in trials} == {max(1, cores // 2)}
 
 
-def test_sigterm_exits_143_and_the_next_search_resumes_the_trial(write_study, tmp_path, pg_url):
-    config = write_study({**SLOW_TRIALS, "n_trials": 2, "storage": pg_url})
+@pytest.mark.parametrize(
+    ("backend", "signum"),
+    [("sqlite", signal.SIGTERM), ("postgresql", signal.SIGTERM), ("postgresql", signal.SIGINT)],
+)
+def test_a_signal_exits_128_plus_it_and_the_next_search_resumes_the_trial(
+    request, write_study, tmp_path, backend, signum
+):
+    # (SIGINT on SQLite: tests/test_cli_e2e.py)
+    url = f"sqlite:///{tmp_path / 'study.db'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
+    config = write_study({**SLOW_TRIALS, "n_trials": 2, "storage": url})
     proc = start("search", str(config))
-    running = _wait_for_running_trial(pg_url, tmp_path / "checkpoints" / "tiny-ner", min_evals=1)
-    proc.send_signal(signal.SIGTERM)
+    running = _wait_for_running_trial(url, tmp_path / "checkpoints" / "tiny-ner", min_evals=1)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 143, stderr
+    assert proc.returncode == 128 + signum, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
-    trials = {t.number: t for t in _trials(pg_url)}
+    trials = {t.number: t for t in _trials(url)}
     assert trials[running.number].state == TrialState.FAIL
-    assert trials[running.number].user_attrs["fail_reason"] == "interrupted (SIGTERM)"
+    assert trials[running.number].user_attrs["fail_reason"] == f"interrupted ({signal.Signals(signum).name})"
     queued = [t for t in trials.values() if t.state == TrialState.WAITING]
     assert len(queued) == 1 and queued[0].params == running.params  # queued again, same parameters
+    assert not [t for t in trials.values() if t.state == TrialState.RUNNING]
 
     again = cli("search", str(config))
     assert again.returncode == 0, again.stderr
-    trials = {t.number: t for t in _trials(pg_url)}
+    trials = {t.number: t for t in _trials(url)}
     retry = next(t for t in trials.values() if t.user_attrs.get("retry_of") == running.number)
     assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_at_step"] > 0
     assert sum(t.state == TrialState.COMPLETE for t in trials.values()) == 2
@@ -277,3 +286,24 @@ def test_worker_joins_a_study_with_its_stored_config(write_study, tmp_path):
     assert "worker --set train.epochs=9" in refused.stderr and "Traceback" not in refused.stderr
     missing = cli("worker", "--study", "nope", "--storage", storage)
     assert missing.returncode == 1 and "no study 'nope'" in missing.stderr
+
+
+def test_a_rerun_with_another_config_is_refused_and_changes_nothing(tiny_cfg, storage_url):
+    from llmflow_hpo.backends import run_search
+    from llmflow_hpo.errors import StorageError
+
+    quiet = {"log": lambda _: None}
+    cfg, space, raw = tiny_cfg({"n_trials": 1, "storage": storage_url, "train": {"epochs": 1}})
+    run_search(cfg, space, raw, **quiet)
+    before = [(t.number, t.state, t.value, t.params) for t in _trials(storage_url)]
+    other_data, space2, raw2 = tiny_cfg({"n_trials": 2, "storage": storage_url, "data": {"limit_train": 40}})
+    with pytest.raises(StorageError, match=r"data\.limit_train: 48 -> 40"):
+        run_search(other_data, space2, raw2, **quiet)
+    other_space = {"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-3, "log": True}}
+    other, space3, raw3 = tiny_cfg({"n_trials": 2, "storage": storage_url, "train": {"epochs": 1}}, space=other_space)
+    with pytest.raises(StorageError, match="search_space"):
+        run_search(other, space3, raw3, **quiet)
+    assert [(t.number, t.state, t.value, t.params) for t in _trials(storage_url)] == before
+    # Asked for explicitly, the changed search space gets a study of its own beside the stored one.
+    assert run_search(other, space3, raw3, new_study=True, **quiet).study_name == "tiny-ner-2"
+    assert [(t.number, t.state, t.value, t.params) for t in _trials(storage_url)] == before
