@@ -244,6 +244,7 @@ def test_search_with_workers_shares_the_study_and_counts_exactly(write_study, tm
 @pytest.mark.parametrize(
     ("backend", "signum"),
     [("sqlite", signal.SIGTERM), ("postgresql", signal.SIGTERM), ("postgresql", signal.SIGINT)],
+    ids=["sqlite-SIGTERM", "postgresql-SIGTERM", "postgresql-SIGINT"],
 )
 def test_a_signal_exits_128_plus_it_and_the_next_search_resumes_the_trial(
     request, write_study, tmp_path, backend, signum
