@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import optuna
@@ -27,14 +26,11 @@ class TrialReporter:
         self.best: Evaluation | None = None
 
     def restore(self, history: list[Evaluation]) -> None:
-        """A resumed run: take back the best evaluation and report any step the trial does not hold yet."""
+        """A resumed run: take back the best evaluation. Its values need no reporting again: the retry
+        inherited the intermediate values of the attempt it repeats (storage.retry_callback)."""
         for evaluation in history:
-            value = evaluation.metrics[self.metric]
-            if self._better(value):
+            if self._better(evaluation.metrics[self.metric]):
                 self.best = evaluation
-            with warnings.catch_warnings():  # a retry inherits its attempt's values; optuna ignores repeats
-                warnings.simplefilter("ignore")
-                self.trial.report(value, evaluation.step)
         if history:
             self.trial.set_user_attr("resumed_at_step", history[-1].step)
             self.trial.set_user_attr("resumed_at_optimizer_step", history[-1].optimizer_step)

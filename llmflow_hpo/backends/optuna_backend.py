@@ -37,7 +37,6 @@ from llmflow_hpo.errors import Interrupted, TrialFailure
 from llmflow_hpo.storage import (
     StudyLock,
     finished_trials,
-    load_study,
     open_storage,
     open_study,
     retry_callback,
@@ -176,10 +175,6 @@ class _Signals:
             raise Interrupted(signum)
 
 
-def _frozen(study: optuna.Study, number: int) -> FrozenTrial:
-    return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
-
-
 def _fail_orphans(study: optuna.Study, heartbeat_interval: int) -> None:
     """Fail RUNNING trials that never got their parameters: their worker died before the first heartbeat.
 
@@ -277,9 +272,8 @@ def run_worker(
             time.sleep(poll_seconds)
             continue
         waiting_said = False
-        _run_trial(study, trial, objective, lock=lock, retry=retry, heartbeat_interval=heartbeat_interval)
+        frozen = _run_trial(study, trial, objective, lock=lock, retry=retry, heartbeat_interval=heartbeat_interval)
         ran += 1
-        frozen = retry_transient(functools.partial(_frozen, study, trial.number))
         if after_trial is not None:
             with lock.held():
                 after_trial(study)
@@ -296,7 +290,8 @@ def _run_trial(
     lock: StudyLock,
     retry: Callable[[optuna.Study, FrozenTrial], None] | None,
     heartbeat_interval: int | None,
-) -> None:
+) -> FrozenTrial:
+    """Run one claimed trial and tell its outcome; returns the trial as stored."""
     beat = (
         _Heartbeat(study._storage, trial._trial_id, heartbeat_interval)
         if heartbeat_interval is not None
@@ -332,6 +327,7 @@ def _run_trial(
             "the result of this attempt is dropped, its retry continues it",
             file=sys.stderr,
         )
+    return told
 
 
 def _record_interruption(
@@ -348,7 +344,7 @@ def _record_interruption(
         retry_transient(lambda: trial.set_user_attr("fail_reason", f"interrupted ({how})"))
         told = retry_transient(lambda: study.tell(trial, state=TrialState.FAIL, skip_if_finished=True))
         if retry is not None and told.state == TrialState.FAIL:
-            retry(study, _frozen(study, trial.number))
+            retry(study, told)
 
 
 def checkpoint_root(cfg: StudyConfig) -> Path:
@@ -480,14 +476,16 @@ def run_search(
 
 
 def join_study(cfg: StudyConfig, space: Any, *, log: Log | None = None) -> SearchSummary:
-    """``llmflow-hpo worker``: join an existing study with its stored config and run trials until it is done."""
+    """``llmflow-hpo worker``: join an existing study with its stored config and run trials until it is done.
+
+    The caller has loaded the study already (its config comes from there), so the study exists.
+    """
     from llmflow_hpo.features import prepare_features
     from llmflow_hpo.strategy import build_pruner, build_sampler
 
     say = log or (lambda line: print(line, file=sys.stderr))
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     assert cfg.storage is not None
-    load_study(cfg.study_name, cfg.storage)  # a clear error when the study is not there
     features = prepare_features(cfg, log=say)
     study = optuna.load_study(
         study_name=cfg.study_name,
