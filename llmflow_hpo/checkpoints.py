@@ -61,9 +61,11 @@ class TrialCheckpoint:
         max_overhead: float = 1.0,
         write_s: float | None = None,
         on_write: Callable[[float], None] | None = None,
+        accept_other_params: bool = False,
     ) -> None:
         self.folder = folder
         self.params = params
+        self.accept_other_params = accept_other_params  # PBT: a cloned trial continues with mutated parameters
         self.every_evals = every_evals
         self.max_overhead = max_overhead
         self.seconds = 0.0  # time spent writing, for the trial's user attributes
@@ -75,14 +77,14 @@ class TrialCheckpoint:
         self._best: dict[str, Any] | None = None
 
     def load(self) -> dict[str, Any] | None:
-        """The saved state, or None when there is none (or it belongs to other parameters)."""
+        """The saved state, or None when there is none (or it belongs to other parameters, unless accepted)."""
         import torch
 
         path = self.folder / RESUME
         if not path.is_file():
             return None
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("params") != self.params:
+        if state.get("params") != self.params and not self.accept_other_params:
             return None
         self._evals = len(state["progress"]["history"])
         return state

@@ -24,6 +24,7 @@ examples:
   llmflow-hpo search studies/quickstart.yaml
   llmflow-hpo search studies/conll2003.yaml --set n_trials=4 --set train.epochs=2
   llmflow-hpo search studies/conll2003.yaml --workers 4
+  llmflow-hpo search studies/conll2003.yaml --backend ray --ray-address auto
   llmflow-hpo worker --study conll2003 --storage postgresql+psycopg://user@db-host/hpo
   llmflow-hpo trials --study quickstart --storage sqlite:///studies/quickstart.db
   llmflow-hpo retrain-best --study quickstart --output runs/quickstart/best-model
@@ -62,6 +63,11 @@ def _load(config: str, overrides: list[str]) -> tuple[Any, Any, dict[str, Any]]:
             )
     elif (name.startswith((".", "/", "~")) or Path(name).exists()) and not Path(name).expanduser().is_dir():
         problems.append(f"{config}: model.name_or_path: folder {name} does not exist")
+    if cfg.backend == "ray":
+        from llmflow_hpo.backends import RAY_HINT, ray_missing
+
+        if ray_missing():
+            problems.append(f"{config}: backend: ray needs Ray Tune, which is not installed; {RAY_HINT}")
     if problems:
         raise ConfigError(problems)
     return cfg, space, space_raw
@@ -87,14 +93,21 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     from llmflow_hpo.config import config_to_dict
 
-    cfg, space, space_raw = _load(args.config, args.set)
+    overrides = list(args.set)
+    if args.backend:
+        overrides.append(f"backend={args.backend}")
+    if args.ray_address:
+        overrides.append(f"ray.address={args.ray_address}")
+    cfg, space, space_raw = _load(args.config, overrides)
     _log("resolved config:\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip())
     _quiet_libraries()
     from llmflow_hpo.backends import run_search
 
     if args.workers < 1:
         raise ConfigError(f"--workers {args.workers}: must be >= 1")
-    summary = run_search(cfg, space, space_raw, workers=args.workers, new_study=args.new_study, log=_log)
+    summary = run_search(
+        cfg, space, space_raw, workers=args.workers, new_study=args.new_study, log=_log, source=args.config
+    )
     _print_summary(summary, cfg, args.json)
     return 0
 
@@ -305,6 +318,16 @@ def build_parser() -> argparse.ArgumentParser:
                 default=1,
                 metavar="N",
                 help="worker processes on this machine; the cores (and GPUs) are divided between them (default 1)",
+            )
+            p.add_argument(
+                "--backend",
+                choices=("optuna", "ray"),
+                help="who runs the trials: optuna workers or Ray Tune (default: the config's backend, optuna)",
+            )
+            p.add_argument(
+                "--ray-address",
+                metavar="ADDRESS",
+                help="join a running Ray cluster (e.g. auto or ray://head:10001) instead of starting a local Ray",
             )
             p.add_argument(
                 "--new-study",

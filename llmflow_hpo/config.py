@@ -29,6 +29,7 @@ __all__ = [
     "ModelConfig",
     "ObjectiveConfig",
     "PrunerConfig",
+    "RayConfig",
     "SamplerConfig",
     "StudyConfig",
     "TrainConfig",
@@ -205,6 +206,40 @@ class HeartbeatConfig:
     max_retries: int = _help("Times a dead (or interrupted) trial is retried with the same parameters.", default=3)
 
 
+@dataclass
+class RayConfig:
+    address: str | None = _help(
+        "Address of a running Ray cluster to join (e.g. auto, or ray://head:10001); null starts a local Ray "
+        "bound to 127.0.0.1 and shuts it down at the end. --ray-address sets it.",
+        default=None,
+    )
+    scheduler: Literal["asha", "hyperband", "median", "pbt", "none"] = _help(
+        "Ray Tune scheduler that stops (or, pbt, mutates) trials; its time unit is training examples seen.",
+        default="asha",
+    )
+    scheduler_options: dict[str, Any] = _help(
+        "Keyword arguments of the Ray scheduler (e.g. grace_period, reduction_factor for asha; "
+        "perturbation_interval for pbt), in training examples seen where they are times.",
+        default_factory=dict,
+    )
+    cpus_per_trial: float = _help("CPUs Ray reserves for each trial (also its torch threads).", default=1.0)
+    gpus_per_trial: float | None = _help(
+        "GPUs per trial, fractions allowed (0.5: two trials share a GPU); null: 1 when the cluster has GPUs, else 0.",
+        default=None,
+    )
+    max_concurrent_trials: int | None = _help(
+        "Trials running at once; null: as many as the resources allow.", default=None
+    )
+    max_failures: int = _help(
+        "Times Ray restarts a failed trial (from its last checkpoint) before recording it as failed.", default=2
+    )
+    dir: str | None = _help(
+        "Folder of Ray's experiment state, trial checkpoints and (local Ray) temporary files; default: ray/ beside "
+        "this config. On a cluster: a folder every node sees, or a cloud URI (s3://...).",
+        default=None,
+    )
+
+
 # The names a search space may use: every hyperparameter field of TrainConfig.
 HYPERPARAMETERS: tuple[str, ...] = (
     "learning_rate",
@@ -253,6 +288,12 @@ class StudyConfig:
     heartbeat: HeartbeatConfig = _help(
         "How dead workers' trials are detected and retried.", default_factory=HeartbeatConfig
     )
+    backend: Literal["optuna", "ray"] = _help(
+        "optuna: llmflow-hpo's own workers (search --workers, llmflow-hpo worker); ray: Ray Tune runs the trials "
+        "(pip install 'llmflow-hpo[ray]'). Both write the same study to the storage.",
+        default="optuna",
+    )
+    ray: RayConfig = _help("Ray Tune settings (backend: ray).", default_factory=RayConfig)
 
     @property
     def metric(self) -> str:
@@ -462,6 +503,19 @@ def _check_ranges(cfg: StudyConfig, problems: _Problems) -> None:
         "must be longer than heartbeat.interval (or null for 3 x interval)",
     )
     need(cfg.heartbeat.max_retries >= 0, "heartbeat.max_retries", "must be >= 0")
+    need(cfg.ray.cpus_per_trial > 0, "ray.cpus_per_trial", "must be > 0")
+    need(cfg.ray.gpus_per_trial is None or cfg.ray.gpus_per_trial >= 0, "ray.gpus_per_trial", "must be >= 0 or null")
+    need(
+        cfg.ray.max_concurrent_trials is None or cfg.ray.max_concurrent_trials >= 1,
+        "ray.max_concurrent_trials",
+        "must be >= 1 or null",
+    )
+    need(cfg.ray.max_failures >= 0, "ray.max_failures", "must be >= 0")
+    need(
+        cfg.backend != "ray" or cfg.n_trials is not None,
+        "n_trials",
+        "backend ray needs n_trials (Ray Tune runs a fixed number of samples)",
+    )
     need(d.max_length >= 8, "data.max_length", "must be >= 8")
     for split in ("dev_split", "test_split"):
         value = getattr(d, split)
@@ -506,6 +560,10 @@ def _resolve(cfg: StudyConfig, base: Path | None) -> None:
             cfg.checkpoint.dir = str((base / "checkpoints").resolve())
         else:
             cfg.checkpoint.dir = absolute(cfg.checkpoint.dir)
+        if cfg.ray.dir is None:
+            cfg.ray.dir = str((base / "ray").resolve())
+        elif "://" not in cfg.ray.dir:
+            cfg.ray.dir = absolute(cfg.ray.dir)
     if cfg.cache_dir is None:
         xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
         cfg.cache_dir = str(Path(xdg) / "llmflow-hpo")

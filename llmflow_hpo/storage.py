@@ -56,6 +56,8 @@ MAY_CHANGE = (
     "train.num_threads",
     "checkpoint.",
     "heartbeat.",
+    "backend",
+    "ray.",
 )
 
 

@@ -151,6 +151,18 @@ class PerTrialSeed(optuna.samplers.BaseSampler):
         self._inner.reseed_rng()
 
 
+class _SamplerFactory:
+    """Builds the configured sampler for a seed; a class, not a closure, so a sampler pickles (Ray saves it)."""
+
+    def __init__(self, cls: type, options: dict[str, Any]) -> None:
+        self.cls, self.options = cls, options
+
+    def __call__(self, seed: int) -> optuna.samplers.BaseSampler:
+        with warnings.catch_warnings():  # GP and QMC are "experimental" in optuna; one warning per trial is noise
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return self.cls(seed=seed, **self.options)
+
+
 def build_sampler(cfg: StudyConfig, space: SearchSpace) -> optuna.samplers.BaseSampler:
     """The configured sampler, seeded per trial from the study's seed (QMC and grid: once)."""
     name, options = cfg.sampler.name, dict(cfg.sampler.options)
@@ -160,11 +172,7 @@ def build_sampler(cfg: StudyConfig, space: SearchSpace) -> optuna.samplers.BaseS
     if name == "grid":
         options["search_space"] = _grid(space, "sampler")
 
-    def make(seed: int) -> optuna.samplers.BaseSampler:
-        with warnings.catch_warnings():  # GP and QMC are "experimental" in optuna; one warning per trial is noise
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return cls(seed=seed, **options)
-
+    make = _SamplerFactory(cls, options)
     try:
         # QMC and grid number their points by the seed and find the next unvisited one from the storage:
         # one seed for the whole study, and no replay.

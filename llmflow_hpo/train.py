@@ -62,6 +62,7 @@ class Evaluation:
     epoch: float
     metrics: dict[str, float]
     train_loss: float
+    last: bool = False  # the run ends after this evaluation (its last point, or early stopping)
 
 
 @dataclass
@@ -184,6 +185,23 @@ def _optimizer(model: torch.nn.Module, hp: TrainConfig, device: torch.device) ->
     from transformers.optimization import Adafactor
 
     return Adafactor(groups, lr=hp.learning_rate, scale_parameter=False, relative_step=False, warmup_init=False)
+
+
+def _adopt_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: Any, hp: TrainConfig) -> None:
+    """A loaded optimizer and schedule take this run's learning rate, weight decay and momentum.
+
+    The state (moments, step count) is kept; the schedule's factor at the current step is applied to the
+    new peak learning rate. ``_optimizer`` puts the decayed weights in the first group.
+    """
+    scheduler.base_lrs = [hp.learning_rate for _ in optimizer.param_groups]
+    for i, (group, factor) in enumerate(zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True)):
+        group["initial_lr"] = hp.learning_rate
+        group["lr"] = hp.learning_rate * factor(scheduler.last_epoch)
+        if i == 0 and "weight_decay" in group:
+            group["weight_decay"] = hp.weight_decay
+        if "momentum" in group:
+            group["momentum"] = hp.momentum
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 def warmup_steps(warmup_ratio: float, total_steps: int) -> int:
@@ -394,6 +412,8 @@ def train_and_evaluate(
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
+            if saved.get("params") != params:  # PBT: another trial's state, continued with mutated parameters
+                _adopt_hyperparameters(optimizer, scheduler, hp)
             _set_rng_state(saved["rng"], device)
             epoch_start_state = progress["epoch_start_state"]
             first_epoch, examples_in_epoch = progress["epoch"], progress["examples_in_epoch"]
@@ -493,14 +513,18 @@ def train_and_evaluate(
                             checkpoint.remember_best(model)
                     else:
                         since_best += 1
+                    stop = hp.early_stopping_patience is not None and since_best >= hp.early_stopping_patience
+                    evaluation.last = stop or next_point >= len(eval_points)
+                    # The checkpoint comes before the report, so a report can hand it over (Ray Tune's
+                    # tune.report takes the checkpoint with the metrics); a trial the report prunes may have
+                    # written one for nothing, within checkpoint.max_overhead.
+                    if checkpoint is not None and not stop and next_point < len(eval_points) and checkpoint.due():
+                        save_checkpoint(epoch)
                     if on_eval is not None:
                         on_eval(evaluation)  # may raise optuna.TrialPruned
-                    if hp.early_stopping_patience is not None and since_best >= hp.early_stopping_patience:
+                    if stop:
                         stopped_early = done = True
                         break
-                    more_to_come = next_point < len(eval_points)
-                    if checkpoint is not None and more_to_come and checkpoint.due():
-                        save_checkpoint(epoch)
                     tick = time.perf_counter()
             else:
                 train_seconds += time.perf_counter() - tick

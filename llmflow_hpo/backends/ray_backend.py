@@ -1,0 +1,721 @@
+"""The Ray Tune backend: the same study, its trials run by Ray Tune on a local Ray or a cluster.
+
+What comes from where:
+
+- Parameters: Ray's ``OptunaSearch`` asks the study's own sampler (the configured one, seeded per trial)
+  over the study's optuna distributions, in the study itself: the trials it asks are the study's trials.
+  PBT cannot run with a search algorithm (Ray refuses it), so its population is drawn at random by Ray
+  from the same distributions, and each Ray trial becomes a study trial when it starts.
+- Stopping: a Ray scheduler (ASHA, HyperBand, median stopping, PBT) instead of the optuna pruner. Its time
+  unit is training examples seen, the step every evaluation is reported at in both backends.
+- Recording: ``StudyRecorder``, a Ray Tune callback in the driver, writes every evaluation as the trial's
+  intermediate value at its step, and the end of every trial: COMPLETE with the best dev metric, PRUNED
+  when the scheduler stopped it, FAIL with the reason when it failed more than ``ray.max_failures`` times.
+  Only the driver needs the storage; Ray's workers never open it.
+- Resume: Ray's experiment state lives in ``ray.dir/<study>-run<K>``. A ``search`` that finds the last run
+  interrupted (study trials of that run still RUNNING) restores it with ``Tuner.restore``: running trials
+  continue from their last checkpoint. Otherwise it starts run K+1 for the trials still missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import inspect
+import math
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+from llmflow_hpo.checkpoints import TrialCheckpoint
+from llmflow_hpo.config import StudyConfig
+from llmflow_hpo.errors import ConfigError, TrialFailure
+from llmflow_hpo.spaces import SearchSpace, suggest_params
+
+__all__ = ["StudyRecorder", "StudySearch", "ray_trial", "run_search"]
+
+Log = Callable[[str], None]
+STEP = "step"  # the result key every scheduler counts time in: training examples seen
+# Hyperparameters PBT may change in a running trial: they do not change the model's shape, the optimizer's
+# kind or the length of the run.
+PBT_MUTABLE = (
+    "learning_rate",
+    "weight_decay",
+    "warmup_ratio",
+    "hidden_dropout",
+    "attention_dropout",
+    "label_smoothing",
+    "max_grad_norm",
+    "momentum",
+    "focal_gamma",
+)
+_SCHEDULERS = {
+    "asha": "ASHAScheduler",
+    "hyperband": "HyperBandScheduler",
+    "median": "MedianStoppingRule",
+    "pbt": "PopulationBasedTraining",
+}
+_RESERVED = {"time_attr", "metric", "mode", "hyperparam_mutations"}
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def metric_key(cfg: StudyConfig) -> str:
+    return f"dev_{cfg.metric}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inside a Ray worker: one trial.
+
+
+class _AttrSink:
+    """Collects what ``reporting.store_result`` would set on an optuna trial, to send it with a report."""
+
+    def __init__(self) -> None:
+        self.attrs: dict[str, Any] = {}
+
+    def set_user_attr(self, key: str, value: Any) -> None:
+        self.attrs[key] = value
+
+
+class _RayReporter:
+    """The training loop's ``on_eval`` under Ray: each evaluation goes to ``tune.report`` with the step,
+    the best value so far and its metrics, and the checkpoint when the loop has just written one."""
+
+    def __init__(self, cfg: StudyConfig, checkpoint: Any) -> None:
+        self.metric, self.direction, self.key = cfg.metric, cfg.direction, metric_key(cfg)
+        self.checkpoint = checkpoint
+        self.best: Any = None
+        self.extra: dict[str, Any] = {"worker": f"{socket.gethostname()}:{os.getpid()}", "seed": cfg.seed}
+        self._written = 0
+
+    def _better(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        best = self.best.metrics[self.metric]
+        return value > best if self.direction == "maximize" else value < best
+
+    def restore(self, history: list[Any]) -> None:
+        for evaluation in history:
+            if self._better(evaluation.metrics[self.metric]):
+                self.best = evaluation
+        if history:
+            self.extra["resumed_at_step"] = history[-1].step
+            self.extra["resumed_at_optimizer_step"] = history[-1].optimizer_step
+        if self.checkpoint is not None:
+            self._written = self.checkpoint.written
+
+    def _attrs(self) -> dict[str, Any]:
+        from llmflow_hpo.reporting import store_best
+
+        sink = _AttrSink()
+        store_best(sink, self.best)
+        return {**sink.attrs, **self.extra}
+
+    def __call__(self, evaluation: Any) -> None:
+        value = evaluation.metrics[self.metric]
+        if not math.isfinite(value):
+            raise TrialFailure(f"dev {self.metric} is {value} at step {evaluation.step}")
+        if self._better(value):
+            self.best = evaluation
+        checkpoint = None
+        if self.checkpoint is not None and self.checkpoint.written > self._written:
+            self._written = self.checkpoint.written
+            checkpoint = tune.Checkpoint.from_directory(str(self.checkpoint.folder))
+        tune.report(
+            {
+                self.key: value,
+                STEP: evaluation.step,
+                "best_value": self.best.metrics[self.metric],
+                "train_loss": evaluation.train_loss,
+                "final": evaluation.last,  # a scheduler stopping the trial now stops a finished run
+                "attrs": self._attrs(),
+            },
+            checkpoint=checkpoint,
+        )
+
+    def final(self, result: Any, seed: int) -> None:
+        """The run ended by itself (all epochs, or early stopping): the run's costs, at the last step again."""
+        from llmflow_hpo.reporting import store_result
+
+        sink = _AttrSink()
+        store_result(sink, result, seed)
+        last = result.history[-1]
+        tune.report(
+            {
+                self.key: last.metrics[self.metric],
+                STEP: last.step,
+                "best_value": result.best.metrics[self.metric],
+                "train_loss": last.train_loss,
+                "final": True,
+                "attrs": {**sink.attrs, **self.extra},
+            }
+        )
+
+
+class RayTrialCheckpoint(TrialCheckpoint):
+    """Only the resume state, handed to Ray with the next report; Ray keeps the trial's checkpoints.
+
+    The best model weights are not written: the optuna backend keeps them for ``checkpoint.keep_best``,
+    Ray trials leave the model to ``retrain-best``.
+    """
+
+    def remember_best(self, model: Any) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+def ray_trial(config: dict[str, Any], *, cfg: StudyConfig, space: SearchSpace, features: Any, every_eval: bool) -> None:
+    """The Ray Tune trainable: train one configuration, reporting every dev evaluation to Ray.
+
+    ``every_eval``: checkpoint after every evaluation (PBT clones them, HyperBand pauses on them);
+    otherwise the study's checkpoint policy (at most ``checkpoint.max_overhead`` of the trial's time).
+    """
+    from llmflow_hpo.train import train_and_evaluate
+
+    import logging
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # "Checkpoint successfully created" per report
+    params = {name: config[name] for name in space}
+    cfg = copy.deepcopy(cfg)
+    if cfg.train.num_threads is None:
+        cfg.train.num_threads = max(1, int(cfg.ray.cpus_per_trial))
+    folder = Path(tempfile.mkdtemp(prefix="llmflow-ray-trial-"))
+    try:
+        checkpoint = None
+        if cfg.checkpoint.enabled:
+            restored = tune.get_checkpoint()
+            if restored is not None:
+                restored.to_directory(str(folder))
+            checkpoint = RayTrialCheckpoint(
+                folder,
+                params,
+                every_evals=1 if every_eval else cfg.checkpoint.every_evals,
+                max_overhead=1.0 if every_eval else cfg.checkpoint.max_overhead,
+                accept_other_params=cfg.ray.scheduler == "pbt",
+            )
+        reporter = _RayReporter(cfg, checkpoint)
+        result = train_and_evaluate(
+            cfg, params, features, seed=cfg.seed, on_eval=reporter, checkpoint=checkpoint, on_resume=reporter.restore
+        )
+        if result.best is None:
+            raise TrialFailure("the run ended before its first evaluation")
+        reporter.final(result, cfg.seed)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# In the driver: the study's trials, written as Ray reports them.
+
+
+class StudyRecorder(tune.Callback):
+    """A Ray Tune callback that writes every Ray trial into the optuna study (see the module docstring).
+
+    The study is opened lazily and not pickled: Ray saves the callback with its experiment state, and a
+    restored one finds its trials again by their ``ray_trial_id``.
+    """
+
+    def __init__(
+        self,
+        *,
+        storage: str,
+        study_name: str,
+        space: SearchSpace,
+        key: str,
+        metric: str,
+        run: str,
+        scheduler: str,
+        target: int,
+    ) -> None:
+        self.storage, self.study_name, self.space = storage, study_name, space
+        self.key, self.metric, self.run, self.scheduler, self.target = key, metric, run, scheduler, target
+        self._study: optuna.Study | None = None
+        self._numbers: dict[str, int] = {}
+        self._last_step: dict[str, int] = {}
+        self._params: dict[str, dict[str, Any]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_study=None, _numbers={}, _last_step={}, _params={})
+        return state
+
+    @property
+    def study(self) -> optuna.Study:
+        if self._study is None:
+            from llmflow_hpo.storage import open_storage
+
+            self._study = optuna.load_study(
+                study_name=self.study_name,
+                storage=open_storage(self.storage),
+                sampler=optuna.samplers.RandomSampler(),  # the recorder never samples
+            )
+        return self._study
+
+    def _number(self, trial: Any) -> int:
+        """The study trial of a Ray trial: asked by the searcher (tagged with the Ray trial id), or made here."""
+        tid = trial.trial_id
+        if tid in self._numbers:
+            return self._numbers[tid]
+        for t in self.study.get_trials(deepcopy=False):
+            if t.user_attrs.get("ray_trial_id") == tid and t.user_attrs.get("ray_run") == self.run:
+                self._numbers[tid] = t.number
+                self._last_step[tid] = max(t.intermediate_values, default=-1)
+                return t.number
+        params = {name: trial.config[name] for name in self.space}
+        self.study.enqueue_trial(params, user_attrs={"ray_trial_id": tid, "ray_run": self.run, "backend": "ray"})
+        new = self.study.ask()
+        suggest_params(new, self.space)  # records the enqueued values with their distributions
+        self._numbers[tid] = new.number
+        self._last_step[tid] = -1
+        return new.number
+
+    def _trial(self, trial: Any) -> optuna.Trial:
+        number = self._number(trial)
+        frozen = self.study._storage.get_trial(
+            self.study._storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number)
+        )
+        return optuna.Trial(self.study, frozen._trial_id)
+
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._trial(trial)
+        self._params.setdefault(trial.trial_id, {name: trial.config[name] for name in self.space})
+
+    def on_trial_result(
+        self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
+    ) -> None:
+        t = self._trial(trial)
+        step = int(result[STEP])
+        if step > self._last_step.get(trial.trial_id, -1):
+            t.report(float(result[self.key]), step)
+            self._last_step[trial.trial_id] = step
+        params = {name: result.get("config", trial.config).get(name) for name in self.space}
+        before = self._params.setdefault(trial.trial_id, params)
+        if params != before:  # PBT exploited another trial and mutated: record the new parameters
+            schedule = list(self.study.trials[t.number].user_attrs.get("pbt_schedule", []))
+            schedule.append({"step": step, "params": params})
+            t.set_user_attr("pbt_schedule", schedule)
+            self._params[trial.trial_id] = params
+
+    def _finish(self, trial: Any, state: TrialState, value: float | None, attrs: dict[str, Any]) -> None:
+        from llmflow_hpo.backends.optuna_backend import _Progress
+
+        t = self._trial(trial)
+        for key, val in attrs.items():
+            t.set_user_attr(key, val)
+        t.set_user_attr("ray_failures", int(trial.num_failures))
+        frozen = self.study.tell(t, value, state=state, skip_if_finished=True)
+        _Progress(self.target, self.metric, _stderr)(self.study, frozen)
+        if self.scheduler != "pbt":  # PBT may still clone a finished trial's checkpoint
+            _drop_checkpoints(trial)
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        last = trial.last_result or {}
+        attrs = dict(last.get("attrs") or {})
+        if last.get("final"):
+            self._finish(trial, TrialState.COMPLETE, float(last["best_value"]), attrs)
+        elif STEP in last:
+            attrs.update(pruned_at_step=int(last[STEP]), stopped_by=self.scheduler)
+            self._finish(trial, TrialState.PRUNED, None, attrs)
+        else:
+            attrs["fail_reason"] = "the trial ended without reporting an evaluation"
+            self._finish(trial, TrialState.FAIL, None, attrs)
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        last = trial.last_result or {}
+        attrs = dict(last.get("attrs") or {})
+        attrs["fail_reason"] = _error_line(trial)
+        self._finish(trial, TrialState.FAIL, None, attrs)
+
+    def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        number = self._number(trial)
+        _stderr(
+            f"trial {number:3d} failed ({_error_line(trial)}); Ray restarts it from its last checkpoint "
+            f"(failure {trial.num_failures}, ray.max_failures={trial.max_failures})"
+        )
+
+
+def _drop_checkpoints(trial: Any) -> None:
+    """A finished trial's checkpoints in a local ``ray.dir`` (Ray keeps them; nothing resumes them now)."""
+    path = trial.path
+    if not path or "://" in path or not Path(path).is_dir():
+        return
+    for folder in Path(path).glob("checkpoint_*"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _error_line(trial: Any) -> str:
+    """The last line of a Ray trial's error (the exception itself), or its type when there is none."""
+    text = ""
+    with contextlib.suppress(Exception):
+        text = str(trial.get_pickled_error() or trial.get_error() or "")
+    if not text:
+        with contextlib.suppress(Exception):
+            text = Path(trial.error_file).read_text()
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return f"error: {lines[-1]}" if lines else "error (see Ray's trial log)"
+
+
+class StudySearch(OptunaSearch):
+    """Ray's OptunaSearch on the study itself: it asks the study's sampler, in the study's storage.
+
+    It only asks: ``StudyRecorder`` reports and tells, so a trial's steps are the study's steps (examples
+    seen, not Ray's iteration count), its value is its best evaluation (not the last one), and a trial the
+    scheduler stopped is PRUNED (OptunaSearch would record it COMPLETE with its last value).
+    """
+
+    def __init__(self, *, run: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._run = run
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        config = super().suggest(trial_id)
+        if config is not None:
+            trial = self._ot_trials[trial_id]
+            trial.set_user_attr("ray_trial_id", trial_id)
+            trial.set_user_attr("ray_run", self._run)
+            trial.set_user_attr("backend", "ray")
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        pass  # StudyRecorder.on_trial_result
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        self._completed_trials.add(trial_id)  # StudyRecorder.on_trial_complete / on_trial_error tells
+
+
+# ----------------------------------------------------------------------------------------------------
+# Schedulers and spaces.
+
+
+def tune_domain(dist: Any) -> Any:
+    """An optuna distribution as a Ray Tune domain (for PBT, which samples and mutates by itself)."""
+    if isinstance(dist, CategoricalDistribution):
+        return tune.choice(list(dist.choices))
+    if isinstance(dist, IntDistribution):
+        if dist.log:
+            return tune.lograndint(dist.low, dist.high + 1)
+        return tune.qrandint(dist.low, dist.high, dist.step) if dist.step > 1 else tune.randint(dist.low, dist.high + 1)
+    if isinstance(dist, FloatDistribution):
+        if dist.step is not None:
+            return tune.quniform(dist.low, dist.high, dist.step)
+        return tune.loguniform(dist.low, dist.high) if dist.log else tune.uniform(dist.low, dist.high)
+    raise TypeError(f"unsupported distribution {dist!r}")  # pragma: no cover - spaces makes only these
+
+
+def build_scheduler(cfg: StudyConfig, space: SearchSpace, n_train: int, source: str) -> Any:
+    """The configured Ray scheduler, its times in training examples seen; None for ``none``.
+
+    Defaults follow the optuna backend's evaluation schedule: the first evaluation point is the grace
+    period, the longest run (the most epochs the space allows) is ``max_t``.
+    """
+    name = cfg.ray.scheduler
+    if name == "none":
+        return None
+    from ray.tune import schedulers
+
+    cls = getattr(schedulers, _SCHEDULERS[name])
+    options = dict(cfg.ray.scheduler_options)
+    accepted = {n for n in inspect.signature(cls.__init__).parameters if n != "self"} - _RESERVED
+    problems = [
+        f"{source}: ray.scheduler_options.{k}: "
+        + (
+            "set by llmflow-hpo; remove it"
+            if k in _RESERVED
+            else f"not an option of Ray's {cls.__name__}; accepted: {', '.join(sorted(accepted))}"
+        )
+        for k in options
+        if k not in accepted
+    ]
+    if problems:
+        raise ConfigError(problems)
+    interval = math.ceil(n_train / cfg.train.evals_per_epoch)  # examples between two evaluations
+    epochs = space.get("epochs")
+    max_epochs = int(epochs.high) if isinstance(epochs, IntDistribution) else cfg.train.epochs
+    if isinstance(epochs, CategoricalDistribution):
+        max_epochs = max(int(c) for c in epochs.choices)
+    # max_t lies one example past the last evaluation: a run that reaches its end is not stopped there,
+    # so it still reports its costs (train time, throughput) after its last evaluation.
+    max_t = max_epochs * n_train + 1
+    if name == "asha":
+        options.setdefault("max_t", max_t)
+        options.setdefault("grace_period", interval)
+        options.setdefault("reduction_factor", 3)
+    elif name == "hyperband":
+        options.setdefault("max_t", max_t)
+    elif name == "median":
+        options.setdefault("grace_period", interval)
+        options.setdefault("min_samples_required", 3)
+    elif name == "pbt":
+        mutable = {k: tune_domain(d) for k, d in space.items() if k in PBT_MUTABLE}
+        if not mutable:
+            raise ConfigError(
+                f"{source}: ray.scheduler: pbt mutates {', '.join(PBT_MUTABLE)}; the search space has none of them"
+            )
+        options["hyperparam_mutations"] = mutable
+        options.setdefault("perturbation_interval", 2 * interval)
+    try:
+        return cls(time_attr=STEP, **options)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: ray.scheduler_options: Ray's {cls.__name__} refused them: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ray itself.
+
+
+@contextlib.contextmanager
+def ray_session(cfg: StudyConfig, log: Log) -> Iterator[Any]:
+    """Join ``ray.address``, or start a local Ray (loopback only, temporary files in ``ray.dir/tmp``)."""
+    import logging
+
+    import ray
+
+    if cfg.ray.address:
+        try:
+            ray.init(address=cfg.ray.address, logging_level=logging.WARNING, log_to_driver=True)
+        except Exception as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"ray.address {cfg.ray.address}: cannot join the Ray cluster ({reason})") from None
+        log(f"ray: joined the cluster at {cfg.ray.address} ({_resources_text(ray)})")
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
+        return
+    assert cfg.ray.dir is not None
+    tmp = Path(cfg.ray.dir) / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    # Ray's sockets live under its temporary folder and a socket path holds at most 107 bytes: a deep
+    # study folder is reached through a short link in the system's temporary folder.
+    link = None
+    temp_dir = str(tmp)
+    if len(temp_dir) > 40:
+        digest = hashlib.sha256(f"{tmp}:{os.getpid()}".encode()).hexdigest()[:10]
+        link = Path(tempfile.gettempdir()) / f"llmflow-ray-{digest}"
+        with contextlib.suppress(FileNotFoundError):
+            link.unlink()
+        link.symlink_to(tmp, target_is_directory=True)
+        temp_dir = str(link)
+    started = time.perf_counter()
+    ray.init(
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        log_to_driver=True,
+        _temp_dir=temp_dir,
+    )
+    log(
+        f"ray: started a local Ray on 127.0.0.1 in {time.perf_counter() - started:.1f}s ({_resources_text(ray)}), temporary files in {tmp}"
+    )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        if link is not None:
+            with contextlib.suppress(OSError):
+                link.unlink()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _resources_text(ray: Any) -> str:
+    res = ray.cluster_resources()
+    return f"{res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs"
+
+
+def _in_memory(features: Any) -> Any:
+    """The tokenized splits as in-memory tables, so Ray ships them to every node (no path to the cache)."""
+    import datasets
+
+    splits = {
+        name: datasets.Dataset(datasets.table.InMemoryTable(ds.data.table), fingerprint=ds._fingerprint)
+        for name, ds in features.splits.items()
+    }
+    return dataclasses.replace(features, splits=splits)
+
+
+def _runs(cfg: StudyConfig) -> list[str]:
+    """The study's earlier Ray runs in ``ray.dir``, oldest first."""
+    found = []
+    k = 1
+    while tune.Tuner.can_restore(_run_path(cfg, f"{cfg.study_name}-run{k}")):
+        found.append(f"{cfg.study_name}-run{k}")
+        k += 1
+    return found
+
+
+def _run_path(cfg: StudyConfig, run: str) -> str:
+    assert cfg.ray.dir is not None
+    return f"{cfg.ray.dir.rstrip('/')}/{run}"
+
+
+def _ray_running(study: optuna.Study, run: str | None = None) -> list[Any]:
+    return [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if t.user_attrs.get("backend") == "ray" and (run is None or t.user_attrs.get("ray_run") == run)
+    ]
+
+
+def run_search(
+    cfg: StudyConfig,
+    space: SearchSpace,
+    space_raw: dict[str, Any],
+    *,
+    new_study: bool = False,
+    log: Log | None = None,
+    source: str = "config",
+) -> Any:
+    """Run the study's missing trials with Ray Tune; an interrupted Ray run is continued first."""
+    from llmflow_hpo.backends.optuna_backend import summarize
+    from llmflow_hpo.features import prepare_features
+    from llmflow_hpo.storage import finished_trials, free_study_name, open_study
+    from llmflow_hpo.strategy import build_pruner, build_sampler
+
+    say = log or _stderr
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    features = prepare_features(cfg, log=say)
+    assert cfg.storage is not None and cfg.n_trials is not None
+    if new_study:
+        cfg.study_name = free_study_name(cfg.storage, cfg.study_name)
+        say(f"study {cfg.study_name}: a new study, as --new-study asked")
+    scheduler = build_scheduler(cfg, space, len(features.splits["train"]), source)
+    sampler = build_sampler(cfg, space)
+    study = open_study(cfg, space_raw, sampler=sampler, pruner=build_pruner(cfg), data_report=features.report)
+    done = finished_trials(study)
+    runs = _runs(cfg)
+    resume = runs[-1] if runs and _ray_running(study, runs[-1]) else None
+    remaining = max(cfg.n_trials - done, 0)
+    if done:
+        say(f"study {cfg.study_name}: continuing, {done} finished trial(s) already stored")
+    if remaining == 0 and resume is None:
+        say(f"study {cfg.study_name}: already holds {done} finished trials (n_trials={cfg.n_trials}); nothing to run")
+        return summarize(study, cfg, 0, 1)
+    run = resume or f"{cfg.study_name}-run{len(runs) + 1}"
+    key, mode = metric_key(cfg), "max" if cfg.direction == "maximize" else "min"
+    start = time.perf_counter()
+    interrupted: int | None = None
+    with ray_session(cfg, say) as ray:
+        gpus = cfg.ray.gpus_per_trial
+        if gpus is None:
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        every_eval = cfg.ray.scheduler in ("pbt", "hyperband")
+        trainable = tune.with_resources(
+            tune.with_parameters(ray_trial, cfg=cfg, space=space, features=_in_memory(features), every_eval=every_eval),
+            {"cpu": cfg.ray.cpus_per_trial, "gpu": gpus},
+        )
+        if resume is not None:
+            say(
+                f"study {cfg.study_name}: continuing the interrupted Ray run {run} "
+                f"({len(_ray_running(study, run))} trial(s) were running)"
+            )
+            tuner = tune.Tuner.restore(_run_path(cfg, run), trainable, resume_unfinished=True, resume_errored=False)
+        else:
+            recorder = StudyRecorder(
+                storage=cfg.storage,
+                study_name=cfg.study_name,
+                space=space,
+                key=key,
+                metric=cfg.metric,
+                run=run,
+                scheduler=cfg.ray.scheduler,
+                target=cfg.n_trials,
+            )
+            if cfg.ray.scheduler == "pbt":
+                from ray.tune.search.basic_variant import BasicVariantGenerator
+
+                search_alg: Any = BasicVariantGenerator(random_state=cfg.seed)
+                param_space = {name: tune_domain(dist) for name, dist in space.items()}
+            else:
+                search_alg = StudySearch(
+                    run=run,
+                    space=dict(space),
+                    metric=key,
+                    mode=mode,
+                    sampler=sampler,
+                    study_name=cfg.study_name,
+                    storage=study._storage,
+                )
+                param_space = {}
+            say(
+                f"study {cfg.study_name}: Ray run {run}: {remaining} trial(s), {cfg.ray.scheduler} scheduler, "
+                f"{cfg.ray.cpus_per_trial:g} CPU and {gpus:g} GPU per trial, "
+                f"at most {cfg.ray.max_concurrent_trials or 'as many as fit'} at once, storage {cfg.storage}"
+            )
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space,
+                tune_config=tune.TuneConfig(
+                    metric=key,
+                    mode=mode,
+                    search_alg=search_alg,
+                    scheduler=scheduler,
+                    num_samples=remaining,
+                    max_concurrent_trials=cfg.ray.max_concurrent_trials,
+                    time_budget_s=cfg.timeout,
+                    reuse_actors=True,
+                ),
+                run_config=tune.RunConfig(
+                    name=run,
+                    storage_path=cfg.ray.dir,
+                    failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                    callbacks=[recorder],
+                    verbose=0,
+                ),
+            )
+        with _sigterm_as_sigint() as got:
+            grid = tuner.fit()
+        statuses = [r.metrics.get("trial_id") for r in grid]  # noqa: F841 - forces the results to load
+        unfinished = [t for t in grid._experiment_analysis.trials if t.status not in ("TERMINATED", "ERROR")]
+        if unfinished:
+            interrupted = got.get("signum", signal.SIGINT)
+    say(f"study {cfg.study_name}: search took {time.perf_counter() - start:.1f}s")
+    if interrupted is not None:
+        from llmflow_hpo.errors import Interrupted
+
+        say(
+            f"study {cfg.study_name}: Ray run {run} interrupted with {len(unfinished)} unfinished trial(s); "
+            "rerun the same command to continue it"
+        )
+        raise Interrupted(interrupted)
+    lost = _ray_running(study, run)
+    for t in lost:  # asked, but Ray's saved state never knew them (its driver died in between)
+        with contextlib.suppress(Exception):
+            study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "lost: its Ray run ended without it")
+            study.tell(t.number, state=TrialState.FAIL)
+    return summarize(study, cfg, finished_trials(study) - done, 1)
+
+
+@contextlib.contextmanager
+def _sigterm_as_sigint() -> Iterator[dict[str, int]]:
+    """Ray Tune stops gracefully on SIGINT (state saved, trials resumable); SIGTERM gets the same treatment."""
+    got: dict[str, int] = {}
+
+    def handler(signum: int, _frame: Any) -> None:
+        got["signum"] = signum
+        signal.raise_signal(signal.SIGINT)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield got
+    finally:
+        signal.signal(signal.SIGTERM, previous)
