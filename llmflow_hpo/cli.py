@@ -251,16 +251,14 @@ def cmd_retrain_best(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**result.__dict__, "output_dir": str(result.output_dir)}, indent=2))
         return 0
-    metric = next(iter(k for k in ("f1", "accuracy") if k in result.test_metrics), None)
     test = ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.test_metrics.items()) if not k.startswith("f1_"))
     print(f"retrained trial {result.trial_number} -> {result.output_dir}")
     print(f"test: {test}")
     if result.reproduced is not None:
         verdict = "reproduced exactly" if result.reproduced else "DIFFERS from the trial"
-        dev_metric = [k for k in result.dev_metrics if k == metric]
-        shown = dev_metric[0] if dev_metric else "value"
         print(
-            f"dev: trial {result.trial_dev_value:.6f}, retrain {result.dev_metrics.get(shown, float('nan')):.6f} ({verdict})"
+            f"dev {result.metric}: trial {result.trial_dev_value:.6f}, "
+            f"retrain {result.dev_metrics.get(result.metric, float('nan')):.6f} ({verdict})"
         )
     return 0
 
@@ -398,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as e:
         print(
-            "llmflow-hpo: interrupted; the running trial was recorded and queued again, rerun the command to continue",
+            "llmflow-hpo: interrupted; the running trials were recorded and will resume, rerun the command to continue",
             file=sys.stderr,
         )
         return getattr(e, "exit_code", 130)

@@ -32,6 +32,7 @@ class RetrainResult:
     test_metrics: dict[str, float]
     trial_dev_value: float
     reproduced: bool | None  # None when trained on train+dev (dev was seen)
+    metric: str = "f1"  # the study's objective metric (the dev value compared)
 
 
 def retrain_best(
@@ -58,6 +59,12 @@ def retrain_best(
             f"trial {best.number} of study {study_name!r} has no best_step; it was not run by llmflow-hpo"
         )
     params = trial_params(best, space)
+    if best.user_attrs.get("pbt_schedule"):
+        say(
+            f"retrain-best: trial {best.number} ran under PBT, which changed its parameters while it trained "
+            f"({len(best.user_attrs['pbt_schedule'])} time(s), see its pbt_schedule); retraining uses the "
+            "parameters it started with, so its dev score will differ"
+        )
     seed = int(best.user_attrs.get("seed", cfg.seed))
     say(f"retrain-best: study {study_name}, trial {best.number} (dev {cfg.metric}={best.value:.4f}), params {params}")
     features = prepare_features(cfg, log=say)
@@ -100,4 +107,6 @@ def retrain_best(
         reproduced=reproduced,
         examples_seen=result.final.examples_seen,
     )
-    return RetrainResult(out, best.number, params, dev, result.test_metrics, float(best.value), reproduced)
+    return RetrainResult(
+        out, best.number, params, dev, result.test_metrics, float(best.value), reproduced, metric=cfg.metric
+    )

@@ -190,9 +190,9 @@ def ray_trial(config: dict[str, Any], *, cfg: StudyConfig, space: SearchSpace, f
     ``every_eval``: checkpoint after every evaluation (PBT clones them, HyperBand pauses on them);
     otherwise the study's checkpoint policy (at most ``checkpoint.max_overhead`` of the trial's time).
     """
-    from llmflow_hpo.train import train_and_evaluate
-
     import logging
+
+    from llmflow_hpo.train import train_and_evaluate
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # "Checkpoint successfully created" per report
     params = {name: config[name] for name in space}
@@ -308,7 +308,7 @@ class StudyRecorder(tune.Callback):
         if step > self._last_step.get(trial.trial_id, -1):
             t.report(float(result[self.key]), step)
             self._last_step[trial.trial_id] = step
-        params = {name: result.get("config", trial.config).get(name) for name in self.space}
+        params = {name: trial.config.get(name) for name in self.space}
         before = self._params.setdefault(trial.trial_id, params)
         if params != before:  # PBT exploited another trial and mutated: record the new parameters
             schedule = list(self.study.trials[t.number].user_attrs.get("pbt_schedule", []))
@@ -523,8 +523,10 @@ def ray_session(cfg: StudyConfig, log: Log) -> Iterator[Any]:
         log_to_driver=True,
         _temp_dir=temp_dir,
     )
+    address = ray.util.get_node_ip_address()
     log(
-        f"ray: started a local Ray on 127.0.0.1 in {time.perf_counter() - started:.1f}s ({_resources_text(ray)}), temporary files in {tmp}"
+        f"ray: started a local Ray on {address} in {time.perf_counter() - started:.1f}s ({_resources_text(ray)}), "
+        f"temporary files in {tmp}"
     )
     try:
         yield ray
@@ -677,31 +679,38 @@ def run_search(
                     name=run,
                     storage_path=cfg.ray.dir,
                     failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                    # PBT clones a trial's checkpoint some time after choosing it: keep them all until the
+                    # run ends (then they are deleted); otherwise the latest is all a trial resumes from.
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=None if cfg.ray.scheduler == "pbt" else 1),
                     callbacks=[recorder],
                     verbose=0,
                 ),
             )
         with _sigterm_as_sigint() as got:
-            grid = tuner.fit()
-        statuses = [r.metrics.get("trial_id") for r in grid]  # noqa: F841 - forces the results to load
-        unfinished = [t for t in grid._experiment_analysis.trials if t.status not in ("TERMINATED", "ERROR")]
+            tuner.fit()
+        # Ray's saved state says what a restore would continue: trials not yet TERMINATED or ERROR mean the
+        # run was interrupted (Ray stops them when it gets SIGINT, after saving its state).
+        saved = tune.ExperimentAnalysis(_run_path(cfg, run)).trials
+        unfinished = {t.trial_id for t in saved if t.status not in ("TERMINATED", "ERROR")}
         if unfinished:
             interrupted = got.get("signum", signal.SIGINT)
+        else:
+            for trial in saved:  # PBT's checkpoints, kept until the end (StudyRecorder drops the others)
+                _drop_checkpoints(trial)
     say(f"study {cfg.study_name}: search took {time.perf_counter() - start:.1f}s")
+    for t in _ray_running(study, run):
+        if t.user_attrs.get("ray_trial_id") not in unfinished:  # asked, but Ray's saved state never had it
+            with contextlib.suppress(Exception):
+                study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "lost: its Ray run ended without it")
+                study.tell(t.number, state=TrialState.FAIL)
     if interrupted is not None:
         from llmflow_hpo.errors import Interrupted
 
         say(
-            f"study {cfg.study_name}: Ray run {run} interrupted with {len(unfinished)} unfinished trial(s); "
-            "rerun the same command to continue it"
+            f"study {cfg.study_name}: Ray run {run} interrupted with {len(unfinished)} unfinished trial(s), its state "
+            "saved; rerun the same command to continue it"
         )
         raise Interrupted(interrupted)
-    lost = _ray_running(study, run)
-    for t in lost:  # asked, but Ray's saved state never knew them (its driver died in between)
-        with contextlib.suppress(Exception):
-            study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "lost: its Ray run ended without it")
-            study.tell(t.number, state=TrialState.FAIL)
     return summarize(study, cfg, finished_trials(study) - done, 1)
 
 
