@@ -23,13 +23,18 @@ RAY_HINT = "pip install 'llmflow-hpo[ray]'"
 
 
 def ray_missing() -> bool:
-    """True when Ray Tune cannot be imported here (checked without importing it)."""
+    """True when Ray Tune cannot be imported here, checked without importing Ray (``find_spec("ray.tune")``
+    would import ``ray`` itself, before ``import_ray_backend`` had set Ray's environment)."""
     import importlib.util
+    from pathlib import Path
 
     try:
-        return importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.tune") is None
+        spec = importlib.util.find_spec("ray")
     except (ImportError, ValueError):
         return True
+    if spec is None or not spec.submodule_search_locations:
+        return True
+    return not any((Path(folder) / "tune").is_dir() for folder in spec.submodule_search_locations)
 
 
 def import_ray_backend(*, local: bool) -> ModuleType:
