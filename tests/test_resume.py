@@ -73,7 +73,8 @@ def test_a_resumed_run_continues_exactly_where_the_checkpoint_was(setup, tmp_pat
 
     with pytest.raises(Crash):
         train_and_evaluate(cfg, PARAMS, features, seed=cfg.seed, on_eval=crash_at_fourth, checkpoint=checkpoint)
-    assert checkpoint.written == 3 and (tmp_path / "trial-0" / RESUME).is_file()
+    # The checkpoint after an evaluation is written before the evaluation is reported: four of them.
+    assert checkpoint.written == 4 and (tmp_path / "trial-0" / RESUME).is_file()
     assert (tmp_path / "trial-0" / BEST).is_file()
 
     restored, reported = [], []
@@ -86,9 +87,9 @@ def test_a_resumed_run_continues_exactly_where_the_checkpoint_was(setup, tmp_pat
         checkpoint=TrialCheckpoint(tmp_path / "trial-0", PARAMS, every_evals=1),
         on_resume=lambda history: restored.extend(e.step for e in history),
     )
-    # It took back the three evaluations of the checkpoint and trained only from the third on ...
-    assert restored == seen[:3]
-    assert reported == [e.step for e in whole.history[3:]]
+    # It took back the four evaluations of the checkpoint and trained only from the fourth on ...
+    assert restored == seen
+    assert reported == [e.step for e in whole.history[4:]]
     # ... and reached exactly what the uninterrupted run did: same batches, same dropout, same optimizer state.
     assert _history(resumed) == _history(whole)
     assert resumed.best.step == whole.best.step
