@@ -94,7 +94,9 @@ def run_once(folder: Path, backend: str, trials: int, cache: Path) -> dict[str, 
     wall = time.perf_counter() - tick
     if result.returncode != 0:
         raise RuntimeError(f"{backend} search failed:\n{result.stderr[-3000:]}")
-    study = optuna.load_study(study_name=f"overhead-{backend}", storage=f"sqlite:///{folder / f'overhead-{backend}.db'}")
+    study = optuna.load_study(
+        study_name=f"overhead-{backend}", storage=f"sqlite:///{folder / f'overhead-{backend}.db'}"
+    )
     done = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == trials, f"{backend}: {len(done)} complete trials of {trials}"
     durations = [t.duration.total_seconds() for t in done]

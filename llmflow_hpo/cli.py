@@ -80,9 +80,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
         print(json.dumps({"config": config_to_dict(cfg), "search_space": sorted(space)}, indent=2))
     else:
+        stopping = (
+            f"{cfg.pruner.name} pruner" if cfg.backend == "optuna" else f"Ray Tune, {cfg.ray.scheduler} scheduler"
+        )
         print(
             f"{args.config}: ok — {cfg.task}, study {cfg.study_name!r}, {len(space)} searched parameters "
-            f"({', '.join(space)}), {cfg.sampler.name} sampler, {cfg.pruner.name} pruner, "
+            f"({', '.join(space)}), {cfg.sampler.name} sampler, {stopping}, "
             f"dev {cfg.metric} ({cfg.direction}), storage {cfg.storage}"
         )
     return 0

@@ -163,11 +163,14 @@ def test_interrupted_ray_search_continues_where_it_stopped(write_study, tmp_path
     assert left  # left for the restore, not failed
     interrupted = {t.number for t in left}
 
-    again = cli("search", str(config), cwd=tmp_path)
+    # The rerun asks for one trial more: the interrupted run is restored first, then a new run adds the missing one.
+    again = cli("search", str(config), "--set", "n_trials=5", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "continuing the interrupted Ray run tiny-ner-run1" in again.stderr
+    assert "Ray run tiny-ner-run2: 1 trial(s)" in again.stderr
     trials = load(tmp_path).get_trials()
-    assert [t.state for t in trials].count(TrialState.COMPLETE) == 4
+    assert [t.state for t in trials].count(TrialState.COMPLETE) == 5
+    assert [t.user_attrs["ray_run"] for t in trials].count("tiny-ner-run2") == 1
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING, TrialState.FAIL)]
     resumed = [t for t in trials if t.number in interrupted and t.user_attrs.get("resumed_at_step")]
     assert resumed, "no interrupted trial resumed from its checkpoint"

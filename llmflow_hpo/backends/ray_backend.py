@@ -251,12 +251,13 @@ class StudyRecorder(tune.Callback):
         self.key, self.metric, self.run, self.scheduler, self.target = key, metric, run, scheduler, target
         self._study: optuna.Study | None = None
         self._numbers: dict[str, int] = {}
+        self._ids: dict[str, int] = {}  # Ray trial id -> optuna's trial id (storage key)
         self._last_step: dict[str, int] = {}
         self._params: dict[str, dict[str, Any]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_study=None, _numbers={}, _last_step={}, _params={})
+        state.update(_study=None, _numbers={}, _ids={}, _last_step={}, _params={})
         return state
 
     @property
@@ -278,23 +279,20 @@ class StudyRecorder(tune.Callback):
             return self._numbers[tid]
         for t in self.study.get_trials(deepcopy=False):
             if t.user_attrs.get("ray_trial_id") == tid and t.user_attrs.get("ray_run") == self.run:
-                self._numbers[tid] = t.number
+                self._numbers[tid], self._ids[tid] = t.number, t._trial_id
                 self._last_step[tid] = max(t.intermediate_values, default=-1)
                 return t.number
         params = {name: trial.config[name] for name in self.space}
         self.study.enqueue_trial(params, user_attrs={"ray_trial_id": tid, "ray_run": self.run, "backend": "ray"})
         new = self.study.ask()
         suggest_params(new, self.space)  # records the enqueued values with their distributions
-        self._numbers[tid] = new.number
+        self._numbers[tid], self._ids[tid] = new.number, new._trial_id
         self._last_step[tid] = -1
         return new.number
 
     def _trial(self, trial: Any) -> optuna.Trial:
-        number = self._number(trial)
-        frozen = self.study._storage.get_trial(
-            self.study._storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number)
-        )
-        return optuna.Trial(self.study, frozen._trial_id)
+        self._number(trial)
+        return optuna.Trial(self.study, self._ids[trial.trial_id])
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._trial(trial)
@@ -577,6 +575,93 @@ def _ray_running(study: optuna.Study, run: str | None = None) -> list[Any]:
     ]
 
 
+def _new_tuner(
+    cfg: StudyConfig,
+    space: SearchSpace,
+    trainable: Any,
+    *,
+    run: str,
+    samples: int,
+    sampler: optuna.samplers.BaseSampler,
+    study: optuna.Study,
+    n_train: int,
+    source: str,
+) -> Any:
+    """A Tuner for a new run of ``samples`` trials: the study's sampler through OptunaSearch (PBT: Ray's
+    random variants), the configured scheduler, and the StudyRecorder callback."""
+    key, mode = metric_key(cfg), "max" if cfg.direction == "maximize" else "min"
+    assert cfg.storage is not None and cfg.n_trials is not None
+    recorder = StudyRecorder(
+        storage=cfg.storage,
+        study_name=cfg.study_name,
+        space=space,
+        key=key,
+        metric=cfg.metric,
+        run=run,
+        scheduler=cfg.ray.scheduler,
+        target=cfg.n_trials,
+    )
+    if cfg.ray.scheduler == "pbt":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        search_alg: Any = BasicVariantGenerator(random_state=cfg.seed)
+        param_space = {name: tune_domain(dist) for name, dist in space.items()}
+    else:
+        search_alg = StudySearch(
+            run=run,
+            space=dict(space),
+            metric=key,
+            mode=mode,
+            sampler=sampler,
+            study_name=cfg.study_name,
+            storage=study._storage,
+        )
+        param_space = {}
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=key,
+            mode=mode,
+            search_alg=search_alg,
+            scheduler=build_scheduler(cfg, space, n_train, source),
+            num_samples=samples,
+            max_concurrent_trials=cfg.ray.max_concurrent_trials,
+            time_budget_s=cfg.timeout,
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=run,
+            storage_path=cfg.ray.dir,
+            failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
+            # PBT clones a trial's checkpoint some time after choosing it: keep them all until the run
+            # ends (then they are deleted); otherwise the latest is all a trial resumes from.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None if cfg.ray.scheduler == "pbt" else 1),
+            callbacks=[recorder],
+            verbose=0,
+        ),
+    )
+
+
+def _fit(tuner: Any, cfg: StudyConfig, study: optuna.Study, run: str) -> tuple[set[str], int | None]:
+    """Run ``tuner``; returns the Ray trials left unfinished and the signal that interrupted the run."""
+    with _sigterm_as_sigint() as got:
+        tuner.fit()
+    # Ray's saved state says what a restore would continue: trials not yet TERMINATED or ERROR mean the
+    # run was interrupted (Ray stops them when it gets SIGINT, after saving its state).
+    saved = tune.ExperimentAnalysis(_run_path(cfg, run)).trials
+    unfinished = {t.trial_id for t in saved if t.status not in ("TERMINATED", "ERROR")}
+    if not unfinished:
+        for trial in saved:  # PBT's checkpoints, kept until the end (StudyRecorder drops the others)
+            _drop_checkpoints(trial)
+    for t in _ray_running(study, run):
+        if t.user_attrs.get("ray_trial_id") not in unfinished:  # asked, but Ray's saved state never had it
+            with contextlib.suppress(Exception):
+                study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "lost: its Ray run ended without it")
+                study.tell(t.number, state=TrialState.FAIL)
+    return unfinished, (got.get("signum", signal.SIGINT) if unfinished else None)
+
+
 def run_search(
     cfg: StudyConfig,
     space: SearchSpace,
@@ -588,6 +673,7 @@ def run_search(
 ) -> Any:
     """Run the study's missing trials with Ray Tune; an interrupted Ray run is continued first."""
     from llmflow_hpo.backends.optuna_backend import summarize
+    from llmflow_hpo.errors import Interrupted
     from llmflow_hpo.features import prepare_features
     from llmflow_hpo.storage import finished_trials, free_study_name, open_study
     from llmflow_hpo.strategy import build_pruner, build_sampler
@@ -599,7 +685,8 @@ def run_search(
     if new_study:
         cfg.study_name = free_study_name(cfg.storage, cfg.study_name)
         say(f"study {cfg.study_name}: a new study, as --new-study asked")
-    scheduler = build_scheduler(cfg, space, len(features.splits["train"]), source)
+    n_train = len(features.splits["train"])
+    build_scheduler(cfg, space, n_train, source)  # bad scheduler options: refused before Ray starts
     sampler = build_sampler(cfg, space)
     study = open_study(cfg, space_raw, sampler=sampler, pruner=build_pruner(cfg), data_report=features.report)
     done = finished_trials(study)
@@ -611,10 +698,7 @@ def run_search(
     if remaining == 0 and resume is None:
         say(f"study {cfg.study_name}: already holds {done} finished trials (n_trials={cfg.n_trials}); nothing to run")
         return summarize(study, cfg, 0, 1)
-    run = resume or f"{cfg.study_name}-run{len(runs) + 1}"
-    key, mode = metric_key(cfg), "max" if cfg.direction == "maximize" else "min"
     start = time.perf_counter()
-    interrupted: int | None = None
     with ray_session(cfg, say) as ray:
         gpus = cfg.ray.gpus_per_trial
         if gpus is None:
@@ -624,93 +708,49 @@ def run_search(
             tune.with_parameters(ray_trial, cfg=cfg, space=space, features=_in_memory(features), every_eval=every_eval),
             {"cpu": cfg.ray.cpus_per_trial, "gpu": gpus},
         )
-        if resume is not None:
-            say(
-                f"study {cfg.study_name}: continuing the interrupted Ray run {run} "
-                f"({len(_ray_running(study, run))} trial(s) were running)"
-            )
-            tuner = tune.Tuner.restore(_run_path(cfg, run), trainable, resume_unfinished=True, resume_errored=False)
-        else:
-            recorder = StudyRecorder(
-                storage=cfg.storage,
-                study_name=cfg.study_name,
-                space=space,
-                key=key,
-                metric=cfg.metric,
-                run=run,
-                scheduler=cfg.ray.scheduler,
-                target=cfg.n_trials,
-            )
-            if cfg.ray.scheduler == "pbt":
-                from ray.tune.search.basic_variant import BasicVariantGenerator
-
-                search_alg: Any = BasicVariantGenerator(random_state=cfg.seed)
-                param_space = {name: tune_domain(dist) for name, dist in space.items()}
-            else:
-                search_alg = StudySearch(
-                    run=run,
-                    space=dict(space),
-                    metric=key,
-                    mode=mode,
-                    sampler=sampler,
-                    study_name=cfg.study_name,
-                    storage=study._storage,
+        while True:
+            if resume is not None:
+                run = resume
+                say(
+                    f"study {cfg.study_name}: continuing the interrupted Ray run {run} "
+                    f"({len(_ray_running(study, run))} trial(s) were running)"
                 )
-                param_space = {}
-            say(
-                f"study {cfg.study_name}: Ray run {run}: {remaining} trial(s), {cfg.ray.scheduler} scheduler, "
-                f"{cfg.ray.cpus_per_trial:g} CPU and {gpus:g} GPU per trial, "
-                f"at most {cfg.ray.max_concurrent_trials or 'as many as fit'} at once, storage {cfg.storage}"
-            )
-            tuner = tune.Tuner(
-                trainable,
-                param_space=param_space,
-                tune_config=tune.TuneConfig(
-                    metric=key,
-                    mode=mode,
-                    search_alg=search_alg,
-                    scheduler=scheduler,
-                    num_samples=remaining,
-                    max_concurrent_trials=cfg.ray.max_concurrent_trials,
-                    time_budget_s=cfg.timeout,
-                    reuse_actors=True,
-                ),
-                run_config=tune.RunConfig(
-                    name=run,
-                    storage_path=cfg.ray.dir,
-                    failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
-                    # PBT clones a trial's checkpoint some time after choosing it: keep them all until the
-                    # run ends (then they are deleted); otherwise the latest is all a trial resumes from.
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=None if cfg.ray.scheduler == "pbt" else 1),
-                    callbacks=[recorder],
-                    verbose=0,
-                ),
-            )
-        with _sigterm_as_sigint() as got:
-            tuner.fit()
-        # Ray's saved state says what a restore would continue: trials not yet TERMINATED or ERROR mean the
-        # run was interrupted (Ray stops them when it gets SIGINT, after saving its state).
-        saved = tune.ExperimentAnalysis(_run_path(cfg, run)).trials
-        unfinished = {t.trial_id for t in saved if t.status not in ("TERMINATED", "ERROR")}
-        if unfinished:
-            interrupted = got.get("signum", signal.SIGINT)
-        else:
-            for trial in saved:  # PBT's checkpoints, kept until the end (StudyRecorder drops the others)
-                _drop_checkpoints(trial)
+                tuner = tune.Tuner.restore(_run_path(cfg, run), trainable, resume_unfinished=True, resume_errored=False)
+            else:
+                run = f"{cfg.study_name}-run{len(runs) + 1}"
+                runs.append(run)
+                say(
+                    f"study {cfg.study_name}: Ray run {run}: {remaining} trial(s), {cfg.ray.scheduler} scheduler, "
+                    f"{cfg.ray.cpus_per_trial:g} CPU and {gpus:g} GPU per trial, "
+                    f"at most {cfg.ray.max_concurrent_trials or 'as many as fit'} at once, storage {cfg.storage}"
+                )
+                tuner = _new_tuner(
+                    cfg,
+                    space,
+                    trainable,
+                    run=run,
+                    samples=remaining,
+                    sampler=sampler,
+                    study=study,
+                    n_train=n_train,
+                    source=source,
+                )
+            unfinished, interrupted = _fit(tuner, cfg, study, run)
+            if interrupted is not None:
+                say(f"study {cfg.study_name}: search took {time.perf_counter() - start:.1f}s")
+                say(
+                    f"study {cfg.study_name}: Ray run {run} interrupted with {len(unfinished)} unfinished trial(s), "
+                    "its state saved; rerun the same command to continue it"
+                )
+                raise Interrupted(interrupted)
+            remaining = max(cfg.n_trials - finished_trials(study), 0)
+            # A restored run ran only the trials it had; a new run fills what is still missing (n_trials may
+            # have grown since). A new run is not repeated: what failed in it stays failed, as in the
+            # optuna backend.
+            if resume is None or remaining == 0:
+                break
+            resume = None
     say(f"study {cfg.study_name}: search took {time.perf_counter() - start:.1f}s")
-    for t in _ray_running(study, run):
-        if t.user_attrs.get("ray_trial_id") not in unfinished:  # asked, but Ray's saved state never had it
-            with contextlib.suppress(Exception):
-                study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "lost: its Ray run ended without it")
-                study.tell(t.number, state=TrialState.FAIL)
-    if interrupted is not None:
-        from llmflow_hpo.errors import Interrupted
-
-        say(
-            f"study {cfg.study_name}: Ray run {run} interrupted with {len(unfinished)} unfinished trial(s), its state "
-            "saved; rerun the same command to continue it"
-        )
-        raise Interrupted(interrupted)
     return summarize(study, cfg, finished_trials(study) - done, 1)
 
 
