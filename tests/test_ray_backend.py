@@ -8,11 +8,13 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import optuna
+import psutil
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
@@ -38,6 +40,16 @@ RAY_STUDY: dict[str, Any] = {
 def cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "llmflow_hpo", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def start_search(config: Path, tmp_path: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "llmflow_hpo", "search", str(config)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -81,6 +93,9 @@ def test_ray_study_lands_in_the_optuna_storage_and_retrains(write_study, tmp_pat
     assert "Traceback" not in result.stderr
     assert "ray: started a local Ray on 127.0.0.1" in result.stderr  # loopback only
     assert not (tmp_path / "ray" / "tmp").exists()  # Ray's temporary files were under the study's folder, now gone
+    # The trials' staging folders went with their actor processes (a stopped trial leaves its last checkpoint).
+    staging = list(Path(tempfile.gettempdir()).glob("llmflow-ray-trial-*"))
+    assert not [f for f in staging if not psutil.pid_exists(int(f.name.rsplit("-", 1)[-1]))]
 
     study = load(tmp_path)
     trials = study.get_trials()
@@ -135,13 +150,7 @@ def test_ray_study_lands_in_the_optuna_storage_and_retrains(write_study, tmp_pat
 @pytest.mark.slow
 def test_interrupted_ray_search_continues_where_it_stopped(write_study, tmp_path: Path) -> None:
     config = write_study({**RAY_STUDY, "n_trials": 4, "ray": {"scheduler": "none", "max_concurrent_trials": 2}})
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llmflow_hpo", "search", str(config)],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_search(config, tmp_path)
     deadline = time.monotonic() + 180
     try:
         # Stop once a running trial has reported at least two evaluations (so it has a checkpoint).
@@ -181,17 +190,10 @@ def test_interrupted_ray_search_continues_where_it_stopped(write_study, tmp_path
 
 @pytest.mark.slow
 def test_a_killed_ray_worker_is_retried_from_its_checkpoint(write_study, tmp_path: Path) -> None:
-    psutil = pytest.importorskip("psutil")
     config = write_study(
         {**RAY_STUDY, "n_trials": 1, "ray": {"scheduler": "none", "max_failures": 2}, "data": {"limit_train": 400}}
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llmflow_hpo", "search", str(config)],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_search(config, tmp_path)
     deadline = time.monotonic() + 180
     killed = None
     try:

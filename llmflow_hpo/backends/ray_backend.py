@@ -42,7 +42,7 @@ from optuna.trial import TrialState
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from llmflow_hpo.checkpoints import TrialCheckpoint
+from llmflow_hpo.checkpoints import RESUME, TrialCheckpoint
 from llmflow_hpo.config import StudyConfig
 from llmflow_hpo.errors import ConfigError, TrialFailure
 from llmflow_hpo.spaces import SearchSpace, suggest_params
@@ -150,6 +150,8 @@ class _RayReporter:
             },
             checkpoint=checkpoint,
         )
+        if checkpoint is not None:  # Ray has copied it to ray.dir: no second copy on the worker's disk
+            (self.checkpoint.folder / RESUME).unlink(missing_ok=True)
 
     def final(self, result: Any, seed: int) -> None:
         """The run ended by itself (all epochs, or early stopping): the run's costs, at the last step again."""
@@ -199,7 +201,11 @@ def ray_trial(config: dict[str, Any], *, cfg: StudyConfig, space: SearchSpace, f
     cfg = copy.deepcopy(cfg)
     if cfg.train.num_threads is None:
         cfg.train.num_threads = max(1, int(cfg.ray.cpus_per_trial))
-    folder = Path(tempfile.mkdtemp(prefix="llmflow-ray-trial-"))
+    # One staging folder per actor process, emptied when a trial starts: a trial the scheduler stops does
+    # not unwind (its thread is dropped), so what it left is removed by the actor's next trial.
+    folder = Path(tempfile.gettempdir()) / f"llmflow-ray-trial-{os.getpid()}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
     try:
         checkpoint = None
         if cfg.checkpoint.enabled:
@@ -534,6 +540,26 @@ def ray_session(cfg: StudyConfig, log: Log) -> Iterator[Any]:
             with contextlib.suppress(OSError):
                 link.unlink()
         shutil.rmtree(tmp, ignore_errors=True)
+        _drop_stale_staging()
+
+
+def _drop_stale_staging() -> None:
+    """Trial staging folders (``ray_trial``) of actor processes that are gone: a trial stopped by the
+    scheduler, or a killed actor, leaves its last checkpoint there. Local Ray only: the actors ran here."""
+    for folder in Path(tempfile.gettempdir()).glob("llmflow-ray-trial-*"):
+        pid = folder.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _resources_text(ray: Any) -> str:
