@@ -214,7 +214,7 @@ class RayConfig:
         default=None,
     )
     scheduler: Literal["asha", "hyperband", "median", "pbt", "none"] = _help(
-        "Ray Tune scheduler that stops (or, pbt, mutates) trials; its time unit is training examples seen.",
+        "Ray Tune scheduler that stops (or, pbt, mutates) trials; its time unit is training examples seen (hyperband: evaluations).",
         default="asha",
     )
     scheduler_options: dict[str, Any] = _help(

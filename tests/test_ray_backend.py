@@ -238,6 +238,28 @@ def test_pbt_clones_checkpoints_and_records_the_changes(write_study, tmp_path: P
     assert not list((tmp_path / "ray").glob("*/*/checkpoint_*"))  # kept during the run, dropped at its end
 
 
+@pytest.mark.slow
+def test_search_joins_a_running_ray_cluster(write_study, tmp_path: Path) -> None:
+    ray_cli = Path(sys.executable).with_name("ray")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    started = subprocess.run(
+        [str(ray_cli), "start", "--head", "--port=0", "--num-cpus=2", "--include-dashboard=false"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert started.returncode == 0, started.stderr[-2000:]
+    try:
+        config = write_study({**RAY_STUDY, "n_trials": 2, "ray": {"scheduler": "none"}})
+        result = cli("search", str(config), "--ray-address", "auto", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "ray: joined the cluster at auto" in result.stderr
+        assert [t.state for t in load(tmp_path).get_trials()] == [TrialState.COMPLETE] * 2
+    finally:
+        subprocess.run([str(ray_cli), "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Fast checks: configuration, errors, the search-space conversion.
 
@@ -267,6 +289,17 @@ def test_scheduler_defaults_follow_the_evaluation_schedule(tiny_cfg) -> None:
     assert asha._max_t == 3 * 200 + 1
     # Rungs at the first evaluation (grace period: 200 examples / 2 evaluations per epoch) and 3x later.
     assert sorted(milestone for milestone, _ in asha._brackets[0]._rungs) == [100, 300]
+
+
+def test_hyperband_counts_evaluations(tiny_cfg) -> None:
+    from llmflow_hpo.backends.ray_backend import build_scheduler
+
+    cfg, space, _ = tiny_cfg(
+        {"backend": "ray", "train": {"epochs": 3, "evals_per_epoch": 2}, "ray": {"scheduler": "hyperband"}}
+    )
+    hyperband = build_scheduler(cfg, space, n_train=200, source="study.yaml")
+    # Its smallest budget is one time unit: one evaluation, not one example.
+    assert hyperband._time_attr == "evaluation" and hyperband._max_t_attr == 3 * 2 + 1
 
 
 def test_scheduler_options_are_checked(tiny_cfg) -> None:

@@ -50,7 +50,8 @@ from llmflow_hpo.spaces import SearchSpace, suggest_params
 __all__ = ["StudyRecorder", "StudySearch", "ray_trial", "run_search"]
 
 Log = Callable[[str], None]
-STEP = "step"  # the result key every scheduler counts time in: training examples seen
+STEP = "step"  # the result key the schedulers count time in: training examples seen
+EVALUATION = "evaluation"  # the evaluation point's number (1, 2, ...): HyperBand's time, see build_scheduler
 # Hyperparameters PBT may change in a running trial: they do not change the model's shape, the optimizer's
 # kind or the length of the run.
 PBT_MUTABLE = (
@@ -99,8 +100,9 @@ class _RayReporter:
     """The training loop's ``on_eval`` under Ray: each evaluation goes to ``tune.report`` with the step,
     the best value so far and its metrics, and the checkpoint when the loop has just written one."""
 
-    def __init__(self, cfg: StudyConfig, checkpoint: Any) -> None:
+    def __init__(self, cfg: StudyConfig, checkpoint: Any, n_train: int) -> None:
         self.metric, self.direction, self.key = cfg.metric, cfg.direction, metric_key(cfg)
+        self.points_per_example = cfg.train.evals_per_epoch / n_train
         self.checkpoint = checkpoint
         self.best: Any = None
         self.extra: dict[str, Any] = {"worker": f"{socket.gethostname()}:{os.getpid()}", "seed": cfg.seed}
@@ -143,6 +145,7 @@ class _RayReporter:
             {
                 self.key: value,
                 STEP: evaluation.step,
+                EVALUATION: round(evaluation.step * self.points_per_example),
                 "best_value": self.best.metrics[self.metric],
                 "train_loss": evaluation.train_loss,
                 "final": evaluation.last,  # a scheduler stopping the trial now stops a finished run
@@ -164,6 +167,7 @@ class _RayReporter:
             {
                 self.key: last.metrics[self.metric],
                 STEP: last.step,
+                EVALUATION: round(last.step * self.points_per_example),
                 "best_value": result.best.metrics[self.metric],
                 "train_loss": last.train_loss,
                 "final": True,
@@ -219,7 +223,7 @@ def ray_trial(config: dict[str, Any], *, cfg: StudyConfig, space: SearchSpace, f
                 max_overhead=1.0 if every_eval else cfg.checkpoint.max_overhead,
                 accept_other_params=cfg.ray.scheduler == "pbt",
             )
-        reporter = _RayReporter(cfg, checkpoint)
+        reporter = _RayReporter(cfg, checkpoint, len(features.splits["train"]))
         result = train_and_evaluate(
             cfg, params, features, seed=cfg.seed, on_eval=reporter, checkpoint=checkpoint, on_resume=reporter.restore
         )
@@ -430,7 +434,8 @@ def build_scheduler(cfg: StudyConfig, space: SearchSpace, n_train: int, source: 
     """The configured Ray scheduler, its times in training examples seen; None for ``none``.
 
     Defaults follow the optuna backend's evaluation schedule: the first evaluation point is the grace
-    period, the longest run (the most epochs the space allows) is ``max_t``.
+    period, the longest run (the most epochs the space allows) is ``max_t``. HyperBand has no grace
+    period (its smallest budget is one time unit), so it counts evaluations instead of examples.
     """
     name = cfg.ray.scheduler
     if name == "none":
@@ -465,7 +470,7 @@ def build_scheduler(cfg: StudyConfig, space: SearchSpace, n_train: int, source: 
         options.setdefault("grace_period", interval)
         options.setdefault("reduction_factor", 3)
     elif name == "hyperband":
-        options.setdefault("max_t", max_t)
+        options.setdefault("max_t", max_epochs * cfg.train.evals_per_epoch + 1)
     elif name == "median":
         options.setdefault("grace_period", interval)
         options.setdefault("min_samples_required", 3)
@@ -478,7 +483,7 @@ def build_scheduler(cfg: StudyConfig, space: SearchSpace, n_train: int, source: 
         options["hyperparam_mutations"] = mutable
         options.setdefault("perturbation_interval", 2 * interval)
     try:
-        return cls(time_attr=STEP, **options)
+        return cls(time_attr=EVALUATION if name == "hyperband" else STEP, **options)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{source}: ray.scheduler_options: Ray's {cls.__name__} refused them: {e}") from None
 
