@@ -7,7 +7,8 @@ What comes from where:
   PBT cannot run with a search algorithm (Ray refuses it), so its population is drawn at random by Ray
   from the same distributions, and each Ray trial becomes a study trial when it starts.
 - Stopping: a Ray scheduler (ASHA, HyperBand, median stopping, PBT) instead of the optuna pruner. Its time
-  unit is training examples seen, the step every evaluation is reported at in both backends.
+  unit is training examples seen, the step every evaluation is reported at in both backends (HyperBand:
+  evaluations, see ``build_scheduler``).
 - Recording: ``StudyRecorder``, a Ray Tune callback in the driver, writes every evaluation as the trial's
   intermediate value at its step, and the end of every trial: COMPLETE with the best dev metric, PRUNED
   when the scheduler stopped it, FAIL with the reason when it failed more than ``ray.max_failures`` times.
