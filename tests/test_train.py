@@ -185,3 +185,33 @@ def test_focal_loss_of_a_batch_without_labels_is_zero_not_nan():
     labels = torch.full((1, 3), IGNORE_INDEX)
     loss = loss_fn(logits, labels, TrainConfig(loss="focal"), None)
     assert float(loss.detach()) == 0.0
+
+
+def test_a_cloned_state_takes_the_new_learning_rate_weight_decay_and_momentum() -> None:
+    """PBT: a trial continues another trial's optimizer and schedule with mutated hyperparameters."""
+    from llmflow_hpo.train import _adopt_hyperparameters, _optimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    old = TrainConfig(learning_rate=1e-3, weight_decay=0.01, warmup_ratio=0.5, optimizer="sgd", momentum=0.9)
+    optimizer = _optimizer(model, old, torch.device("cpu"))
+    scheduler = build_scheduler(optimizer, old, total_steps=10)
+    for _ in range(3):  # inside the warmup: the factor is 3/5
+        optimizer.step()
+        scheduler.step()
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+
+    new = dataclasses.replace(old, learning_rate=2e-3, weight_decay=0.05, momentum=0.8)
+    optimizer = _optimizer(model, new, torch.device("cpu"))
+    scheduler = build_scheduler(optimizer, new, total_steps=10)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 3 / 5)  # the loaded state says the old rate
+    _adopt_hyperparameters(optimizer, scheduler, new)
+    decayed, no_decay = optimizer.param_groups
+    assert decayed["lr"] == no_decay["lr"] == pytest.approx(2e-3 * 3 / 5)
+    assert decayed["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert decayed["momentum"] == no_decay["momentum"] == 0.8
+    assert scheduler.last_epoch == 3
+    optimizer.step()
+    scheduler.step()  # the schedule goes on from the new peak
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(2e-3 * 4 / 5)
