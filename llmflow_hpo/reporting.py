@@ -9,7 +9,14 @@ import optuna
 
 from llmflow_hpo.train import Evaluation, TrainResult
 
-__all__ = ["TrialReporter", "store_result"]
+__all__ = ["TrialReporter", "improves", "store_best", "store_result"]
+
+
+def improves(value: float, best: Evaluation | None, metric: str, direction: str) -> bool:
+    """Whether ``value`` beats the best evaluation so far (any value beats none)."""
+    if best is None:
+        return True
+    return value > best.metrics[metric] if direction == "maximize" else value < best.metrics[metric]
 
 
 class TrialReporter:
@@ -36,10 +43,7 @@ class TrialReporter:
             self.trial.set_user_attr("resumed_at_optimizer_step", history[-1].optimizer_step)
 
     def _better(self, value: float) -> bool:
-        if self.best is None:
-            return True
-        best = self.best.metrics[self.metric]
-        return value > best if self.direction == "maximize" else value < best
+        return improves(value, self.best, self.metric, self.direction)
 
     def __call__(self, evaluation: Evaluation) -> None:
         value = evaluation.metrics[self.metric]

@@ -43,9 +43,11 @@ from optuna.trial import TrialState
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
+from llmflow_hpo.backends.optuna_backend import _Progress
 from llmflow_hpo.checkpoints import RESUME, TrialCheckpoint
 from llmflow_hpo.config import StudyConfig
 from llmflow_hpo.errors import ConfigError, TrialFailure
+from llmflow_hpo.reporting import improves, store_best, store_result
 from llmflow_hpo.spaces import SearchSpace, suggest_params
 
 __all__ = ["StudyRecorder", "StudySearch", "ray_trial", "run_search"]
@@ -110,10 +112,7 @@ class _RayReporter:
         self._written = 0
 
     def _better(self, value: float) -> bool:
-        if self.best is None:
-            return True
-        best = self.best.metrics[self.metric]
-        return value > best if self.direction == "maximize" else value < best
+        return improves(value, self.best, self.metric, self.direction)
 
     def restore(self, history: list[Any]) -> None:
         for evaluation in history:
@@ -126,8 +125,6 @@ class _RayReporter:
             self._written = self.checkpoint.written
 
     def _attrs(self) -> dict[str, Any]:
-        from llmflow_hpo.reporting import store_best
-
         sink = _AttrSink()
         store_best(sink, self.best)
         return {**sink.attrs, **self.extra}
@@ -159,8 +156,6 @@ class _RayReporter:
 
     def final(self, result: Any, seed: int) -> None:
         """The run ended by itself (all epochs, or early stopping): the run's costs, at the last step again."""
-        from llmflow_hpo.reporting import store_result
-
         sink = _AttrSink()
         store_result(sink, result, seed)
         last = result.history[-1]
@@ -265,6 +260,7 @@ class StudyRecorder(tune.Callback):
         self._ids: dict[str, int] = {}  # Ray trial id -> optuna's trial id (storage key)
         self._last_step: dict[str, int] = {}
         self._params: dict[str, dict[str, Any]] = {}
+        self._progress = _Progress(target, metric, _stderr)  # the optuna backend's line per finished trial
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -320,20 +316,18 @@ class StudyRecorder(tune.Callback):
         params = {name: trial.config.get(name) for name in self.space}
         before = self._params.setdefault(trial.trial_id, params)
         if params != before:  # PBT exploited another trial and mutated: record the new parameters
-            schedule = list(self.study.trials[t.number].user_attrs.get("pbt_schedule", []))
+            schedule = list(t.user_attrs.get("pbt_schedule", []))
             schedule.append({"step": step, "params": params})
             t.set_user_attr("pbt_schedule", schedule)
             self._params[trial.trial_id] = params
 
     def _finish(self, trial: Any, state: TrialState, value: float | None, attrs: dict[str, Any]) -> None:
-        from llmflow_hpo.backends.optuna_backend import _Progress
-
         t = self._trial(trial)
         for key, val in attrs.items():
             t.set_user_attr(key, val)
         t.set_user_attr("ray_failures", int(trial.num_failures))
         frozen = self.study.tell(t, value, state=state, skip_if_finished=True)
-        _Progress(self.target, self.metric, _stderr)(self.study, frozen)
+        self._progress(self.study, frozen)
         if self.scheduler != "pbt":  # PBT may still clone a finished trial's checkpoint
             _drop_checkpoints(trial)
 
