@@ -260,11 +260,12 @@ class StudyRecorder(tune.Callback):
         self._ids: dict[str, int] = {}  # Ray trial id -> optuna's trial id (storage key)
         self._last_step: dict[str, int] = {}
         self._params: dict[str, dict[str, Any]] = {}
+        self._workers: dict[str, str] = {}  # where each trial runs now ("host:pid"; a retried trial moves)
         self._progress = _Progress(target, metric, _stderr)  # the optuna backend's line per finished trial
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_study=None, _numbers={}, _ids={}, _last_step={}, _params={})
+        state.update(_study=None, _numbers={}, _ids={}, _last_step={}, _params={}, _workers={})
         return state
 
     @property
@@ -313,6 +314,10 @@ class StudyRecorder(tune.Callback):
         if step > self._last_step.get(trial.trial_id, -1):
             t.report(float(result[self.key]), step)
             self._last_step[trial.trial_id] = step
+        worker = (result.get("attrs") or {}).get("worker")
+        if worker and self._workers.get(trial.trial_id) != worker:  # shown while it runs, as the optuna backend does
+            t.set_user_attr("worker", worker)
+            self._workers[trial.trial_id] = worker
         params = {name: trial.config.get(name) for name in self.space}
         before = self._params.setdefault(trial.trial_id, params)
         if params != before:  # PBT exploited another trial and mutated: record the new parameters
