@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -149,7 +148,7 @@ def test_ray_study_lands_in_the_optuna_storage_and_retrains(write_study, tmp_pat
 
 @pytest.mark.slow
 def test_interrupted_ray_search_continues_where_it_stopped(write_study, tmp_path: Path) -> None:
-    config = write_study({**RAY_STUDY, "n_trials": 4, "ray": {"scheduler": "none", "max_concurrent_trials": 2}})
+    config = write_study({**RAY_STUDY, "n_trials": 2, "ray": {"scheduler": "none", "max_concurrent_trials": 2}})
     proc = start_search(config, tmp_path)
     deadline = time.monotonic() + 180
     try:
@@ -173,12 +172,12 @@ def test_interrupted_ray_search_continues_where_it_stopped(write_study, tmp_path
     interrupted = {t.number for t in left}
 
     # The rerun asks for one trial more: the interrupted run is restored first, then a new run adds the missing one.
-    again = cli("search", str(config), "--set", "n_trials=5", cwd=tmp_path)
+    again = cli("search", str(config), "--set", "n_trials=3", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "continuing the interrupted Ray run tiny-ner-run1" in again.stderr
     assert "Ray run tiny-ner-run2: 1 trial(s)" in again.stderr
     trials = load(tmp_path).get_trials()
-    assert [t.state for t in trials].count(TrialState.COMPLETE) == 5
+    assert [t.state for t in trials].count(TrialState.COMPLETE) == 3
     assert [t.user_attrs["ray_run"] for t in trials].count("tiny-ner-run2") == 1
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING, TrialState.FAIL)]
     resumed = [t for t in trials if t.number in interrupted and t.user_attrs.get("resumed_at_step")]
@@ -197,14 +196,14 @@ def test_a_killed_ray_worker_is_retried_from_its_checkpoint(write_study, tmp_pat
     deadline = time.monotonic() + 180
     killed = None
     try:
-        while time.monotonic() < deadline and killed is None:
+        # The running trial names its worker process ("host:pid"); kill it once the trial is past its first checkpoint.
+        while time.monotonic() < deadline and killed is None and proc.poll() is None:
             now = running(tmp_path)
-            if now and len(now[0].intermediate_values) >= 2:  # past its first checkpoint
-                for p in psutil.Process(proc.pid).children(recursive=True):
-                    with contextlib.suppress(psutil.Error):
-                        if " ".join(p.cmdline()).startswith("ray::ImplicitFunc"):  # the trial's actor
-                            p.kill()
-                            killed = p.pid
+            if now and len(now[0].intermediate_values) >= 2 and "worker" in now[0].user_attrs:
+                pid = int(now[0].user_attrs["worker"].rsplit(":", 1)[1])
+                assert pid in {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+                os.kill(pid, signal.SIGKILL)
+                killed = pid
             time.sleep(0.3)
         assert killed is not None, "found no Ray trial process to kill"
         _, err = proc.communicate(timeout=240)
@@ -217,29 +216,13 @@ def test_a_killed_ray_worker_is_retried_from_its_checkpoint(write_study, tmp_pat
     assert t.state == TrialState.COMPLETE
     assert t.user_attrs["ray_failures"] == 1
     assert t.user_attrs["resumed_at_step"] > 0
+    assert t.user_attrs["worker"].rsplit(":", 1)[1] != str(killed)  # finished by the process Ray restarted
     assert sorted(t.intermediate_values) == [200 * k for k in range(1, 7)]
 
 
 @pytest.mark.slow
-def test_pbt_clones_checkpoints_and_records_the_changes(write_study, tmp_path: Path) -> None:
-    config = write_study({**RAY_STUDY, "n_trials": 4, "ray": {"scheduler": "pbt", "max_concurrent_trials": 2}})
-    result = cli("search", str(config), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    trials = load(tmp_path).get_trials()
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
-    changed = [t for t in trials if t.user_attrs.get("pbt_schedule")]
-    # PBT's bottom quarter (one trial of four) clones the top trial's checkpoint at each perturbation.
-    assert changed
-    for t in changed:
-        # It continued from a checkpoint (another trial's: PBT's exploit), with a mutated learning rate.
-        assert t.user_attrs["resumed_at_step"] > 0
-        assert any(c["params"]["learning_rate"] != t.params["learning_rate"] for c in t.user_attrs["pbt_schedule"])
-        assert sorted(t.intermediate_values) == [100 * k for k in range(1, 7)]
-    assert not list((tmp_path / "ray").glob("*/*/checkpoint_*"))  # kept during the run, dropped at its end
-
-
-@pytest.mark.slow
-def test_search_joins_a_running_ray_cluster(write_study, tmp_path: Path) -> None:
+def test_pbt_on_a_joined_cluster_clones_checkpoints_and_records_the_changes(write_study, tmp_path: Path) -> None:
+    # A Ray cluster started beforehand (`ray start --head`), joined with --ray-address auto.
     ray_cli = Path(sys.executable).with_name("ray")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
     started = subprocess.run(
@@ -251,13 +234,23 @@ def test_search_joins_a_running_ray_cluster(write_study, tmp_path: Path) -> None
     )
     assert started.returncode == 0, started.stderr[-2000:]
     try:
-        config = write_study({**RAY_STUDY, "n_trials": 2, "ray": {"scheduler": "none"}})
+        config = write_study({**RAY_STUDY, "n_trials": 4, "ray": {"scheduler": "pbt", "max_concurrent_trials": 2}})
         result = cli("search", str(config), "--ray-address", "auto", cwd=tmp_path)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert "ray: joined the cluster at auto" in result.stderr
-        assert [t.state for t in load(tmp_path).get_trials()] == [TrialState.COMPLETE] * 2
     finally:
         subprocess.run([str(ray_cli), "stop", "--force"], capture_output=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ray: joined the cluster at auto" in result.stderr
+    trials = load(tmp_path).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    changed = [t for t in trials if t.user_attrs.get("pbt_schedule")]
+    # PBT's bottom quarter (one trial of four) clones the top trial's checkpoint at each perturbation.
+    assert changed
+    for t in changed:
+        # It continued from a checkpoint (another trial's: PBT's exploit), with a mutated learning rate.
+        assert t.user_attrs["resumed_at_step"] > 0
+        assert any(c["params"]["learning_rate"] != t.params["learning_rate"] for c in t.user_attrs["pbt_schedule"])
+        assert sorted(t.intermediate_values) == [100 * k for k in range(1, 7)]
+    assert not list((tmp_path / "ray").glob("*/*/checkpoint_*"))  # kept during the run, dropped at its end
 
 
 # ----------------------------------------------------------------------------------------------------
