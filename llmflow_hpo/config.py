@@ -45,6 +45,7 @@ __all__ = [
 Task = Literal["token-classification", "text-classification"]
 SchedulerName = Literal["linear", "cosine", "constant", "constant_with_warmup", "polynomial"]
 OptimizerName = Literal["adamw", "sgd", "adafactor"]
+PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
 LossName = Literal["cross_entropy", "focal"]
 ClassWeighting = Literal["none", "balanced"]
 
@@ -166,6 +167,16 @@ class TrainConfig:
     # Fixed settings of the recipe.
     evals_per_epoch: int = _help("Dev evaluations per epoch (each is reported to the pruner).", default=2)
     eval_batch_size: int = _help("Batch size for evaluation (no gradients are kept).", default=64)
+    group_by_length: bool = _help(
+        "Batch examples of similar length together (shuffled in groups of 50 batches, as the Hugging Face "
+        "Trainer's group_by_length), so dynamic padding pads little; false draws batches uniformly at random.",
+        default=True,
+    )
+    precision: PrecisionName = _help(
+        "auto: bf16 autocast on a GPU that has it, else fp16 with loss scaling on a GPU, fp32 on CPU. "
+        "fp16 needs a GPU.",
+        default="auto",
+    )
     early_stopping_patience: int | None = _help(
         "Stop a trial after this many evaluations without improvement; null turns it off.", default=3
     )
@@ -461,6 +472,11 @@ def _check_train(t: TrainConfig, need: Any) -> None:
         f"got {t.device!r}; use auto, cpu, cuda or cuda:N",
     )
     need(t.num_threads is None or t.num_threads >= 1, "train.num_threads", "must be >= 1 or null")
+    need(
+        not (t.precision == "fp16" and t.device == "cpu"),
+        "train.precision",
+        "fp16 needs a GPU (loss scaling is a CUDA feature); use fp32 or bf16 on cpu",
+    )
 
 
 def coerce_hyperparameter(name: str, value: Any) -> tuple[Any, str | None]:

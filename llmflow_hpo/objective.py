@@ -19,7 +19,7 @@ from llmflow_hpo.errors import TrialFailure
 from llmflow_hpo.features import Features
 from llmflow_hpo.reporting import TrialReporter, store_result
 from llmflow_hpo.spaces import SearchSpace, suggest_params
-from llmflow_hpo.train import train_and_evaluate
+from llmflow_hpo.train import runtime_attrs, train_and_evaluate
 
 __all__ = ["Objective"]
 
@@ -63,6 +63,8 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         params = suggest_params(trial, self.space)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        for key, value in runtime_attrs(self.cfg, params).items():  # precision, TF32, ...: pruned trials too
+            trial.set_user_attr(key, value)
         seed = self.cfg.seed
         reporter = TrialReporter(trial, self.cfg.metric, self.cfg.direction)
         checkpoint = self._checkpoint(trial, params)

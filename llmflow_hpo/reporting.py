@@ -81,6 +81,10 @@ def store_result(trial: Any, result: TrainResult, seed: int) -> None:
     trial.set_user_attr("peak_memory_kind", result.peak_memory_kind)
     trial.set_user_attr("device", result.device)
     trial.set_user_attr("torch_threads", result.torch_threads)
+    # Where the trial's time went: set-up before the first batch, training steps, dev evaluations.
+    trial.set_user_attr("setup_s", round(result.setup_seconds, 3))
+    trial.set_user_attr("train_s", round(result.train_seconds, 3))
+    trial.set_user_attr("eval_s", round(result.eval_seconds, 3))
     if result.checkpoints_written or result.checkpoint_seconds:
         trial.set_user_attr("checkpoints_written", result.checkpoints_written)
         trial.set_user_attr("checkpoint_s", round(result.checkpoint_seconds, 3))

@@ -23,6 +23,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,11 +40,14 @@ from llmflow_hpo.models import build_model, load_tokenizer
 
 __all__ = [
     "Evaluation",
+    "Runtime",
     "TrainResult",
     "build_scheduler",
     "evaluate",
     "loss_fn",
     "resolve_device",
+    "resolve_runtime",
+    "runtime_attrs",
     "train_and_evaluate",
     "warmup_steps",
 ]
@@ -82,6 +86,10 @@ class TrainResult:
     checkpoints_written: int = 0
     checkpoint_seconds: float = 0.0
     torch_threads: int = 0
+    setup_seconds: float = 0.0  # model and tokenizer load, loaders, optimizer: before the first batch
+    train_seconds: float = 0.0  # the training steps
+    eval_seconds: float = 0.0  # the dev evaluations
+    runtime: dict[str, Any] = field(default_factory=dict)  # Runtime.attrs()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -90,6 +98,61 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device: {name} asked for, but torch sees no CUDA device; use auto or cpu")
     return torch.device(name)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How a run uses its device, chosen from the device and ``train.precision``; stored with every trial."""
+
+    device: torch.device
+    precision: str  # fp32, bf16 (autocast) or fp16 (autocast with loss scaling)
+    tf32: bool  # fp32 matmuls on TF32 tensor cores (Ampere and later)
+    fused_optimizer: bool  # AdamW's fused CUDA kernel
+    pin_memory: bool  # page-locked batches, copied with non_blocking=True
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        if self.precision == "fp32":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
+
+    def attrs(self) -> dict[str, Any]:
+        return {
+            "device": str(self.device),
+            "precision": self.precision,
+            "tf32": self.tf32,
+            "fused_optimizer": self.fused_optimizer,
+            "pin_memory": self.pin_memory,
+        }
+
+
+def runtime_attrs(cfg: StudyConfig, params: dict[str, Any], runtime: Runtime | None = None) -> dict[str, Any]:
+    """What a trial with ``params`` runs with (device, precision, TF32, fused optimizer, pinned memory,
+    length grouping): the trial's user attributes, written when it starts."""
+    hp = dataclasses.replace(cfg.train, **params)
+    return {**(runtime or resolve_runtime(hp)).attrs(), "group_by_length": hp.group_by_length}
+
+
+def resolve_runtime(hp: TrainConfig, device: torch.device | None = None) -> Runtime:
+    """On a GPU: bf16 where it has it (else fp16 with loss scaling), TF32, fused AdamW, pinned memory.
+
+    On CPU everything stays fp32 unless ``train.precision`` asks for bf16.
+    """
+    device = device or resolve_device(hp.device)
+    cuda = device.type == "cuda"
+    precision = hp.precision
+    if precision == "auto":
+        precision = "fp32"
+        if cuda:
+            precision = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    if precision == "fp16" and not cuda:
+        raise ConfigError(f"train.precision: fp16 needs a GPU and this run is on {device}; use fp32 or bf16")
+    return Runtime(
+        device=device,
+        precision=precision,
+        tf32=cuda and torch.cuda.get_device_capability(device)[0] >= 8,
+        fused_optimizer=cuda and hp.optimizer == "adamw",
+        pin_memory=cuda,
+    )
 
 
 def _seed_everything(seed: int) -> None:
@@ -107,24 +170,35 @@ def _collator(task: str, tokenizer: Any) -> Any:
 
 
 class _EpochSampler(torch.utils.data.Sampler[int]):
-    """The training order of ``DataLoader(shuffle=True, generator=g)``, able to start mid-epoch.
+    """The training order of an epoch, drawn from the loader's generator, able to start mid-epoch.
 
-    Like RandomSampler it draws a permutation per epoch from the loader's generator, and a second,
-    unused one at the end of the epoch, so the orders stay those of earlier versions (and of stored
-    studies' retrains). ``skip`` drops the first examples of the next epoch drawn: the ones a resumed
-    run had already trained on.
+    Without ``lengths``: the order of ``DataLoader(shuffle=True, generator=g)`` (one permutation per
+    epoch, and a second, unused one at the end of the epoch, as RandomSampler draws). With ``lengths``:
+    the Hugging Face Trainer's length grouping (``get_length_grouped_indices``: a permutation cut into
+    groups of 50 batches, each sorted by length, the longest batch first), so a batch holds examples of
+    similar length and dynamic padding pads little. ``skip`` drops the first examples of the next epoch
+    drawn: the ones a resumed run had already trained on.
     """
 
-    def __init__(self, n: int, generator: torch.Generator) -> None:
+    def __init__(
+        self, n: int, generator: torch.Generator, lengths: list[int] | None = None, batch_size: int = 1
+    ) -> None:
         self.n = n
         self.generator = generator
+        self.lengths = lengths
+        self.batch_size = batch_size
         self.skip = 0
 
     def __len__(self) -> int:
         return self.n
 
     def __iter__(self) -> Any:
-        order = torch.randperm(self.n, generator=self.generator).tolist()
+        if self.lengths is not None:
+            from transformers.trainer_pt_utils import get_length_grouped_indices
+
+            order = get_length_grouped_indices(self.lengths, self.batch_size, generator=self.generator)
+        else:
+            order = torch.randperm(self.n, generator=self.generator).tolist()
         skip, self.skip = self.skip, 0
         yield from order[skip:]
         torch.randperm(self.n, generator=self.generator)
@@ -168,7 +242,7 @@ class _ModelInputs(torch.utils.data.Dataset):
         return {c: row[c] for c in self.columns}
 
 
-def _optimizer(model: torch.nn.Module, hp: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def _optimizer(model: torch.nn.Module, hp: TrainConfig, runtime: Runtime) -> torch.optim.Optimizer:
     """Weight decay on weights only: not on biases, not on normalisation layers."""
     decay, no_decay = [], []
     norm_types = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.BatchNorm1d)
@@ -179,7 +253,7 @@ def _optimizer(model: torch.nn.Module, hp: TrainConfig, device: torch.device) ->
             (no_decay if isinstance(module, norm_types) or name == "bias" else decay).append(param)
     groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if hp.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=hp.learning_rate, fused=device.type == "cuda")
+        return torch.optim.AdamW(groups, lr=hp.learning_rate, fused=runtime.fused_optimizer or None)
     if hp.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=hp.learning_rate, momentum=hp.momentum)
     from transformers.optimization import Adafactor
@@ -253,23 +327,34 @@ def loss_fn(
     return ((1.0 - p_t) ** hp.focal_gamma * ce).sum() / labels.numel()
 
 
+def _by_length(ds: Any) -> list[int]:
+    """Evaluation order: longest first (a memory error shows at once), so each batch pads little."""
+    lengths = [len(ids) for ids in ds["input_ids"]]
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+
 @torch.inference_mode()
 def evaluate(
     model: torch.nn.Module,
     loader: DataLoader,
     features: Features,
     split: str,
-    hp: TrainConfig,
-    device: torch.device,
+    runtime: Runtime,
 ) -> dict[str, float]:
-    """Dev or test metrics: entity-level (seqeval) on word-level tags for NER, scikit-learn for classification."""
+    """Dev or test metrics: entity-level (seqeval) on word-level tags for NER, scikit-learn for classification.
+
+    The loader may take the examples in any order given as its sampler (a list of indices, e.g. by
+    length); predictions are put back in the split's order before scoring.
+    """
     model.eval()
     total_loss, total_count = 0.0, 0
     predictions: list[Any] = []
+    device = runtime.device
     for batch in loader:
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = {k: v.to(device, non_blocking=runtime.pin_memory) for k, v in batch.items()}
         labels = batch.pop("labels")
-        logits = model(**batch).logits
+        with runtime.autocast():
+            logits = model(**batch).logits
         flat = labels.reshape(-1)
         count = int((flat != IGNORE_INDEX).sum())
         total_loss += float(
@@ -285,6 +370,12 @@ def evaluate(
         else:
             predictions.extend(predicted.cpu().tolist())
     model.train()
+    order = loader.sampler if isinstance(loader.sampler, list) else None
+    if order is not None:  # back to the split's order
+        unsorted: list[Any] = [None] * len(predictions)
+        for position, index in enumerate(order):
+            unsorted[index] = predictions[position]
+        predictions = unsorted
     names = features.labels
     if features.task == "token-classification":
         gold = features.gold_tags(split)
@@ -335,9 +426,14 @@ def train_and_evaluate(
     the state after evaluations that do not end the run when it says one is due, and keep the best
     model (written with the next checkpoint, or when the run completes). ``on_resume`` receives the evaluations the saved state had made.
     """
+    entered = time.perf_counter()
     hp = dataclasses.replace(cfg.train, **params)
-    device = resolve_device(hp.device)
+    runtime = resolve_runtime(hp)
+    device = runtime.device
     threads_before = torch.get_num_threads()
+    matmul_precision_before = torch.get_float32_matmul_precision()
+    if runtime.tf32:
+        torch.set_float32_matmul_precision("high")
     if hp.num_threads is not None:
         torch.set_num_threads(hp.num_threads)
     if device.type == "cuda":
@@ -359,9 +455,10 @@ def train_and_evaluate(
         collate = _collator(cfg.task, tokenizer)
         train_ds = features.splits[train_split]
         n_train = len(train_ds)
-        pin = device.type == "cuda"
+        pin = runtime.pin_memory
         generator = torch.Generator().manual_seed(seed)
-        sampler = _EpochSampler(n_train, generator)
+        lengths = [len(ids) for ids in train_ds["input_ids"]] if hp.group_by_length else None
+        sampler = _EpochSampler(n_train, generator, lengths, hp.batch_size)
         state["train_loader"] = train_loader = DataLoader(
             _ModelInputs(train_ds),
             batch_size=hp.batch_size,
@@ -375,14 +472,15 @@ def train_and_evaluate(
             return DataLoader(
                 _ModelInputs(features.splits[split]),
                 batch_size=hp.eval_batch_size,
-                shuffle=False,
+                sampler=_by_length(features.splits[split]),
                 collate_fn=collate,
                 generator=torch.Generator().manual_seed(0),  # keeps evaluation off the global RNG
                 pin_memory=pin,
             )
 
         state["dev_loader"] = dev_loader = eval_loader("dev")
-        state["optimizer"] = optimizer = _optimizer(model, hp, device)
+        state["optimizer"] = optimizer = _optimizer(model, hp, runtime)
+        scaler = torch.amp.GradScaler(device.type) if runtime.precision == "fp16" else None
         total_steps = hp.epochs * math.ceil(n_train / hp.batch_size)
         scheduler = build_scheduler(optimizer, hp, total_steps)
         class_weights = None
@@ -401,8 +499,9 @@ def train_and_evaluate(
         stopped_early = False
         examples_seen = optimizer_step = 0
         running_loss, running_count = 0.0, 0
-        train_seconds = 0.0
+        train_seconds = eval_seconds = 0.0
         start = time.perf_counter()
+        setup_seconds = start - entered
         done = False
         first_epoch = examples_in_epoch = 0
         epoch_start_state: torch.Tensor | None = None
@@ -412,6 +511,8 @@ def train_and_evaluate(
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
+            if scaler is not None and saved.get("scaler"):
+                scaler.load_state_dict(saved["scaler"])
             if saved.get("params") != params:  # PBT: another trial's state, continued with mutated parameters
                 _adopt_hyperparameters(optimizer, scheduler, hp)
             _set_rng_state(saved["rng"], device)
@@ -421,6 +522,7 @@ def train_and_evaluate(
             examples_seen, optimizer_step = progress["examples_seen"], progress["optimizer_step"]
             next_point, since_best = progress["next_point"], progress["since_best"]
             train_seconds = progress["train_seconds"]
+            eval_seconds = progress.get("eval_seconds", 0.0)
             start -= progress["elapsed"]
             history = [Evaluation(**e) for e in progress["history"]]
             best = history[progress["best_index"]] if progress["best_index"] is not None else None
@@ -434,6 +536,7 @@ def train_and_evaluate(
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
                     "rng": _rng_state(device),
                     "progress": {
                         "epoch": epoch,
@@ -444,6 +547,7 @@ def train_and_evaluate(
                         "next_point": next_point,
                         "since_best": since_best,
                         "train_seconds": train_seconds,
+                        "eval_seconds": eval_seconds,
                         "elapsed": time.perf_counter() - start,
                         "history": [dataclasses.asdict(e) for e in history],
                         "best_index": next((i for i, e in enumerate(history) if e is best), None),
@@ -452,14 +556,18 @@ def train_and_evaluate(
             )
 
         def evaluate_dev(step: int) -> Evaluation:
-            return Evaluation(
+            nonlocal eval_seconds
+            tick = time.perf_counter()
+            evaluation = Evaluation(
                 step=step,
                 examples_seen=examples_seen,
                 optimizer_step=optimizer_step,
                 epoch=examples_seen / n_train,
-                metrics=evaluate(model, dev_loader, features, "dev", hp, device),
+                metrics=evaluate(model, dev_loader, features, "dev", runtime),
                 train_loss=running_loss / max(running_count, 1),
             )
+            eval_seconds += time.perf_counter() - tick
+            return evaluation
 
         for epoch in range(first_epoch, hp.epochs):
             tick = time.perf_counter()
@@ -469,19 +577,28 @@ def train_and_evaluate(
                 examples_in_epoch = 0
                 epoch_start_state = generator.get_state()
             for batch in train_loader:
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                batch = {k: v.to(device, non_blocking=pin) for k, v in batch.items()}
                 labels = batch.pop("labels")
-                logits = model(**batch).logits
+                with runtime.autocast():
+                    logits = model(**batch).logits
                 loss = loss_fn(logits, labels, hp, class_weights)
                 if not torch.isfinite(loss):
                     raise TrialFailure(
                         f"diverged: non-finite training loss ({float(loss.detach())}) at optimizer step {optimizer_step + 1} "
                         f"(learning_rate={hp.learning_rate:g})"
                     )
-                loss.backward()
-                if hp.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), hp.max_grad_norm)
-                optimizer.step()
+                if scaler is None:
+                    loss.backward()
+                    if hp.max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), hp.max_grad_norm)
+                    optimizer.step()
+                else:  # fp16: scaled gradients, unscaled before clipping; a step with inf/nan gradients is skipped
+                    scaler.scale(loss).backward()
+                    if hp.max_grad_norm is not None:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), hp.max_grad_norm)
+                    scaler.step(optimizer)
+                    scaler.update()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 optimizer_step += 1
@@ -542,6 +659,10 @@ def train_and_evaluate(
             peak_memory_kind="",
             device=str(device),
             torch_threads=torch.get_num_threads(),
+            setup_seconds=setup_seconds,
+            train_seconds=train_seconds,
+            eval_seconds=eval_seconds,
+            runtime=runtime_attrs(cfg, params, runtime),
         )
         if checkpoint is not None:
             checkpoint.finish()
@@ -549,7 +670,7 @@ def train_and_evaluate(
         if stop_at_examples is not None:
             result.final = evaluate_dev(stop_at_examples)
             if evaluate_test:
-                result.test_metrics = evaluate(model, eval_loader("test"), features, "test", hp, device)
+                result.test_metrics = evaluate(model, eval_loader("test"), features, "test", runtime)
         result.peak_memory_mb, result.peak_memory_kind = _peak_memory(device)
         if keep_model:
             result.model = model.cpu()
@@ -560,9 +681,12 @@ def train_and_evaluate(
         ) from None
     finally:
         # Drop the frame's own references too: a traceback that outlives the trial keeps its frame alive.
-        model = optimizer = scheduler = train_loader = dev_loader = tokenizer = sampler = generator = saved = None
+        model = optimizer = scheduler = scaler = train_loader = dev_loader = tokenizer = sampler = generator = saved = (
+            None
+        )
         state.clear()
         torch.set_num_threads(threads_before)
+        torch.set_float32_matmul_precision(matmul_precision_before)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -262,6 +262,8 @@ def test_config_error_is_a_known_llmflow_error() -> None:
         (raw(train={"batch_size": 0}), "train.batch_size"),
         (raw(train={"momentum": 1.0}), "train.momentum"),
         (raw(train={"device": "gpu"}), "train.device"),
+        (raw(train={"device": "cpu", "precision": "fp16"}), "train.precision"),
+        (raw(train={"precision": "fp8"}), "train.precision"),
         (raw(data={"dev_split": 1.5}), "data.dev_split"),
         (raw(data={"test_split": 0}), "data.test_split"),
         (raw(data={"max_length": 4}), "data.max_length"),

@@ -33,6 +33,8 @@ def test_study_stores_config_versions_and_trial_metrics(tiny_cfg):
         assert {"dev_precision", "dev_recall", "dev_accuracy", "dev_loss"} <= set(attrs)
         for key in ("best_step", "train_time_s", "examples_per_second", "n_params", "peak_memory_mb", "seed"):
             assert key in attrs, key
+        assert attrs["setup_s"] > 0 and attrs["train_s"] > 0 and attrs["eval_s"] > 0
+        assert attrs["train_s"] + attrs["eval_s"] <= attrs["train_time_s"]
         assert attrs["best_step"] in trial.intermediate_values
         assert trial.intermediate_values[attrs["best_step"]] == trial.value
         assert trial.value == max(trial.intermediate_values.values())  # best, not last
@@ -50,6 +52,12 @@ def test_median_pruner_stops_a_worse_trial_at_the_same_amount_of_training(tiny_c
     assert trials[1].intermediate_values == {first_step: 0.1}
     assert trials[1].user_attrs["pruned_at_step"] == first_step
     assert trials[1].user_attrs["dev_f1"] == 0.1  # a pruned trial still shows what it reached
+    for t in trials:  # what each trial ran with, pruned ones too
+        assert (t.user_attrs["precision"], t.user_attrs["group_by_length"], t.user_attrs["tf32"]) == (
+            "fp32",
+            True,
+            False,
+        )
     # batch sizes differ between trials, steps do not: they count training examples seen
     assert set(trials[2].intermediate_values) == set(trials[0].intermediate_values)
 

@@ -194,7 +194,7 @@ def ray_trial(config: dict[str, Any], *, cfg: StudyConfig, space: SearchSpace, f
     """
     import logging
 
-    from llmflow_hpo.train import train_and_evaluate
+    from llmflow_hpo.train import runtime_attrs, train_and_evaluate
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # "Checkpoint successfully created" per report
     params = {name: config[name] for name in space}
@@ -220,6 +220,7 @@ def ray_trial(config: dict[str, Any], *, cfg: StudyConfig, space: SearchSpace, f
                 accept_other_params=cfg.ray.scheduler == "pbt",
             )
         reporter = _RayReporter(cfg, checkpoint, len(features.splits["train"]))
+        reporter.extra.update(runtime_attrs(cfg, params))
         result = train_and_evaluate(
             cfg, params, features, seed=cfg.seed, on_eval=reporter, checkpoint=checkpoint, on_resume=reporter.restore
         )
