@@ -139,3 +139,32 @@ def test_length_grouping_trains_on_the_same_examples(tiny_cfg) -> None:
     )
     assert grouped.runtime["group_by_length"] and not uniform.runtime["group_by_length"]
     assert [e.examples_seen for e in grouped.history] == [e.examples_seen for e in uniform.history]
+
+
+def test_the_fp16_path_scales_the_loss_and_checkpoints_the_scaler(tiny_cfg, monkeypatch, tmp_path) -> None:
+    # fp16 with loss scaling is chosen on GPUs without bf16; torch's CPU autocast and GradScaler run the same code here.
+    from llmflow_hpo import train
+    from llmflow_hpo.checkpoints import CheckpointStore
+
+    monkeypatch.setattr(
+        train,
+        "resolve_runtime",
+        lambda hp, device=None: train.Runtime(
+            torch.device("cpu"), "fp16", tf32=False, fused_optimizer=False, pin_memory=False
+        ),
+    )
+    scaled = []
+    real_scale = torch.amp.GradScaler.scale
+    monkeypatch.setattr(torch.amp.GradScaler, "scale", lambda self, x: scaled.append(float(x)) or real_scale(self, x))
+    cfg, _, _ = tiny_cfg({"train": {"epochs": 2}})
+    features = prepare_features(cfg, log=lambda _: None)
+    store = CheckpointStore(tmp_path / "ck", max_overhead=1.0)
+    checkpoint = store.trial(0, {})
+    saved = []
+    real_save = checkpoint.save
+    monkeypatch.setattr(checkpoint, "save", lambda state: saved.append(state) or real_save(state))
+    result = train_and_evaluate(cfg, {}, features, seed=0, checkpoint=checkpoint)
+    assert result.runtime["precision"] == "fp16"
+    assert len(scaled) == result.history[-1].optimizer_step  # every step's loss went through the scaler
+    assert saved and all(state["scaler"]["scale"] > 0 for state in saved)
+    assert all(e.train_loss > 0 for e in result.history)
