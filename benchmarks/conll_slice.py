@@ -112,6 +112,7 @@ def study_config(s: Settings) -> StudyConfig:
             "evals_per_epoch": 1,
             "early_stopping_patience": None,
             "eval_batch_size": EVAL_BATCH_SIZE,
+            "group_by_length": False,  # both sides draw the same uniformly random batches
             "device": "cpu",
         },
     }
