@@ -65,6 +65,24 @@ def may_change(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in MAY_CHANGE)
 
 
+# Settings added after studies were already stored: what the versions before them did. A stored config
+# without such a setting is read with this value, so its trials retrain as they ran, and a rerun with
+# today's default is told which setting to restore instead of silently training differently.
+SINCE_ADDED = {
+    ("train", "group_by_length"): False,  # batches were drawn uniformly at random
+    ("train", "precision"): "fp32",  # fp32 on every device
+}
+
+
+def with_settings_added_since(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored config with the settings it predates, at the value its version used."""
+    out = json.loads(json.dumps(stored))
+    for (section, key), value in SINCE_ADDED.items():
+        if isinstance(out.get(section), dict):
+            out[section].setdefault(key, value)
+    return out
+
+
 def library_versions() -> dict[str, str]:
     versions = {"llmflow-hpo": __version__}
     for dist in ("optuna", "torch", "transformers", "datasets"):
@@ -241,7 +259,7 @@ def check_same_study(study: optuna.Study, cfg: StudyConfig, space_raw: dict[str,
         raise StorageError(
             f"study {study.study_name!r} in {cfg.storage} was not made by llmflow-hpo; choose another study_name"
         )
-    old, new = _flatten(stored), _flatten(json.loads(json.dumps(config_to_dict(cfg))))
+    old, new = _flatten(with_settings_added_since(stored)), _flatten(json.loads(json.dumps(config_to_dict(cfg))))
     changed = [k for k in sorted(set(old) | set(new)) if not may_change(k) and old.get(k) != new.get(k)]
     if study.user_attrs.get("search_space") != space_raw:
         changed.append("search_space (file contents)")
@@ -332,7 +350,8 @@ def stored_config(study: optuna.Study) -> tuple[StudyConfig, SearchSpace, dict[s
     if raw is None or space_raw is None:
         raise StorageError(f"study {study.study_name!r} holds no llmflow-hpo config; it was not made by llmflow-hpo")
     source = f"study {study.study_name!r} (stored config)"
-    return config_from_dict(raw, source=source), parse_search_space(space_raw, source=source), space_raw
+    cfg = config_from_dict(with_settings_added_since(raw), source=source)
+    return cfg, parse_search_space(space_raw, source=source), space_raw
 
 
 def finished_trials(study: optuna.Study) -> int:

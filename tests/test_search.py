@@ -183,6 +183,27 @@ def test_rerun_with_another_config_is_refused_and_stores_nothing(tiny_cfg):
     assert len(load_study(cfg.study_name, cfg.storage).trials) == 1
 
 
+def test_a_study_stored_before_a_setting_existed_keeps_what_its_version_did(tiny_cfg):
+    from llmflow_hpo.storage import stored_config
+
+    cfg, space, raw = tiny_cfg({"n_trials": 1})
+    run_search(cfg, space, raw, **QUIET)
+    study = load_study(cfg.study_name, cfg.storage)
+    old = study.user_attrs["config"]
+    for key in ("group_by_length", "precision"):  # as a version before these settings stored it
+        del old["train"][key]
+    study.set_user_attr("config", old)
+    stored, _, _ = stored_config(study)  # what retrain-best and workers read
+    assert (stored.train.group_by_length, stored.train.precision) == (False, "fp32")
+    # Today's defaults would train otherwise: the rerun says which settings to restore.
+    with pytest.raises(
+        StorageError, match=r"train\.group_by_length: False -> True, train\.precision: 'fp32' -> 'auto'"
+    ):
+        run_search(*tiny_cfg({"n_trials": 2}), **QUIET)
+    again, space2, raw2 = tiny_cfg({"n_trials": 2, "train": {"group_by_length": False, "precision": "fp32"}})
+    assert run_search(again, space2, raw2, **QUIET).counts["complete"] == 2
+
+
 def test_text_classification_study_optimises_macro_f1(tiny_cfg, text_data):
     space = {
         "learning_rate": {"type": "float", "low": 1e-3, "high": 5e-3, "log": True},
