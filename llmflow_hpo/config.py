@@ -139,7 +139,9 @@ class PrunerConfig:
         default="median",
     )
     options: dict[str, Any] = _help(
-        "Keyword arguments of the optuna pruner (e.g. n_startup_trials, n_warmup_steps in examples seen).",
+        "Keyword arguments of the optuna pruner (e.g. n_startup_trials, n_warmup_steps in examples seen). "
+        "median and percentile: n_warmup_steps defaults to one epoch (no pruning before the first epoch ends), "
+        "n_startup_trials to n_trials/5 (2 to 5).",
         default_factory=dict,
     )
 

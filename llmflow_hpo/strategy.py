@@ -181,13 +181,20 @@ def build_sampler(cfg: StudyConfig, space: SearchSpace) -> optuna.samplers.BaseS
         raise ConfigError(f"sampler.options: optuna's {cls.__name__} refused them: {e}") from None
 
 
-def build_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
-    """The configured pruner. Its steps are training examples seen."""
+def build_pruner(cfg: StudyConfig, n_train: int | None = None) -> optuna.pruners.BasePruner:
+    """The configured pruner. Its steps are training examples seen.
+
+    median and percentile: ``n_warmup_steps`` defaults to one epoch (``n_train`` examples): in the
+    first epoch the dev metric mostly says how far the learning-rate warmup has got, and a trial with a
+    longer warmup would be pruned for it (benchmarks/README.md, peers.py).
+    """
     name, options = cfg.pruner.name, dict(cfg.pruner.options)
     cls = getattr(optuna.pruners, _PRUNERS[name])
     if name in ("median", "percentile"):
         default = 5 if cfg.n_trials is None else max(2, min(5, cfg.n_trials // 5))
         options.setdefault("n_startup_trials", default)
+        if n_train is not None:
+            options.setdefault("n_warmup_steps", n_train)
     try:
         return cls(**options)
     except (TypeError, ValueError) as e:

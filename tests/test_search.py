@@ -42,7 +42,8 @@ def test_study_stores_config_versions_and_trial_metrics(tiny_cfg):
 
 
 def test_median_pruner_stops_a_worse_trial_at_the_same_amount_of_training(tiny_cfg, monkeypatch):
-    cfg, space, raw = tiny_cfg({"n_trials": 3, "pruner": {"name": "median", "options": {"n_startup_trials": 1}}})
+    options = {"n_startup_trials": 1, "n_warmup_steps": 0}
+    cfg, space, raw = tiny_cfg({"n_trials": 3, "pruner": {"name": "median", "options": options}})
     scores = iter([0.5, 0.6, 0.7, 0.8, 0.1, 0.9, 0.9, 0.9, 0.9])
     monkeypatch.setattr("llmflow_hpo.train.evaluate", lambda *a, **k: {"f1": next(scores), "loss": 1.0})
     run_search(cfg, space, raw, **QUIET)
@@ -60,6 +61,16 @@ def test_median_pruner_stops_a_worse_trial_at_the_same_amount_of_training(tiny_c
         )
     # batch sizes differ between trials, steps do not: they count training examples seen
     assert set(trials[2].intermediate_values) == set(trials[0].intermediate_values)
+
+
+def test_by_default_the_median_pruner_waits_for_the_first_epoch(tiny_cfg, monkeypatch):
+    cfg, space, raw = tiny_cfg({"n_trials": 2, "pruner": {"name": "median", "options": {"n_startup_trials": 1}}})
+    scores = iter([0.5, 0.6, 0.7, 0.8, 0.1, 0.05, 0.9, 0.9])
+    monkeypatch.setattr("llmflow_hpo.train.evaluate", lambda *a, **k: {"f1": next(scores), "loss": 1.0})
+    run_search(cfg, space, raw, **QUIET)
+    second = load_study(cfg.study_name, cfg.storage).trials[1]
+    # 48 training examples: worse than the median at 24 (half an epoch) is not pruned yet, at 48 it is.
+    assert second.state == TrialState.PRUNED and second.intermediate_values == {24: 0.1, 48: 0.05}
 
 
 def test_diverged_trial_fails_with_its_reason_and_the_study_goes_on(tiny_cfg, monkeypatch):

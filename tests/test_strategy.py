@@ -254,6 +254,9 @@ def test_median_startup_trials_follow_the_budget_and_user_values_are_kept() -> N
     kept = build_pruner(config(pruner={"options": {"n_startup_trials": 1, "n_warmup_steps": 500}}))
     assert kept._n_startup_trials == 1  # type: ignore[attr-defined]
     assert kept._n_warmup_steps == 500  # type: ignore[attr-defined]
+    assert build_pruner(config(), n_train=48)._n_warmup_steps == 48  # type: ignore[attr-defined]  # one epoch
+    kept = build_pruner(config(pruner={"options": {"n_warmup_steps": 0}}), n_train=48)
+    assert kept._n_warmup_steps == 0  # type: ignore[attr-defined]
 
 
 def test_percentile_pruner_needs_percentile() -> None:

@@ -448,7 +448,7 @@ def run_search(
     if new_study:
         cfg.study_name = free_study_name(cfg.storage, cfg.study_name)
         say(f"study {cfg.study_name}: a new study, as --new-study asked")
-    sampler, pruner = build_sampler(cfg, space), build_pruner(cfg)
+    sampler, pruner = build_sampler(cfg, space), build_pruner(cfg, len(features.splits["train"]))
     study = open_study(
         cfg, space_raw, sampler=sampler, pruner=pruner, data_report=features.report, heartbeat=cfg.heartbeat
     )
@@ -491,7 +491,7 @@ def join_study(cfg: StudyConfig, space: Any, *, log: Log | None = None) -> Searc
         study_name=cfg.study_name,
         storage=open_storage(cfg.storage, cfg.heartbeat),
         sampler=build_sampler(cfg, space),
-        pruner=build_pruner(cfg),
+        pruner=build_pruner(cfg, len(features.splits["train"])),
     )
     done = finished_trials(study)
     ran = work_on_study(cfg, space, features, study, log=say)
