@@ -327,9 +327,14 @@ def loss_fn(
     return ((1.0 - p_t) ** hp.focal_gamma * ce).sum() / labels.numel()
 
 
+def _lengths(ds: Any) -> list[int]:
+    """Each example's length in tokens (what dynamic padding pads to)."""
+    return [len(ids) for ids in ds["input_ids"]]
+
+
 def _by_length(ds: Any) -> list[int]:
     """Evaluation order: longest first (a memory error shows at once), so each batch pads little."""
-    lengths = [len(ids) for ids in ds["input_ids"]]
+    lengths = _lengths(ds)
     return sorted(range(len(lengths)), key=lambda i: -lengths[i])
 
 
@@ -457,7 +462,7 @@ def train_and_evaluate(
         n_train = len(train_ds)
         pin = runtime.pin_memory
         generator = torch.Generator().manual_seed(seed)
-        lengths = [len(ids) for ids in train_ds["input_ids"]] if hp.group_by_length else None
+        lengths = _lengths(train_ds) if hp.group_by_length else None
         sampler = _EpochSampler(n_train, generator, lengths, hp.batch_size)
         state["train_loader"] = train_loader = DataLoader(
             _ModelInputs(train_ds),
