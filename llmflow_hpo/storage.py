@@ -71,6 +71,7 @@ def may_change(key: str) -> bool:
 SINCE_ADDED = {
     ("train", "group_by_length"): False,  # batches were drawn uniformly at random
     ("train", "precision"): "fp32",  # fp32 on every device
+    ("train", "fused_optimizer"): False,  # AdamW's foreach kernel
 }
 
 

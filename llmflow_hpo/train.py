@@ -107,7 +107,7 @@ class Runtime:
     device: torch.device
     precision: str  # fp32, bf16 (autocast) or fp16 (autocast with loss scaling)
     tf32: bool  # fp32 matmuls on TF32 tensor cores (Ampere and later)
-    fused_optimizer: bool  # AdamW's fused CUDA kernel
+    fused_optimizer: bool  # AdamW's fused kernel (CPU or CUDA)
     pin_memory: bool  # page-locked batches, copied with non_blocking=True
 
     def autocast(self) -> AbstractContextManager[Any]:
@@ -133,9 +133,10 @@ def runtime_attrs(cfg: StudyConfig, params: dict[str, Any], runtime: Runtime | N
 
 
 def resolve_runtime(hp: TrainConfig, device: torch.device | None = None) -> Runtime:
-    """On a GPU: bf16 where it has it (else fp16 with loss scaling), TF32, fused AdamW, pinned memory.
+    """On a GPU: bf16 where it has it (else fp16 with loss scaling), TF32, pinned memory.
 
-    On CPU everything stays fp32 unless ``train.precision`` asks for bf16.
+    On CPU everything stays fp32 unless ``train.precision`` asks for bf16. AdamW runs torch's fused
+    kernel on both (``train.fused_optimizer``), which torch has for CPU and CUDA tensors.
     """
     device = device or resolve_device(hp.device)
     cuda = device.type == "cuda"
@@ -150,7 +151,7 @@ def resolve_runtime(hp: TrainConfig, device: torch.device | None = None) -> Runt
         device=device,
         precision=precision,
         tf32=cuda and torch.cuda.get_device_capability(device)[0] >= 8,
-        fused_optimizer=cuda and hp.optimizer == "adamw",
+        fused_optimizer=hp.fused_optimizer and hp.optimizer == "adamw" and device.type in ("cpu", "cuda"),
         pin_memory=cuda,
     )
 

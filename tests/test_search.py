@@ -201,17 +201,24 @@ def test_a_study_stored_before_a_setting_existed_keeps_what_its_version_did(tiny
     run_search(cfg, space, raw, **QUIET)
     study = load_study(cfg.study_name, cfg.storage)
     old = study.user_attrs["config"]
-    for key in ("group_by_length", "precision"):  # as a version before these settings stored it
+    for key in ("group_by_length", "precision", "fused_optimizer"):  # as a version before these settings stored it
         del old["train"][key]
     study.set_user_attr("config", old)
     stored, _, _ = stored_config(study)  # what retrain-best and workers read
-    assert (stored.train.group_by_length, stored.train.precision) == (False, "fp32")
+    assert (stored.train.group_by_length, stored.train.precision, stored.train.fused_optimizer) == (
+        False,
+        "fp32",
+        False,
+    )
     # Today's defaults would train otherwise: the rerun says which settings to restore.
     with pytest.raises(
-        StorageError, match=r"train\.group_by_length: False -> True, train\.precision: 'fp32' -> 'auto'"
+        StorageError,
+        match=r"train\.fused_optimizer: False -> True, train\.group_by_length: False -> True, "
+        r"train\.precision: 'fp32' -> 'auto'",
     ):
         run_search(*tiny_cfg({"n_trials": 2}), **QUIET)
-    again, space2, raw2 = tiny_cfg({"n_trials": 2, "train": {"group_by_length": False, "precision": "fp32"}})
+    old_train = {"group_by_length": False, "precision": "fp32", "fused_optimizer": False}
+    again, space2, raw2 = tiny_cfg({"n_trials": 2, "train": old_train})
     assert run_search(again, space2, raw2, **QUIET).counts["complete"] == 2
 
 

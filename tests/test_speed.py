@@ -79,9 +79,11 @@ def test_on_cpu_everything_stays_fp32_and_fp16_is_refused() -> None:
         "device": "cpu",
         "precision": "fp32",
         "tf32": False,
-        "fused_optimizer": False,
+        "fused_optimizer": True,  # torch's fused AdamW kernel runs on CPU tensors too
         "pin_memory": False,
     }
+    assert not resolve_runtime(TrainConfig(device="cpu", fused_optimizer=False)).fused_optimizer
+    assert not resolve_runtime(TrainConfig(device="cpu", optimizer="sgd")).fused_optimizer
     assert resolve_runtime(TrainConfig(device="cpu", precision="bf16")).precision == "bf16"
     with pytest.raises(ConfigError, match=r"train\.precision: fp16 needs a GPU"):
         resolve_runtime(TrainConfig(device="cpu", precision="fp16"))
@@ -102,6 +104,23 @@ def test_on_a_gpu_the_fast_settings_are_chosen(monkeypatch, bf16, capability, pr
     )
     assert resolve_runtime(TrainConfig(precision="fp32"), torch.device("cuda")).precision == "fp32"
     assert not resolve_runtime(TrainConfig(optimizer="sgd"), torch.device("cuda")).fused_optimizer
+    assert not resolve_runtime(TrainConfig(fused_optimizer=False), torch.device("cuda")).fused_optimizer
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_adamw_is_built_with_the_kernel_the_runtime_names(fused) -> None:
+    from llmflow_hpo.train import _optimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    hp = TrainConfig(device="cpu", fused_optimizer=fused)
+    optimizer = _optimizer(model, hp, resolve_runtime(hp))
+    assert bool(optimizer.defaults["fused"]) is fused
+    # Either kernel takes the same step: AdamW's first update moves every weight by about lr.
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(3, 4)).pow(2).sum().backward()
+    optimizer.step()
+    for old, new in zip(before, model.parameters(), strict=True):
+        assert torch.allclose((old - new).abs().max(), torch.tensor(hp.learning_rate), rtol=0.05)
 
 
 def test_bf16_autocast_trains_on_cpu(tiny_cfg) -> None:
@@ -124,7 +143,7 @@ def test_a_run_accounts_for_its_time(tiny_cfg) -> None:
         "device": "cpu",
         "precision": "fp32",
         "tf32": False,
-        "fused_optimizer": False,
+        "fused_optimizer": True,
         "pin_memory": False,
         "group_by_length": True,
     }
