@@ -720,13 +720,7 @@ def run_search(
     n_train = len(features.splits["train"])
     build_scheduler(cfg, space, n_train, source)  # bad scheduler options: refused before Ray starts
     sampler = build_sampler(cfg, space)
-    study = open_study(
-        cfg,
-        space_raw,
-        sampler=sampler,
-        pruner=build_pruner(cfg, len(features.splits["train"])),
-        data_report=features.report,
-    )
+    study = open_study(cfg, space_raw, sampler=sampler, pruner=build_pruner(cfg, n_train), data_report=features.report)
     done = finished_trials(study)
     runs = _runs(cfg)
     resume = runs[-1] if runs and _ray_running(study, runs[-1]) else None
