@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import psutil
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 from ray import tune
@@ -541,7 +542,14 @@ def ray_session(cfg: StudyConfig, log: Log) -> Iterator[Any]:
     try:
         yield ray
     finally:
+        # ray.shutdown() returns before the actor processes it stops have exited: those that hold a staging
+        # folder are waited for (a few seconds at most), so that _drop_stale_staging finds them gone.
+        staging = Path(tempfile.gettempdir())
+        actors = [
+            p for p in psutil.Process().children(recursive=True) if (staging / f"llmflow-ray-trial-{p.pid}").exists()
+        ]
         ray.shutdown()
+        psutil.wait_procs(actors, timeout=10)
         if link is not None:
             with contextlib.suppress(OSError):
                 link.unlink()
