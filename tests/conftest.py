@@ -110,3 +110,34 @@ def text_data(tmp_path: Path):
         return {"task": "text-classification", "data": data}
 
     return make
+
+
+# The quick start, shortened: the real config, data and MiniLM weights, five one-epoch trials with four
+# evaluations each (about a minute). Shared by the tests that look at a finished study (report, dashboard).
+QUICKSTART_OVERRIDES = [
+    "n_trials=5",
+    "train.epochs=1",
+    "train.evals_per_epoch=4",
+    "pruner.options.n_warmup_steps=100",
+    "checkpoint.enabled=false",
+]
+
+
+@pytest.fixture(scope="session")
+def quickstart_study(tmp_path_factory) -> dict[str, Any]:
+    """Runs ``llmflow-hpo search studies/quickstart.yaml`` (shortened) once; returns its storage and output."""
+    import subprocess
+    import sys
+
+    folder = tmp_path_factory.mktemp("quickstart")
+    storage = f"sqlite:///{folder / 'quickstart.db'}"
+    sets = [arg for override in [*QUICKSTART_OVERRIDES, f"storage={storage}"] for arg in ("--set", override)]
+    result = subprocess.run(
+        [sys.executable, "-m", "llmflow_hpo", "search", str(REPO / "studies" / "quickstart.yaml"), *sets],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"folder": folder, "storage": storage, "study": "quickstart", "stderr": result.stderr}
