@@ -102,15 +102,24 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.ray_address:
         overrides.append(f"ray.address={args.ray_address}")
     cfg, space, space_raw = _load(args.config, overrides)
-    _log("resolved config:\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip())
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: must be >= 1")
+    from llmflow_hpo.progress import Progress, choose_mode
+
+    mode = choose_mode(quiet=args.quiet, as_json=args.json)
+    if mode == "live" and args.workers > 1:  # the trials run in the workers: their lines, no status line
+        mode = "lines"
+    progress = Progress(mode)
+    progress("resolved config:\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip())
     _quiet_libraries()
     from llmflow_hpo.backends import run_search
 
-    if args.workers < 1:
-        raise ConfigError(f"--workers {args.workers}: must be >= 1")
-    summary = run_search(
-        cfg, space, space_raw, workers=args.workers, new_study=args.new_study, log=_log, source=args.config
-    )
+    try:
+        summary = run_search(
+            cfg, space, space_raw, workers=args.workers, new_study=args.new_study, log=progress, source=args.config
+        )
+    finally:
+        progress.close()
     _print_summary(summary, cfg, args.json)
     return 0
 
@@ -135,7 +144,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     raw = apply_overrides(config_to_dict(cfg), args.set)
     raw["storage"] = storage
     cfg = config_from_dict(raw, source=f"study {args.study!r} (stored config) with --set")
-    summary = join_study(cfg, space, log=_log)
+    from llmflow_hpo.progress import Progress, choose_mode
+
+    # A worker of `search --workers N` writes plain lines into its pipe; the search shows them.
+    progress = Progress("lines" if args.spawned else choose_mode(quiet=args.quiet, as_json=args.json))
+    try:
+        summary = join_study(cfg, space, log=progress)
+    finally:
+        progress.close()
     if not args.spawned:  # a worker of `search --workers N` leaves the summary to the search itself
         _print_summary(summary, cfg, args.json)
     return 0
@@ -331,6 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
                 help="join a running Ray cluster (e.g. auto or ray://head:10001) instead of starting a local Ray",
             )
             p.add_argument(
+                "--quiet",
+                action="store_true",
+                help="no progress: only warnings, errors and the result",
+            )
+            p.add_argument(
                 "--new-study",
                 action="store_true",
                 help="start a new study (NAME-2, NAME-3...) beside the stored one instead of continuing it",
@@ -369,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="change a setting that does not change the search, e.g. train.device=cuda:1 or checkpoint.dir=/shared/ckpt",
     )
+    p.add_argument("--quiet", action="store_true", help="no progress: only warnings, errors and the result")
     p.add_argument("--spawned", action="store_true", help=argparse.SUPPRESS)  # started by search --workers
     p = add(
         "trials",

@@ -259,6 +259,29 @@ class RayConfig:
     )
 
 
+@dataclass
+class TrackingConfig:
+    mlflow: bool = _help(
+        "Log one MLflow run per trial (params, every evaluation's metrics by step, state), nested under a run "
+        "for the study, and retrain-best's model as an artifact (pip install 'llmflow-hpo[tracking]').",
+        default=False,
+    )
+    mlflow_tracking_uri: str | None = _help(
+        "MLflow tracking URI (sqlite:///..., a folder, http://host:5000...); null: $MLFLOW_TRACKING_URI when set, "
+        "else sqlite:///mlflow.db beside this config (artifacts in mlartifacts/ beside it).",
+        default=None,
+    )
+    mlflow_experiment: str | None = _help("MLflow experiment name; null: the study name.", default=None)
+    tensorboard: bool = _help(
+        "Write TensorBoard event files, one folder per trial (dev metrics and training loss by step).",
+        default=False,
+    )
+    tensorboard_dir: str | None = _help(
+        "Folder of the event files (a sub-folder per study, then per trial); null: tensorboard/ beside this config.",
+        default=None,
+    )
+
+
 # The names a search space may use: every hyperparameter field of TrainConfig.
 HYPERPARAMETERS: tuple[str, ...] = (
     "learning_rate",
@@ -313,6 +336,11 @@ class StudyConfig:
         default="optuna",
     )
     ray: RayConfig = _help("Ray Tune settings (backend: ray).", default_factory=RayConfig)
+    tracking: TrackingConfig = _help(
+        "Experiment tracking: `tracking: mlflow`, `tracking: tensorboard`, a list of both, or this mapping. "
+        "Optional: a tracker that fails is reported once and the search goes on without it.",
+        default_factory=TrackingConfig,
+    )
 
     @property
     def metric(self) -> str:
@@ -584,6 +612,12 @@ def _resolve(cfg: StudyConfig, base: Path | None) -> None:
             cfg.checkpoint.dir = str((base / "checkpoints").resolve())
         else:
             cfg.checkpoint.dir = absolute(cfg.checkpoint.dir)
+        if cfg.tracking.mlflow and cfg.tracking.mlflow_tracking_uri is None:
+            cfg.tracking.mlflow_tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or (
+                f"sqlite:///{(base / 'mlflow.db').resolve()}"
+            )
+        if cfg.tracking.tensorboard:
+            cfg.tracking.tensorboard_dir = absolute(cfg.tracking.tensorboard_dir or "tensorboard")
         if cfg.ray.dir is None:
             cfg.ray.dir = str((base / "ray").resolve())
         elif "://" not in cfg.ray.dir:
@@ -652,11 +686,34 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str = "--
     return raw
 
 
+TRACKERS = ("mlflow", "tensorboard")
+
+
+def _tracking_shorthand(raw: dict[str, Any], problems: _Problems) -> dict[str, Any]:
+    """``tracking: mlflow`` / ``tracking: [mlflow, tensorboard]`` / ``tracking: none``: the mapping they stand for."""
+    value = raw.get("tracking")
+    if value is None or isinstance(value, dict):
+        return raw
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        problems.add("tracking", f"expected mlflow, tensorboard, a list of them, none or a mapping, got {value!r}")
+        return {k: v for k, v in raw.items() if k != "tracking"}
+    names = [n for n in names if n != "none"]
+    unknown = [n for n in names if n not in TRACKERS]
+    if unknown:
+        hint = difflib.get_close_matches(unknown[0], TRACKERS, n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        problems.add("tracking", f"unknown tracker {unknown[0]!r}{extra}; expected mlflow, tensorboard or none")
+        return {k: v for k, v in raw.items() if k != "tracking"}
+    return {**raw, "tracking": {name: True for name in names}}
+
+
 def config_from_dict(raw: Any, *, source: str, base: Path | None = None) -> StudyConfig:
     """Validate a raw mapping into a StudyConfig; every problem is reported at once."""
     problems = _Problems(source)
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of config keys at the top level")
+    raw = _tracking_shorthand(raw, problems)
     cfg = _build(StudyConfig, raw, "", problems)
     if cfg is not _MISSING:
         _check_ranges(cfg, problems)

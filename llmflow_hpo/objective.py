@@ -17,9 +17,11 @@ from llmflow_hpo.checkpoints import CheckpointStore, TrialCheckpoint
 from llmflow_hpo.config import StudyConfig
 from llmflow_hpo.errors import TrialFailure
 from llmflow_hpo.features import Features
+from llmflow_hpo.progress import Progress
 from llmflow_hpo.reporting import TrialReporter, store_result
 from llmflow_hpo.spaces import SearchSpace, suggest_params
-from llmflow_hpo.train import runtime_attrs, train_and_evaluate
+from llmflow_hpo.tracking import Tracking
+from llmflow_hpo.train import Evaluation, runtime_attrs, train_and_evaluate
 
 __all__ = ["Objective"]
 
@@ -34,12 +36,16 @@ class Objective:
         features: Features,
         checkpoints: CheckpointStore | None = None,
         log: Callable[[str], None] | None = None,
+        progress: Progress | None = None,
+        tracking: Tracking | None = None,
     ) -> None:
         self.cfg = cfg
         self.space = space
         self.features = features
         self.checkpoints = checkpoints
         self.log = log or (lambda line: None)
+        self.progress = progress
+        self.tracking = tracking
 
     def _checkpoint(self, trial: optuna.Trial, params: dict[str, Any]) -> TrialCheckpoint | None:
         """This trial's checkpoint; a retry first takes over the folder of the attempt it repeats.
@@ -68,15 +74,35 @@ class Objective:
         seed = self.cfg.seed
         reporter = TrialReporter(trial, self.cfg.metric, self.cfg.direction)
         checkpoint = self._checkpoint(trial, params)
+        number, progress, tracking = trial.number, self.progress, self.tracking
+        epochs = params.get("epochs", self.cfg.train.epochs)
+        if progress is not None:
+            progress.trial_started(number, params, epochs * len(self.features.splits["train"]))
+        if tracking is not None:
+            tracking.trial_started(number, params)
+
+        def on_eval(evaluation: Evaluation) -> None:
+            # Shown and tracked before the report, which may prune the trial.
+            if progress is not None:
+                progress.evaluation(number, evaluation.step, evaluation.metrics, evaluation.train_loss)
+            if tracking is not None:
+                tracking.evaluation(number, evaluation.step, evaluation.metrics, evaluation.train_loss)
+            reporter(evaluation)
+
+        def on_step(seen: int, total: int, loss: float) -> None:
+            assert progress is not None
+            progress.step(number, seen, total, loss)
+
         try:
             result = train_and_evaluate(
                 self.cfg,
                 params,
                 self.features,
                 seed=seed,
-                on_eval=reporter,
+                on_eval=on_eval,
                 checkpoint=checkpoint,
                 on_resume=reporter.restore,
+                on_step=on_step if progress is not None and progress.mode == "live" else None,
             )
         except TrialFailure as e:
             trial.set_user_attr("fail_reason", str(e))

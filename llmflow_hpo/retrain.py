@@ -33,6 +33,7 @@ class RetrainResult:
     trial_dev_value: float
     reproduced: bool | None  # None when trained on train+dev (dev was seen)
     metric: str = "f1"  # the study's objective metric (the dev value compared)
+    mlflow_run_id: str | None = None  # tracking.mlflow: the run that holds the model as an artifact
 
 
 def retrain_best(
@@ -107,6 +108,11 @@ def retrain_best(
         reproduced=reproduced,
         examples_seen=result.final.examples_seen,
     )
-    return RetrainResult(
+    retrained = RetrainResult(
         out, best.number, params, dev, result.test_metrics, float(best.value), reproduced, metric=cfg.metric
     )
+    if cfg.tracking.mlflow:
+        from llmflow_hpo.tracking import track_retrain
+
+        retrained.mlflow_run_id = track_retrain(cfg, study, retrained, out, train_on=train_on, log=say)
+    return retrained

@@ -7,6 +7,7 @@ versions of the libraries that ran it (``study.user_attrs``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -58,6 +59,8 @@ MAY_CHANGE = (
     "heartbeat.",
     "backend",
     "ray.",
+    "tracking",
+    "tracking.",
 )
 
 
@@ -308,8 +311,10 @@ def open_study(
             )
         check_same_study(study, cfg, space_raw)
         stored = study.user_attrs["config"]
-        if stored.get("n_trials") != cfg.n_trials:
-            study.set_user_attr("config", {**stored, "n_trials": cfg.n_trials})
+        # What a rerun may change for the workers that join later (and retrain-best): the target, the tracking.
+        tracking = json.loads(json.dumps(dataclasses.asdict(cfg.tracking)))
+        if stored.get("n_trials") != cfg.n_trials or stored.get("tracking") != tracking:
+            study.set_user_attr("config", {**stored, "n_trials": cfg.n_trials, "tracking": tracking})
         return study
     study.set_user_attr("config", json.loads(json.dumps(config_to_dict(cfg))))
     study.set_user_attr("search_space", space_raw)

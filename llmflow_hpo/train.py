@@ -54,6 +54,9 @@ __all__ = [
 
 OnEval = Callable[["Evaluation"], None]
 OnResume = Callable[[list["Evaluation"]], None]
+# After each optimizer step: (examples seen, examples the run will see at most, mean training loss since the
+# last evaluation). For progress displays; it must be cheap.
+OnStep = Callable[[int, int, float], None]
 
 
 @dataclass
@@ -420,6 +423,7 @@ def train_and_evaluate(
     evaluate_test: bool = False,
     checkpoint: Any = None,
     on_resume: OnResume | None = None,
+    on_step: OnStep | None = None,
 ) -> TrainResult:
     """Train with ``params`` (searched values over cfg.train's fixed ones) and evaluate on dev.
 
@@ -431,6 +435,7 @@ def train_and_evaluate(
     ``checkpoint`` (a ``checkpoints.TrialCheckpoint``): resume from its saved state when it has one, save
     the state after evaluations that do not end the run when it says one is due, and keep the best
     model (written with the next checkpoint, or when the run completes). ``on_resume`` receives the evaluations the saved state had made.
+    ``on_step`` is called after every optimizer step (progress displays).
     """
     entered = time.perf_counter()
     hp = dataclasses.replace(cfg.train, **params)
@@ -498,6 +503,7 @@ def train_and_evaluate(
         eval_points = [round(n_train * k / hp.evals_per_epoch) for k in range(1, n_points + 1)]
         if stop_at_examples is not None:
             eval_points = [stop_at_examples]
+        run_examples = eval_points[-1] if eval_points else 0
         next_point = 0
         history: list[Evaluation] = []
         best: Evaluation | None = None
@@ -612,6 +618,8 @@ def train_and_evaluate(
                 examples_in_epoch += len(labels)
                 running_loss += float(loss.detach())
                 running_count += 1
+                if on_step is not None:
+                    on_step(examples_seen, run_examples, running_loss / running_count)
                 if next_point < len(eval_points) and examples_seen >= eval_points[next_point]:
                     train_seconds += time.perf_counter() - tick
                     # One evaluation per optimizer step, reported at the last point this step crossed

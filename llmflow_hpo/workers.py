@@ -90,9 +90,9 @@ def worker_overrides(cfg: StudyConfig, plan: WorkerPlan) -> list[str]:
     return [f"{k}={json.dumps(v)}" for k, v in values.items()]
 
 
-def _pump(stream: Any, prefix: str) -> None:
+def _pump(stream: Any, prefix: str, log: Log) -> None:
     for line in stream:
-        print(prefix + line.rstrip("\n"), file=sys.stderr, flush=True)
+        log(prefix + line.rstrip("\n"))
 
 
 def run_worker_processes(cfg: StudyConfig, n: int, *, log: Log) -> None:
@@ -124,7 +124,7 @@ def run_worker_processes(cfg: StudyConfig, n: int, *, log: Log) -> None:
             except OSError:  # the worker exited already, or affinity is not ours to set
                 pass
         procs.append(proc)
-        pump = threading.Thread(target=_pump, args=(proc.stdout, f"[w{plan.index}] "), daemon=True)
+        pump = threading.Thread(target=_pump, args=(proc.stdout, f"[w{plan.index}] ", log), daemon=True)
         pump.start()
         pumps.append(pump)
 

@@ -86,7 +86,7 @@ def reported(run_dir: Path) -> dict[str, list[dict[str, Any]]]:
 
 @pytest.mark.slow
 def test_ray_study_lands_in_the_optuna_storage_and_retrains(write_study, tmp_path: Path) -> None:
-    config = write_study(RAY_STUDY)
+    config = write_study({**RAY_STUDY, "tracking": "tensorboard"})
     result = cli("search", str(config), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
@@ -122,6 +122,14 @@ def test_ray_study_lands_in_the_optuna_storage_and_retrains(write_study, tmp_pat
             assert t.user_attrs["pruned_at_step"] == rows[-1]["step"] < max_step
     states = [t.state for t in trials]
     assert TrialState.PRUNED in states and TrialState.COMPLETE in states  # ASHA stopped some, not all
+    # The driver tracked every trial from Ray's results: its curve of every dev metric, at the study's steps.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for t in trials:
+        events = EventAccumulator(str(tmp_path / "tensorboard" / "tiny-ner" / f"trial-{t.number:04d}"))
+        events.Reload()
+        assert {e.step: e.value for e in events.Scalars("dev/loss")} == pytest.approx(t.intermediate_values)
+        assert "dev/f1" in events.Tags()["scalars"]
     # Ray's own view of the run agrees: every trial terminated, none errored.
     assert {t.status for t in ray_trials(run_dir)} == {"TERMINATED"}
     assert not list(run_dir.glob("*/checkpoint_*"))  # finished trials' checkpoints are dropped

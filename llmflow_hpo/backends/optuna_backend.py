@@ -34,6 +34,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from llmflow_hpo.config import StudyConfig
 from llmflow_hpo.errors import Interrupted, TrialFailure
+from llmflow_hpo.progress import as_progress
 from llmflow_hpo.storage import (
     StudyLock,
     finished_trials,
@@ -42,6 +43,7 @@ from llmflow_hpo.storage import (
     retry_callback,
     retry_transient,
 )
+from llmflow_hpo.tracking import Tracking
 
 __all__ = ["SearchSummary", "run_search", "run_worker", "work_on_study"]
 
@@ -73,31 +75,6 @@ def _best(study: optuna.Study) -> FrozenTrial | None:
         return study.best_trial
     except ValueError:
         return None
-
-
-class _Progress:
-    """One line per finished trial: its outcome, the study's counts and the best value so far."""
-
-    def __init__(self, target: int | None, metric: str, log: Log) -> None:
-        self.target, self.metric, self.log = target, metric, log
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        counts = _counts(study)
-        if trial.state == TrialState.COMPLETE:
-            outcome = f"complete  dev {self.metric}={trial.value:.4f} at step {trial.user_attrs.get('best_step')}"
-        elif trial.state == TrialState.PRUNED:
-            outcome = f"pruned    at step {trial.user_attrs.get('pruned_at_step', trial.last_step)}"
-        else:
-            outcome = f"{trial.state.name.lower():9s} {trial.user_attrs.get('fail_reason') or ''}"
-        finished = counts["complete"] + counts["pruned"]
-        best = _best(study)
-        best_text = f"best {best.value:.4f} (trial {best.number})" if best else "best -"
-        target = f"/{self.target}" if self.target else ""
-        seconds = (trial.duration.total_seconds()) if trial.duration else 0.0
-        self.log(
-            f"trial {trial.number:3d} {outcome} [{seconds:.1f}s] | finished {finished}{target} "
-            f"(complete {counts['complete']}, pruned {counts['pruned']}, failed {counts['fail']}) | {best_text}"
-        )
 
 
 class _Heartbeat:
@@ -365,10 +342,22 @@ def work_on_study(
     *,
     log: Log,
     poll_seconds: float | None = None,
+    tracking: Tracking | None = None,
 ) -> int:
-    """This process's share of the study: the real objective, checkpoints, heartbeat, lock, signals."""
+    """This process's share of the study: the real objective, checkpoints, heartbeat, lock, signals.
+
+    ``log`` may be the search's ``Progress`` (live display); ``tracking``: the caller's trackers, else
+    this process opens (and closes) its own.
+    """
     from llmflow_hpo.checkpoints import CheckpointStore
     from llmflow_hpo.objective import Objective as TrialObjective
+    from llmflow_hpo.tracking import open_tracking
+
+    progress = as_progress(log)
+    progress.start(study=study, target=cfg.n_trials, metric=cfg.metric, direction=cfg.direction)
+    own_tracking = tracking is None
+    if tracking is None:
+        tracking = open_tracking(cfg, study, log=progress.warn)
 
     checkpoints = None
     if cfg.checkpoint.enabled:
@@ -389,21 +378,24 @@ def work_on_study(
         with _Signals.installed():
             ran = run_worker(
                 study,
-                TrialObjective(cfg, space, features, checkpoints, log=log),
+                TrialObjective(cfg, space, features, checkpoints, log=progress, progress=progress, tracking=tracking),
                 target=cfg.n_trials,
                 timeout=cfg.timeout,
                 lock=lock,
                 retry=retry_callback(cfg.heartbeat),
                 heartbeat_interval=cfg.heartbeat.interval,
-                callbacks=[_Progress(cfg.n_trials, cfg.metric, log)],
+                callbacks=[progress.trial_finished, lambda _study, trial: tracking.trial_finished(trial)],
                 after_trial=cleanup,
                 poll_seconds=poll_seconds if poll_seconds is not None else min(2.0, cfg.heartbeat.interval),
-                log=log,
+                log=progress,
             )
             with lock.held():
                 cleanup(study)
     finally:
         lock.close()
+        progress.close()
+        if own_tracking:
+            tracking.close()
     return ran
 
 
@@ -439,6 +431,7 @@ def run_search(
     from llmflow_hpo.features import prepare_features
     from llmflow_hpo.storage import free_study_name
     from llmflow_hpo.strategy import build_pruner, build_sampler
+    from llmflow_hpo.tracking import open_tracking
 
     say = log or (lambda line: print(line, file=sys.stderr))
     # Our progress lines report each trial (fail reasons included); optuna would repeat them with tracebacks.
@@ -465,12 +458,22 @@ def run_search(
         f"dev {cfg.metric} {cfg.direction}), storage {cfg.storage}"
     )
     start = time.perf_counter()
-    if workers == 1:
-        work_on_study(cfg, space, features, study, log=say)
-    else:
-        from llmflow_hpo.workers import run_worker_processes
+    progress = as_progress(say)
+    # The study's trackers (and its MLflow run) are opened here, before any worker starts.
+    tracking = open_tracking(cfg, study, log=progress.warn)
+    interrupted = True
+    try:
+        if workers == 1:
+            work_on_study(cfg, space, features, study, log=progress, tracking=tracking)
+        else:
+            from llmflow_hpo.workers import run_worker_processes
 
-        run_worker_processes(cfg, workers, log=say)
+            progress.workers = workers
+            run_worker_processes(cfg, workers, log=progress)
+        interrupted = False
+    finally:
+        tracking.study_finished(_best(study), interrupted)
+        tracking.close()
     say(f"study {cfg.study_name}: search took {time.perf_counter() - start:.1f}s")
     return summarize(study, cfg, finished_trials(study) - done, workers)
 

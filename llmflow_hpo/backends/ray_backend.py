@@ -44,16 +44,21 @@ from optuna.trial import TrialState
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from llmflow_hpo.backends.optuna_backend import _Progress
+from llmflow_hpo.backends.optuna_backend import _best
 from llmflow_hpo.checkpoints import RESUME, TrialCheckpoint
 from llmflow_hpo.config import StudyConfig
 from llmflow_hpo.errors import ConfigError, TrialFailure
+from llmflow_hpo.progress import Progress, as_progress
 from llmflow_hpo.reporting import improves, store_best, store_result
 from llmflow_hpo.spaces import SearchSpace, suggest_params
+from llmflow_hpo.tracking import Tracking
 
 __all__ = ["StudyRecorder", "StudySearch", "ray_trial", "run_search"]
 
 Log = Callable[[str], None]
+# The trackers of the searches this driver runs, by study name (a restored StudyRecorder finds them here).
+TRACKING: dict[str, Tracking] = {}
+
 STEP = "step"  # the result key the schedulers count time in: training examples seen
 EVALUATION = "evaluation"  # the evaluation point's number (1, 2, ...): HyperBand's time, see build_scheduler
 # Hyperparameters PBT may change in a running trial: they do not change the model's shape, the optimizer's
@@ -147,6 +152,7 @@ class _RayReporter:
                 EVALUATION: round(evaluation.step * self.points_per_example),
                 "best_value": self.best.metrics[self.metric],
                 "train_loss": evaluation.train_loss,
+                "metrics": dict(evaluation.metrics),  # every dev metric, for the trackers
                 "final": evaluation.last,  # a scheduler stopping the trial now stops a finished run
                 "attrs": self._attrs(),
             },
@@ -254,7 +260,9 @@ class StudyRecorder(tune.Callback):
         run: str,
         scheduler: str,
         target: int,
+        direction: str = "maximize",
     ) -> None:
+        self.direction = direction
         self.storage, self.study_name, self.space = storage, study_name, space
         self.key, self.metric, self.run, self.scheduler, self.target = key, metric, run, scheduler, target
         self._study: optuna.Study | None = None
@@ -263,12 +271,24 @@ class StudyRecorder(tune.Callback):
         self._last_step: dict[str, int] = {}
         self._params: dict[str, dict[str, Any]] = {}
         self._workers: dict[str, str] = {}  # where each trial runs now ("host:pid"; a retried trial moves)
-        self._progress = _Progress(target, metric, _stderr)  # the optuna backend's line per finished trial
+        self._progress: Progress | None = None  # the optuna backend's lines (not pickled, made when needed)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_study=None, _numbers={}, _ids={}, _last_step={}, _params={}, _workers={})
+        state.update(_study=None, _numbers={}, _ids={}, _last_step={}, _params={}, _workers={}, _progress=None)
         return state
+
+    @property
+    def progress(self) -> Progress:
+        if self._progress is None:
+            self._progress = as_progress(_stderr)
+            self._progress.start(study=self.study, target=self.target, metric=self.metric, direction=self.direction)
+        return self._progress
+
+    @property
+    def tracking(self) -> Tracking | None:
+        """The driver's trackers (run_search registers them; a restored recorder finds them the same way)."""
+        return TRACKING.get(self.study_name)
 
     @property
     def study(self) -> optuna.Study:
@@ -305,8 +325,11 @@ class StudyRecorder(tune.Callback):
         return optuna.Trial(self.study, self._ids[trial.trial_id])
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._trial(trial)
-        self._params.setdefault(trial.trial_id, {name: trial.config[name] for name in self.space})
+        number = self._number(trial)
+        started = trial.trial_id not in self._params
+        params = self._params.setdefault(trial.trial_id, {name: trial.config[name] for name in self.space})
+        if started and self.tracking is not None:
+            self.tracking.trial_started(number, params)
 
     def on_trial_result(
         self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
@@ -316,6 +339,9 @@ class StudyRecorder(tune.Callback):
         if step > self._last_step.get(trial.trial_id, -1):
             t.report(float(result[self.key]), step)
             self._last_step[trial.trial_id] = step
+            if self.tracking is not None:
+                metrics = result.get("metrics") or {self.metric: float(result[self.key])}
+                self.tracking.evaluation(t.number, step, metrics, result.get("train_loss"))
         worker = (result.get("attrs") or {}).get("worker")
         if worker and self._workers.get(trial.trial_id) != worker:  # shown while it runs, as the optuna backend does
             t.set_user_attr("worker", worker)
@@ -334,7 +360,9 @@ class StudyRecorder(tune.Callback):
             t.set_user_attr(key, val)
         t.set_user_attr("ray_failures", int(trial.num_failures))
         frozen = self.study.tell(t, value, state=state, skip_if_finished=True)
-        self._progress(self.study, frozen)
+        self.progress.trial_finished(self.study, frozen)
+        if self.tracking is not None:
+            self.tracking.trial_finished(frozen)
         if self.scheduler != "pbt":  # PBT may still clone a finished trial's checkpoint
             _drop_checkpoints(trial)
 
@@ -640,6 +668,7 @@ def _new_tuner(
         run=run,
         scheduler=cfg.ray.scheduler,
         target=cfg.n_trials,
+        direction=cfg.direction,
     )
     if cfg.ray.scheduler == "pbt":
         from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -739,57 +768,71 @@ def run_search(
         say(f"study {cfg.study_name}: already holds {done} finished trials (n_trials={cfg.n_trials}); nothing to run")
         return summarize(study, cfg, 0, 1)
     start = time.perf_counter()
-    with ray_session(cfg, say) as ray:
-        gpus = cfg.ray.gpus_per_trial
-        if gpus is None:
-            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-        every_eval = cfg.ray.scheduler in ("pbt", "hyperband")
-        trainable = tune.with_resources(
-            tune.with_parameters(ray_trial, cfg=cfg, space=space, features=_in_memory(features), every_eval=every_eval),
-            {"cpu": cfg.ray.cpus_per_trial, "gpu": gpus},
-        )
-        while True:
-            if resume is not None:
-                run = resume
-                say(
-                    f"study {cfg.study_name}: continuing the interrupted Ray run {run} "
-                    f"({len(_ray_running(study, run))} trial(s) were running)"
-                )
-                tuner = tune.Tuner.restore(_run_path(cfg, run), trainable, resume_unfinished=True, resume_errored=False)
-            else:
-                run = f"{cfg.study_name}-run{len(runs) + 1}"
-                runs.append(run)
-                say(
-                    f"study {cfg.study_name}: Ray run {run}: {remaining} trial(s), {cfg.ray.scheduler} scheduler, "
-                    f"{cfg.ray.cpus_per_trial:g} CPU and {gpus:g} GPU per trial, "
-                    f"at most {cfg.ray.max_concurrent_trials or 'as many as fit'} at once, storage {cfg.storage}"
-                )
-                tuner = _new_tuner(
-                    cfg,
-                    space,
-                    trainable,
-                    run=run,
-                    samples=remaining,
-                    sampler=sampler,
-                    study=study,
-                    n_train=n_train,
-                    source=source,
-                )
-            unfinished, interrupted = _fit(tuner, cfg, study, run)
-            if interrupted is not None:
-                say(f"study {cfg.study_name}: search took {time.perf_counter() - start:.1f}s")
-                say(
-                    f"study {cfg.study_name}: Ray run {run} interrupted with {len(unfinished)} unfinished trial(s), "
-                    "its state saved; rerun the same command to continue it"
-                )
-                raise Interrupted(interrupted)
-            remaining = max(cfg.n_trials - finished_trials(study), 0)
-            # A restored run ran only the trials it had; a new run fills what is still missing (n_trials may
-            # have grown since). A new run is not repeated: what failed in it stays failed, as in the
-            # optuna backend.
-            if resume is None or remaining == 0:
-                break
-            resume = None
+    from llmflow_hpo.tracking import open_tracking
+
+    tracking = TRACKING[cfg.study_name] = open_tracking(cfg, study, log=as_progress(say).warn)
+    ended = False  # the runs ended by themselves (not interrupted)
+    try:
+        with ray_session(cfg, say) as ray:
+            gpus = cfg.ray.gpus_per_trial
+            if gpus is None:
+                gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+            every_eval = cfg.ray.scheduler in ("pbt", "hyperband")
+            trainable = tune.with_resources(
+                tune.with_parameters(
+                    ray_trial, cfg=cfg, space=space, features=_in_memory(features), every_eval=every_eval
+                ),
+                {"cpu": cfg.ray.cpus_per_trial, "gpu": gpus},
+            )
+            while True:
+                if resume is not None:
+                    run = resume
+                    say(
+                        f"study {cfg.study_name}: continuing the interrupted Ray run {run} "
+                        f"({len(_ray_running(study, run))} trial(s) were running)"
+                    )
+                    tuner = tune.Tuner.restore(
+                        _run_path(cfg, run), trainable, resume_unfinished=True, resume_errored=False
+                    )
+                else:
+                    run = f"{cfg.study_name}-run{len(runs) + 1}"
+                    runs.append(run)
+                    say(
+                        f"study {cfg.study_name}: Ray run {run}: {remaining} trial(s), {cfg.ray.scheduler} scheduler, "
+                        f"{cfg.ray.cpus_per_trial:g} CPU and {gpus:g} GPU per trial, "
+                        f"at most {cfg.ray.max_concurrent_trials or 'as many as fit'} at once, storage {cfg.storage}"
+                    )
+                    tuner = _new_tuner(
+                        cfg,
+                        space,
+                        trainable,
+                        run=run,
+                        samples=remaining,
+                        sampler=sampler,
+                        study=study,
+                        n_train=n_train,
+                        source=source,
+                    )
+                unfinished, interrupted = _fit(tuner, cfg, study, run)
+                if interrupted is not None:
+                    say(f"study {cfg.study_name}: search took {time.perf_counter() - start:.1f}s")
+                    say(
+                        f"study {cfg.study_name}: Ray run {run} interrupted with {len(unfinished)} unfinished trial(s), "
+                        "its state saved; rerun the same command to continue it"
+                    )
+                    raise Interrupted(interrupted)
+                remaining = max(cfg.n_trials - finished_trials(study), 0)
+                # A restored run ran only the trials it had; a new run fills what is still missing (n_trials may
+                # have grown since). A new run is not repeated: what failed in it stays failed, as in the
+                # optuna backend.
+                if resume is None or remaining == 0:
+                    break
+                resume = None
+        ended = True
+    finally:
+        tracking.study_finished(_best(study), not ended)
+        tracking.close()
+        TRACKING.pop(cfg.study_name, None)
     say(f"study {cfg.study_name}: search took {time.perf_counter() - start:.1f}s")
     return summarize(study, cfg, finished_trials(study) - done, 1)
 
