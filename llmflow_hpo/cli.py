@@ -28,7 +28,7 @@ examples:
   llmflow-hpo worker --study conll2003 --storage postgresql+psycopg://user@db-host/hpo
   llmflow-hpo trials --study quickstart --storage sqlite:///studies/quickstart.db
   llmflow-hpo retrain-best --study quickstart --output runs/quickstart/best-model
-  optuna-dashboard sqlite:///studies/quickstart.db
+  llmflow-hpo report --study quickstart --output runs/quickstart/report
 """
 
 
@@ -282,6 +282,16 @@ def cmd_retrain_best(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from llmflow_hpo.report import build_report, load_report_study
+
+    storage = _storage(args)
+    study = load_report_study(args.study, storage)
+    summary = build_report(study, Path(args.output) if args.output else None, storage=storage, log=_log)
+    print(json.dumps(summary.__dict__, indent=2) if args.json else summary.index_html)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llmflow-hpo",
@@ -406,6 +416,15 @@ def build_parser() -> argparse.ArgumentParser:
         "llmflow-hpo best --study quickstart",
     )
     study_args(p)
+    p = add(
+        "report",
+        cmd_report,
+        "Write an offline HTML report of a study (counts, times, best trials, optuna's plots) with its PNGs "
+        "and summary.json (no torch import).",
+        "llmflow-hpo report --study quickstart --output runs/quickstart/report",
+    )
+    study_args(p)
+    p.add_argument("--output", help="report folder to write (default: runs/NAME/report)")
     return parser
 
 
