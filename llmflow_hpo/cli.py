@@ -29,6 +29,7 @@ examples:
   llmflow-hpo trials --study quickstart --storage sqlite:///studies/quickstart.db
   llmflow-hpo retrain-best --study quickstart --output runs/quickstart/best-model
   llmflow-hpo report --study quickstart --output runs/quickstart/report
+  llmflow-hpo dashboard --study quickstart
 """
 
 
@@ -256,6 +257,32 @@ def cmd_best(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from llmflow_hpo.dashboard import only_storage_here, open_dashboard
+
+    storage = _storage(args) if args.study or args.storage else only_storage_here()
+    dashboard = open_dashboard(storage, study=args.study, host=args.host, port=args.port, log=_log)
+    if args.json:
+        info = {"url": dashboard.url, "host": dashboard.host, "port": dashboard.port, "storage": storage}
+        print(json.dumps({**info, "study": args.study}), flush=True)
+    else:
+        print(f"optuna-dashboard: {dashboard.url}", flush=True)
+    _log("optuna-dashboard: Ctrl-C to stop")
+    code = dashboard.serve()
+    _log("optuna-dashboard: stopped")
+    return code
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port number (0 to 65535; 0 picks a free port)")
+    return port
+
+
 def cmd_retrain_best(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from llmflow_hpo.retrain import retrain_best
@@ -416,6 +443,26 @@ def build_parser() -> argparse.ArgumentParser:
         "llmflow-hpo best --study quickstart",
     )
     study_args(p)
+    p = add(
+        "dashboard",
+        cmd_dashboard,
+        "Serve optuna-dashboard on the study's storage (trials, learning curves, plots, the study's note) and "
+        "print its address; Ctrl-C stops it (no torch import).",
+        "llmflow-hpo dashboard --study quickstart",
+    )
+    p.add_argument("--study", help="study name: print the address of its page (default: the list of studies)")
+    p.add_argument(
+        "--storage",
+        help="optuna storage URL (default: sqlite:///studies/NAME.db when it exists; without --study, "
+        "the one studies/*.db)",
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every network interface, "
+        "and optuna-dashboard has no login)",
+    )
+    p.add_argument("--port", type=_port, default=8080, help="port to listen on (default 8080; 0: a free port)")
     p = add(
         "report",
         cmd_report,

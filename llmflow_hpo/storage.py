@@ -290,8 +290,12 @@ def open_study(
     """Create the study, or load it when it exists and was made by the same config.
 
     A rerun may change ``n_trials``: the stored config takes the new target, so workers that join from
-    other machines (``llmflow-hpo worker``) run towards it.
+    other machines (``llmflow-hpo worker``) run towards it. The study carries a note for optuna-dashboard
+    (``dashboard.study_note``: what it searches, on which data and model, how to read its trials); a study
+    without one gets it, a note the user edited stays.
     """
+    from llmflow_hpo.dashboard import write_study_note
+
     assert cfg.storage is not None
     storage = open_storage(cfg.storage, heartbeat)
     exists = cfg.study_name in {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
@@ -310,6 +314,7 @@ def open_study(
                 f"the config says {cfg.direction}"
             )
         check_same_study(study, cfg, space_raw)
+        write_study_note(study, cfg, space_raw, data_report)  # a study made before the note had none
         stored = study.user_attrs["config"]
         # What a rerun may change for the workers that join later (and retrain-best): the target, the tracking.
         tracking = json.loads(json.dumps(dataclasses.asdict(cfg.tracking)))
@@ -324,6 +329,7 @@ def open_study(
     with warnings.catch_warnings():  # experimental in optuna, but it is what names the objective in the dashboard
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names([f"dev_{cfg.metric}"])
+    write_study_note(study, cfg, space_raw, data_report)
     return study
 
 
