@@ -177,7 +177,9 @@ def _print_summary(summary: Any, cfg: Any, as_json: bool) -> None:
         )
         if summary.checkpoint_bytes:
             print(f"checkpoints: {summary.checkpoint_bytes / 2**20:.1f} MiB kept in {checkpoint_root(cfg)}")
-        print(f"next: llmflow-hpo retrain-best --study {summary.study_name} --storage {summary.storage}")
+        where = f"--study {summary.study_name} --storage {summary.storage}"
+        print(f"next: llmflow-hpo retrain-best {where}")
+        print(f"      llmflow-hpo report {where}    (or: llmflow-hpo dashboard {where})")
 
 
 def _quiet_libraries() -> None:

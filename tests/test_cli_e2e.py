@@ -33,6 +33,7 @@ def test_search_trials_best_and_retrain_best(write_study, tmp_path):
     assert "resolved config:" in run.stderr
     assert "finished 2/2" in run.stderr  # progress line: done / pruned / failed and best so far
     assert "best trial" in run.stdout and "retrain-best --study tiny-ner" in run.stdout
+    assert "report --study tiny-ner" in run.stdout and "dashboard --study tiny-ner" in run.stdout
     assert "Traceback" not in run.stderr
 
     rows = json.loads(cli("trials", "--study", "tiny-ner", "--storage", storage, "--json").stdout)
