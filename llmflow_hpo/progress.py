@@ -117,11 +117,7 @@ class Progress:
 
         self.target, self.metric, self.direction, self.workers = target, metric, direction, workers
         trials = study.get_trials(deepcopy=False)
-        self.counts = {
-            "complete": sum(1 for t in trials if t.state == TrialState.COMPLETE),
-            "pruned": sum(1 for t in trials if t.state == TrialState.PRUNED),
-            "fail": sum(1 for t in trials if t.state == TrialState.FAIL),
-        }
+        self.counts = _counts(trials)
         self.finished_at_start = self.counts["complete"] + self.counts["pruned"]
         self.best = _best(trials, direction)
         # Earlier trials' durations seed the estimate of the time left.
@@ -228,11 +224,7 @@ class Progress:
         from optuna.trial import TrialState
 
         trials = study.get_trials(deepcopy=False)
-        self.counts = {
-            "complete": sum(1 for t in trials if t.state == TrialState.COMPLETE),
-            "pruned": sum(1 for t in trials if t.state == TrialState.PRUNED),
-            "fail": sum(1 for t in trials if t.state == TrialState.FAIL),
-        }
+        self.counts = _counts(trials)
         seconds = trial.duration.total_seconds() if trial.duration else 0.0
         if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
             self.durations.append(seconds)
@@ -335,6 +327,17 @@ class Progress:
 
     def close(self) -> None:
         self._clear_status()
+
+
+def _counts(trials: list[Any]) -> dict[str, int]:
+    from optuna.trial import TrialState
+
+    states = [t.state for t in trials]
+    return {
+        "complete": states.count(TrialState.COMPLETE),
+        "pruned": states.count(TrialState.PRUNED),
+        "fail": states.count(TrialState.FAIL),
+    }
 
 
 def _best(trials: list[Any], direction: str) -> tuple[int, float, dict[str, Any]] | None:
