@@ -87,8 +87,11 @@ def reported(run_dir: Path) -> dict[str, list[dict[str, Any]]]:
 @pytest.mark.slow
 def test_ray_study_lands_in_the_optuna_storage_and_retrains(write_study, tmp_path: Path) -> None:
     config = write_study({**RAY_STUDY, "tracking": "tensorboard"})
-    result = cli("search", str(config), cwd=tmp_path)
+    result = cli("search", str(config), "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    # The search's progress display shows Ray's trials as the optuna backend's: here as JSON events.
+    events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith('{"event"')]
+    ended = {e["trial"]: e["state"] for e in events if e["event"] == "trial_finished"}
     assert "Traceback" not in result.stderr
     assert "ray: started a local Ray on 127.0.0.1" in result.stderr  # loopback only
     assert not (tmp_path / "ray" / "tmp").exists()  # Ray's temporary files were under the study's folder, now gone
@@ -120,6 +123,7 @@ def test_ray_study_lands_in_the_optuna_storage_and_retrains(write_study, tmp_pat
             assert t.state == TrialState.PRUNED
             assert t.user_attrs["stopped_by"] == "asha"
             assert t.user_attrs["pruned_at_step"] == rows[-1]["step"] < max_step
+    assert ended == {t.number: t.state.name for t in trials}
     states = [t.state for t in trials]
     assert TrialState.PRUNED in states and TrialState.COMPLETE in states  # ASHA stopped some, not all
     # The driver tracked every trial from Ray's results: its curve of every dev metric, at the study's steps.

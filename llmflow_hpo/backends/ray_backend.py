@@ -56,8 +56,9 @@ from llmflow_hpo.tracking import Tracking
 __all__ = ["StudyRecorder", "StudySearch", "ray_trial", "run_search"]
 
 Log = Callable[[str], None]
-# The trackers of the searches this driver runs, by study name (a restored StudyRecorder finds them here).
-TRACKING: dict[str, Tracking] = {}
+# The progress display and trackers of the searches this driver runs, by study name: the StudyRecorder
+# (a Ray callback in this process, pickled with the run's state and restored from it) finds them here.
+DRIVER: dict[str, tuple[Progress, Tracking]] = {}
 
 STEP = "step"  # the result key the schedulers count time in: training examples seen
 EVALUATION = "evaluation"  # the evaluation point's number (1, 2, ...): HyperBand's time, see build_scheduler
@@ -271,7 +272,7 @@ class StudyRecorder(tune.Callback):
         self._last_step: dict[str, int] = {}
         self._params: dict[str, dict[str, Any]] = {}
         self._workers: dict[str, str] = {}  # where each trial runs now ("host:pid"; a retried trial moves)
-        self._progress: Progress | None = None  # the optuna backend's lines (not pickled, made when needed)
+        self._progress: Progress | None = None  # the search's display (not pickled, found when needed)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -280,15 +281,18 @@ class StudyRecorder(tune.Callback):
 
     @property
     def progress(self) -> Progress:
+        """The search's progress display (run_search registers it), else lines on stderr."""
         if self._progress is None:
-            self._progress = as_progress(_stderr)
+            driver = DRIVER.get(self.study_name)
+            self._progress = driver[0] if driver else as_progress(_stderr)
             self._progress.start(study=self.study, target=self.target, metric=self.metric, direction=self.direction)
         return self._progress
 
     @property
     def tracking(self) -> Tracking | None:
         """The driver's trackers (run_search registers them; a restored recorder finds them the same way)."""
-        return TRACKING.get(self.study_name)
+        driver = DRIVER.get(self.study_name)
+        return driver[1] if driver else None
 
     @property
     def study(self) -> optuna.Study:
@@ -386,7 +390,7 @@ class StudyRecorder(tune.Callback):
 
     def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         number = self._number(trial)
-        _stderr(
+        self.progress(
             f"trial {number:3d} failed ({_error_line(trial)}); Ray restarts it from its last checkpoint "
             f"(failure {trial.num_failures}, ray.max_failures={trial.max_failures})"
         )
@@ -770,7 +774,9 @@ def run_search(
     start = time.perf_counter()
     from llmflow_hpo.tracking import open_tracking
 
-    tracking = TRACKING[cfg.study_name] = open_tracking(cfg, study, log=as_progress(say).warn)
+    progress = as_progress(say)
+    tracking = open_tracking(cfg, study, log=progress.warn)
+    DRIVER[cfg.study_name] = (progress, tracking)
     ended = False  # the runs ended by themselves (not interrupted)
     try:
         with ray_session(cfg, say) as ray:
@@ -832,7 +838,7 @@ def run_search(
     finally:
         tracking.study_finished(_best(study), not ended)
         tracking.close()
-        TRACKING.pop(cfg.study_name, None)
+        DRIVER.pop(cfg.study_name, None)
     say(f"study {cfg.study_name}: search took {time.perf_counter() - start:.1f}s")
     return summarize(study, cfg, finished_trials(study) - done, 1)
 
