@@ -89,6 +89,12 @@ class Objective:
                 tracking.evaluation(number, evaluation.step, evaluation.metrics, evaluation.train_loss)
             reporter(evaluation)
 
+        def on_resume(restored: list[Evaluation]) -> None:
+            reporter.restore(restored)
+            if tracking is not None:  # a retry's curve starts where its first attempt's did
+                for evaluation in restored:
+                    tracking.evaluation(number, evaluation.step, evaluation.metrics, evaluation.train_loss)
+
         def on_step(seen: int, total: int, loss: float) -> None:
             assert progress is not None
             progress.step(number, seen, total, loss)
@@ -101,7 +107,7 @@ class Objective:
                 seed=seed,
                 on_eval=on_eval,
                 checkpoint=checkpoint,
-                on_resume=reporter.restore,
+                on_resume=on_resume,
                 on_step=on_step if progress is not None and progress.mode == "live" else None,
             )
         except TrialFailure as e:

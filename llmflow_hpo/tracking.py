@@ -35,6 +35,20 @@ MLFLOW_ATTR = "mlflow"
 
 # MLflow's end states for optuna's.
 _MLFLOW_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+# A trial's user attributes that are tags of its run (what and where), not metrics, and the numeric ones
+# that name something (a trial, a seed, a count of restarts) rather than measure it.
+TAG_ATTRS = ("fail_reason", "pruned_at_step", "retry_of", "resumed_at_step", "worker", "device")
+NOT_METRICS = frozenset(
+    {
+        "retry_of",
+        "checkpoint_trial",
+        "seed",
+        "ray_failures",
+        "pruned_at_step",
+        "resumed_at_step",
+        "resumed_at_optimizer_step",
+    }
+)
 
 
 class Tracker:
@@ -52,8 +66,9 @@ class Tracker:
     def trial_finished(self, trial: Any) -> None:
         """The trial as stored (an optuna FrozenTrial): COMPLETE, PRUNED or FAIL, with its user attributes."""
 
-    def study_finished(self, best: Any, interrupted: bool) -> None:
-        """This process's search ended; ``best`` is the study's best trial or None."""
+    def study_finished(self, best: Any, status: str) -> None:
+        """This process's search ended (``status``: FINISHED, KILLED when interrupted, FAILED on an error);
+        ``best`` is the study's best trial or None."""
 
     def close(self) -> None:
         """Release what is open; trials still open (an interrupted run) end as killed."""
@@ -66,19 +81,15 @@ class Tracking:
         self.trackers = trackers
         self.log = log
 
-    def __bool__(self) -> bool:
-        return bool(self.trackers)
-
     def _each(self, method: str, *args: Any) -> None:
         for tracker in list(self.trackers):
             try:
                 getattr(tracker, method)(*args)
             except Exception as e:  # tracking never breaks a search
                 self.trackers.remove(tracker)
-                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 self.log(
                     f"tracking: {tracker.name} ({tracker.where}) failed and is off for the rest of this run: "
-                    f"{type(e).__name__}: {reason[:300]}; the search goes on"
+                    f"{_reason(e)}; the search goes on"
                 )
                 with contextlib.suppress(Exception):
                     tracker.close()
@@ -92,32 +103,33 @@ class Tracking:
     def trial_finished(self, trial: Any) -> None:
         self._each("trial_finished", trial)
 
-    def study_finished(self, best: Any, interrupted: bool = False) -> None:
-        self._each("study_finished", best, interrupted)
+    def study_finished(self, best: Any, status: str = "FINISHED") -> None:
+        self._each("study_finished", best, status)
 
     def close(self) -> None:
         self._each("close")
         self.trackers = []
 
 
-def open_tracking(cfg: StudyConfig, study: Any, *, log: Log) -> Tracking:
+def open_tracking(cfg: StudyConfig, study: Any, *, log: Log, owner: bool = False) -> Tracking:
     """The trackers the config asks for. One that cannot start is reported (one line) and left out.
 
     The study's MLflow run is made by the first process that opens tracking on the study (``search``
-    opens it before it starts workers) and found in the study by the others.
+    opens it before it starts workers) and found in the study by the others. Only its ``owner`` (the
+    search, which ends it) sets it RUNNING again; workers and retrain-best only add child runs.
     """
     trackers: list[Tracker] = []
     t = cfg.tracking
     if t.mlflow:
         try:
-            trackers.append(MlflowTracker(cfg, study, log=log))
+            trackers.append(MlflowTracker(cfg, study, owner=owner))
         except ImportError:
             log(
                 "tracking: mlflow is not installed (pip install 'llmflow-hpo[tracking]'); the search goes on without it"
             )
         except Exception as e:
             log(
-                f"tracking: mlflow at {t.mlflow_tracking_uri} cannot start ({_reason(e)}); the search goes on without it"
+                f"tracking: mlflow at {mlflow_uri(cfg, study)} cannot start ({_reason(e)}); the search goes on without it"
             )
     if t.tensorboard:
         try:
@@ -126,9 +138,26 @@ def open_tracking(cfg: StudyConfig, study: Any, *, log: Log) -> Tracking:
             log("tracking: tensorboard is not installed (pip install tensorboard); the search goes on without it")
         except Exception as e:
             log(
-                f"tracking: tensorboard in {t.tensorboard_dir} cannot start ({_reason(e)}); the search goes on without it"
+                f"tracking: tensorboard in {tensorboard_dir(cfg)} cannot start ({_reason(e)}); the search goes on without it"
             )
     return Tracking(trackers, log)
+
+
+def mlflow_uri(cfg: StudyConfig, study: Any) -> str:
+    """The tracking URI: the config's (resolved beside the study config by the loader), else, for a worker
+    that turned tracking on with ``--set``, $MLFLOW_TRACKING_URI, the study's MLflow run's, or ./mlflow.db."""
+    stored = study.user_attrs.get(MLFLOW_ATTR) or {}
+    return (
+        cfg.tracking.mlflow_tracking_uri
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or stored.get("tracking_uri")
+        or f"sqlite:///{Path('mlflow.db').resolve()}"
+    )
+
+
+def tensorboard_dir(cfg: StudyConfig) -> Path:
+    """The event files' folder: the config's, else (a worker with ``--set``) ./tensorboard."""
+    return Path(cfg.tracking.tensorboard_dir or "tensorboard").resolve()
 
 
 def _reason(e: BaseException) -> str:
@@ -153,10 +182,11 @@ def _mlflow_client(uri: str) -> Any:
     import logging
 
     _quick_http_failures(uri)
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # alembic's migration lines on a new SQLite store
-    logging.getLogger("alembic").setLevel(logging.WARNING)
     from mlflow.tracking import MlflowClient
 
+    # After the import, which sets mlflow's level: no migration lines on a new SQLite store in the progress.
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     return MlflowClient(tracking_uri=uri)
 
 
@@ -195,17 +225,20 @@ def _flat_params(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
 class MlflowTracker(Tracker):
     name = "mlflow"
 
-    def __init__(self, cfg: StudyConfig, study: Any, *, log: Log) -> None:
-        uri = cfg.tracking.mlflow_tracking_uri
-        assert uri is not None  # resolved by the config loader
-        self.cfg, self.study, self.log, self.where = cfg, study, log, uri
+    def __init__(self, cfg: StudyConfig, study: Any, *, owner: bool = False) -> None:
+        uri = mlflow_uri(cfg, study)
+        self.cfg, self.study, self.owner, self.where = cfg, study, owner, uri
         self.client = _mlflow_client(uri)
         self.experiment_id = _experiment_id(self.client, cfg.tracking.mlflow_experiment or cfg.study_name, uri)
         self.parent_run_id = self._study_run()
         self.runs: dict[int, str] = {}  # trial number -> its open run
 
     def _study_run(self) -> str:
-        """The study's run: the one the study names (continued), else a new one, recorded in the study."""
+        """The study's run: the one the study names (continued), else a new one, recorded in the study.
+
+        The owner (the search) runs it: RUNNING until ``study_finished``. Anyone else only hangs child runs
+        under it, and a study run it has to make is finished at once (nobody else would end it).
+        """
         from mlflow.entities import RunStatus
 
         stored = self.study.user_attrs.get(MLFLOW_ATTR) or {}
@@ -215,7 +248,7 @@ class MlflowTracker(Tracker):
             except Exception:  # deleted from the tracking store: start a new one
                 run = None
             if run is not None and run.info.lifecycle_stage != "deleted":
-                if run.info.status != "RUNNING":
+                if self.owner and run.info.status != "RUNNING":
                     self.client.update_run(run.info.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
                 return run.info.run_id
         cfg = self.cfg
@@ -247,6 +280,8 @@ class MlflowTracker(Tracker):
         self.study.set_user_attr(
             MLFLOW_ATTR, {"tracking_uri": self.where, "experiment_id": self.experiment_id, "run_id": run_id}
         )
+        if not self.owner:
+            self.client.set_terminated(run_id, status="FINISHED")
         return run_id
 
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
@@ -283,37 +318,35 @@ class MlflowTracker(Tracker):
         self.client.log_batch(run_id, metrics=batch)
 
     def trial_finished(self, trial: Any) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric, RunTag
 
-        run_id = self.runs.pop(trial.number, None)
+        run_id = self.runs.get(trial.number)
         if run_id is None:
             return
         state = trial.state.name
-        tags = {"llmflow.state": state}
-        for key in ("fail_reason", "pruned_at_step", "retry_of", "resumed_at_step", "worker", "device"):
+        tags = [RunTag("llmflow.state", state)]
+        for key in TAG_ATTRS:
             if trial.user_attrs.get(key) is not None:
-                tags[f"llmflow.{key}"] = str(trial.user_attrs[key])[:5000]
-        for key, value in tags.items():
-            self.client.set_tag(run_id, key, value)
+                tags.append(RunTag(f"llmflow.{key}", str(trial.user_attrs[key])[:5000]))
         # The trial's summary: the best evaluation's dev metrics and the run's costs, logged once.
         now = int(time.time() * 1000)
         summary = [
             Metric(f"best_{k}" if k.startswith("dev_") else k, float(v), now, 0)
             for k, v in trial.user_attrs.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in NOT_METRICS
         ]
         if trial.value is not None:
             summary.append(Metric("objective", float(trial.value), now, 0))
-        if summary:
-            self.client.log_batch(run_id, metrics=summary)
+        self.client.log_batch(run_id, metrics=summary, tags=tags)
         self.client.set_terminated(run_id, status=_MLFLOW_STATUS.get(state, "FAILED"))
+        del self.runs[trial.number]  # only now: close() ends a run whose end failed half-way
 
-    def study_finished(self, best: Any, interrupted: bool) -> None:
+    def study_finished(self, best: Any, status: str) -> None:
         if best is not None:
             self.client.log_metric(self.parent_run_id, f"best_dev_{self.cfg.metric}", float(best.value))
             self.client.set_tag(self.parent_run_id, "llmflow.best_trial", str(best.number))
             self.client.log_dict(self.parent_run_id, dict(best.params), "study/best_params.json")
-        self.client.set_terminated(self.parent_run_id, status="KILLED" if interrupted else "FINISHED")
+        self.client.set_terminated(self.parent_run_id, status=status)
 
     def close(self) -> None:
         for number, run_id in list(self.runs.items()):  # interrupted: the retry will be a new run
@@ -345,7 +378,7 @@ def track_retrain(cfg: StudyConfig, study: Any, result: Any, output: Path, *, tr
     if not cfg.tracking.mlflow:
         return None
     try:
-        tracker = MlflowTracker(cfg, study, log=log)
+        tracker = MlflowTracker(cfg, study)
         from mlflow.entities import Metric
 
         run = tracker.client.create_run(
@@ -373,7 +406,7 @@ def track_retrain(cfg: StudyConfig, study: Any, result: Any, output: Path, *, tr
     except ImportError:
         log("tracking: mlflow is not installed (pip install 'llmflow-hpo[tracking]'); the model was not logged")
     except Exception as e:
-        log(f"tracking: mlflow at {cfg.tracking.mlflow_tracking_uri} failed ({_reason(e)}); the model was not logged")
+        log(f"tracking: mlflow at {mlflow_uri(cfg, study)} failed ({_reason(e)}); the model was not logged")
     return None
 
 
@@ -387,8 +420,7 @@ class TensorBoardTracker(Tracker):
     def __init__(self, cfg: StudyConfig) -> None:
         from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
 
-        assert cfg.tracking.tensorboard_dir is not None
-        self.root = Path(cfg.tracking.tensorboard_dir) / cfg.study_name
+        self.root = tensorboard_dir(cfg) / cfg.study_name
         self.where = str(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._writer = SummaryWriter
@@ -411,7 +443,7 @@ class TensorBoardTracker(Tracker):
         writer.flush()
 
     def trial_finished(self, trial: Any) -> None:
-        writer = self.writers.pop(trial.number, None)
+        writer = self.writers.get(trial.number)
         if writer is None:
             return
         reason = trial.user_attrs.get("fail_reason")
@@ -420,6 +452,7 @@ class TensorBoardTracker(Tracker):
             text += f" (objective {trial.value:.6g})"
         writer.add_text("state", text, 0)
         writer.close()
+        del self.writers[trial.number]
 
     def close(self) -> None:
         for number in list(self.writers):

@@ -3,6 +3,7 @@ through TensorBoard's reader, and a tracker that fails never stops the search.""
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import subprocess
 import sys
@@ -104,6 +105,7 @@ def test_mlflow_and_tensorboard_record_every_trial_and_the_retrained_model(write
     assert len(retrained) == 1
     run = retrained[0]
     assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id and run.info.status == "FINISHED"
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"  # retrain-best left the study's run as it was
     assert "test_f1" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     assert "model/model.safetensors" in artifacts and "model/config.json" in artifacts
@@ -246,3 +248,70 @@ def test_tracking_config_shorthands(tiny_cfg) -> None:
         tiny_cfg({"tracking": "mlfow"})
     with pytest.raises(ConfigError, match=r"tracking\.mlflow_uri: unknown key"):
         tiny_cfg({"tracking": {"mlflow_uri": "x"}})
+
+
+def test_mlflow_runs_end_once_and_only_the_search_reopens_the_study_run(tiny_cfg, tmp_path: Path, monkeypatch) -> None:
+    """The study's run: RUNNING only while a search (its owner) runs; workers and retrain-best leave it as it
+    is. A trial's run: tags and summary in one batch, no id-like metrics, and ended by close() when its end
+    failed half-way."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from llmflow_hpo.tracking import open_tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg, _, _ = tiny_cfg({"tracking": "mlflow"})
+    uri = cfg.tracking.mlflow_tracking_uri
+    client = MlflowClient(tracking_uri=uri)
+    study = optuna.create_study(study_name=cfg.study_name, direction="maximize")
+    status = lambda: client.get_run(study.user_attrs[MLFLOW_ATTR]["run_id"]).info.status  # noqa: E731
+
+    lines: list[str] = []
+    search = open_tracking(cfg, study, log=lines.append, owner=True)
+    assert status() == "RUNNING"
+    trial = study.ask()
+    search.trial_started(trial.number, {"learning_rate": 1e-3})
+    search.evaluation(trial.number, 100, {"f1": 0.5}, 0.9)
+    for key, value in {"retry_of": 7, "seed": 42, "checkpoint_trial": 7, "best_step": 100, "dev_f1": 0.5}.items():
+        trial.set_user_attr(key, value)
+    frozen = study.tell(trial, 0.5)
+    search.trial_finished(frozen)
+    search.study_finished(frozen, "FINISHED")
+    search.close()
+    assert status() == "FINISHED" and not lines
+    (run,) = [
+        r for r in client.search_runs([study.user_attrs[MLFLOW_ATTR]["experiment_id"]]) if r.info.run_name == "trial-0"
+    ]
+    assert run.info.status == "FINISHED" and run.data.tags["llmflow.retry_of"] == "7"
+    assert run.data.metrics["best_dev_f1"] == 0.5 and run.data.metrics["best_step"] == 100
+    assert not {"retry_of", "seed", "checkpoint_trial"} & set(run.data.metrics)
+
+    # A worker that joins later (or retrain-best) hangs its runs under the study's run and leaves it FINISHED.
+    worker = open_tracking(cfg, study, log=lines.append)
+    assert status() == "FINISHED"
+    trial = study.ask()
+    worker.trial_started(trial.number, {"learning_rate": 2e-3})
+    frozen = study.tell(trial, 0.4)
+    client_of_worker = worker.trackers[0].client
+    real_end, calls = client_of_worker.set_terminated, []
+
+    def end_fails_once(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise OSError("disk full")
+        return real_end(*args, **kwargs)
+
+    monkeypatch.setattr(client_of_worker, "set_terminated", end_fails_once)
+    worker.trial_finished(frozen)  # its end fails half-way: reported once, the tracker is closed and switched off
+    assert len(lines) == 1 and "OSError: disk full" in lines[0] and not worker.trackers
+    (run,) = [
+        r for r in client.search_runs([study.user_attrs[MLFLOW_ATTR]["experiment_id"]]) if r.info.run_name == "trial-1"
+    ]
+    assert run.info.status == "KILLED" and run.data.tags["llmflow.state"] == "INTERRUPTED"  # close() ended it
+    assert status() == "FINISHED"
+
+    # A worker that turned tracking on with --set (no config folder to resolve against) finds the study's URI.
+    bare = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, mlflow_tracking_uri=None))
+    joined = open_tracking(bare, study, log=lines.append)
+    assert [t.where for t in joined.trackers] == [uri] and len(lines) == 1
+    joined.close()

@@ -460,8 +460,8 @@ def run_search(
     start = time.perf_counter()
     progress = as_progress(say)
     # The study's trackers (and its MLflow run) are opened here, before any worker starts.
-    tracking = open_tracking(cfg, study, log=progress.warn)
-    interrupted = True
+    tracking = open_tracking(cfg, study, log=progress.warn, owner=True)
+    status = "FAILED"  # the study's run, if the search ends by an error
     try:
         if workers == 1:
             work_on_study(cfg, space, features, study, log=progress, tracking=tracking)
@@ -470,9 +470,12 @@ def run_search(
 
             progress.workers = workers
             run_worker_processes(cfg, workers, log=progress)
-        interrupted = False
+        status = "FINISHED"
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM (Interrupted)
+        status = "KILLED"
+        raise
     finally:
-        tracking.study_finished(_best(study), interrupted)
+        tracking.study_finished(_best(study), status)
         tracking.close()
     say(f"study {cfg.study_name}: search took {time.perf_counter() - start:.1f}s")
     return summarize(study, cfg, finished_trials(study) - done, workers)

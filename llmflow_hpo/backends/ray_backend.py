@@ -775,9 +775,9 @@ def run_search(
     from llmflow_hpo.tracking import open_tracking
 
     progress = as_progress(say)
-    tracking = open_tracking(cfg, study, log=progress.warn)
+    tracking = open_tracking(cfg, study, log=progress.warn, owner=True)
     DRIVER[cfg.study_name] = (progress, tracking)
-    ended = False  # the runs ended by themselves (not interrupted)
+    status = "FAILED"  # the study's run, if the search ends by an error
     try:
         with ray_session(cfg, say) as ray:
             gpus = cfg.ray.gpus_per_trial
@@ -834,9 +834,12 @@ def run_search(
                 if resume is None or remaining == 0:
                     break
                 resume = None
-        ended = True
+        status = "FINISHED"
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM (Interrupted)
+        status = "KILLED"
+        raise
     finally:
-        tracking.study_finished(_best(study), not ended)
+        tracking.study_finished(_best(study), status)
         tracking.close()
         DRIVER.pop(cfg.study_name, None)
     say(f"study {cfg.study_name}: search took {time.perf_counter() - start:.1f}s")
