@@ -312,10 +312,11 @@ def cmd_retrain_best(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from llmflow_hpo.report import build_report, load_report_study
+    from llmflow_hpo.report import build_report
+    from llmflow_hpo.storage import load_study
 
     storage = _storage(args)
-    study = load_report_study(args.study, storage)
+    study = load_study(args.study, storage)
     summary = build_report(study, Path(args.output) if args.output else None, storage=storage, log=_log)
     print(json.dumps(summary.__dict__, indent=2) if args.json else summary.index_html)
     return 0
@@ -488,10 +489,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llmflow-hpo: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
-        print(
-            "llmflow-hpo: interrupted; the running trials were recorded and will resume, rerun the command to continue",
-            file=sys.stderr,
-        )
+        if args.command in ("search", "worker"):
+            print(
+                "llmflow-hpo: interrupted; the running trials were recorded and will resume, rerun the command to "
+                "continue",
+                file=sys.stderr,
+            )
+        else:
+            print("llmflow-hpo: interrupted", file=sys.stderr)
         return getattr(e, "exit_code", 130)
 
 

@@ -190,8 +190,10 @@ def write_study_note(study: optuna.Study, cfg: StudyConfig, space_raw: dict[str,
 
 
 def only_storage_here() -> str:
-    """Without ``--study`` and ``--storage``: the one ``studies/*.db`` in the current folder."""
-    found = sorted(Path("studies").glob("*.db"))
+    """Without ``--study`` and ``--storage``: the one optuna database in ``studies/`` (MLflow's is not)."""
+    from llmflow_hpo.storage import is_optuna_sqlite
+
+    found = sorted(p for p in Path("studies").glob("*.db") if is_optuna_sqlite(p))
     if len(found) == 1:
         return f"sqlite:///{found[0].resolve()}"
     held = f"{len(found)} ({', '.join(p.name for p in found)})" if found else "none"
@@ -285,15 +287,12 @@ def open_dashboard(
     log: Callable[[str], None] | None = None,
 ) -> Dashboard:
     """optuna-dashboard on ``storage``, bound to ``host:port`` (0: a free port) and ready to ``serve``."""
-    from llmflow_hpo.storage import _sqlite_path, load_study, open_storage
+    from llmflow_hpo.storage import open_storage, require_study
 
-    path = _sqlite_path(storage)
-    if path is not None and not path.is_file():
-        raise StorageError(f"storage {storage}: file {path} does not exist; pass the --storage URL of a study")
-    rdb = open_storage(storage)
+    rdb = open_storage(storage, existing=True)
     study_id = None
     if study is not None:
-        load_study(study, storage)  # an unknown name: one line listing the studies there
+        require_study(rdb, study, storage)  # an unknown name: one line listing the studies there
         study_id = rdb.get_study_id_from_name(study)
     import optuna_dashboard
 

@@ -27,7 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 from llmflow_hpo import __version__
 from llmflow_hpo.errors import ConfigError, StorageError
 
-__all__ = ["IMPORTANCE_SEED", "PLOTS", "ReportSummary", "build_report", "default_report_dir", "load_report_study"]
+__all__ = ["IMPORTANCE_SEED", "PLOTS", "ReportSummary", "build_report", "default_report_dir"]
 
 PLOTS = ("optimization_history", "intermediate_values", "param_importances", "parallel_coordinate", "slice")
 IMPORTANCE_SEED = 0  # fANOVA's random forest: a fixed seed makes the importances (and the report) reproducible
@@ -78,21 +78,6 @@ def default_report_dir(study_name: str) -> Path:
     return Path("runs") / study_name / "report"
 
 
-def load_report_study(study_name: str, storage_url: str) -> optuna.Study:
-    """The stored study, read only: a missing SQLite file or an unknown name is an error naming the flag."""
-    from llmflow_hpo.storage import _sqlite_path, open_storage
-
-    path = _sqlite_path(storage_url)
-    if path is not None and not path.is_file():  # SQLite would create an empty database there
-        raise ConfigError(f"--storage {storage_url}: file {path} does not exist; pass the URL of the study's database")
-    storage = open_storage(storage_url)
-    names = optuna.study.get_all_study_names(storage)
-    if study_name not in names:
-        held = ", ".join(names) if names else "none"
-        raise ConfigError(f"--study {study_name}: no such study in {storage_url} (studies there: {held})")
-    return optuna.load_study(study_name=study_name, storage=storage)
-
-
 def build_report(
     study: optuna.Study,
     output_dir: Path | str | None = None,
@@ -140,11 +125,20 @@ def build_report(
     return summary
 
 
+def _is_report(folder: Path) -> bool:
+    """Whether the folder holds a report this command wrote (its summary.json says so)."""
+    try:
+        summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and {"llmflow_hpo_version", "study_name"} <= summary.keys()
+
+
 def _prepare_dir(out: Path) -> None:
     """Create the folder; refuse a file, or a folder that holds something other than an earlier report."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output {out}: is a file; choose a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "summary.json").is_file():
+    if out.is_dir() and any(out.iterdir()) and not _is_report(out):
         raise ConfigError(f"--output {out}: exists and is not an llmflow-hpo report folder; choose another folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -318,6 +312,8 @@ def _draw_plots(
                     axes = vis.plot_intermediate_values(study)
                     curves = _mark_curves(axes, trials, target)
                 elif name == "param_importances":
+                    # The plot computes the importances itself and does not return them: fANOVA runs twice
+                    # (a fraction of a second for hundreds of trials), so summary.json holds the same numbers.
                     evaluator = optuna.importance.FanovaImportanceEvaluator(seed=IMPORTANCE_SEED)
                     axes = vis.plot_param_importances(study, evaluator=evaluator, target_name=target)
                     importances = optuna.importance.get_param_importances(
@@ -443,11 +439,13 @@ def _when(value: datetime | None) -> str:
 def _secs(value: float | None) -> str:
     if value is None:
         return "-"
-    if value < 60:
+    if round(value, 1) < 60:
         return f"{value:.1f} s"
-    if value < 3600:
-        return f"{int(value // 60)} min {value % 60:.0f} s"
-    return f"{int(value // 3600)} h {value % 3600 / 60:.0f} min"
+    seconds = round(value)
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    minutes = round(value / 60)
+    return f"{minutes // 60} h {minutes % 60} min"
 
 
 def _fmt(value: Any) -> str:
@@ -524,11 +522,12 @@ def _header(info: _StudyInfo) -> str:
     ]
     cfg = info.config
     if cfg is not None:
+        stopping = f"Ray {cfg.ray.scheduler} scheduler" if cfg.backend == "ray" else f"{cfg.pruner.name} pruner"
         rows += [
             ("task", cfg.task),
             ("model", cfg.model.name_or_path + (" (random init)" if cfg.model.random_init else "")),
             ("data", f"{cfg.data.format}: train {cfg.data.train}, dev {cfg.data.dev or 'split from train'}"),
-            ("search", f"{cfg.sampler.name} sampler, {cfg.pruner.name} pruner, n_trials {cfg.n_trials}"),
+            ("search", f"{cfg.sampler.name} sampler, {stopping}, n_trials {cfg.n_trials}"),
         ]
     else:
         rows.append(("config", "none stored (the study was not made by llmflow-hpo)"))

@@ -125,19 +125,42 @@ def _sqlite_wal(path: Path) -> None:
         raise StorageError(f"storage sqlite:///{path}: cannot open ({e})") from None
 
 
-def open_storage(url: str, heartbeat: HeartbeatConfig | None = None) -> optuna.storages.BaseStorage:
+def is_optuna_sqlite(path: Path) -> bool:
+    """Whether the SQLite file holds optuna's tables (read only: the file is not changed)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error:  # not a database, or not readable
+        return False
+    return {"studies", "version_info"} <= tables
+
+
+def open_storage(
+    url: str, heartbeat: HeartbeatConfig | None = None, *, existing: bool = False
+) -> optuna.storages.BaseStorage:
     """An optuna RDB storage for ``url``; with ``heartbeat``, dead trials are detected and queued again.
 
     SQLite runs in WAL mode and waits up to 60 s for a lock instead of failing at once. A trial whose
     heartbeat stops (its worker was killed) is failed by the next worker that looks, and retried with the
     same parameters and its intermediate values (optuna's RetryHeartbeatStaleTrialCallback).
+    ``existing``: the storage must already hold optuna's tables (commands that read studies): a missing
+    SQLite file or one of another tool is an error, and the file is opened as it is (optuna would create
+    its tables in any SQLite file).
     """
     engine_kwargs: dict[str, Any] = {}
     path = _sqlite_path(url)
     if path is not None:
         if not path.parent.exists():
             raise StorageError(f"storage {url}: folder {path.parent} does not exist; create it or change storage")
-        _sqlite_wal(path)
+        if existing and not path.is_file():
+            raise StorageError(f"storage {url}: file {path} does not exist; pass --storage URL of the study's database")
+        if existing and not is_optuna_sqlite(path):
+            raise StorageError(
+                f"storage {url}: {path} holds no optuna studies (another tool's database?); "
+                "pass --storage URL of the study's database"
+            )
+        if not existing:
+            _sqlite_wal(path)
         engine_kwargs["connect_args"] = {"timeout": 60}
     beat: dict[str, Any] = {}
     if heartbeat is not None:
@@ -347,12 +370,17 @@ def free_study_name(storage_url: str, study_name: str) -> str:
 
 def load_study(study_name: str, storage_url: str) -> optuna.Study:
     """An existing study, or a StorageError that lists the studies the storage does hold."""
-    storage = open_storage(storage_url)
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    storage = open_storage(storage_url, existing=True)
+    require_study(storage, study_name, storage_url)
+    return optuna.load_study(study_name=study_name, storage=storage)
+
+
+def require_study(storage: optuna.storages.BaseStorage, study_name: str, storage_url: str) -> None:
+    """A StorageError that lists the studies the storage holds, unless it holds ``study_name``."""
+    names = optuna.study.get_all_study_names(storage)
     if study_name not in names:
         held = ", ".join(names) if names else "none"
         raise StorageError(f"no study {study_name!r} in {storage_url} (studies there: {held})")
-    return optuna.load_study(study_name=study_name, storage=storage)
 
 
 def stored_config(study: optuna.Study) -> tuple[StudyConfig, SearchSpace, dict[str, Any]]:

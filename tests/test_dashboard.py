@@ -200,6 +200,10 @@ def test_storage_defaults_like_the_other_study_commands(
 
     (tmp_path / "studies").mkdir()
     _demo_study(tmp_path / "studies" / "demo.db")
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "studies" / "mlflow.db") as con:  # tracking's database beside it is no study
+        con.execute("CREATE TABLE experiments (id INTEGER)")
     url = f"sqlite:///{(tmp_path / 'studies' / 'demo.db').resolve()}"
     assert main(["dashboard", "--study", "demo", "--port", "0"]) == 0  # studies/NAME.db, as trials/best do
     out = capsys.readouterr().out

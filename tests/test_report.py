@@ -17,7 +17,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from llmflow_hpo.errors import ConfigError
-from llmflow_hpo.report import PLOTS, build_report, load_report_study
+from llmflow_hpo.report import PLOTS, _secs, build_report
+from llmflow_hpo.storage import load_study
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -122,7 +123,7 @@ def test_report_errors_are_one_line(problem, tmp_path):
     args = ["report", "--study", "one", "--storage", storage, "--output", str(tmp_path / "report")]
     if problem == "unknown study":
         args[2] = "nope"
-        assert_one_error_line(cli(*args), "--study nope", "studies there: one")
+        assert_one_error_line(cli(*args), "no study 'nope'", "studies there: one")
     elif problem == "missing database":
         args[4] = f"sqlite:///{tmp_path / 'missing.db'}"
         assert_one_error_line(cli(*args), "--storage", "does not exist")
@@ -202,7 +203,7 @@ def test_report_counts_times_and_curves_of_a_synthetic_study(tmp_path):
     synthetic_study(storage)
     out = tmp_path / "report"
     logged: list[str] = []
-    summary = build_report(load_report_study("synthetic", storage), out, storage=storage, log=logged.append)
+    summary = build_report(load_study("synthetic", storage), out, storage=storage, log=logged.append)
     assert logged == [] and summary.skipped == {}
 
     written = json.loads((out / "summary.json").read_text())
@@ -226,7 +227,7 @@ def test_report_counts_times_and_curves_of_a_synthetic_study(tmp_path):
     assert "<th>dev_loss</th>" in page and "<th>train_time_s</th>" in page
 
     # The same study gives the same report (importances have a fixed seed).
-    again = build_report(load_report_study("synthetic", storage), out, storage=storage)
+    again = build_report(load_study("synthetic", storage), out, storage=storage)
     assert again.importances == summary.importances
     assert (out / "index.html").read_text() == page
 
@@ -236,10 +237,10 @@ def test_report_of_a_single_trial_explains_the_missing_plots(tmp_path):
     synthetic_study(storage)
     one_complete_study(storage)
     out = tmp_path / "report"
-    build_report(load_report_study("synthetic", storage), out)
+    build_report(load_study("synthetic", storage), out)
     assert (out / "param_importances.png").exists()
 
-    summary = build_report(load_report_study("one", storage), out)  # an earlier report's folder is reused
+    summary = build_report(load_study("one", storage), out)  # an earlier report's folder is reused
     assert set(summary.skipped) == {"intermediate_values", "param_importances", "parallel_coordinate", "slice"}
     assert "2 complete trials" in summary.skipped["param_importances"]
     assert not (out / "param_importances.png").exists()  # no plot of the other study left behind
@@ -290,3 +291,50 @@ def test_report_says_why_a_plot_is_missing(case, skipped, tmp_path):
     assert page.count("Not drawn: ") == len(skipped)
     if case == "nothing complete":
         assert summary.best_number is None and "No complete trial yet." in page
+
+
+def test_report_reads_the_storage_without_changing_it_and_refuses_other_databases(tmp_path, capsys, monkeypatch):
+    import hashlib
+    import sqlite3
+
+    from llmflow_hpo.cli import main
+
+    db = tmp_path / "one.db"
+    one_complete_study(f"sqlite:///{db}")
+    before = hashlib.md5(db.read_bytes()).hexdigest()
+    assert main(["report", "--study", "one", "--storage", f"sqlite:///{db}", "--output", str(tmp_path / "r")]) == 0
+    assert hashlib.md5(db.read_bytes()).hexdigest() == before  # not even the journal mode
+    capsys.readouterr()
+
+    other = tmp_path / "mlflow.db"  # another tool's SQLite database: optuna would add its tables to it
+    with sqlite3.connect(other) as con:
+        con.execute("CREATE TABLE experiments (id INTEGER)")
+    before = hashlib.md5(other.read_bytes()).hexdigest()
+    assert main(["report", "--study", "one", "--storage", f"sqlite:///{other}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no optuna studies" in err[0] and "--storage" in err[0]
+    assert hashlib.md5(other.read_bytes()).hexdigest() == before
+
+    # A folder with another tool's summary.json is not an earlier report: nothing in it is overwritten.
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "summary.json").write_text('{"accuracy": 0.9}')
+    assert main(["report", "--study", "one", "--storage", f"sqlite:///{db}", "--output", str(foreign)]) == 1
+    assert "is not an llmflow-hpo report folder" in capsys.readouterr().err
+    assert (foreign / "summary.json").read_text() == '{"accuracy": 0.9}'
+
+    # Ctrl-C while a report is written: no word of trials to resume.
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("llmflow_hpo.report.build_report", interrupted)
+    assert main(["report", "--study", "one", "--storage", f"sqlite:///{db}", "--output", str(tmp_path / "r")]) == 130
+    assert capsys.readouterr().err == "llmflow-hpo: interrupted\n"
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(12.34, "12.3 s"), (59.97, "1 min 0 s"), (119.7, "2 min 0 s"), (3599.6, "1 h 0 min"), (7199, "2 h 0 min")],
+)
+def test_durations_carry_when_they_round_up(seconds, text):
+    assert _secs(seconds) == text
