@@ -82,9 +82,11 @@ def _dashboard_get(storage: str, path: str, query: str = "") -> dict:
 def test_known_errors_are_one_line_with_exit_1(write_study, tmp_path):
     config = write_study({"n_trials": 1})
     storage = f"sqlite:///{tmp_path / 'tiny-ner.db'}"
+    optuna.create_study(study_name="other", storage=storage)
     cases = [
         (("retrain-best", "--study", "nope", "--storage", storage), "no study 'nope'"),
         (("trials", "--study", "nope", "--storage", f"sqlite:///{tmp_path / 'missing' / 'x.db'}"), "does not exist"),
+        (("best", "--study", "nope", "--storage", f"sqlite:///{tmp_path / 'x.db'}"), "x.db does not exist"),
         (("search", str(config), "--set", "train.lerning_rate=1"), "train.lerning_rate: unknown key"),
         (("search", str(tmp_path / "absent.yaml")), "file not found"),
     ]
@@ -93,6 +95,7 @@ def test_known_errors_are_one_line_with_exit_1(write_study, tmp_path):
         assert run.returncode == 1, (args, run.stderr)
         lines = run.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("llmflow-hpo: error:") and message in lines[0], run.stderr
+    assert not (tmp_path / "x.db").exists()  # reading a study never creates a database
     assert cli("search").returncode == 2  # usage error
     assert cli("frobnicate").returncode == 2
 
