@@ -141,3 +141,30 @@ def quickstart_study(tmp_path_factory) -> dict[str, Any]:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return {"folder": folder, "storage": storage, "study": "quickstart", "stderr": result.stderr}
+
+
+def study_made(storage: str, name: str = "tiny-ner") -> bool:
+    """Whether a running search has made its study yet, checked without opening optuna's storage.
+
+    Opened while the search is still creating it, optuna would create its tables alongside the search's
+    own, and either side can fail ("table trial_user_attributes already exists", seen in CI). The study's
+    row is written after all tables, so once it is there, loading the study creates nothing.
+    """
+    import sqlalchemy
+
+    if storage.startswith("sqlite:///"):
+        path = Path(storage[len("sqlite:///") :])
+        if not path.is_file():
+            return False
+        url = f"sqlite:///file:{path}?mode=ro&uri=true"  # read only: never creates or changes the file
+    else:
+        url = storage
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.connect() as con:
+            if not sqlalchemy.inspect(con).has_table("studies"):
+                return False
+            query = sqlalchemy.text("SELECT 1 FROM studies WHERE study_name = :name")
+            return con.execute(query, {"name": name}).first() is not None
+    finally:
+        engine.dispose()

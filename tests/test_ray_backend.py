@@ -15,6 +15,7 @@ from typing import Any
 import optuna
 import psutil
 import pytest
+from conftest import study_made
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
@@ -58,12 +59,9 @@ def load(tmp_path: Path, name: str = "tiny-ner") -> optuna.Study:
 
 def running(tmp_path: Path) -> list[Any]:
     """The study's RUNNING trials, or none while the study is still being created."""
-    if not (tmp_path / "tiny-ner.db").exists():
+    if not study_made(f"sqlite:///{tmp_path / 'tiny-ner.db'}"):
         return []
-    try:
-        return load(tmp_path).get_trials(states=(TrialState.RUNNING,))
-    except KeyError:
-        return []
+    return load(tmp_path).get_trials(states=(TrialState.RUNNING,))
 
 
 def ray_trials(run_dir: Path) -> list[Any]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import study_made
 from optuna.trial import TrialState
 
 from llmflow_hpo.tracking import MLFLOW_ATTR, Tracker, Tracking
@@ -166,10 +167,8 @@ def test_a_tracking_server_that_goes_away_is_reported_once_and_the_search_goes_o
         # The server goes away once the first trial has finished (and was tracked).
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            try:
-                done = [t for t in load(tmp_path).get_trials() if t.state.is_finished()]
-            except Exception:  # the study is not created yet
-                done = []
+            made = study_made(f"sqlite:///{tmp_path / 'tiny-ner.db'}")  # else not created yet
+            done = [t for t in load(tmp_path).get_trials() if t.state.is_finished()] if made else []
             if done:
                 break
             time.sleep(0.5)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import study_made
 from optuna.trial import TrialState
 
 from llmflow_hpo.workers import plan_workers
@@ -166,10 +167,9 @@ SLOW_TRIALS = {
 
 
 def _trials(storage: str, name: str = "tiny-ner") -> list[optuna.trial.FrozenTrial]:
-    try:
-        return optuna.load_study(study_name=name, storage=storage).trials
-    except KeyError:  # not created yet
+    if not study_made(storage, name):  # not created yet
         return []
+    return optuna.load_study(study_name=name, storage=storage).trials
 
 
 def _wait_for_running_trial(
