@@ -20,13 +20,13 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from llmflow_hpo.config import StudyConfig
 
-__all__ = ["MLFLOW_ATTR", "Tracking", "open_tracking", "track_retrain"]
+__all__ = ["MLFLOW_ATTR", "Tracking", "open_tracking", "search_tracking", "track_retrain"]
 
 Log = Callable[[str], None]
 
@@ -141,6 +141,30 @@ def open_tracking(cfg: StudyConfig, study: Any, *, log: Log, owner: bool = False
                 f"tracking: tensorboard in {tensorboard_dir(cfg)} cannot start ({_reason(e)}); the search goes on without it"
             )
     return Tracking(trackers, log)
+
+
+@contextlib.contextmanager
+def search_tracking(cfg: StudyConfig, study: Any, *, log: Log) -> Iterator[Tracking]:
+    """A search's trackers, opened as the owner of the study's run (either backend's ``run_search``).
+
+    When the search ends, the study's run gets the best trial and ends FINISHED, KILLED (Ctrl-C, SIGTERM)
+    or FAILED (an error).
+    """
+    tracking = open_tracking(cfg, study, log=log, owner=True)
+    status = "FAILED"
+    try:
+        yield tracking
+        status = "FINISHED"
+    except KeyboardInterrupt:  # Interrupted too
+        status = "KILLED"
+        raise
+    finally:
+        try:
+            best = study.best_trial
+        except ValueError:  # no complete trial
+            best = None
+        tracking.study_finished(best, status)
+        tracking.close()
 
 
 def mlflow_uri(cfg: StudyConfig, study: Any) -> str:

@@ -431,7 +431,7 @@ def run_search(
     from llmflow_hpo.features import prepare_features
     from llmflow_hpo.storage import free_study_name
     from llmflow_hpo.strategy import build_pruner, build_sampler
-    from llmflow_hpo.tracking import open_tracking
+    from llmflow_hpo.tracking import search_tracking
 
     say = log or (lambda line: print(line, file=sys.stderr))
     # Our progress lines report each trial (fail reasons included); optuna would repeat them with tracebacks.
@@ -460,9 +460,7 @@ def run_search(
     start = time.perf_counter()
     progress = as_progress(say)
     # The study's trackers (and its MLflow run) are opened here, before any worker starts.
-    tracking = open_tracking(cfg, study, log=progress.warn, owner=True)
-    status = "FAILED"  # the study's run, if the search ends by an error
-    try:
+    with search_tracking(cfg, study, log=progress.warn) as tracking:
         if workers == 1:
             work_on_study(cfg, space, features, study, log=progress, tracking=tracking)
         else:
@@ -470,13 +468,6 @@ def run_search(
 
             progress.workers = workers
             run_worker_processes(cfg, workers, log=progress)
-        status = "FINISHED"
-    except KeyboardInterrupt:  # Ctrl-C, SIGTERM (Interrupted)
-        status = "KILLED"
-        raise
-    finally:
-        tracking.study_finished(_best(study), status)
-        tracking.close()
     say(f"study {cfg.study_name}: search took {time.perf_counter() - start:.1f}s")
     return summarize(study, cfg, finished_trials(study) - done, workers)
 

@@ -44,7 +44,6 @@ from optuna.trial import TrialState
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from llmflow_hpo.backends.optuna_backend import _best
 from llmflow_hpo.checkpoints import RESUME, TrialCheckpoint
 from llmflow_hpo.config import StudyConfig
 from llmflow_hpo.errors import ConfigError, TrialFailure
@@ -772,76 +771,69 @@ def run_search(
         say(f"study {cfg.study_name}: already holds {done} finished trials (n_trials={cfg.n_trials}); nothing to run")
         return summarize(study, cfg, 0, 1)
     start = time.perf_counter()
-    from llmflow_hpo.tracking import open_tracking
+    from llmflow_hpo.tracking import search_tracking
 
     progress = as_progress(say)
-    tracking = open_tracking(cfg, study, log=progress.warn, owner=True)
-    DRIVER[cfg.study_name] = (progress, tracking)
-    status = "FAILED"  # the study's run, if the search ends by an error
-    try:
-        with ray_session(cfg, say) as ray:
-            gpus = cfg.ray.gpus_per_trial
-            if gpus is None:
-                gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-            every_eval = cfg.ray.scheduler in ("pbt", "hyperband")
-            trainable = tune.with_resources(
-                tune.with_parameters(
-                    ray_trial, cfg=cfg, space=space, features=_in_memory(features), every_eval=every_eval
-                ),
-                {"cpu": cfg.ray.cpus_per_trial, "gpu": gpus},
-            )
-            while True:
-                if resume is not None:
-                    run = resume
-                    say(
-                        f"study {cfg.study_name}: continuing the interrupted Ray run {run} "
-                        f"({len(_ray_running(study, run))} trial(s) were running)"
-                    )
-                    tuner = tune.Tuner.restore(
-                        _run_path(cfg, run), trainable, resume_unfinished=True, resume_errored=False
-                    )
-                else:
-                    run = f"{cfg.study_name}-run{len(runs) + 1}"
-                    runs.append(run)
-                    say(
-                        f"study {cfg.study_name}: Ray run {run}: {remaining} trial(s), {cfg.ray.scheduler} scheduler, "
-                        f"{cfg.ray.cpus_per_trial:g} CPU and {gpus:g} GPU per trial, "
-                        f"at most {cfg.ray.max_concurrent_trials or 'as many as fit'} at once, storage {cfg.storage}"
-                    )
-                    tuner = _new_tuner(
-                        cfg,
-                        space,
-                        trainable,
-                        run=run,
-                        samples=remaining,
-                        sampler=sampler,
-                        study=study,
-                        n_train=n_train,
-                        source=source,
-                    )
-                unfinished, interrupted = _fit(tuner, cfg, study, run)
-                if interrupted is not None:
-                    say(f"study {cfg.study_name}: search took {time.perf_counter() - start:.1f}s")
-                    say(
-                        f"study {cfg.study_name}: Ray run {run} interrupted with {len(unfinished)} unfinished trial(s), "
-                        "its state saved; rerun the same command to continue it"
-                    )
-                    raise Interrupted(interrupted)
-                remaining = max(cfg.n_trials - finished_trials(study), 0)
-                # A restored run ran only the trials it had; a new run fills what is still missing (n_trials may
-                # have grown since). A new run is not repeated: what failed in it stays failed, as in the
-                # optuna backend.
-                if resume is None or remaining == 0:
-                    break
-                resume = None
-        status = "FINISHED"
-    except KeyboardInterrupt:  # Ctrl-C, SIGTERM (Interrupted)
-        status = "KILLED"
-        raise
-    finally:
-        tracking.study_finished(_best(study), status)
-        tracking.close()
-        DRIVER.pop(cfg.study_name, None)
+    with search_tracking(cfg, study, log=progress.warn) as tracking:
+        DRIVER[cfg.study_name] = (progress, tracking)
+        try:
+            with ray_session(cfg, say) as ray:
+                gpus = cfg.ray.gpus_per_trial
+                if gpus is None:
+                    gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+                every_eval = cfg.ray.scheduler in ("pbt", "hyperband")
+                trainable = tune.with_resources(
+                    tune.with_parameters(
+                        ray_trial, cfg=cfg, space=space, features=_in_memory(features), every_eval=every_eval
+                    ),
+                    {"cpu": cfg.ray.cpus_per_trial, "gpu": gpus},
+                )
+                while True:
+                    if resume is not None:
+                        run = resume
+                        say(
+                            f"study {cfg.study_name}: continuing the interrupted Ray run {run} "
+                            f"({len(_ray_running(study, run))} trial(s) were running)"
+                        )
+                        tuner = tune.Tuner.restore(
+                            _run_path(cfg, run), trainable, resume_unfinished=True, resume_errored=False
+                        )
+                    else:
+                        run = f"{cfg.study_name}-run{len(runs) + 1}"
+                        runs.append(run)
+                        say(
+                            f"study {cfg.study_name}: Ray run {run}: {remaining} trial(s), {cfg.ray.scheduler} scheduler, "
+                            f"{cfg.ray.cpus_per_trial:g} CPU and {gpus:g} GPU per trial, "
+                            f"at most {cfg.ray.max_concurrent_trials or 'as many as fit'} at once, storage {cfg.storage}"
+                        )
+                        tuner = _new_tuner(
+                            cfg,
+                            space,
+                            trainable,
+                            run=run,
+                            samples=remaining,
+                            sampler=sampler,
+                            study=study,
+                            n_train=n_train,
+                            source=source,
+                        )
+                    unfinished, interrupted = _fit(tuner, cfg, study, run)
+                    if interrupted is not None:
+                        say(f"study {cfg.study_name}: search took {time.perf_counter() - start:.1f}s")
+                        say(
+                            f"study {cfg.study_name}: Ray run {run} interrupted with {len(unfinished)} unfinished trial(s), "
+                            "its state saved; rerun the same command to continue it"
+                        )
+                        raise Interrupted(interrupted)
+                    remaining = max(cfg.n_trials - finished_trials(study), 0)
+                    # A restored run ran only the trials it had; a new run fills what is still missing (n_trials may
+                    # have grown since). A new run is not repeated: what failed in it stays failed, as in the
+                    # optuna backend.
+                    if resume is None or remaining == 0:
+                        break
+                    resume = None
+        finally:
+            DRIVER.pop(cfg.study_name, None)
     say(f"study {cfg.study_name}: search took {time.perf_counter() - start:.1f}s")
     return summarize(study, cfg, finished_trials(study) - done, 1)
 
