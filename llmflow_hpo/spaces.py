@@ -12,6 +12,7 @@ A search-space file maps hyperparameter names to declarations::
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,35 @@ def _number(value: Any, integer: bool) -> float | int | None:
     return None
 
 
+def _repeated(values: list[Any]) -> list[Any]:
+    """The values that occur more than once (1e-5 and 1.0e-5 are one value once read)."""
+    seen: list[Any] = []
+    repeated: list[Any] = []
+    for value in values:
+        key = (type(value), value)
+        if key in seen and value not in repeated:
+            repeated.append(value)
+        seen.append(key)
+    return repeated
+
+
+def _step_problem(low: float, high: float, step: float, integer: bool) -> str | None:
+    """Why ``step`` does not divide ``low..high`` (optuna would silently shrink the range), or None."""
+    count = (high - low) / step
+    if integer:
+        if (high - low) % step == 0:
+            return None
+    elif abs(count - round(count)) <= 1e-8 * max(1.0, abs(count)):
+        return None
+    below, above = low + math.floor(count) * step, low + math.ceil(count) * step
+    if not integer:
+        below, above = float(f"{below:.12g}"), float(f"{above:.12g}")
+    return (
+        f"{step:g} does not divide the range {low:g}..{high:g} (optuna would search only {low:g}..{below:g}); "
+        f"set high to {below:g} or {above:g}, or use a step that divides {float(f'{high - low:.12g}'):g}"
+    )
+
+
 def _parse_one(name: str, spec: Any, where: str, problems: list[str]) -> BaseDistribution | None:
     at = f"{where}: {name}"
     if name not in HYPERPARAMETERS:
@@ -77,8 +107,6 @@ def _parse_one(name: str, spec: Any, where: str, problems: list[str]) -> BaseDis
         if not isinstance(choices, list) or not choices:
             problems.append(f"{at}.choices: expected a non-empty list")
             return None
-        if len({repr(c) for c in choices}) != len(choices):
-            problems.append(f"{at}.choices: repeated values in {choices!r}")
         converted = []
         for choice in choices:
             if not (choice is None or isinstance(choice, (bool, int, float, str))):
@@ -88,6 +116,12 @@ def _parse_one(name: str, spec: Any, where: str, problems: list[str]) -> BaseDis
             if why:
                 problems.append(f"{at}.choices: {choice!r}: {why}")
             converted.append(value)
+        repeated = _repeated(converted)
+        if repeated:
+            problems.append(
+                f"{at}.choices: repeated values in {choices!r}: {', '.join(map(repr, repeated))} appear(s) more "
+                "than once as read (1e-5 and 1.0e-5 are one number); drop the repeats"
+            )
         return CategoricalDistribution(converted) if len(problems) == before else None
 
     integer = kind == "int"
@@ -122,6 +156,11 @@ def _parse_one(name: str, spec: Any, where: str, problems: list[str]) -> BaseDis
             problems.append(f"{at}: bound {bound}: {why}")
     if len(problems) > before:
         return None
+    if step is not None:
+        why = _step_problem(low, high, step, integer)
+        if why:
+            problems.append(f"{at}.step: {why}")
+            return None
     if integer:
         return IntDistribution(int(low), int(high), log=log, step=int(step or 1))
     return FloatDistribution(float(low), float(high), log=log, step=step)

@@ -308,3 +308,36 @@ def test_suggest_params_with_a_real_trial_stays_in_range() -> None:
         assert p["scheduler"] in ("linear", "cosine")
         assert trial.distributions == space
         study.tell(trial, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Steps that do not divide the range, and choices that repeat once read (optuna would accept both quietly).
+
+
+@pytest.mark.parametrize(
+    ("text", "fixes"),
+    [
+        ("weight_decay: {type: float, low: 0.0, high: 0.1, step: 0.03}", ("set high to 0.09 or 0.12", "divides 0.1")),
+        ("epochs: {type: int, low: 1, high: 10, step: 2}", ("set high to 9 or 11", "divides 9")),
+    ],
+)
+def test_step_that_does_not_divide_the_range_is_refused(text: str, fixes: tuple[str, ...]) -> None:
+    message = only_problem(text)
+    name = text.split(":")[0]
+    assert message.startswith(f"space.yaml: {name}.step: "), message
+    assert "optuna would search only" in message
+    for fix in fixes:
+        assert fix in message
+
+
+def test_steps_that_divide_the_range_up_to_rounding_are_kept() -> None:
+    space = parse("warmup_ratio: {type: float, low: 0.1, high: 0.7, step: 0.1}")
+    assert space["warmup_ratio"] == FloatDistribution(0.1, 0.7, step=0.1)
+
+
+@pytest.mark.parametrize("choices", ["[1e-5, 1.0e-5]", "['1e-5', 0.00001]", "[0.5, 1, 1.0]"])
+def test_choices_that_repeat_once_read_are_refused(choices: str) -> None:
+    name = "learning_rate" if "e-5" in choices else "focal_gamma"
+    message = only_problem(f"{name}: {{type: categorical, choices: {choices}}}")
+    assert message.startswith(f"space.yaml: {name}.choices: repeated values"), message
+    assert "drop the repeats" in message
