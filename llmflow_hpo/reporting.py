@@ -7,6 +7,7 @@ from typing import Any
 
 import optuna
 
+from llmflow_hpo.errors import TrialFailure
 from llmflow_hpo.train import Evaluation, TrainResult
 
 __all__ = ["TrialReporter", "improves", "store_best", "store_result"]
@@ -23,7 +24,8 @@ class TrialReporter:
     """Reports every dev evaluation to the trial, at a step counted in training examples seen.
 
     Called by the training loop after each evaluation. Raises ``optuna.TrialPruned`` when the pruner
-    says so, after storing the best evaluation reached, so a pruned trial still shows what it found.
+    says so, after storing the best evaluation reached, so a pruned trial still shows what it found, and
+    ``TrialFailure`` (the trial fails with the metric and its value as reason) for a non-finite metric.
     """
 
     def __init__(self, trial: optuna.Trial, metric: str, direction: str) -> None:
@@ -47,8 +49,8 @@ class TrialReporter:
 
     def __call__(self, evaluation: Evaluation) -> None:
         value = evaluation.metrics[self.metric]
-        if not math.isfinite(value):
-            raise optuna.TrialPruned(f"dev {self.metric} is {value} at step {evaluation.step}")
+        if not math.isfinite(value):  # a failure, never a value (nor PRUNED): the same rule as on Ray
+            raise TrialFailure(f"dev {self.metric} is {value} at step {evaluation.step}")
         if self._better(value):
             self.best = evaluation
         self.trial.report(value, evaluation.step)
@@ -66,8 +68,6 @@ def store_best(trial: Any, best: Evaluation | None) -> None:
     trial.set_user_attr("best_step", best.step)
     trial.set_user_attr("best_optimizer_step", best.optimizer_step)
     trial.set_user_attr("best_epoch", round(best.epoch, 4))
-    if best.weights_sha256 is not None:
-        trial.set_user_attr("best_weights_sha256", best.weights_sha256)
 
 
 def store_result(trial: Any, result: TrainResult, seed: int) -> None:

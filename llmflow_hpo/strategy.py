@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -15,13 +16,24 @@ from typing import Any
 import numpy as np
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from llmflow_hpo.config import StudyConfig
 from llmflow_hpo.errors import ConfigError
 from llmflow_hpo.spaces import SearchSpace
 
-__all__ = ["PerTrialSeed", "build_pruner", "build_sampler", "check_strategy", "default_startup_trials", "trial_seed"]
+__all__ = [
+    "PerTrialSeed",
+    "StudyGrid",
+    "build_pruner",
+    "build_sampler",
+    "check_strategy",
+    "default_startup_trials",
+    "first_evaluation_step",
+    "longest_epochs",
+    "study_target",
+    "trial_seed",
+]
 
 _SAMPLERS: dict[str, str] = {
     "tpe": "TPESampler",
@@ -85,6 +97,48 @@ def _grid(space: SearchSpace, where: str) -> dict[str, list[Any]]:
     if problems:
         raise ConfigError(problems)
     return grid
+
+
+def grid_size(space: SearchSpace) -> int:
+    """The number of points of the grid sampler's grid over ``space``."""
+    return math.prod(len(values) for values in _grid(space, "sampler").values())
+
+
+def study_target(cfg: StudyConfig, space: SearchSpace) -> int | None:
+    """The finished trials a study aims at: ``n_trials``, at most the grid's size for the grid sampler.
+
+    None: no count (a timeout ends the study). A grid study without ``n_trials`` runs its grid once.
+    """
+    if cfg.sampler.name != "grid":
+        return cfg.n_trials
+    size = grid_size(space)
+    return size if cfg.n_trials is None else min(cfg.n_trials, size)
+
+
+class StudyGrid(optuna.samplers.GridSampler):
+    """optuna's GridSampler, ended by the worker loop instead of ``study.stop()``.
+
+    ``GridSampler.after_trial`` calls ``study.stop()`` once every point has run, which works only inside
+    ``Study.optimize``; our workers tell their trials outside it, where it raises RuntimeError. The worker
+    loop counts the grid's size as the study's target (``study_target``), asks for a trial only while a
+    point is left (``points_left``) and ends when optuna's ``is_exhausted`` says every point has run.
+    """
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any) -> None:
+        pass
+
+    @property
+    def size(self) -> int:
+        return len(self._all_grids)
+
+    def points_left(self, study: optuna.Study) -> int:
+        """Grid points that no trial has taken yet (finished, running, or queued as a retry)."""
+        taken = {
+            t.system_attrs["grid_id"]
+            for t in study._storage.get_all_trials(study._study_id, deepcopy=False)
+            if "grid_id" in t.system_attrs and self._same_search_space(t.system_attrs["search_space"])
+        }
+        return self.size - len(taken)
 
 
 def check_strategy(cfg: StudyConfig, space: SearchSpace, source: str) -> None:
@@ -172,7 +226,7 @@ def build_sampler(cfg: StudyConfig, space: SearchSpace) -> optuna.samplers.BaseS
     if name == "grid":
         options["search_space"] = _grid(space, "sampler")
 
-    make = _SamplerFactory(cls, options)
+    make = _SamplerFactory(StudyGrid if name == "grid" else cls, options)
     try:
         # QMC and grid number their points by the seed and find the next unvisited one from the storage:
         # one seed for the whole study, and no replay.
@@ -181,12 +235,33 @@ def build_sampler(cfg: StudyConfig, space: SearchSpace) -> optuna.samplers.BaseS
         raise ConfigError(f"sampler.options: optuna's {cls.__name__} refused them: {e}") from None
 
 
-def build_pruner(cfg: StudyConfig, n_train: int | None = None) -> optuna.pruners.BasePruner:
+def first_evaluation_step(cfg: StudyConfig, n_train: int) -> int:
+    """The step of a trial's first dev evaluation, in training examples seen (train.py's evaluation points)."""
+    return max(1, round(n_train / cfg.train.evals_per_epoch))
+
+
+def longest_epochs(cfg: StudyConfig, space: SearchSpace | None) -> int:
+    """The most epochs a trial of the study can run: the search space's largest ``epochs``, else the config's."""
+    epochs = space.get("epochs") if space is not None else None
+    if isinstance(epochs, IntDistribution):
+        return int(epochs.high)
+    if isinstance(epochs, CategoricalDistribution):
+        return max(int(c) for c in epochs.choices)
+    return cfg.train.epochs
+
+
+def build_pruner(
+    cfg: StudyConfig, n_train: int | None = None, space: SearchSpace | None = None
+) -> optuna.pruners.BasePruner:
     """The configured pruner. Its steps are training examples seen.
 
     median and percentile: ``n_warmup_steps`` defaults to one epoch (``n_train`` examples): in the
     first epoch the dev metric mostly says how far the learning-rate warmup has got, and a trial with a
     longer warmup would be pruned for it (benchmarks/README.md, peers.py).
+
+    successive-halving and hyperband: ``min_resource`` defaults to the first evaluation point (optuna's
+    1, or SH's "auto" estimate of 1% of a run, lies below it: every rung under the first evaluation would
+    be judged at once there); hyperband's ``max_resource`` to the longest run the space allows.
     """
     name, options = cfg.pruner.name, dict(cfg.pruner.options)
     cls = getattr(optuna.pruners, _PRUNERS[name])
@@ -195,6 +270,10 @@ def build_pruner(cfg: StudyConfig, n_train: int | None = None) -> optuna.pruners
         options.setdefault("n_startup_trials", default)
         if n_train is not None:
             options.setdefault("n_warmup_steps", n_train)
+    if name in ("successive-halving", "hyperband") and n_train is not None:
+        options.setdefault("min_resource", first_evaluation_step(cfg, n_train))
+        if name == "hyperband":
+            options.setdefault("max_resource", longest_epochs(cfg, space) * n_train)
     try:
         return cls(**options)
     except (TypeError, ValueError) as e:

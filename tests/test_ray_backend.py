@@ -281,6 +281,39 @@ def test_search_space_becomes_ray_domains() -> None:
     assert {ep.sample() for _ in range(200)} == {1, 2, 3}  # inclusive upper bound, as optuna's
     stepped = tune_domain(FloatDistribution(0.0, 0.2, step=0.05))
     assert all(round(v / 0.05, 9) == round(v / 0.05) for v in (stepped.sample() for _ in range(50)))
+    # optuna's points are low + k * step (tune.quniform rounds to multiples of step: 0.1, 0.2 here)
+    offset = FloatDistribution(0.05, 0.25, step=0.1)
+    draws = [tune_domain(offset).sample() for _ in range(300)]
+    assert {round(v, 9) for v in draws} == {0.05, 0.15, 0.25}
+    assert all(offset._contains(v) for v in draws)
+
+
+def test_a_ray_trial_becomes_a_study_trial_of_its_own_parameters(tmp_path: Path) -> None:
+    """PBT's trials are made by Ray; enqueue-then-ask took the oldest WAITING trial, which may be another one."""
+    from types import SimpleNamespace
+
+    from llmflow_hpo.backends.ray_backend import StudyRecorder
+
+    space = {"learning_rate": FloatDistribution(1e-4, 1e-2, log=True), "batch_size": CategoricalDistribution([8, 16])}
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="pbt", storage=storage)
+    study.enqueue_trial({"learning_rate": 1e-3, "batch_size": 8})  # e.g. a retry queued by an optuna worker
+    recorder = StudyRecorder(
+        storage=storage,
+        study_name="pbt",
+        space=space,
+        key="dev_f1",
+        metric="f1",
+        run="pbt-run1",
+        scheduler="pbt",
+        target=4,
+    )
+    number = recorder._number(SimpleNamespace(trial_id="t1", config={"learning_rate": 5e-3, "batch_size": 16}))
+    trials = optuna.load_study(study_name="pbt", storage=storage).trials
+    assert [t.state for t in trials] == [TrialState.WAITING, TrialState.RUNNING]  # the queued one is left queued
+    assert number == trials[1].number and trials[1].params == {"learning_rate": 5e-3, "batch_size": 16}
+    assert trials[1].user_attrs == {"ray_trial_id": "t1", "ray_run": "pbt-run1", "backend": "ray"}
+    assert recorder._number(SimpleNamespace(trial_id="t1", config={})) == number  # found again, not made twice
 
 
 def test_scheduler_defaults_follow_the_evaluation_schedule(tiny_cfg) -> None:

@@ -94,6 +94,52 @@ def test_diverged_trial_fails_with_its_reason_and_the_study_goes_on(tiny_cfg, mo
     assert summary.counts == {**summary.counts, "complete": 2, "fail": 1}
 
 
+def test_a_non_finite_dev_metric_fails_the_trial_naming_the_metric_and_its_value(tiny_cfg, monkeypatch):
+    # The same rule as on Ray (backends/ray_backend._RayReporter): FAIL with the reason, never PRUNED.
+    cfg, space, raw = tiny_cfg({"n_trials": 1})
+    scores = iter([0.5, float("nan"), 0.6, 0.7, 0.8, 0.9])
+    monkeypatch.setattr("llmflow_hpo.train.evaluate", lambda *a, **k: {"f1": next(scores), "loss": 1.0})
+    summary = run_search(cfg, space, raw, **QUIET)
+    trials = load_study(cfg.study_name, cfg.storage).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[0].user_attrs["fail_reason"] == "dev f1 is nan at step 48" and trials[0].value is None
+    assert summary.counts == {**summary.counts, "complete": 1, "fail": 1, "pruned": 0}
+
+
+def test_each_trial_draws_its_point_under_the_study_lock(tiny_cfg, monkeypatch):
+    """QMC numbers its points in the study (read, then write the next number): two workers drawing at once
+    outside the lock could take the same number. Every draw of the sampler happens while the lock is held."""
+    from llmflow_hpo.storage import StudyLock
+
+    held, draws = {"now": False}, []
+    acquire, release = StudyLock.acquire, StudyLock.release
+
+    def acquired(self):
+        acquire(self)
+        held["now"] = True
+
+    def released(self):
+        held["now"] = False
+        release(self)
+
+    monkeypatch.setattr(StudyLock, "acquire", acquired)
+    monkeypatch.setattr(StudyLock, "release", released)
+    for method in ("sample_relative", "sample_independent"):
+        real = getattr(optuna.samplers.QMCSampler, method)
+
+        def recorded(self, *args, _real=real, _method=method):
+            draws.append((_method, held["now"]))
+            return _real(self, *args)
+
+        monkeypatch.setattr(optuna.samplers.QMCSampler, method, recorded)
+    cfg, space, raw = tiny_cfg({"n_trials": 3, "sampler": {"name": "qmc"}, "train": {"epochs": 1}})
+    run_search(cfg, space, raw, **QUIET)
+    trials = load_study(cfg.study_name, cfg.storage).trials
+    assert len({(t.params["learning_rate"], t.params["batch_size"]) for t in trials}) == 3
+    assert {method for method, _ in draws} == {"sample_relative", "sample_independent"}  # trial 0: independent
+    assert all(under_lock for _, under_lock in draws), draws
+
+
 def test_out_of_memory_fails_the_trial_with_its_reason(tiny_cfg, monkeypatch):
     from llmflow_hpo import train
 

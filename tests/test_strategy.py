@@ -7,6 +7,7 @@ import importlib.util
 import warnings
 from typing import Any
 
+import numpy as np
 import optuna
 import pytest
 import yaml
@@ -20,6 +21,7 @@ from llmflow_hpo.strategy import (
     build_sampler,
     check_strategy,
     default_startup_trials,
+    study_target,
     trial_seed,
 )
 
@@ -114,7 +116,7 @@ def test_each_sampler_builds_its_optuna_class(name: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sampler = build_sampler(cfg, space_for(name))
-    assert type(inner(sampler)) is SAMPLER_CLASSES[name]
+    assert isinstance(inner(sampler), SAMPLER_CLASSES[name])  # grid: StudyGrid, optuna's GridSampler ended by our loop
 
 
 def sampling_names(names: list[str]) -> list[Any]:
@@ -172,12 +174,48 @@ def test_sampler_options_reach_optuna() -> None:
 
 
 def test_grid_covers_categorical_int_and_stepped_float() -> None:
-    cfg = config(sampler={"name": "grid"})
+    """Through the worker loop (which tells outside Study.optimize, where GridSampler's study.stop() raised)."""
+    from llmflow_hpo.backends.optuna_backend import run_worker
+
+    cfg = config(sampler={"name": "grid"}, n_trials=50)
     study = optuna.create_study(sampler=build_sampler(cfg, GRID_SPACE))
-    study.optimize(lambda t: float(suggest_params(t, GRID_SPACE)["epochs"]), n_trials=50)
+    lines: list[str] = []
+    target = study_target(cfg, GRID_SPACE)
+    ran = run_worker(
+        study,
+        lambda t: float(suggest_params(t, GRID_SPACE)["epochs"]),
+        target=target,
+        draw=lambda t: suggest_params(t, GRID_SPACE),
+        log=lines.append,
+    )
     seen = {(t.params["batch_size"], t.params["epochs"], round(t.params["warmup_ratio"], 9)) for t in study.trials}
-    assert len(study.trials) == 2 * 3 * 3  # the grid is exhausted, then the study stops
+    assert target == ran == len(study.trials) == 2 * 3 * 3  # n_trials=50 capped at the grid's size
     assert seen == {(b, e, w) for b in (8, 16) for e in (1, 3, 5) for w in (0.0, 0.1, 0.2)}
+    assert lines == [
+        f"study {study.study_name}: the grid is done, each of its 18 point(s) has run; no new trial started"
+    ]
+
+
+def test_a_grid_point_that_failed_is_not_run_again() -> None:
+    """A point that failed for good is done for the grid: the study ends short of its target, no point twice."""
+    from llmflow_hpo.backends.optuna_backend import run_worker
+    from llmflow_hpo.errors import TrialFailure
+
+    cfg = config(sampler={"name": "grid"})  # no n_trials: the grid once
+    study = optuna.create_study(sampler=build_sampler(cfg, GRID_SPACE))
+
+    def objective(trial: optuna.Trial) -> float:
+        params = suggest_params(trial, GRID_SPACE)
+        if trial.number == 3:
+            raise TrialFailure("diverged")
+        return float(params["epochs"])
+
+    lines: list[str] = []
+    ran = run_worker(study, objective, target=study_target(cfg, GRID_SPACE), log=lines.append)
+    points = [(t.params["batch_size"], t.params["epochs"], round(t.params["warmup_ratio"], 9)) for t in study.trials]
+    assert ran == 18 and len(set(points)) == 18
+    assert [t.state for t in study.trials].count(optuna.trial.TrialState.FAIL) == 1
+    assert len(lines) == 1 and "the grid is done" in lines[0]
 
 
 @pytest.mark.parametrize(
@@ -257,6 +295,42 @@ def test_median_startup_trials_follow_the_budget_and_user_values_are_kept() -> N
     assert build_pruner(config(), n_train=48)._n_warmup_steps == 48  # type: ignore[attr-defined]  # one epoch
     kept = build_pruner(config(pruner={"options": {"n_warmup_steps": 0}}), n_train=48)
     assert kept._n_warmup_steps == 0  # type: ignore[attr-defined]
+
+
+def _synthetic_study(pruner: optuna.pruners.BasePruner, steps: list[int], n: int = 40) -> optuna.Study:
+    """``n`` trials whose dev metric rises with the examples seen, reported at ``steps`` through ``pruner``."""
+    rng = np.random.default_rng(0)
+    study = optuna.create_study(direction="maximize", pruner=pruner, sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(n):
+        trial = study.ask()
+        quality = trial.suggest_float("quality", 0.5, 1.0)
+        for step in steps:
+            trial.report(quality * (1 - 0.5 ** (step / steps[0])) + rng.normal(0, 0.02), step)
+            if trial.should_prune():
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                break
+        else:
+            study.tell(trial, quality)
+    return study
+
+
+@pytest.mark.parametrize("name", ["successive-halving", "hyperband"])
+def test_halving_pruners_count_their_rungs_in_examples_seen(name: str) -> None:
+    """Steps are examples seen: with optuna's min_resource (1, or SH's 1% of a run) every rung below the first
+    evaluation was judged at that evaluation at once, so a trial had to be the top 1/reduction_factor**k there."""
+    cfg = config(pruner={"name": name}, train={"epochs": 3, "evals_per_epoch": 2})
+    pruner = build_pruner(cfg, n_train=1000)
+    assert pruner._min_resource == 500  # type: ignore[attr-defined]  # the first evaluation: 1000 examples / 2
+    if name == "hyperband":
+        assert pruner._max_resource == 3000  # type: ignore[attr-defined]  # the longest run: 3 epochs
+        longer = build_pruner(cfg, n_train=1000, space=SPACE)  # epochs searched up to 4
+        assert longer._max_resource == 4000  # type: ignore[attr-defined]
+    kept = build_pruner(config(pruner={"name": name, "options": {"min_resource": 7}}), n_train=1000)
+    assert kept._min_resource == 7  # type: ignore[attr-defined]
+    study = _synthetic_study(pruner, steps=[500 * k for k in range(1, 7)])
+    # One rung (or none, in hyperband's later brackets) is judged at the first evaluation, never several.
+    at_first = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED and t.last_step == 500]
+    assert at_first and all(sum(k.startswith("completed_rung_") for k in t.system_attrs) == 1 for t in at_first)
 
 
 def test_percentile_pruner_needs_percentile() -> None:

@@ -135,6 +135,31 @@ def test_four_workers_finish_exactly_n_trials(storage_url):
     assert len({t.user_attrs["pid"] for t in trials}) >= 2  # they really ran side by side
 
 
+def test_an_interrupted_trial_another_worker_failed_as_stale_is_queued_once(tmp_path):
+    from llmflow_hpo.backends.optuna_backend import run_worker
+    from llmflow_hpo.config import HeartbeatConfig
+    from llmflow_hpo.storage import StudyLock, open_storage, retry_callback
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    heartbeat = HeartbeatConfig(interval=1, grace_period=3)
+    study = optuna.create_study(study_name="stale", storage=open_storage(url, heartbeat))
+    retry = retry_callback(heartbeat)
+
+    def objective(trial):
+        trial.suggest_float("x", 0.0, 1.0)
+        # Another worker missed this trial's heartbeat: it failed the trial and queued its retry
+        # (what optuna.storages.fail_stale_trials does) ... then this worker is interrupted.
+        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        retry(study, study._storage.get_trial(trial._trial_id))
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_worker(study, objective, target=1, lock=StudyLock(url, "stale"), retry=retry, log=lambda line: None)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]  # one retry, not two
+    assert trials[1].params == trials[0].params
+
+
 # ----------------------------------------------------------------------------------------------------
 # The real CLI on tiny data
 
@@ -272,6 +297,36 @@ def test_a_signal_exits_128_plus_it_and_the_next_search_resumes_the_trial(
     retry = next(t for t in trials.values() if t.user_attrs.get("retry_of") == running.number)
     assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_at_step"] > 0
     assert sum(t.state == TrialState.COMPLETE for t in trials.values()) == 2
+
+
+GRID_SPACE = {
+    "learning_rate": {"type": "float", "low": 1e-3, "high": 2e-3, "step": 1e-3},
+    "batch_size": {"type": "categorical", "choices": [8, 16]},
+}
+
+
+def test_a_grid_study_ends_when_its_grid_is_done_and_a_rerun_runs_nothing(write_study, tmp_path):
+    # The worker loop tells its trials outside Study.optimize, where GridSampler's study.stop() raised
+    # RuntimeError after the last point: every search with n_trials above the grid's size crashed.
+    config = write_study(
+        {"n_trials": 6, "sampler": {"name": "grid"}, "train": {"epochs": 1}, "checkpoint": {"enabled": False}},
+        space=GRID_SPACE,
+    )
+    storage = f"sqlite:///{tmp_path / 'tiny-ner.db'}"
+    run = cli("search", str(config), "--json")
+    assert run.returncode == 0, run.stderr
+    assert "Traceback" not in run.stderr
+    assert "study tiny-ner: the grid has 4 point(s); the study ends when each has run" in run.stderr
+    assert run.stderr.count("the grid is done, each of its 4 point(s) has run") == 1
+    summary = json.loads(run.stdout)
+    assert summary["ran"] == 4 and summary["target"] == 4 and summary["counts"]["complete"] == 4
+    points = {(round(t.params["learning_rate"], 9), t.params["batch_size"]) for t in _trials(storage)}
+    assert points == {(lr, bs) for lr in (0.001, 0.002) for bs in (8, 16)}
+
+    again = cli("search", str(config), "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["ran"] == 0 and "nothing to run" in again.stderr
+    assert len(_trials(storage)) == 4
 
 
 def test_worker_joins_a_study_with_its_stored_config(write_study, tmp_path):

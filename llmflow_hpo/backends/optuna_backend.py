@@ -4,9 +4,11 @@ Any number of workers (processes here, or on other machines sharing the storage)
 
 1. Under the study lock: fail trials whose heartbeat stopped (their retry, same parameters, is queued),
    count the trials that hold a slot (finished, running, queued) and, when a slot is free or a retry is
-   queued, ``study.ask()``: the claim and the trial's creation are one step, so the study ends with
-   exactly ``n_trials`` finished trials whatever the number of workers. (optuna's ``MaxTrialsCallback``
-   counts after the fact, so parallel workers overshoot it.)
+   queued, ``study.ask()`` and draw the trial's parameters: the claim, the trial's creation and its draw
+   are one step, so the study ends with exactly ``n_trials`` finished trials whatever the number of
+   workers, and no two workers draw the same point (QMC numbers its points in the study). (optuna's
+   ``MaxTrialsCallback`` counts after the fact, so parallel workers overshoot it.) A grid study ends when
+   its grid is done.
 2. Run the trial with a heartbeat thread beside it. A trial that fails for good (diverged, out of
    memory) frees its slot; a killed worker's trial is found stale by another worker after the grace
    period and retried from its checkpoint.
@@ -43,6 +45,7 @@ from llmflow_hpo.storage import (
     retry_callback,
     retry_transient,
 )
+from llmflow_hpo.strategy import StudyGrid, study_target
 from llmflow_hpo.tracking import Tracking
 
 __all__ = ["SearchSummary", "run_search", "run_worker", "work_on_study"]
@@ -63,6 +66,7 @@ class SearchSummary:
     workers: int = 1
     checkpoint_bytes: int = 0
     retried: int = 0  # failed trials (killed, interrupted) that a later trial repeated
+    target: int | None = None  # finished trials the study aims at: n_trials, at most the grid's size
 
 
 def _counts(study: optuna.Study) -> dict[str, int]:
@@ -168,6 +172,10 @@ def _fail_orphans(study: optuna.Study, heartbeat_interval: int) -> None:
                 study.tell(t.number, state=TrialState.FAIL)
 
 
+def _queued(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+
 def _failed_for_good(trials: list[FrozenTrial]) -> int:
     return sum(1 for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("failed_for_good"))
 
@@ -183,19 +191,23 @@ def run_worker(
     heartbeat_interval: int | None = None,
     callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] | None = None,
     after_trial: Callable[[optuna.Study], None] | None = None,
+    draw: Callable[[optuna.Trial], object] | None = None,
     poll_seconds: float = 2.0,
     log: Log | None = None,
 ) -> int:
     """Claim and run trials of ``study`` until it holds ``target`` finished trials; returns how many ran here.
 
     ``objective`` returns the trial's value, or raises ``optuna.TrialPruned`` or ``TrialFailure`` (the
-    trial fails for good and frees its slot). ``after_trial`` runs under the lock after each trial (the
-    checkpoint cleanup). Ctrl-C / SIGTERM: the running trial is told FAIL, queued again through ``retry``
-    and ``Interrupted`` (a KeyboardInterrupt) is raised.
+    trial fails for good and frees its slot). ``draw`` suggests the trial's parameters under the lock,
+    right after the claim (the objective then gets the same values back). ``after_trial`` runs under the
+    lock after each trial (the checkpoint cleanup). Ctrl-C / SIGTERM: the running trial is told FAIL,
+    queued again through ``retry`` and ``Interrupted`` (a KeyboardInterrupt) is raised. A study sampled by
+    the grid (``strategy.StudyGrid``) ends when its grid is done, whatever ``target`` says.
     """
     say = log or (lambda line: print(line, file=sys.stderr))
     lock = lock or StudyLock("", study.study_name)  # no storage URL: an unlocked no-op
     storage = study._storage  # optuna exposes no public handle for record_heartbeat / fail_stale_trials
+    grid = study.sampler if isinstance(study.sampler, StudyGrid) else None
     start = time.monotonic()
     trials = retry_transient(lambda: study.get_trials(deepcopy=False))
     failed_at_start = _failed_for_good(trials)
@@ -220,6 +232,12 @@ def run_worker(
                 states = [t.state for t in trials]
                 finished = sum(1 for s in states if s in (TrialState.COMPLETE, TrialState.PRUNED))
                 running, queued = states.count(TrialState.RUNNING), states.count(TrialState.WAITING)
+                if grid is not None and not queued and retry_transient(lambda: grid.is_exhausted(study)):
+                    say(
+                        f"study {study.study_name}: the grid is done, each of its {grid.size} point(s) has run; "
+                        "no new trial started"
+                    )
+                    break
                 if target is not None and finished >= target:
                     break
                 failed = _failed_for_good(trials) - failed_at_start
@@ -229,12 +247,16 @@ def run_worker(
                         "see their fail_reason with `llmflow-hpo trials`"
                     )
                     break
-                if queued or target is None or finished + running < target:
+                slot = target is None or finished + running < target
+                point = grid is None or retry_transient(lambda: grid.points_left(study)) > 0
+                if queued or (slot and point):
                     with warnings.catch_warnings():  # "heartbeat is supposed to be used with Study.optimize"
                         warnings.simplefilter("ignore")
                         trial = retry_transient(study.ask)
                     if heartbeat_interval is not None:
                         retry_transient(functools.partial(storage.record_heartbeat, trial._trial_id))
+                    if draw is not None:
+                        draw(trial)
         except KeyboardInterrupt as e:  # a signal held back during the claim: the trial is recorded first
             if trial is not None:
                 _record_interruption(study, trial, e, lock=lock, retry=retry)
@@ -315,9 +337,15 @@ def _record_interruption(
     lock: StudyLock,
     retry: Callable[[optuna.Study, FrozenTrial], None] | None,
 ) -> None:
-    """FAIL the trial with the reason, and queue it again (same parameters) for the next run to resume."""
+    """FAIL the trial with the reason, and queue it again (same parameters) for the next run to resume.
+
+    A trial another worker already failed as stale (its heartbeat was missed) had its retry queued then:
+    it is left as it is, so that one configuration is not queued twice.
+    """
     how = signal.Signals(error.signum).name if isinstance(error, Interrupted) else "SIGINT"
     with _Signals.critical(), lock.held():
+        if retry_transient(lambda: study._storage.get_trial(trial._trial_id)).state.is_finished():
+            return
         retry_transient(lambda: trial.set_user_attr("fail_reason", f"interrupted ({how})"))
         told = retry_transient(lambda: study.tell(trial, state=TrialState.FAIL, skip_if_finished=True))
         if retry is not None and told.state == TrialState.FAIL:
@@ -351,10 +379,12 @@ def work_on_study(
     """
     from llmflow_hpo.checkpoints import CheckpointStore
     from llmflow_hpo.objective import Objective as TrialObjective
+    from llmflow_hpo.spaces import suggest_params
     from llmflow_hpo.tracking import open_tracking
 
+    target = study_target(cfg, space)
     progress = as_progress(log)
-    progress.start(study=study, target=cfg.n_trials, metric=cfg.metric, direction=cfg.direction)
+    progress.start(study=study, target=target, metric=cfg.metric, direction=cfg.direction)
     own_tracking = tracking is None
     if tracking is None:
         tracking = open_tracking(cfg, study, log=progress.warn)
@@ -379,13 +409,14 @@ def work_on_study(
             ran = run_worker(
                 study,
                 TrialObjective(cfg, space, features, checkpoints, log=progress, progress=progress, tracking=tracking),
-                target=cfg.n_trials,
+                target=target,
                 timeout=cfg.timeout,
                 lock=lock,
                 retry=retry_callback(cfg.heartbeat),
                 heartbeat_interval=cfg.heartbeat.interval,
                 callbacks=[progress.trial_finished, lambda _study, trial: tracking.trial_finished(trial)],
                 after_trial=cleanup,
+                draw=lambda trial: suggest_params(trial, space),
                 poll_seconds=poll_seconds if poll_seconds is not None else min(2.0, cfg.heartbeat.interval),
                 log=progress,
             )
@@ -399,7 +430,9 @@ def work_on_study(
     return ran
 
 
-def summarize(study: optuna.Study, cfg: StudyConfig, ran: int, workers: int) -> SearchSummary:
+def summarize(
+    study: optuna.Study, cfg: StudyConfig, ran: int, workers: int, target: int | None = None
+) -> SearchSummary:
     from llmflow_hpo.checkpoints import folder_size
 
     best = _best(study)
@@ -415,6 +448,7 @@ def summarize(study: optuna.Study, cfg: StudyConfig, ran: int, workers: int) -> 
         workers=workers,
         checkpoint_bytes=size,
         retried=len({t.user_attrs["retry_of"] for t in study.get_trials(deepcopy=False) if "retry_of" in t.user_attrs}),
+        target=cfg.n_trials if target is None else target,
     )
 
 
@@ -441,17 +475,20 @@ def run_search(
     if new_study:
         cfg.study_name = free_study_name(cfg.storage, cfg.study_name)
         say(f"study {cfg.study_name}: a new study, as --new-study asked")
-    sampler, pruner = build_sampler(cfg, space), build_pruner(cfg, len(features.splits["train"]))
+    sampler, pruner = build_sampler(cfg, space), build_pruner(cfg, len(features.splits["train"]), space)
     study = open_study(
         cfg, space_raw, sampler=sampler, pruner=pruner, data_report=features.report, heartbeat=cfg.heartbeat
     )
     done = finished_trials(study)
-    remaining = None if cfg.n_trials is None else max(cfg.n_trials - done, 0)
+    target = study_target(cfg, space)
+    remaining = None if target is None else max(target - done, 0)
     if done:
         say(f"study {cfg.study_name}: continuing, {done} finished trial(s) already stored")
-    if remaining == 0:
-        say(f"study {cfg.study_name}: already holds {done} finished trials (n_trials={cfg.n_trials}); nothing to run")
-        return summarize(study, cfg, 0, workers)
+    if target is not None and target != cfg.n_trials:
+        say(f"study {cfg.study_name}: the grid has {target} point(s); the study ends when each has run")
+    if remaining == 0 or (isinstance(sampler, StudyGrid) and not _queued(study) and sampler.is_exhausted(study)):
+        say(f"study {cfg.study_name}: already holds {done} finished trials (target {target}); nothing to run")
+        return summarize(study, cfg, 0, workers, target)
     say(
         f"study {cfg.study_name}: running {remaining if remaining is not None else 'unbounded'} trial(s) "
         f"in {workers} worker(s) ({cfg.sampler.name} sampler, {cfg.pruner.name} pruner, "
@@ -469,7 +506,7 @@ def run_search(
             progress.workers = workers
             run_worker_processes(cfg, workers, log=progress)
     say(f"study {cfg.study_name}: search took {time.perf_counter() - start:.1f}s")
-    return summarize(study, cfg, finished_trials(study) - done, workers)
+    return summarize(study, cfg, finished_trials(study) - done, workers, target)
 
 
 def join_study(cfg: StudyConfig, space: Any, *, log: Log | None = None) -> SearchSummary:
@@ -488,8 +525,8 @@ def join_study(cfg: StudyConfig, space: Any, *, log: Log | None = None) -> Searc
         study_name=cfg.study_name,
         storage=open_storage(cfg.storage, cfg.heartbeat),
         sampler=build_sampler(cfg, space),
-        pruner=build_pruner(cfg, len(features.splits["train"])),
+        pruner=build_pruner(cfg, len(features.splits["train"]), space),
     )
     done = finished_trials(study)
     ran = work_on_study(cfg, space, features, study, log=say)
-    return summarize(study, cfg, finished_trials(study) - done if ran else 0, 1)
+    return summarize(study, cfg, finished_trials(study) - done if ran else 0, 1, study_target(cfg, space))

@@ -49,7 +49,8 @@ from llmflow_hpo.config import StudyConfig
 from llmflow_hpo.errors import ConfigError, TrialFailure
 from llmflow_hpo.progress import Progress, as_progress
 from llmflow_hpo.reporting import improves, store_best, store_result
-from llmflow_hpo.spaces import SearchSpace, suggest_params
+from llmflow_hpo.spaces import SearchSpace
+from llmflow_hpo.strategy import longest_epochs, study_target
 from llmflow_hpo.tracking import Tracking
 
 __all__ = ["StudyRecorder", "StudySearch", "ray_trial", "run_search"]
@@ -315,13 +316,20 @@ class StudyRecorder(tune.Callback):
                 self._numbers[tid], self._ids[tid] = t.number, t._trial_id
                 self._last_step[tid] = max(t.intermediate_values, default=-1)
                 return t.number
+        # Created RUNNING with its parameters, not enqueued and asked: ``ask`` takes the oldest WAITING
+        # trial, which may be another one (a retry the optuna backend queued).
         params = {name: trial.config[name] for name in self.space}
-        self.study.enqueue_trial(params, user_attrs={"ray_trial_id": tid, "ray_run": self.run, "backend": "ray"})
-        new = self.study.ask()
-        suggest_params(new, self.space)  # records the enqueued values with their distributions
-        self._numbers[tid], self._ids[tid] = new.number, new._trial_id
+        frozen = optuna.trial.create_trial(
+            state=TrialState.RUNNING,
+            params=params,
+            distributions=dict(self.space),
+            user_attrs={"ray_trial_id": tid, "ray_run": self.run, "backend": "ray"},
+        )
+        storage = self.study._storage  # study.add_trial returns no trial id
+        trial_id = storage.create_new_trial(self.study._study_id, template_trial=frozen)
+        self._numbers[tid], self._ids[tid] = storage.get_trial_number_from_id(trial_id), trial_id
         self._last_step[tid] = -1
-        return new.number
+        return self._numbers[tid]
 
     def _trial(self, trial: Any) -> optuna.Trial:
         self._number(trial)
@@ -458,9 +466,16 @@ def tune_domain(dist: Any) -> Any:
         return tune.qrandint(dist.low, dist.high, dist.step) if dist.step > 1 else tune.randint(dist.low, dist.high + 1)
     if isinstance(dist, FloatDistribution):
         if dist.step is not None:
-            return tune.quniform(dist.low, dist.high, dist.step)
+            # optuna's points low + k * step (tune.quniform rounds to multiples of step instead), each as likely
+            return tune.choice(_float_grid(dist))
         return tune.loguniform(dist.low, dist.high) if dist.log else tune.uniform(dist.low, dist.high)
     raise TypeError(f"unsupported distribution {dist!r}")  # pragma: no cover - spaces makes only these
+
+
+def _float_grid(dist: FloatDistribution) -> list[float]:
+    """The values a float distribution with a step takes in optuna: low + k * step up to high."""
+    assert dist.step is not None
+    return [dist.low + k * dist.step for k in range(round((dist.high - dist.low) / dist.step) + 1)]
 
 
 def build_scheduler(cfg: StudyConfig, space: SearchSpace, n_train: int, source: str) -> Any:
@@ -491,10 +506,7 @@ def build_scheduler(cfg: StudyConfig, space: SearchSpace, n_train: int, source: 
     if problems:
         raise ConfigError(problems)
     interval = math.ceil(n_train / cfg.train.evals_per_epoch)  # examples between two evaluations
-    epochs = space.get("epochs")
-    max_epochs = int(epochs.high) if isinstance(epochs, IntDistribution) else cfg.train.epochs
-    if isinstance(epochs, CategoricalDistribution):
-        max_epochs = max(int(c) for c in epochs.choices)
+    max_epochs = longest_epochs(cfg, space)
     # max_t lies one example past the last evaluation: a run that reaches its end is not stopped there,
     # so it still reports its costs (train time, throughput) after its last evaluation.
     max_t = max_epochs * n_train + 1
@@ -661,7 +673,8 @@ def _new_tuner(
     """A Tuner for a new run of ``samples`` trials: the study's sampler through OptunaSearch (PBT: Ray's
     random variants), the configured scheduler, and the StudyRecorder callback."""
     key, mode = metric_key(cfg), "max" if cfg.direction == "maximize" else "min"
-    assert cfg.storage is not None and cfg.n_trials is not None
+    target = study_target(cfg, space)
+    assert cfg.storage is not None and target is not None
     recorder = StudyRecorder(
         storage=cfg.storage,
         study_name=cfg.study_name,
@@ -670,7 +683,7 @@ def _new_tuner(
         metric=cfg.metric,
         run=run,
         scheduler=cfg.ray.scheduler,
-        target=cfg.n_trials,
+        target=target,
         direction=cfg.direction,
     )
     if cfg.ray.scheduler == "pbt":
@@ -760,16 +773,20 @@ def run_search(
     n_train = len(features.splits["train"])
     build_scheduler(cfg, space, n_train, source)  # bad scheduler options: refused before Ray starts
     sampler = build_sampler(cfg, space)
-    study = open_study(cfg, space_raw, sampler=sampler, pruner=build_pruner(cfg, n_train), data_report=features.report)
+    study = open_study(
+        cfg, space_raw, sampler=sampler, pruner=build_pruner(cfg, n_train, space), data_report=features.report
+    )
     done = finished_trials(study)
     runs = _runs(cfg)
     resume = runs[-1] if runs and _ray_running(study, runs[-1]) else None
-    remaining = max(cfg.n_trials - done, 0)
+    target = study_target(cfg, space)
+    assert target is not None
+    remaining = max(target - done, 0)
     if done:
         say(f"study {cfg.study_name}: continuing, {done} finished trial(s) already stored")
     if remaining == 0 and resume is None:
-        say(f"study {cfg.study_name}: already holds {done} finished trials (n_trials={cfg.n_trials}); nothing to run")
-        return summarize(study, cfg, 0, 1)
+        say(f"study {cfg.study_name}: already holds {done} finished trials (target {target}); nothing to run")
+        return summarize(study, cfg, 0, 1, target)
     start = time.perf_counter()
     from llmflow_hpo.tracking import search_tracking
 
@@ -825,7 +842,7 @@ def run_search(
                             "its state saved; rerun the same command to continue it"
                         )
                         raise Interrupted(interrupted)
-                    remaining = max(cfg.n_trials - finished_trials(study), 0)
+                    remaining = max(target - finished_trials(study), 0)
                     # A restored run ran only the trials it had; a new run fills what is still missing (n_trials may
                     # have grown since). A new run is not repeated: what failed in it stays failed, as in the
                     # optuna backend.
@@ -835,7 +852,7 @@ def run_search(
         finally:
             DRIVER.pop(cfg.study_name, None)
     say(f"study {cfg.study_name}: search took {time.perf_counter() - start:.1f}s")
-    return summarize(study, cfg, finished_trials(study) - done, 1)
+    return summarize(study, cfg, finished_trials(study) - done, 1, target)
 
 
 @contextlib.contextmanager
