@@ -149,7 +149,7 @@ def plain_setup(features: Features, steps_per_epoch: int, epochs: int) -> dict[s
     model.train()
     collate = DataCollatorForTokenClassification(tokenizer, label_pad_token_id=IGNORE_INDEX)
     train_loader = DataLoader(
-        features.splits["train"].remove_columns(["word_labels"]),
+        features.splits["train"].remove_columns(["word_labels", "label_words"]),
         batch_size=BATCH_SIZE,
         shuffle=True,
         collate_fn=collate,
@@ -179,7 +179,7 @@ def plain_evaluate(setup: dict[str, Any], features: Features, split: str) -> dic
     model = setup["model"]
     model.eval()
     loader = DataLoader(
-        features.splits[split].remove_columns(["word_labels"]),
+        features.splits[split].remove_columns(["word_labels", "label_words"]),
         batch_size=EVAL_BATCH_SIZE,
         shuffle=False,
         collate_fn=setup["collate"],

@@ -35,6 +35,7 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "check_hyperparameter",
+    "clip_norm",
     "coerce_hyperparameter",
     "config_from_dict",
     "config_to_dict",
@@ -631,8 +632,12 @@ def _resolve(cfg: StudyConfig, base: Path | None) -> None:
         cfg.objective.metric = DEFAULT_METRIC[cfg.task]
     if cfg.objective.direction is None:
         cfg.objective.direction = "minimize" if cfg.objective.metric == "loss" else "maximize"
-    if cfg.train.max_grad_norm == 0:
-        cfg.train.max_grad_norm = None
+    cfg.train.max_grad_norm = clip_norm(cfg.train.max_grad_norm)
+
+
+def clip_norm(max_grad_norm: float | None) -> float | None:
+    """The one rule for ``max_grad_norm``, fixed or searched: 0 or null turns clipping off."""
+    return max_grad_norm or None
 
 
 # ----------------------------------------------------------------------------------------------------

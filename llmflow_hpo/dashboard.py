@@ -41,6 +41,7 @@ TRIAL_ATTRS = (
         "best_step, best_optimizer_step, best_epoch",
         "when that best evaluation happened (examples seen, optimizer steps, epochs)",
     ),
+    ("best_weights_sha256", "SHA-256 of the weights at that evaluation (retrain-best compares its model's)"),
     ("evaluations, stopped_early", "dev evaluations run; whether early stopping ended the trial"),
     (
         "train_time_s, setup_s, train_s, eval_s",

@@ -37,8 +37,8 @@ def _card(
     fixed = {k: v for k, v in config_to_dict(cfg)["train"].items() if k not in params}
     fixed_rows = "\n".join(f"| {name} | {value!r} |" for name, value in sorted(fixed.items()))
     repro = {
-        True: "yes: the retrained dev score equals the trial's",
-        False: "NO: the retrained dev score differs",
+        True: "yes: the retrained weights and dev score equal the trial's",
+        False: "NO: the retrained weights or dev score differ",
         None: "n/a (dev was trained on)",
     }[reproduced]
     data = cfg.data
@@ -111,6 +111,7 @@ def save_model(
     test_metrics: dict[str, float],
     reproduced: bool | None,
     examples_seen: int,
+    weights_sha256: dict[str, str | None] | None = None,
 ) -> None:
     """Write the folder next to ``out`` first, then move it in place: a failed export leaves no half folder."""
     check_output_dir(out)
@@ -131,6 +132,7 @@ def save_model(
         "trial_dev_value": trial.value,
         "trained_on": train_on,
         "reproduced_trial": reproduced,
+        "weights_sha256": weights_sha256 or {},  # the model's, and the trial's best evaluation's
         "examples_seen": examples_seen,
         "seed": seed,
         "dev": dev_metrics,

@@ -21,12 +21,14 @@ from typing import Any
 from llmflow_hpo.config import StudyConfig
 from llmflow_hpo.data import DataSplits, TextExample, TokenExample, load_splits
 from llmflow_hpo.errors import ConfigError
-from llmflow_hpo.models import load_tokenizer, model_files_fingerprint
+from llmflow_hpo.models import load_tokenizer, tokenizer_fingerprint
 
-__all__ = ["IGNORE_INDEX", "Features", "align_labels", "prepare_features"]
+__all__ = ["IGNORE_INDEX", "WORD_LEVEL_COLUMNS", "Features", "align_labels", "prepare_features"]
 
 IGNORE_INDEX = -100  # label of the positions the loss skips (special tokens, non-first subwords, padding)
-_FORMAT_VERSION = "1"
+# Columns for scoring, not model inputs: word-level gold tags, and the word of each labelled position.
+WORD_LEVEL_COLUMNS = ("word_labels", "label_words")
+_FORMAT_VERSION = "2"  # 2: label_words (the word of each labelled position)
 SPLITS = ("train", "dev", "test")
 
 
@@ -73,7 +75,7 @@ def _file_digest(path: str | None) -> str | None:
     return digest.hexdigest()
 
 
-def _cache_key(cfg: StudyConfig) -> str:
+def _cache_key(cfg: StudyConfig, tokenizer: Any) -> str:
     # The files count by their contents (digests below), not by where they lie.
     data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in SPLITS}
     parts = {
@@ -82,7 +84,7 @@ def _cache_key(cfg: StudyConfig) -> str:
         "data": data,
         "files": {split: _file_digest(getattr(cfg.data, split)) for split in SPLITS},
         "seed": cfg.seed,
-        "tokenizer": model_files_fingerprint(cfg.model.name_or_path),
+        "tokenizer": tokenizer_fingerprint(cfg.model, tokenizer),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
@@ -113,7 +115,13 @@ def _read_splits(cfg: StudyConfig) -> DataSplits:
 
 def _tokenize_tokens(
     examples: list[TokenExample], tokenizer: Any, label_ids: dict[str, int], max_length: int
-) -> tuple[dict[str, list], int]:
+) -> tuple[dict[str, list], list[str]]:
+    """Input ids, the first-subword labels, the word-level gold labels and, for every labelled position, the
+    index of its word (``label_words``): evaluation maps predictions back to words through it.
+
+    A word the tokenizer gives no subword (a zero-width or control character that survived cleaning) has
+    no position: it is counted and reported, and scored as predicted O, never shifted onto the next word.
+    """
     enc = tokenizer(
         [list(e.tokens) for e in examples],
         is_split_into_words=True,
@@ -121,26 +129,55 @@ def _tokenize_tokens(
         max_length=max_length,
     )
     columns: dict[str, list] = {key: list(value) for key, value in enc.items()}
-    columns["labels"], columns["word_labels"] = [], []
+    columns["labels"], columns["word_labels"], columns["label_words"] = [], [], []
     truncated = 0
+    empty: list[str] = []  # words with no subword token
     for i, example in enumerate(examples):
         word_labels = [label_ids[t] for t in example.tags]
-        aligned = align_labels(enc.word_ids(i), word_labels)
-        if sum(1 for a in aligned if a != IGNORE_INDEX) < len(word_labels):
-            truncated += 1
+        word_ids = enc.word_ids(i)
+        aligned = align_labels(word_ids, word_labels)
+        label_words = [w for w, a in zip(word_ids, aligned, strict=True) if a != IGNORE_INDEX]
+        present = set(label_words)
+        last = max(present, default=-1)
+        cut = len(columns["input_ids"][i]) >= max_length and last < len(word_labels) - 1
+        truncated += cut
+        tail = last + 1 if cut else len(word_labels)  # words after the cut are truncated, not empty
+        empty.extend(example.tokens[w] for w in range(tail) if w not in present)
         columns["labels"].append(aligned)
         columns["word_labels"].append(word_labels)
-    return columns, truncated
+        columns["label_words"].append(label_words)
+    report = []
+    if truncated:
+        report.append(
+            f"{truncated} of {len(examples)} examples truncated to data.max_length={max_length} subword tokens "
+            "(their cut-off words are scored as O)"
+        )
+    if empty:
+        shown = ", ".join(sorted({ascii(w) for w in empty})[:5])
+        report.append(
+            f"{len(empty)} words have no subword token in this tokenizer (e.g. {shown}); they are predicted O"
+        )
+    return columns, report
 
 
 def _tokenize_texts(
     examples: list[TextExample], tokenizer: Any, label_ids: dict[str, int], max_length: int
-) -> tuple[dict[str, list], int]:
+) -> tuple[dict[str, list], list[str]]:
     enc = tokenizer([e.text for e in examples], truncation=True, max_length=max_length)
     columns: dict[str, list] = {key: list(value) for key, value in enc.items()}
     columns["labels"] = [label_ids[e.label] for e in examples]
-    truncated = sum(1 for ids in columns["input_ids"] if len(ids) >= max_length)
-    return columns, truncated
+    truncated = sum(
+        1 for e, ids in zip(examples, columns["input_ids"], strict=True) if _was_cut(tokenizer, e.text, ids, max_length)
+    )
+    report = [f"{truncated} of {len(examples)} examples truncated to data.max_length={max_length} subword tokens"]
+    return columns, report if truncated else []
+
+
+def _was_cut(tokenizer: Any, text: str, ids: list[int], max_length: int) -> bool:
+    """Whether truncation dropped tokens: an example of exactly max_length tokens was not cut."""
+    if len(ids) < max_length:
+        return False
+    return len(tokenizer(text, truncation=False)["input_ids"]) > max_length
 
 
 def prepare_features(cfg: StudyConfig, *, log: Callable[[str], None] | None = None) -> Features:
@@ -149,7 +186,8 @@ def prepare_features(cfg: StudyConfig, *, log: Callable[[str], None] | None = No
 
     say = log or (lambda line: print(line, file=sys.stderr))
     assert cfg.cache_dir is not None
-    cache_path = Path(cfg.cache_dir) / "features" / _cache_key(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    cache_path = Path(cfg.cache_dir) / "features" / _cache_key(cfg, tokenizer)
     meta_path = cache_path / "meta.json"
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
@@ -158,7 +196,6 @@ def prepare_features(cfg: StudyConfig, *, log: Callable[[str], None] | None = No
         return Features(cfg.task, meta["labels"], splits, meta["report"], cache_path, from_cache=True)
 
     data = _read_splits(cfg)
-    tokenizer = load_tokenizer(cfg.model)
     if cfg.task == "token-classification" and not getattr(tokenizer, "is_fast", False):
         raise ConfigError(
             "model.name_or_path: token-classification needs a fast tokenizer (word_ids for label alignment); "
@@ -170,15 +207,10 @@ def prepare_features(cfg: StudyConfig, *, log: Callable[[str], None] | None = No
     for split in SPLITS:
         examples = getattr(data, split)
         if cfg.task == "token-classification":
-            columns, truncated = _tokenize_tokens(examples, tokenizer, label_ids, cfg.data.max_length)
+            columns, lines = _tokenize_tokens(examples, tokenizer, label_ids, cfg.data.max_length)
         else:
-            columns, truncated = _tokenize_texts(examples, tokenizer, label_ids, cfg.data.max_length)
-        if truncated:
-            report.append(
-                f"{split}: {truncated} of {len(examples)} examples truncated to data.max_length={cfg.data.max_length} "
-                "subword tokens"
-                + (" (their cut-off words are scored as O)" if cfg.task == "token-classification" else "")
-            )
+            columns, lines = _tokenize_texts(examples, tokenizer, label_ids, cfg.data.max_length)
+        report.extend(f"{split}: {line}" for line in lines)
         # Our cache key is the fingerprint: datasets need not hash (pickle) the whole table to make one.
         table = datasets.table.InMemoryTable.from_pydict(columns)
         splits[split] = datasets.Dataset(table, fingerprint=f"llmflow-{cache_path.name}-{split}")

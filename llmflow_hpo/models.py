@@ -10,7 +10,7 @@ from typing import Any
 from llmflow_hpo.config import ModelConfig
 from llmflow_hpo.errors import ConfigError
 
-__all__ = ["DROPOUT_ATTRIBUTES", "build_model", "load_tokenizer", "model_files_fingerprint", "resolve_model_path"]
+__all__ = ["DROPOUT_ATTRIBUTES", "build_model", "load_tokenizer", "resolve_model_path", "tokenizer_fingerprint"]
 
 # Config attributes that hold each kind of dropout, across common encoder architectures.
 DROPOUT_ATTRIBUTES: dict[str, tuple[str, ...]] = {
@@ -85,15 +85,37 @@ def build_model(
     return auto.from_pretrained(path, config=config)
 
 
-def model_files_fingerprint(name_or_path: str) -> str:
-    """A digest that changes when the tokenizer files change (part of the tokenization cache key)."""
-    path = Path(resolve_model_path(name_or_path))
-    if not path.is_dir():
-        return name_or_path
+def tokenizer_fingerprint(model_cfg: ModelConfig, tokenizer: Any) -> str:
+    """A digest of what ``tokenizer`` was loaded from (part of the tokenization cache key).
+
+    It covers every file the tokenizer reads from the model folder: its class's vocabulary files
+    (``vocab_files_names`` of the fast and the slow class: vocab.txt, vocab.json + merges.txt, a
+    sentencepiece ``*.model``, ...), transformers' shared tokenizer files (tokenizer.json,
+    tokenizer_config.json, special_tokens_map.json, added_tokens.json, the chat template) and config.json,
+    from which AutoTokenizer may pick the class; with the class's name and transformers' version.
+    """
+    import transformers
+    from transformers import tokenization_utils_base as base
+
+    path = Path(resolve_model_path(model_cfg.name_or_path))
+    names = {
+        base.FULL_TOKENIZER_FILE,
+        base.TOKENIZER_CONFIG_FILE,
+        base.SPECIAL_TOKENS_MAP_FILE,
+        base.ADDED_TOKENS_FILE,
+        base.CHAT_TEMPLATE_FILE,
+        "chat_template.json",
+        "config.json",
+    }
+    for cls in (type(tokenizer), getattr(tokenizer, "slow_tokenizer_class", None)):
+        names.update(str(name) for name in getattr(cls, "vocab_files_names", {}).values())
     digest = hashlib.sha256()
-    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "merges.txt"):
+    digest.update(f"{type(tokenizer).__name__} {transformers.__version__}".encode())
+    if not path.is_dir():
+        digest.update(str(path).encode())
+    for name in sorted(names):
         f = path / name
-        if f.exists():
-            digest.update(name.encode())
+        if f.is_file():
+            digest.update(f"{name} {f.stat().st_size}".encode())
             digest.update(f.read_bytes())
     return digest.hexdigest()

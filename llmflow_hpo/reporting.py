@@ -68,6 +68,8 @@ def store_best(trial: Any, best: Evaluation | None) -> None:
     trial.set_user_attr("best_step", best.step)
     trial.set_user_attr("best_optimizer_step", best.optimizer_step)
     trial.set_user_attr("best_epoch", round(best.epoch, 4))
+    if best.weights_sha256 is not None:
+        trial.set_user_attr("best_weights_sha256", best.weights_sha256)
 
 
 def store_result(trial: Any, result: TrainResult, seed: int) -> None:

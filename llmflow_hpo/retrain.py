@@ -1,12 +1,14 @@
 """retrain-best: the best trial's parameters, read from the storage alone, trained into a finished model.
 
-``--train-on train`` repeats the best trial's run with its seed and stops at the step of its best
-evaluation: the same weights, so the same dev score (checked and reported). ``train+dev`` trains on
+``--train-on train`` repeats the best trial's run with its seed and its torch thread count, and stops at
+the step of its best evaluation: the same weights (their SHA-256 is compared with the one the trial
+stored), so the same dev score (checked and reported). ``train+dev`` trains on
 both for the same number of epochs; its dev score is then no estimate, and only test counts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from collections.abc import Callable
@@ -18,7 +20,7 @@ from llmflow_hpo.errors import StorageError
 from llmflow_hpo.features import prepare_features
 from llmflow_hpo.objective import trial_params
 from llmflow_hpo.storage import load_study, stored_config
-from llmflow_hpo.train import train_and_evaluate
+from llmflow_hpo.train import train_and_evaluate, weights_digest
 
 __all__ = ["RetrainResult", "retrain_best"]
 
@@ -67,6 +69,11 @@ def retrain_best(
             "parameters it started with, so its dev score will differ"
         )
     seed = int(best.user_attrs.get("seed", cfg.seed))
+    threads = best.user_attrs.get("torch_threads")
+    if train_on == "train" and threads and cfg.train.num_threads != threads:
+        # CPU reductions (matmuls, sums) split their work by thread count, so the weights depend on it.
+        cfg.train = dataclasses.replace(cfg.train, num_threads=int(threads))
+        say(f"retrain-best: {threads} torch threads, as trial {best.number} ran with (its weights depend on it)")
     say(f"retrain-best: study {study_name}, trial {best.number} (dev {cfg.metric}={best.value:.4f}), params {params}")
     features = prepare_features(cfg, log=say)
     best_step = int(best.user_attrs["best_step"])
@@ -92,7 +99,13 @@ def retrain_best(
     )
     assert result.final is not None
     dev = result.final.metrics
-    reproduced = None if train_on == "train+dev" else math.isclose(dev[cfg.metric], best.value, abs_tol=1e-9)
+    weights = weights_digest(result.model)
+    trial_weights = best.user_attrs.get("best_weights_sha256")
+    reproduced = None
+    if train_on == "train":
+        # The same weights, when the trial stored their digest (studies before it: the same dev score).
+        same_score = math.isclose(dev[cfg.metric], best.value, abs_tol=1e-9)
+        reproduced = same_score and (trial_weights is None or trial_weights == weights)
     save_model(
         out,
         model=result.model,
@@ -107,6 +120,7 @@ def retrain_best(
         test_metrics=result.test_metrics,
         reproduced=reproduced,
         examples_seen=result.final.examples_seen,
+        weights_sha256={"model": weights, "trial": trial_weights},
     )
     retrained = RetrainResult(
         out, best.number, params, dev, result.test_metrics, float(best.value), reproduced, metric=cfg.metric

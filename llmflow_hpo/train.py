@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
 import math
 import random
 import resource
@@ -32,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from llmflow_hpo.config import StudyConfig, TrainConfig
+from llmflow_hpo.config import StudyConfig, TrainConfig, clip_norm
 from llmflow_hpo.errors import ConfigError, TrialFailure
-from llmflow_hpo.features import IGNORE_INDEX, Features
+from llmflow_hpo.features import IGNORE_INDEX, WORD_LEVEL_COLUMNS, Features
 from llmflow_hpo.metrics import text_classification_metrics, token_classification_metrics
 from llmflow_hpo.models import build_model, load_tokenizer
 
@@ -42,6 +43,7 @@ __all__ = [
     "Evaluation",
     "Runtime",
     "TrainResult",
+    "better",
     "build_scheduler",
     "evaluate",
     "loss_fn",
@@ -50,6 +52,8 @@ __all__ = [
     "runtime_attrs",
     "train_and_evaluate",
     "warmup_steps",
+    "weights_digest",
+    "word_predictions",
 ]
 
 OnEval = Callable[["Evaluation"], None]
@@ -70,6 +74,7 @@ class Evaluation:
     metrics: dict[str, float]
     train_loss: float
     last: bool = False  # the run ends after this evaluation (its last point, or early stopping)
+    weights_sha256: str | None = None  # the model's weights_digest, taken when this evaluation is the best so far
 
 
 @dataclass
@@ -236,7 +241,7 @@ class _ModelInputs(torch.utils.data.Dataset):
 
     def __init__(self, ds: Any) -> None:
         self.ds = ds
-        self.columns = [c for c in ds.column_names if c != "word_labels"]
+        self.columns = [c for c in ds.column_names if c not in WORD_LEVEL_COLUMNS]
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -314,21 +319,35 @@ def _class_weights(features: Features, split_labels: list[Any], device: torch.de
 def loss_fn(
     logits: torch.Tensor, labels: torch.Tensor, hp: TrainConfig, class_weights: torch.Tensor | None
 ) -> torch.Tensor:
-    """Cross-entropy (with label smoothing and class weights) or focal loss; IGNORE_INDEX positions skipped."""
+    """Cross-entropy (with label smoothing and class weights) or focal loss; IGNORE_INDEX positions skipped.
+
+    A class weight weighs the positions whose *target* is that class, and the loss is the weighted mean
+    over positions (divided by the sum of the targets' weights), as weighted cross-entropy is. Label
+    smoothing spreads its share uniformly over the classes, whatever their weights: torch's
+    ``cross_entropy(weight=w, label_smoothing=e)`` would weigh the smoothing term of every position by
+    every class's weight, which moves the optimum of an ``O`` word towards the rare classes (with balanced
+    NER weights and e=0.2, far enough to flip its argmax). Focal loss (Lin et al. 2017) scales each
+    position's smoothed cross-entropy by (1 - p_t)^gamma and is normalised the same way.
+    """
     logits = logits.reshape(-1, logits.shape[-1]).float()
     labels = labels.reshape(-1)
-    if hp.loss == "cross_entropy":
+    smoothing = hp.label_smoothing
+    if hp.loss == "cross_entropy" and (class_weights is None or smoothing == 0):
         return F.cross_entropy(
-            logits, labels, weight=class_weights, ignore_index=IGNORE_INDEX, label_smoothing=hp.label_smoothing
+            logits, labels, weight=class_weights, ignore_index=IGNORE_INDEX, label_smoothing=smoothing
         )
-    # Focal loss (Lin et al. 2017): (1 - p_t)^gamma scales each position's (smoothed, weighted) cross-entropy.
     keep = labels != IGNORE_INDEX
     if not bool(keep.any()):  # nothing labelled in this batch: no loss, not a divergence
         return logits.sum() * 0.0
     logits, labels = logits[keep], labels[keep]
-    ce = F.cross_entropy(logits, labels, weight=class_weights, reduction="none", label_smoothing=hp.label_smoothing)
-    p_t = torch.softmax(logits, dim=-1).gather(1, labels[:, None]).squeeze(1)
-    return ((1.0 - p_t) ** hp.focal_gamma * ce).sum() / labels.numel()
+    per_position = F.cross_entropy(logits, labels, reduction="none", label_smoothing=smoothing)
+    if hp.loss == "focal":
+        p_t = torch.softmax(logits, dim=-1).gather(1, labels[:, None]).squeeze(1)
+        per_position = (1.0 - p_t) ** hp.focal_gamma * per_position
+    if class_weights is None:
+        return per_position.mean()
+    weights = class_weights[labels]
+    return (weights * per_position).sum() / weights.sum()
 
 
 def _lengths(ds: Any) -> list[int]:
@@ -388,8 +407,7 @@ def evaluate(
     names = features.labels
     if features.task == "token-classification":
         gold = features.gold_tags(split)
-        # Words cut off by max_length get no prediction: they are scored as O, never dropped.
-        pred = [[names[i] for i in row] + ["O"] * (len(g) - len(row)) for row, g in zip(predictions, gold, strict=True)]
+        pred = word_predictions(predictions, features.splits[split]["label_words"], gold, names)
         metrics = token_classification_metrics(gold, pred)
     else:
         metrics = text_classification_metrics(features.gold_labels(split), [names[i] for i in predictions])
@@ -397,10 +415,43 @@ def evaluate(
     return metrics
 
 
-def _improved(value: float, best: float | None, direction: str, min_delta: float) -> bool:
+def word_predictions(
+    positions: list[list[int]], label_words: list[list[int]], gold: list[list[str]], names: list[str]
+) -> list[list[str]]:
+    """Word-level tags from the predictions at the labelled (first-subword) positions of each example.
+
+    ``label_words`` gives the word of each labelled position. A word with no position (cut off by
+    max_length, or given no subword by the tokenizer) is predicted O: never dropped, never shifted.
+    """
+    pred: list[list[str]] = []
+    for row, words, g in zip(positions, label_words, gold, strict=True):
+        if len(row) != len(words):
+            raise ValueError(f"{len(row)} labelled positions but {len(words)} words they belong to")
+        tags = ["O"] * len(g)
+        for label, word in zip(row, words, strict=True):
+            tags[word] = names[label]
+        pred.append(tags)
+    return pred
+
+
+def better(value: float, best: float | None, direction: str, min_delta: float = 0.0) -> bool:
+    """Whether ``value`` beats ``best`` by more than ``min_delta`` (a first value always does).
+
+    With ``min_delta`` 0 this decides which evaluation is the trial's best (strictly better: the first of
+    equal scores stays); with ``train.early_stopping_min_delta`` it decides only early stopping's patience.
+    """
     if best is None:
         return True
     return value - best > min_delta if direction == "maximize" else best - value > min_delta
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of the model's state (names and exact bytes): two runs that reach the same weights agree."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def _peak_memory(device: torch.device) -> tuple[float, str]:
@@ -492,6 +543,7 @@ def train_and_evaluate(
         state["dev_loader"] = dev_loader = eval_loader("dev")
         state["optimizer"] = optimizer = _optimizer(model, hp, runtime)
         scaler = torch.amp.GradScaler(device.type) if runtime.precision == "fp16" else None
+        max_norm = clip_norm(hp.max_grad_norm)
         total_steps = hp.epochs * math.ceil(n_train / hp.batch_size)
         scheduler = build_scheduler(optimizer, hp, total_steps)
         class_weights = None
@@ -601,14 +653,14 @@ def train_and_evaluate(
                     )
                 if scaler is None:
                     loss.backward()
-                    if hp.max_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), hp.max_grad_norm)
+                    if max_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
                     optimizer.step()
                 else:  # fp16: scaled gradients, unscaled before clipping; a step with inf/nan gradients is skipped
                     scaler.scale(loss).backward()
-                    if hp.max_grad_norm is not None:
+                    if max_norm is not None:
                         scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), hp.max_grad_norm)
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
                     scaler.step(optimizer)
                     scaler.update()
                 scheduler.step()
@@ -633,17 +685,15 @@ def train_and_evaluate(
                     evaluation = evaluate_dev(step)
                     running_loss, running_count = 0.0, 0
                     history.append(evaluation)
-                    if _improved(
-                        evaluation.metrics[metric],
-                        best and best.metrics[metric],
-                        direction,
-                        hp.early_stopping_min_delta,
-                    ):
-                        best, since_best = evaluation, 0
+                    value, best_value = evaluation.metrics[metric], best and best.metrics[metric]
+                    # Patience counts evaluations that do not beat the best by min delta; the best is the best.
+                    patient = better(value, best_value, direction, hp.early_stopping_min_delta)
+                    since_best = 0 if patient else since_best + 1
+                    if better(value, best_value, direction):
+                        best = evaluation
+                        best.weights_sha256 = weights_digest(model)
                         if checkpoint is not None:
                             checkpoint.remember_best(model)
-                    else:
-                        since_best += 1
                     stop = hp.early_stopping_patience is not None and since_best >= hp.early_stopping_patience
                     evaluation.last = stop or next_point >= len(eval_points)
                     # The checkpoint comes before the report, so a report can hand it over (Ray Tune's

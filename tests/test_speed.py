@@ -149,15 +149,32 @@ def test_a_run_accounts_for_its_time(tiny_cfg) -> None:
     }
 
 
-def test_length_grouping_trains_on_the_same_examples(tiny_cfg) -> None:
-    cfg, _, _ = tiny_cfg({"train": {"epochs": 1}})
+def test_length_grouping_trains_on_the_same_examples(tiny_cfg, monkeypatch) -> None:
+    cfg, _, _ = tiny_cfg({"train": {"epochs": 2}})
     features = prepare_features(cfg, log=lambda _: None)
+    train = features.splits["train"]
+    fetched: list[int] = []  # the training examples each run reads, in the order it reads them
+    original = _ModelInputs.__getitem__
+
+    def record(self, index: int):
+        if self.ds is train:
+            fetched.append(index)
+        return original(self, index)
+
+    monkeypatch.setattr(_ModelInputs, "__getitem__", record)
     grouped = train_and_evaluate(cfg, {}, features, seed=0)
+    grouped_order, fetched[:] = list(fetched), []
     uniform = train_and_evaluate(
         dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, group_by_length=False)), {}, features, seed=0
     )
+    uniform_order = list(fetched)
     assert grouped.runtime["group_by_length"] and not uniform.runtime["group_by_length"]
     assert [e.examples_seen for e in grouped.history] == [e.examples_seen for e in uniform.history]
+    n = len(train)
+    for order in (grouped_order, uniform_order):  # every example once per epoch, in both runs
+        assert len(order) == 2 * n
+        assert sorted(order[:n]) == sorted(order[n:]) == list(range(n))
+    assert grouped_order != uniform_order  # in another order: the grouping is real
 
 
 def test_the_fp16_path_scales_the_loss_and_checkpoints_the_scaler(tiny_cfg, monkeypatch, tmp_path) -> None:

@@ -10,7 +10,7 @@ import torch
 
 from llmflow_hpo.config import TrainConfig
 from llmflow_hpo.features import IGNORE_INDEX, prepare_features
-from llmflow_hpo.train import build_scheduler, loss_fn, train_and_evaluate, warmup_steps
+from llmflow_hpo.train import build_scheduler, loss_fn, resolve_runtime, train_and_evaluate, warmup_steps
 
 
 def _lrs(hp: TrainConfig, total: int) -> list[float]:
@@ -97,14 +97,27 @@ def test_early_stopping_ends_the_run_after_patience(tiny_cfg, monkeypatch):
     assert result.best is result.history[1]
 
 
-def test_min_delta_counts_small_gains_as_no_improvement(tiny_cfg, monkeypatch):
+def test_min_delta_decides_patience_only_and_the_best_evaluation_is_the_best(tiny_cfg, monkeypatch, tmp_path):
+    from llmflow_hpo.checkpoints import CheckpointStore
+
     cfg, _, _ = tiny_cfg({"train": {"early_stopping_patience": 1, "early_stopping_min_delta": 0.05}})
     features = prepare_features(cfg, log=lambda _: None)
-    scores = iter([0.5, 0.52, 0.9, 0.9])
-    monkeypatch.setattr("llmflow_hpo.train.evaluate", lambda *a, **k: {"f1": next(scores), "loss": 1.0})
-    result = train_and_evaluate(cfg, {}, features, seed=1)
+    scores = [0.5, 0.52, 0.9, 0.9]
+    evaluated: list[float] = []
+
+    def evaluate(*args, **kwargs):
+        evaluated.append(scores[len(evaluated)])
+        return {"f1": evaluated[-1], "loss": 1.0}
+
+    monkeypatch.setattr("llmflow_hpo.train.evaluate", evaluate)
+    remembered: list[int] = []
+    checkpoint = CheckpointStore(tmp_path / "ckpt").trial(0, {})
+    monkeypatch.setattr(checkpoint, "remember_best", lambda model: remembered.append(len(evaluated)))
+    result = train_and_evaluate(cfg, {}, features, seed=1, checkpoint=checkpoint)
+    # 0.52 is not 0.05 better than 0.5, so patience (1) stops the trial; but 0.52 is its best evaluation.
     assert [e.metrics["f1"] for e in result.history] == [0.5, 0.52]
-    assert result.best.metrics["f1"] == 0.5
+    assert result.best is result.history[1] and result.best.metrics["f1"] == 0.52
+    assert remembered == [1, 2]  # the kept best weights are those of the second evaluation
 
 
 def test_best_evaluation_not_last_is_the_result(tiny_cfg, monkeypatch):
@@ -162,15 +175,29 @@ def test_diverging_run_is_a_trial_failure(tiny_cfg):
             "warmup_ratio": 0.1,
             "weight_decay": 0.05,
         },
+        {"max_grad_norm": 0.0},  # a searched 0 turns clipping off, as a fixed 0 does (it zeroed every gradient)
+        {"max_grad_norm": 0.5, "weight_decay": 0.0},
     ],
 )
 def test_every_knob_trains(tiny_cfg, params):
+    from llmflow_hpo.models import build_model
+
     cfg, _, _ = tiny_cfg({"train": {"epochs": 1}})
     features = prepare_features(cfg, log=lambda _: None)
-    result = train_and_evaluate(cfg, params, features, seed=1)
+    torch.manual_seed(1)  # train_and_evaluate seeds the same way before it builds the model
+    initial = build_model(cfg.model, task=cfg.task, labels=features.labels, hidden_dropout=None, attention_dropout=None)
+    result = train_and_evaluate(cfg, params, features, seed=1, keep_model=True)
     assert len(result.history) == 2
     assert all(math.isfinite(e.train_loss) for e in result.history)
     assert result.n_params > 0 and result.examples_per_second > 0
+    # Training moved the weights: every parameter the loss reaches (the pooler is unused in token classification).
+    before = dict(initial.named_parameters())
+    unchanged = [
+        name
+        for name, p in result.model.named_parameters()
+        if "pooler" not in name and torch.equal(p.detach(), before[name].detach())
+    ]
+    assert not unchanged
 
 
 def test_a_batch_larger_than_the_evaluation_interval_is_reported_at_the_last_point_it_crossed(tiny_cfg):
@@ -193,7 +220,7 @@ def test_a_cloned_state_takes_the_new_learning_rate_weight_decay_and_momentum() 
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     old = TrainConfig(learning_rate=1e-3, weight_decay=0.01, warmup_ratio=0.5, optimizer="sgd", momentum=0.9)
-    optimizer = _optimizer(model, old, torch.device("cpu"))
+    optimizer = _optimizer(model, old, resolve_runtime(old))
     scheduler = build_scheduler(optimizer, old, total_steps=10)
     for _ in range(3):  # inside the warmup: the factor is 3/5
         optimizer.step()
@@ -201,7 +228,7 @@ def test_a_cloned_state_takes_the_new_learning_rate_weight_decay_and_momentum() 
     state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
 
     new = dataclasses.replace(old, learning_rate=2e-3, weight_decay=0.05, momentum=0.8)
-    optimizer = _optimizer(model, new, torch.device("cpu"))
+    optimizer = _optimizer(model, new, resolve_runtime(new))
     scheduler = build_scheduler(optimizer, new, total_steps=10)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -215,3 +242,51 @@ def test_a_cloned_state_takes_the_new_learning_rate_weight_decay_and_momentum() 
     optimizer.step()
     scheduler.step()  # the schedule goes on from the new peak
     assert optimizer.param_groups[0]["lr"] == pytest.approx(2e-3 * 4 / 5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Class weights with label smoothing and focal loss (issue 13, item 1): test the optimum, not finiteness.
+
+# Balanced weights as on an NER training split: O is common, the entity tags rare.
+NER_WEIGHTS = torch.tensor([0.15, 9.0, 25.0, 40.0, 60.0, 12.0, 30.0])
+
+
+def _optimal_probabilities(hp: TrainConfig, target: int, weights: torch.Tensor | None) -> torch.Tensor:
+    """The class probabilities that minimise the loss of one position whose gold class is ``target``."""
+    logits = torch.zeros(len(NER_WEIGHTS), requires_grad=True)
+    optimizer = torch.optim.LBFGS([logits], lr=0.5, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = loss_fn(logits[None, None, :], torch.tensor([[target]]), hp, weights)
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        optimizer.step(closure)
+    return torch.softmax(logits.detach(), dim=-1)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "focal"])
+@pytest.mark.parametrize("smoothing", [0.1, 0.2])
+def test_class_weights_leave_the_smoothed_optimum_of_an_o_word_where_it_is(loss, smoothing):
+    k = len(NER_WEIGHTS)
+    hp = TrainConfig(loss=loss, focal_gamma=0.0, label_smoothing=smoothing)
+    p = _optimal_probabilities(hp, 0, NER_WEIGHTS)
+    # The smoothed target: 1 - e + e/K on the gold class, e/K on every other, whatever the weights.
+    assert float(p[0]) == pytest.approx(1 - smoothing + smoothing / k, abs=1e-3)
+    assert torch.allclose(p[1:], torch.full((k - 1,), smoothing / k), atol=1e-3)
+    assert int(p.argmax()) == 0
+    assert torch.allclose(p, _optimal_probabilities(hp, 0, None), atol=1e-3)  # as without weights
+
+
+def test_weighted_focal_loss_is_normalised_as_weighted_cross_entropy():
+    logits = torch.randn(2, 5, len(NER_WEIGHTS), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([[0, 0, 3, IGNORE_INDEX, 1], [0, 4, 0, 0, IGNORE_INDEX]])
+    focal = loss_fn(logits, labels, TrainConfig(loss="focal", focal_gamma=0.0), NER_WEIGHTS)
+    weighted = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), weight=NER_WEIGHTS, ignore_index=IGNORE_INDEX
+    )
+    assert float(focal) == pytest.approx(float(weighted), rel=1e-6)
+    ours = loss_fn(logits, labels, TrainConfig(), NER_WEIGHTS)  # weighted cross-entropy, unsmoothed
+    assert float(ours) == pytest.approx(float(weighted), rel=1e-6)
