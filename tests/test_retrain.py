@@ -88,3 +88,34 @@ def test_retrain_refuses_to_overwrite_a_foreign_folder(finished_study, tmp_path)
 def test_retrain_of_a_missing_study_names_the_studies_there(finished_study):
     with pytest.raises(StorageError, match=r"no study 'nope' .*studies there: tiny-ner"):
         retrain_best(study_name="nope", storage=finished_study.storage, **QUIET)
+
+
+def test_retrain_runs_with_the_trials_thread_count_and_compares_weights(tiny_cfg, tmp_path, monkeypatch):
+    """A worker trains with its share of the cores; the weights depend on the thread count (CPU reductions)."""
+    import torch
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("needs 2 torch threads to differ from the worker's 1")
+    cfg, space, raw = tiny_cfg({"n_trials": 1, "train": {"epochs": 1, "num_threads": 1}})
+    run_search(cfg, space, raw, **QUIET)
+    study = load_study(cfg.study_name, cfg.storage)
+    stored = study.user_attrs["config"]
+    stored["train"]["num_threads"] = None  # as a study made by `search --workers N`: only the workers set it
+    study.set_user_attr("config", stored)
+    best = study.best_trial
+    assert best.user_attrs["torch_threads"] == 1 and len(best.user_attrs["best_weights_sha256"]) == 64
+    lines: list[str] = []
+    result = retrain_best(study_name=cfg.study_name, storage=cfg.storage, output_dir=tmp_path / "m", log=lines.append)
+    metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert metrics["weights_sha256"] == {
+        "model": best.user_attrs["best_weights_sha256"],
+        "trial": best.user_attrs["best_weights_sha256"],
+    }
+    assert result.reproduced is True
+    assert any("1 torch threads, as trial 0 ran with" in line for line in lines)
+    assert torch.get_num_threads() >= 2  # put back after the run
+
+    # Weights that differ are reported, even where the dev score is equal.
+    monkeypatch.setattr("llmflow_hpo.retrain.weights_digest", lambda model: "0" * 64)
+    again = retrain_best(study_name=cfg.study_name, storage=cfg.storage, output_dir=tmp_path / "m", **QUIET)
+    assert again.dev_metrics[cfg.metric] == best.value and again.reproduced is False
