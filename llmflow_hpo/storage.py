@@ -27,11 +27,13 @@ from optuna.trial import TrialState
 from llmflow_hpo import __version__
 from llmflow_hpo.config import HeartbeatConfig, StudyConfig, config_from_dict, config_to_dict
 from llmflow_hpo.errors import StorageError
+from llmflow_hpo.paths import probe_folder, writable_problem
 from llmflow_hpo.spaces import SearchSpace, parse_search_space
 
 __all__ = [
     "StudyLock",
     "check_same_study",
+    "check_storage",
     "default_storage_for",
     "finished_trials",
     "free_study_name",
@@ -108,8 +110,121 @@ def default_storage_for(study_name: str) -> str:
 
 
 def _sqlite_path(url: str) -> Path | None:
-    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-        return Path(url[len("sqlite:///") :])
+    if url.startswith("sqlite:///") and not _in_memory(url):
+        return Path(url[len("sqlite:///") :].split("?", 1)[0])
+    return None
+
+
+def _in_memory(url: str) -> bool:
+    """``sqlite://``, ``sqlite:///`` and ``sqlite:///:memory:``: a database that ends with the process."""
+    return url.split("?", 1)[0] in ("sqlite://", "sqlite:///", "sqlite:///:memory:")
+
+
+_IN_MEMORY = (
+    "an in-memory SQLite database: the study would be lost when the command ends; "
+    "use a file, e.g. storage: sqlite:///path/to/NAME.db"
+)
+_URL_FORMS = (
+    "e.g. sqlite:///NAME.db (a file relative to the working folder), sqlite:////abs/path/NAME.db "
+    "or postgresql+psycopg://user@host/db"
+)
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _sqlite_tables(path: Path) -> set[str] | None:
+    """The tables of an SQLite file, read only (the file is not changed); None when it cannot be read."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            return {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error:  # not a database, or not readable
+        return None
+
+
+def _sqlite_file_problem(path: Path) -> str | None:
+    """Why the existing file ``path`` cannot hold optuna's study tables, or None (read only)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(_SQLITE_HEADER))
+    except OSError as e:
+        return f"cannot read {path} ({e.strerror})"
+    if not head:  # an empty file: SQLite makes a new database in it
+        return None
+    if head != _SQLITE_HEADER:
+        return f"{path} is not an SQLite database; name a new .db file or the study's database"
+    tables = _sqlite_tables(path)
+    if tables is None:
+        return f"{path} cannot be read as an SQLite database"
+    if tables and not {"studies", "version_info"} <= tables:
+        shown = ", ".join(sorted(tables)[:3]) + (", ..." if len(tables) > 3 else "")
+        return (
+            f"{path} is another tool's database (tables {shown}), not optuna's; optuna would add its tables "
+            "to it: name a new file for the study"
+        )
+    return None
+
+
+def check_storage(url: str, *, probe: bool = False) -> str | None:
+    """Why a search cannot keep its study in ``url`` (None when it can), found before anything is written.
+
+    SQLite: the file must be new, empty or an optuna database, in a folder that exists and takes new files
+    (the database's journal and the study lock lie beside it). ``probe`` (search, worker): also make and
+    remove an empty file in that folder, and connect to a server database, so that what only trying shows
+    is found before the data is tokenized.
+    """
+    if _in_memory(url):
+        return _IN_MEMORY
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return f"not a database URL; {_URL_FORMS}"
+    try:
+        dialect = parsed.get_dialect()
+    except NoSuchModuleError:
+        return f"unknown kind of database {parsed.drivername!r}; {_URL_FORMS}"
+    try:
+        dialect.import_dbapi()
+    except ImportError as e:
+        return f"database driver missing ({e}); e.g. pip install 'llmflow-hpo[postgres]'"
+    if parsed.drivername.startswith("sqlite"):
+        path = _sqlite_path(url)
+        if path is None:
+            return f"an SQLite URL has three slashes before the file's path: {_URL_FORMS}"
+        return _sqlite_location_problem(path, probe=probe)
+    if probe:
+        from sqlalchemy import create_engine
+        from sqlalchemy.pool import NullPool
+
+        try:
+            with create_engine(url, poolclass=NullPool).connect():
+                pass
+        except Exception as e:  # sqlalchemy's connection errors: one line
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            return f"cannot connect ({reason})"
+    return None
+
+
+def _sqlite_location_problem(path: Path, *, probe: bool) -> str | None:
+    if path.is_dir():
+        return f"{path} is a folder, not a database file; name a file in it, e.g. sqlite:///{path / 'NAME.db'}"
+    if path.exists():
+        if not path.is_file():
+            return f"{path} is not a regular file; name a .db file"
+        problem = _sqlite_file_problem(path)
+        if problem:
+            return problem
+        if not os.access(path, os.R_OK | os.W_OK):
+            return f"{path} is not writable (permission denied)"
+    folder = path.parent
+    if not folder.exists():
+        return f"folder {folder} does not exist; create it or change storage"
+    if not folder.is_dir():
+        return f"{folder} is a file, not a folder"
+    problem = writable_problem(folder) or (probe_folder(folder) if probe else None)
+    if problem:
+        return f"{problem}; SQLite needs to make its database and journal files there"
     return None
 
 
@@ -127,12 +242,7 @@ def _sqlite_wal(path: Path) -> None:
 
 def is_optuna_sqlite(path: Path) -> bool:
     """Whether the SQLite file holds optuna's tables (read only: the file is not changed)."""
-    try:
-        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
-            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    except sqlite3.Error:  # not a database, or not readable
-        return False
-    return {"studies", "version_info"} <= tables
+    return {"studies", "version_info"} <= (_sqlite_tables(path) or set())
 
 
 def open_storage(
@@ -148,10 +258,14 @@ def open_storage(
     its tables in any SQLite file).
     """
     engine_kwargs: dict[str, Any] = {}
+    if _in_memory(url):
+        raise StorageError(f"storage {url}: {_IN_MEMORY}")
     path = _sqlite_path(url)
     if path is not None:
         if not path.parent.exists():
             raise StorageError(f"storage {url}: folder {path.parent} does not exist; create it or change storage")
+        if path.is_dir():
+            raise StorageError(f"storage {url}: {path} is a folder, not a database file; name the study's .db file")
         if existing and not path.is_file():
             raise StorageError(f"storage {url}: file {path} does not exist; pass --storage URL of the study's database")
         if existing and not is_optuna_sqlite(path):
@@ -160,6 +274,9 @@ def open_storage(
                 "pass --storage URL of the study's database"
             )
         if not existing:
+            problem = _sqlite_file_problem(path) if path.is_file() else None
+            if problem:  # never add optuna's tables to another tool's database, nor switch it to WAL
+                raise StorageError(f"storage {url}: {problem}")
             _sqlite_wal(path)
         engine_kwargs["connect_args"] = {"timeout": 60}
     beat: dict[str, Any] = {}
