@@ -64,6 +64,77 @@ def default_startup_trials(n_trials: int | None) -> int:
     return max(2, min(10, n_trials // 4))
 
 
+# Ranges of the options optuna takes on trust in its constructors (a bad value fails later, mid-study).
+_OPTION_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "n_startup_trials": (lambda v: v >= 0, "must be >= 0"),
+    "n_warmup_steps": (lambda v: v >= 0, "must be >= 0 (training examples seen)"),
+    "interval_steps": (lambda v: v >= 1, "must be >= 1"),
+    "n_min_trials": (lambda v: v >= 1, "must be >= 1"),
+    "percentile": (lambda v: 0 <= v <= 100, "must be in [0, 100]"),
+    "n_ei_candidates": (lambda v: v >= 1, "must be >= 1"),
+    "prior_weight": (lambda v: v is None or v > 0, "must be > 0 or null"),
+    "sigma0": (lambda v: v is None or v > 0, "must be > 0 or null"),
+    "popsize": (lambda v: v is None or v >= 1, "must be >= 1 or null"),
+    "reduction_factor": (lambda v: v >= 2, "must be >= 2"),
+    "min_early_stopping_rate": (lambda v: v >= 0, "must be >= 0"),
+    "bootstrap_count": (lambda v: v >= 0, "must be >= 0"),
+    "min_resource": (lambda v: v == "auto" or (not isinstance(v, str) and v >= 1), "must be >= 1 or 'auto'"),
+    "max_resource": (lambda v: v == "auto" or (not isinstance(v, str) and v >= 1), "must be >= 1 or 'auto'"),
+}
+_YAML_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "str": (str,),
+    "None": (type(None),),
+    "dict": (dict,),
+    "list": (list,),
+}
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string", "None": "null"}
+
+
+def _annotation_types(annotation: Any) -> list[str] | None:
+    """The YAML-expressible types of an optuna parameter annotation (``'int | None'``), or None when unknown."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", None)
+    if not isinstance(text, str):
+        return None
+    parts, depth, current = [], 0, ""
+    for char in text:  # split on the top-level "|" only (not inside Callable[[int], int | None])
+        depth += char == "["
+        depth -= char == "]"
+        if char == "|" and depth == 0:
+            parts.append(current.strip())
+            current = ""
+        else:
+            current += char
+    parts.append(current.strip())
+    return [part.split("[")[0].replace("Mapping", "dict").replace("Sequence", "list") for part in parts]
+
+
+def _value_problem(name: str, annotation: Any, value: Any) -> str | None:
+    """Why ``value`` (read from YAML) cannot be optuna's option ``name`` of that annotation, or None."""
+    types = _annotation_types(annotation)
+    if types is None:
+        return None
+    allowed = [t for t in types if t in _YAML_TYPES]
+    if value is not None and not [t for t in allowed if t != "None"]:
+        return f"takes a Python object ({annotation}), which a YAML config cannot give; remove it"
+    if value is None:
+        ok = "None" in allowed
+    elif isinstance(value, bool):
+        ok = "bool" in allowed
+    else:
+        ok = any(isinstance(value, _YAML_TYPES[t]) for t in allowed if t not in ("bool", "None"))
+    if not ok:
+        words = [_TYPE_WORDS.get(t, f"a {t}") for t in allowed]
+        return f"expected {' or '.join(words)}, got {value!r}"
+    if name in _OPTION_RANGES and value is not None:
+        check, message = _OPTION_RANGES[name]
+        if not check(value):
+            return f"{message}, got {value!r}"
+    return None
+
+
 def _option_problems(cls: type, options: dict[str, Any], where: str) -> list[str]:
     params = inspect.signature(cls.__init__).parameters
     accepted = {n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
@@ -75,7 +146,22 @@ def _option_problems(cls: type, options: dict[str, Any], where: str) -> list[str
             problems.append(
                 f"{where}.{key}: not an option of optuna's {cls.__name__}; accepted: {', '.join(sorted(accepted - _RESERVED))}"
             )
+        else:
+            why = _value_problem(key, params[key].annotation, options[key])
+            if why:
+                problems.append(f"{where}.{key}: {why} (an option of optuna's {cls.__name__})")
     return problems
+
+
+def _construct_problems(cls: type, options: dict[str, Any], where: str) -> list[str]:
+    """What optuna's own constructor says of the options (it checks some values itself); no torch import."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cls(**options)
+    except (TypeError, ValueError) as e:
+        return [f"{where}: optuna's {cls.__name__} refused them: {e}"]
+    return []
 
 
 def _grid(space: SearchSpace, where: str) -> dict[str, list[Any]]:
@@ -158,6 +244,12 @@ def check_strategy(cfg: StudyConfig, space: SearchSpace, source: str) -> None:
             _grid(space, f"{source}: sampler")
         except ConfigError as e:
             problems += e.problems
+    if not problems:  # the values optuna's constructors check themselves (grid and cmaes need more than options)
+        if cfg.sampler.name not in ("grid", "cmaes"):
+            sampler_cls = getattr(optuna.samplers, _SAMPLERS[cfg.sampler.name])
+            problems += _construct_problems(sampler_cls, cfg.sampler.options, f"{source}: sampler.options")
+        pruner_cls = getattr(optuna.pruners, _PRUNERS[cfg.pruner.name])
+        problems += _construct_problems(pruner_cls, cfg.pruner.options, f"{source}: pruner.options")
     if problems:
         raise ConfigError(problems)
 

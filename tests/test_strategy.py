@@ -263,9 +263,35 @@ def test_reserved_sampler_options_are_refused(name: str, option: str) -> None:
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 def test_sampler_values_optuna_refuses_become_config_errors() -> None:
     cfg = config(sampler={"name": "qmc", "options": {"qmc_type": "nonsense"}})
-    check_strategy(cfg, SPACE, "study.yaml")  # the name is right, the value is optuna's to judge
+    with pytest.raises(ConfigError, match=r"study\.yaml: sampler\.options: optuna's QMCSampler refused them"):
+        check_strategy(cfg, SPACE, "study.yaml")  # validate asks optuna's constructor too, before any study
     with pytest.raises(ConfigError, match=r"sampler\.options: optuna's QMCSampler refused them"):
         build_sampler(cfg, SPACE)
+
+
+@pytest.mark.parametrize(
+    ("section", "name", "options", "expected"),
+    [
+        ("sampler", "tpe", {"n_startup_trials": -3}, "sampler.options.n_startup_trials: must be >= 0, got -3"),
+        ("sampler", "tpe", {"n_startup_trials": "five"}, "sampler.options.n_startup_trials: expected an integer"),
+        ("sampler", "tpe", {"n_startup_trials": 2.5}, "sampler.options.n_startup_trials: expected an integer"),
+        ("sampler", "tpe", {"multivariate": "yes"}, "sampler.options.multivariate: expected true or false"),
+        ("sampler", "tpe", {"gamma": 0.25}, "sampler.options.gamma: takes a Python object"),
+        ("sampler", "tpe", {"n_ei_candidates": 0}, "sampler.options.n_ei_candidates: must be >= 1"),
+        ("pruner", "median", {"n_warmup_steps": -5}, "pruner.options.n_warmup_steps: must be >= 0"),
+        ("pruner", "median", {"n_startup_trials": "5"}, "pruner.options.n_startup_trials: expected an integer"),
+        ("pruner", "percentile", {"percentile": 150}, "pruner.options.percentile: must be in [0, 100], got 150"),
+        ("pruner", "hyperband", {"reduction_factor": 1}, "pruner.options.reduction_factor: must be >= 2"),
+        ("pruner", "successive-halving", {"min_resource": "x"}, "pruner.options.min_resource: must be >= 1 or 'auto'"),
+    ],
+)
+def test_option_types_and_ranges_are_checked_before_any_study(
+    section: str, name: str, options: dict[str, Any], expected: str
+) -> None:
+    """optuna's TPESampler takes n_startup_trials=-3 or "five" without a word and fails (or misbehaves) mid-study."""
+    found = problems(config(**{section: {"name": name, "options": options}}))
+    assert len(found) == 1, found
+    assert found[0].startswith(f"study.yaml: {expected}"), found
 
 
 @pytest.mark.skipif(HAS_CMAES, reason="the cmaes package is installed here")
