@@ -215,9 +215,30 @@ def _wait_for_running_trial(
     raise AssertionError("no trial reached its checkpoint in time")
 
 
+def _uninterrupted_curve(config: Path, params: dict, threads: int) -> dict[int, float]:
+    """The dev curve (step -> objective metric) that a run of ``params`` computes when nothing stops it."""
+    import torch
+
+    from llmflow_hpo.config import load_study_config
+    from llmflow_hpo.features import prepare_features
+    from llmflow_hpo.train import train_and_evaluate
+
+    cfg = load_study_config(config)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # CPU reductions depend on it: as the trial ran
+    try:
+        result = train_and_evaluate(cfg, params, prepare_features(cfg, log=lambda _: None), seed=cfg.seed)
+    finally:
+        torch.set_num_threads(before)
+    return {e.step: e.metrics[cfg.metric] for e in result.history}
+
+
 @pytest.mark.parametrize("storage_url", ["sqlite"], indirect=True)  # resuming from PostgreSQL: the signal test
 def test_a_worker_killed_again_and_again_resumes_its_trial_each_time(write_study, tmp_path, storage_url):
-    config = write_study({**SLOW_TRIALS, "storage": storage_url})
+    # The dev loss, not F1: a tiny model's F1 stays 0 for several evaluations, which any resume would match.
+    config = write_study(
+        {**SLOW_TRIALS, "storage": storage_url, "objective": {"metric": "loss", "direction": "minimize"}}
+    )
     checkpoints = tmp_path / "checkpoints" / "tiny-ner"
     killed = []
     for _ in range(3):
@@ -234,6 +255,7 @@ def test_a_worker_killed_again_and_again_resumes_its_trial_each_time(write_study
     finished = [t for t in trials.values() if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) == 2
     assert not [t for t in trials.values() if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    threads = finished[0].user_attrs["torch_threads"]
     for dead in killed:
         assert trials[dead.number].state == TrialState.FAIL
         retry = next(t for t in trials.values() if t.user_attrs.get("retry_of") == dead.number)
@@ -242,9 +264,13 @@ def test_a_worker_killed_again_and_again_resumes_its_trial_each_time(write_study
         # second-to-last evaluation), not from step 0 ...
         steps = sorted(dead.intermediate_values)
         assert retry.user_attrs["resumed_at_step"] in steps[-2:] and retry.user_attrs["resumed_at_step"] > 0
-        # ... and its learning curve continues the killed attempt's.
+        # ... and its learning curve continues the killed attempt's: the values up to the checkpoint are
+        # inherited, so what shows the resume is right is that the values it computed after it are those
+        # of a run that was never stopped.
         assert {s: v for s, v in retry.intermediate_values.items() if s in steps} == dead.intermediate_values
         assert max(retry.intermediate_values) > max(steps)
+        whole = _uninterrupted_curve(config, dead.params, threads)
+        assert retry.intermediate_values == pytest.approx({s: whole[s] for s in retry.intermediate_values}, rel=1e-6)
     # Only the kept best checkpoints remain: no resume states, no pruned or failed trials' folders.
     assert not list(checkpoints.glob("*/resume.pt"))
     assert len(list(checkpoints.glob("*/best.safetensors"))) <= 2

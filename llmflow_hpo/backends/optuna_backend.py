@@ -257,6 +257,8 @@ def run_worker(
                         retry_transient(functools.partial(storage.record_heartbeat, trial._trial_id))
                     if draw is not None:
                         draw(trial)
+                        if heartbeat_interval is not None:  # a slow draw (GP) must not look like a dead worker
+                            retry_transient(functools.partial(storage.record_heartbeat, trial._trial_id))
         except KeyboardInterrupt as e:  # a signal held back during the claim: the trial is recorded first
             if trial is not None:
                 _record_interruption(study, trial, e, lock=lock, retry=retry)
