@@ -325,6 +325,26 @@ def test_scheduler_defaults_follow_the_evaluation_schedule(tiny_cfg) -> None:
     assert asha._max_t == 3 * 200 + 1
     # Rungs at the first evaluation (grace period: 200 examples / 2 evaluations per epoch) and 3x later.
     assert sorted(milestone for milestone, _ in asha._brackets[0]._rungs) == [100, 300]
+    # The first evaluation is at round(49 / 2) = 24 examples (train.py's points), not at ceil(24.5) = 25,
+    # where it would not be judged.
+    odd = build_scheduler(cfg, space, n_train=49, source="study.yaml")
+    assert min(milestone for milestone, _ in odd._brackets[0]._rungs) == 24
+
+
+def test_pbt_mutates_choices_and_stepped_floats_within_their_values(tiny_cfg) -> None:
+    from llmflow_hpo.backends.ray_backend import build_scheduler
+
+    space = {
+        "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+        "warmup_ratio": {"type": "float", "low": 0.05, "high": 0.25, "step": 0.1},
+        "label_smoothing": {"type": "categorical", "choices": [0.0, 0.1]},
+    }
+    cfg, dist, _ = tiny_cfg({"backend": "ray", "ray": {"scheduler": "pbt"}}, space=space)
+    mutations = build_scheduler(cfg, dist, n_train=200, source="study.yaml")._hyperparam_mutations
+    # Lists: PBT shifts to a neighbouring value; a domain's value it multiplies by 0.8 or 1.2 (off the grid).
+    assert [round(v, 9) for v in mutations["warmup_ratio"]] == [0.05, 0.15, 0.25]
+    assert mutations["label_smoothing"] == [0.0, 0.1]
+    assert type(mutations["learning_rate"]).__name__ == "Float"
 
 
 def test_hyperband_counts_evaluations(tiny_cfg) -> None:

@@ -50,7 +50,7 @@ from llmflow_hpo.errors import ConfigError, TrialFailure
 from llmflow_hpo.progress import Progress, as_progress
 from llmflow_hpo.reporting import improves, store_best, store_result
 from llmflow_hpo.spaces import SearchSpace
-from llmflow_hpo.strategy import longest_epochs, study_target
+from llmflow_hpo.strategy import first_evaluation_step, longest_epochs, study_target
 from llmflow_hpo.tracking import Tracking
 
 __all__ = ["StudyRecorder", "StudySearch", "ray_trial", "run_search"]
@@ -478,6 +478,17 @@ def _float_grid(dist: FloatDistribution) -> list[float]:
     return [dist.low + k * dist.step for k in range(round((dist.high - dist.low) / dist.step) + 1)]
 
 
+def _mutation(dist: Any) -> Any:
+    """What PBT may change a parameter to: a list of values (choices, a float's steps), which PBT shifts to a
+    neighbour or resamples; else the domain, whose value PBT multiplies by 0.8 or 1.2 (it would leave the
+    grid of a stepped float, and fail on a choice of strings)."""
+    if isinstance(dist, CategoricalDistribution):
+        return list(dist.choices)
+    if isinstance(dist, FloatDistribution) and dist.step is not None:
+        return _float_grid(dist)
+    return tune_domain(dist)
+
+
 def build_scheduler(cfg: StudyConfig, space: SearchSpace, n_train: int, source: str) -> Any:
     """The configured Ray scheduler, its times in training examples seen; None for ``none``.
 
@@ -505,7 +516,7 @@ def build_scheduler(cfg: StudyConfig, space: SearchSpace, n_train: int, source: 
     ]
     if problems:
         raise ConfigError(problems)
-    interval = math.ceil(n_train / cfg.train.evals_per_epoch)  # examples between two evaluations
+    interval = first_evaluation_step(cfg, n_train)  # the first evaluation point: examples between two of them
     max_epochs = longest_epochs(cfg, space)
     # max_t lies one example past the last evaluation: a run that reaches its end is not stopped there,
     # so it still reports its costs (train time, throughput) after its last evaluation.
@@ -520,7 +531,7 @@ def build_scheduler(cfg: StudyConfig, space: SearchSpace, n_train: int, source: 
         options.setdefault("grace_period", interval)
         options.setdefault("min_samples_required", 3)
     elif name == "pbt":
-        mutable = {k: tune_domain(d) for k, d in space.items() if k in PBT_MUTABLE}
+        mutable = {k: _mutation(d) for k, d in space.items() if k in PBT_MUTABLE}
         if not mutable:
             raise ConfigError(
                 f"{source}: ray.scheduler: pbt mutates {', '.join(PBT_MUTABLE)}; the search space has none of them"
