@@ -6,8 +6,10 @@ here imports torch or ray: ``llmflow-hpo validate`` and ``--help`` stay fast.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import difflib
+import encodings.aliases
 import math
 import os
 import types
@@ -569,6 +571,13 @@ def _check_ranges(cfg: StudyConfig, problems: _Problems) -> None:
         "n_trials",
         "backend ray needs n_trials (Ray Tune runs a fixed number of samples)",
     )
+    need(
+        0 <= cfg.seed <= 2**32 - 1,
+        "seed",
+        f"got {cfg.seed}; must be in 0..{2**32 - 1} (numpy's and optuna's samplers take 32-bit seeds)",
+    )
+    encoding_problem = _encoding_problem(d.encoding)
+    need(encoding_problem is None, "data.encoding", encoding_problem or "")
     need(d.max_length >= 8, "data.max_length", "must be >= 8")
     for split in ("dev_split", "test_split"):
         value = getattr(d, split)
@@ -586,6 +595,50 @@ def _check_ranges(cfg: StudyConfig, problems: _Problems) -> None:
         problems.add(
             "objective.metric", f"{cfg.objective.metric!r} is not a {cfg.task} metric; use one of {', '.join(metrics)}"
         )
+    metric = cfg.objective.metric or DEFAULT_METRIC[cfg.task]
+    if cfg.objective.direction is not None and metric in metrics:
+        # Lower is better only for the loss: the other direction would search for the worst model.
+        right = "minimize" if metric == "loss" else "maximize"
+        need(
+            cfg.objective.direction == right,
+            "objective.direction",
+            f"{cfg.objective.direction} of dev {metric} searches for the worst model; use {right} (or leave it out)",
+        )
+
+
+def _encoding_problem(encoding: str) -> str | None:
+    """Why ``encoding`` cannot decode the data files as text, or None."""
+    try:
+        info = codecs.lookup(encoding)
+    except LookupError:
+        names = sorted(set(encodings.aliases.aliases) | set(encodings.aliases.aliases.values()))
+        hint = difflib.get_close_matches(encoding.lower().replace("-", "_"), names, n=1)
+        extra = f" (did you mean {hint[0].replace('_', '-')!r}?)" if hint else ""
+        return f"unknown text encoding {encoding!r}{extra}; e.g. utf-8, utf-8-sig, latin-1, cp1252"
+    if not getattr(info, "_is_text_encoding", True):
+        return f"{encoding!r} is not a text encoding (it encodes bytes to bytes); e.g. utf-8 or latin-1"
+    return None
+
+
+def _check_study_name(name: str, problems: _Problems) -> None:
+    """The study name names files (NAME.db beside the config, checkpoints/NAME/): a plain name, no path."""
+    if not name.strip():
+        return  # reported as empty
+    if any(c in "/\\" for c in name) or name in (".", ".."):
+        why = "it is a path, and the study's files would be written outside their folders"
+    elif not name.isprintable():
+        why = "it holds control characters"
+    elif name != name.strip():
+        why = "it starts or ends with spaces"
+    elif len(name) > 200:
+        why = f"{len(name)} characters, more than a file name takes"
+    else:
+        return
+    problems.add(
+        "study_name",
+        f"{name!r} is not a plain name ({why}); the study's files are named after it: use letters, digits, "
+        "'-', '_' or '.' (and set storage or checkpoint.dir to choose where files go)",
+    )
 
 
 def _resolve(cfg: StudyConfig, base: Path | None) -> None:
@@ -644,16 +697,122 @@ def clip_norm(max_grad_norm: float | None) -> float | None:
 # Public entry points.
 
 
-def read_yaml(path: Path) -> Any:
-    """Parse a YAML file; a missing file or a syntax error becomes a one-line ConfigError."""
+# A study config or a search space holds tens of values; these bounds are far above any real one, and far
+# below what makes an alias bomb ("billion laughs") or a deeply nested file costly (or a RecursionError).
+YAML_MAX_VALUES = 10_000
+YAML_MAX_DEPTH = 50
+YAML_MAX_BYTES = 1 << 20
+
+
+class _YamlRefused(yaml.YAMLError):
+    def __init__(self, mark: Any, problem: str) -> None:
+        super().__init__(problem)
+        self.problem_mark, self.problem = mark, problem
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that counts every value an alias would repeat, and refuses (never expands) a document
+    of more than YAML_MAX_VALUES values or YAML_MAX_DEPTH levels; an alias to its own enclosing node too."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._aliases = 0
+        self._sizes: dict[int, int] = {}  # id(node) -> values in it, aliases counted as copies
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            node = self.anchors.get(event.anchor)
+            if node is not None and id(node) not in self._sizes:
+                raise _YamlRefused(event.start_mark, f"alias *{event.anchor} refers to a value that contains it")
+            self._aliases += 1
+            return super().compose_node(parent, index)
+        self._depth += 1
+        if self._depth > YAML_MAX_DEPTH:
+            mark = self.peek_event().start_mark
+            raise _YamlRefused(mark, f"nested more than {YAML_MAX_DEPTH} levels deep; a config is a few levels deep")
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+            _refuse_repeated_keys(node)
+        else:
+            children = []
+        size = 1 + sum(self._sizes.get(id(child), 1) for child in children)
+        self._sizes[id(node)] = size
+        if size > YAML_MAX_VALUES:
+            how = " once its aliases are expanded (an alias bomb?)" if self._aliases else ""
+            raise _YamlRefused(node.start_mark, f"more than {YAML_MAX_VALUES} values{how}; a config holds a few dozen")
+        return node
+
+
+def _refuse_repeated_keys(node: yaml.MappingNode) -> None:
+    """A key given twice in one mapping: YAML keeps the last silently, so a fix made above is lost below."""
+    seen: dict[tuple[str, str], int] = {}
+    for key, _ in node.value:
+        if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+            if (key.tag, key.value) in seen:
+                line = seen[key.tag, key.value]
+                raise _YamlRefused(key.start_mark, f"key {key.value!r} given twice (also on line {line}); keep one")
+            seen[key.tag, key.value] = key.start_mark.line + 1
+
+
+def parse_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with bounds: a YAMLError for an alias bomb, a recursive alias or deep nesting."""
+    loader = _BoundedLoader(text)
     try:
-        text = path.read_text(encoding="utf-8")
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _yaml_text(path: Path, data: bytes) -> str:
+    """The text of a YAML file, or a ConfigError that says how to save it (UTF-8)."""
+    if len(data) > YAML_MAX_BYTES:
+        raise ConfigError(
+            f"{path}: {len(data) / 2**20:.1f} MiB is far too large for a study config or search space "
+            "(a few KB); is it the right file?"
+        )
+    for bom, name in (
+        (b"\xff\xfe\x00\x00", "UTF-32"),
+        (b"\x00\x00\xfe\xff", "UTF-32"),
+        (b"\xff\xfe", "UTF-16"),
+        (b"\xfe\xff", "UTF-16"),
+    ):
+        if data.startswith(bom):
+            raise ConfigError(f"{path}: the file is {name} text; save it as UTF-8")
+    if b"\x00" in data[:8192]:
+        raise ConfigError(
+            f"{path}: not a YAML text file (it holds NUL bytes: binary data or UTF-16?); save it as UTF-8 text"
+        )
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}: line {line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); save it as UTF-8"
+        ) from None
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML file; a missing file, a syntax error, text that is not UTF-8 or an alias bomb becomes a
+    one-line ConfigError."""
+    try:
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a YAML file") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    text = _yaml_text(path, data)
     try:
-        return yaml.safe_load(text)
+        return parse_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -671,7 +830,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str = "--
             problems.append(f"{source} {item!r}: expected KEY=VALUE, e.g. --set train.epochs=2")
             continue
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = parse_yaml(text) if text.strip() else None
+        except _YamlRefused as e:
+            problems.append(f"{source} {key}: {e.problem}")
+            continue
         except yaml.YAMLError:
             value = text
         node = raw
@@ -722,6 +884,7 @@ def config_from_dict(raw: Any, *, source: str, base: Path | None = None) -> Stud
     cfg = _build(StudyConfig, raw, "", problems)
     if cfg is not _MISSING:
         _check_ranges(cfg, problems)
+        _check_study_name(cfg.study_name, problems)
     elif isinstance(raw.get("train", {}), dict):
         # Another section failed to build: still report the impossible training values with it.
         train = _build(TrainConfig, raw.get("train", {}), "train.", _Problems(source))

@@ -93,8 +93,8 @@ def test_metric_and_direction_defaults_per_task() -> None:
 def test_loss_metric_defaults_to_minimize_and_explicit_direction_is_kept() -> None:
     loss = config_from_dict(raw(objective={"metric": "loss"}), source="s.yaml")
     assert (loss.metric, loss.direction) == ("loss", "minimize")
-    explicit = config_from_dict(raw(objective={"metric": "loss", "direction": "maximize"}), source="s.yaml")
-    assert explicit.direction == "maximize"
+    explicit = config_from_dict(raw(objective={"metric": "loss", "direction": "minimize"}), source="s.yaml")
+    assert explicit.direction == "minimize"
 
 
 def test_storage_defaults_to_sqlite_file_beside_the_config(tmp_path: Path) -> None:
@@ -478,6 +478,87 @@ def test_read_yaml_reports_unclosed_brackets_at_their_line(tmp_path: Path) -> No
     assert "\n" not in str(info.value)
 
 
+def _billion_laughs(levels: int = 9) -> str:
+    rows = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    rows += [f"a{k}: &a{k} [" + ", ".join([f"*a{k - 1}"] * 9) + "]" for k in range(1, levels)]
+    return "\n".join(rows) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (_billion_laughs(), r"line \d+: invalid YAML: more than 10000 values once its aliases are expanded"),
+        ("a: &a [1, *a]\n", r"line 1: invalid YAML: alias \*a refers to a value that contains it"),
+        ("a: " + "[" * 20_000 + "]" * 20_000 + "\n", r"line 1: invalid YAML: nested more than 50 levels"),
+        ("n_trials: 2\nseed: 1\nn_trials: 3\n", r"line 3: invalid YAML: key 'n_trials' given twice \(also on line 1\)"),
+    ],
+    ids=["alias-bomb", "recursive-alias", "nested-20000", "repeated-key"],
+)
+def test_read_yaml_refuses_what_would_blow_up_or_be_lost(tmp_path: Path, text: str, message: str) -> None:
+    import time
+
+    path = write(tmp_path, text)
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=message):
+        read_yaml(path)
+    assert time.monotonic() - start < 2.0  # refused, not expanded
+
+
+def test_read_yaml_keeps_ordinary_anchors_and_merge_keys(tmp_path: Path) -> None:
+    path = write(tmp_path, "base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  y: 3\nlist: [*b, *b]\n")
+    assert read_yaml(path) == {"base": {"x": 1, "y": 2}, "other": {"x": 1, "y": 3}, "list": [{"x": 1, "y": 2}] * 2}
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ("task: demo\n".encode("utf-16"), "the file is UTF-16 text; save it as UTF-8"),
+        ("task: demo\n".encode("utf-16-le"), ".*NUL bytes.*save it as UTF-8"),
+        (bytes(range(256)), ".*NUL bytes.*save it as UTF-8"),
+        (
+            "a: 1\ntask: d\u00e9mo\n".encode("latin-1"),
+            r"line 2: not UTF-8 text \(byte 0xe9 at offset 12\); save it as UTF-8",
+        ),
+    ],
+    ids=["utf16", "utf16-no-bom", "binary", "latin-1"],
+)
+def test_read_yaml_of_a_file_that_is_not_utf8_says_to_save_it_as_utf8(
+    tmp_path: Path, data: bytes, message: str
+) -> None:
+    path = tmp_path / "study.yaml"
+    path.write_bytes(data)
+    with pytest.raises(ConfigError, match=rf"{path}: {message}"):
+        read_yaml(path)
+
+
+def test_read_yaml_accepts_a_utf8_byte_order_mark(tmp_path: Path) -> None:
+    path = tmp_path / "study.yaml"
+    path.write_bytes(b"\xef\xbb\xbftask: demo\n")
+    assert read_yaml(path) == {"task": "demo"}
+
+
+def test_set_override_with_an_alias_bomb_is_refused() -> None:
+    value = (
+        "[&a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1], "
+        + ", ".join(f"&b{k} [" + ", ".join(["*a"] * 10) + "]" for k in range(2))
+        + "]"
+    )
+    bomb = "{" + ", ".join(f"k{i}: [{', '.join(['*a'] * 10)}]" for i in range(200)) + "}"
+    assert apply_overrides({}, [f"x={value}"]) == {"x": [[1] * 10, [[1] * 10] * 10, [[1] * 10] * 10]}
+    with pytest.raises(ConfigError, match=r"--set model\.config_overrides: more than 10000 values"):
+        apply_overrides({}, [f"model.config_overrides=[&a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1], {bomb}]"])
+
+
+@pytest.mark.parametrize("name", ["../../x", "/tmp/x", "runs/x", "a\\b", "..", ".", "a\nb", " x", "x" * 201])
+def test_study_name_must_be_a_plain_name(name: str) -> None:
+    with pytest.raises(ConfigError, match=r"study_name: .* is not a plain name"):
+        config_from_dict(raw(MINIMAL, study_name=name), source="s.yaml")
+
+
+def test_study_name_may_hold_dots_dashes_and_unicode() -> None:
+    assert config_from_dict(raw(MINIMAL, study_name="ner-v1.2_é"), source="s.yaml").study_name == "ner-v1.2_é"
+
+
 # ----------------------------------------------------------------------------------------------------
 # Round trip: what the study stores is a valid config that loads back to the same object.
 
@@ -502,3 +583,56 @@ def test_config_round_trip(tmp_path: Path) -> None:
     again = config_from_dict(data, source="stored")
     assert again == cfg
     assert config_to_dict(again) == data
+
+
+# ----------------------------------------------------------------------------------------------------
+# Values validate used to pass and search (or optuna, mid-study) refused, and meaningless studies.
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 10**20])
+def test_seed_outside_32_bits_is_refused(seed: int) -> None:
+    (problem,) = problems_of(raw(seed=seed))
+    assert problem.startswith(f"study.yaml: seed: got {seed}; must be in 0..4294967295"), problem
+
+
+@pytest.mark.parametrize("seed", [0, 2**32 - 1])
+def test_seed_bounds_are_kept(seed: int) -> None:
+    assert config_from_dict(raw(seed=seed), source="s.yaml").seed == seed
+
+
+@pytest.mark.parametrize(
+    ("encoding", "expected"),
+    [
+        ("utf9", "unknown text encoding 'utf9'"),
+        ("cp-1252", "(did you mean 'cp1252'?)"),
+        ("base64", "'base64' is not a text encoding"),
+    ],
+)
+def test_unknown_or_binary_encoding_is_refused(encoding: str, expected: str) -> None:
+    (problem,) = problems_of(raw(data={"format": "conll", "train": "t.txt", "encoding": encoding}))
+    assert problem.startswith("study.yaml: data.encoding: "), problem
+    assert expected in problem
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "UTF-8", "latin1", "utf-8-sig", "cp1252"])
+def test_text_encodings_are_kept(encoding: str) -> None:
+    cfg = config_from_dict(raw(data={"format": "conll", "train": "t.txt", "encoding": encoding}), source="s.yaml")
+    assert cfg.data.encoding == encoding
+
+
+@pytest.mark.parametrize(
+    ("objective", "right"),
+    [
+        ({"metric": "loss", "direction": "maximize"}, "minimize"),
+        ({"metric": "f1", "direction": "minimize"}, "maximize"),
+    ],
+)
+def test_direction_that_searches_for_the_worst_model_is_refused(objective: dict[str, str], right: str) -> None:
+    (problem,) = problems_of(raw(objective=objective))
+    assert problem.startswith("study.yaml: objective.direction: "), problem
+    assert f"searches for the worst model; use {right}" in problem
+
+
+def test_default_metric_with_minimize_is_refused() -> None:
+    (problem,) = problems_of(raw(TEXT_MINIMAL, objective={"direction": "minimize"}))
+    assert "minimize of dev accuracy searches for the worst model" in problem
