@@ -11,6 +11,7 @@ dropped or changed without a report line that says so.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -20,7 +21,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from llmflow_hpo.errors import ConfigError, DataError
 
@@ -108,6 +109,7 @@ def read_conll(
     examples: list[TokenExample] = []
     tokens: list[str] = []
     tags: list[str] = []
+    first: tuple[int, int] | None = None  # (line number, column count) of the file's first word line
     for number, line in _numbered_lines(path, encoding):
         if limit is not None and len(examples) >= limit:
             break
@@ -119,6 +121,15 @@ def read_conll(
         elif columns[0] == DOCSTART:
             continue
         else:
+            first = first or (number, len(columns))
+            if len(columns) != first[1]:
+                # A missing or extra column (a word with a space in it, a lost tag) would shift which
+                # column is the tag: refuse it rather than read the wrong column.
+                raise DataError(
+                    path,
+                    f"line {number}: {len(columns)} column(s) {columns!r}, but line {first[0]} has {first[1]}; "
+                    "every word line needs the same columns (a word may not contain a space or tab)",
+                )
             token, tag = _conll_fields(path, number, columns, token_column, tag_column)
             tokens.append(token)
             tags.append(tag)
@@ -163,8 +174,9 @@ def read_delimited(
     _check_limit(limit)
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     examples: list[TextExample] = []
-    with _open_text(path, encoding) as handle:
-        reader = csv.reader(handle, delimiter=delimiter, quoting=quoting)
+    with _open_text(path, encoding) as handle, _any_field_size():
+        # strict: a broken quote is an error at its line, never a field that swallows the rows after it
+        reader = csv.reader(handle, delimiter=delimiter, quoting=quoting, strict=True)
         rows = _decoded_rows(path, reader)
         names = _strip_bom(next(rows, [])) if header else []
         if label_column is None:
@@ -180,14 +192,27 @@ def read_delimited(
     return examples
 
 
-def _decoded_rows(path: str | Path, reader: Iterator[list[str]]) -> Iterator[list[str]]:
-    """Rows of a csv reader, with decoding and csv errors turned into DataError."""
+@contextlib.contextmanager
+def _any_field_size() -> Iterator[None]:
+    """Let csv read a field of any length (its default limit is 131,072 characters): a long text is read
+    whole and then truncated to data.max_length by the tokenizer, as any other long text."""
+    previous = csv.field_size_limit()
+    csv.field_size_limit(2**31 - 1)  # the largest the C long of every platform holds
+    try:
+        yield
+    finally:
+        csv.field_size_limit(previous)
+
+
+def _decoded_rows(path: str | Path, reader: Any) -> Iterator[list[str]]:
+    """Rows of a csv reader, with decoding and csv errors turned into DataError (with the line)."""
     try:
         yield from reader
     except UnicodeDecodeError as error:
         raise DataError(path, _decode_message(error)) from error
     except csv.Error as error:
-        raise DataError(path, f"not valid delimited text: {error}") from error
+        hint = " (a quoted field is never closed)" if "end of data" in str(error) else ""
+        raise DataError(path, f"line {reader.line_num}: not valid delimited text: {error}{hint}") from error
 
 
 def _unlabelled_message(names: list[str]) -> str:
@@ -596,6 +621,7 @@ def load_splits(
             )
     for name in SPLIT_NAMES:
         _require_examples(name, loaded[name], paths[name] or train)
+    _require_something_to_learn(task, loaded["train"], train)
     splits = DataSplits(
         train=loaded["train"],
         dev=loaded["dev"],
@@ -709,6 +735,28 @@ def _require_examples(name: str, examples: list, path: Path) -> None:
         raise DataError(path, f"the {name} split has no examples left after reading and cleaning")
 
 
+def _require_something_to_learn(task: str, examples: list, path: Path) -> None:
+    """A train split with one label only (or NER tags that are all O) trains a model that learns nothing and
+    scores perfectly or zero: train loss 0, accuracy 1.0. Refused before any study is created."""
+    counts = Counter(
+        tag for example in examples for tag in (example.tags if task == "token-classification" else (example.label,))
+    )
+    if task == "token-classification" and not set(counts) - {"O"}:
+        raise DataError(
+            path,
+            f"the train split has no entities (all {sum(counts.values())} tags are O): a model learns nothing from it; "
+            "check data.tag_column (or the tags field) and that the file holds IOB tags such as B-PER",
+        )
+    if len(counts) < 2:
+        (only,) = counts
+        column = "data.tag_column" if task == "token-classification" else "data.label_column"
+        raise DataError(
+            path,
+            f"the train split has one label only ({only!r}, {counts[only]} times): a model learns nothing from it "
+            f"(train loss 0, accuracy 1.0); give examples of at least two labels, or check {column}",
+        )
+
+
 def _label_set(task: str, loaded: dict[str, list]) -> list[str]:
     if task == "text-classification":
         return sorted({example.label for examples in loaded.values() for example in examples})
@@ -724,6 +772,12 @@ def _summary(task: str, splits: DataSplits) -> list[str]:
             counts = Counter(example.label for example in getattr(splits, name))
             lines.append(f"{name} label counts: " + ", ".join(f"{k}={counts[k]}" for k in sorted(counts)))
     seen = _labels_of(splits.train)
+    if task == "token-classification":
+        for name in ("dev", "test"):
+            if not _labels_of(getattr(splits, name)) - {"O"}:
+                lines.append(
+                    f"warning: {name} has no entities (every tag is O): its entity f1, precision and recall are 0"
+                )
     for name in ("dev", "test"):
         unseen = sorted(_labels_of(getattr(splits, name)) - seen)
         if unseen:

@@ -107,6 +107,20 @@ def test_conll_column_out_of_range_names_line(tmp_path: Path) -> None:
         read_conll(path, tag_column=5)
 
 
+def test_conll_line_with_another_column_count_is_refused_at_its_line(tmp_path: Path) -> None:
+    # "in O X" was read with tag X (tag column -1) and nothing said; a lost tag shifts columns the same way.
+    path = write(tmp_path, "bad.txt", "EU NNP B-ORG\nrejects VBZ O\n\nin O X Y\n")
+
+    with pytest.raises(DataError, match=r"bad\.txt: line 4: 4 column\(s\).*but line 1 has 3"):
+        read_conll(path)
+
+
+def test_conll_docstart_lines_do_not_set_the_column_count(tmp_path: Path) -> None:
+    path = write(tmp_path, "ok.txt", "-DOCSTART- -X- O\n\nEU B-ORG\nrejects O\n")
+
+    assert read_conll(path) == [TokenExample(("EU", "rejects"), ("B-ORG", "O"))]
+
+
 def test_missing_file_is_a_data_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"nope\.txt: no such file"):
         read_conll(tmp_path / "nope.txt")
@@ -126,6 +140,32 @@ def test_tsv_by_header_name_keeps_quotes_as_text(tmp_path: Path) -> None:
         TextExample('"a quoted" start , and an odd " quote ', "1"),
         TextExample('the film \'s "best" moment ', "0"),
     ]
+
+
+def test_csv_field_longer_than_csvs_default_limit_is_read_whole(tmp_path: Path) -> None:
+    # csv refuses fields over 131,072 characters ("field larger than field limit", no line); the README
+    # promises that long examples are truncated to data.max_length, which the tokenizer does.
+    text = "word " * 40_000
+    path = write(tmp_path, "train.csv", f"text,label\n{text},1\nshort,0\n")
+
+    examples = read_delimited(path, delimiter=",", text_column="text", label_column="label")
+
+    assert [len(e.text) for e in examples] == [200_000, 5]
+    import csv
+
+    assert csv.field_size_limit() == 131_072  # the process-wide limit is restored
+
+
+@pytest.mark.parametrize(
+    ("content", "line"),
+    [('text,label\n"never closed,1\nnext,0\n', 3), ('text,label\nok,1\n"quoted" then text,0\n', 3)],
+)
+def test_csv_broken_quoting_names_its_line(tmp_path: Path, content: str, line: int) -> None:
+    # Unstrict csv let an unclosed quote swallow every later row into one field, silently.
+    path = write(tmp_path, "train.csv", content)
+
+    with pytest.raises(DataError, match=rf"train\.csv: line {line}: not valid delimited text"):
+        read_delimited(path, delimiter=",", text_column="text", label_column="label")
 
 
 def test_csv_with_quoted_commas(tmp_path: Path) -> None:
