@@ -488,8 +488,11 @@ def run_search(
         say(f"study {cfg.study_name}: continuing, {done} finished trial(s) already stored")
     if target is not None and target != cfg.n_trials:
         say(f"study {cfg.study_name}: the grid has {target} point(s); the study ends when each has run")
-    if remaining == 0 or (isinstance(sampler, StudyGrid) and not _queued(study) and sampler.is_exhausted(study)):
-        say(f"study {cfg.study_name}: already holds {done} finished trials (target {target}); nothing to run")
+    if isinstance(sampler, StudyGrid) and not _queued(study) and sampler.is_exhausted(study):
+        say(f"study {cfg.study_name}: the grid is done, each of its {sampler.size} point(s) has run; nothing to run")
+        return summarize(study, cfg, 0, workers, target)
+    if remaining == 0:
+        say(f"study {cfg.study_name}: already holds {done} finished trials (n_trials={cfg.n_trials}); nothing to run")
         return summarize(study, cfg, 0, workers, target)
     say(
         f"study {cfg.study_name}: running {remaining if remaining is not None else 'unbounded'} trial(s) "

@@ -796,7 +796,7 @@ def run_search(
     if done:
         say(f"study {cfg.study_name}: continuing, {done} finished trial(s) already stored")
     if remaining == 0 and resume is None:
-        say(f"study {cfg.study_name}: already holds {done} finished trials (target {target}); nothing to run")
+        say(f"study {cfg.study_name}: already holds {done} finished trials (n_trials={cfg.n_trials}); nothing to run")
         return summarize(study, cfg, 0, 1, target)
     start = time.perf_counter()
     from llmflow_hpo.tracking import search_tracking
