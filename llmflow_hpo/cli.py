@@ -64,6 +64,9 @@ def _load(config: str, overrides: list[str]) -> tuple[Any, Any, dict[str, Any]]:
             )
     elif (name.startswith((".", "/", "~")) or Path(name).exists()) and not Path(name).expanduser().is_dir():
         problems.append(f"{config}: model.name_or_path: folder {name} does not exist")
+    from llmflow_hpo.preflight import check_model_config
+
+    problems += check_model_config(cfg, config)
     if cfg.backend == "ray":
         from llmflow_hpo.backends import RAY_HINT, ray_missing
 
@@ -105,6 +108,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     cfg, space, space_raw = _load(args.config, overrides)
     if args.workers < 1:
         raise ConfigError(f"--workers {args.workers}: must be >= 1")
+    from llmflow_hpo.preflight import check_before_search
+
+    check_before_search(cfg, args.config, space)  # before any study exists: a config error stores nothing
     from llmflow_hpo.progress import Progress, choose_mode
 
     mode = choose_mode(quiet=args.quiet, as_json=args.json)
@@ -145,6 +151,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     raw = apply_overrides(config_to_dict(cfg), args.set)
     raw["storage"] = storage
     cfg = config_from_dict(raw, source=f"study {args.study!r} (stored config) with --set")
+    from llmflow_hpo.preflight import check_before_search
+
+    check_before_search(cfg, f"study {args.study!r} (stored config) with --set", space)  # before it claims a trial
     from llmflow_hpo.progress import Progress, choose_mode
 
     # A worker of `search --workers N` writes plain lines into its pipe; the search shows them.
