@@ -162,7 +162,7 @@ def check_model_config(cfg: StudyConfig, source: str) -> list[str]:
     problems: list[str] = []
     overrides = cfg.model.config_overrides
     model_type = base.get("model_type") if isinstance(base.get("model_type"), str) else None
-    known, complete = _known_fields(model_type)
+    known, complete = _known_fields(model_type) if overrides else (set(), True)
     known |= set(base)
     for key, value in overrides.items():
         where = f"{source}: model.config_overrides.{key}"
