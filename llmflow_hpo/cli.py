@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -72,9 +73,41 @@ def _load(config: str, overrides: list[str]) -> tuple[Any, Any, dict[str, Any]]:
 
         if ray_missing():
             problems.append(f"{config}: backend: ray needs Ray Tune, which is not installed; {RAY_HINT}")
+    problems.extend(_place_problems(cfg, config))
+    if not problems:  # every data file is there: read them as the search will (no tokenizer, no torch)
+        from llmflow_hpo.errors import DataError
+        from llmflow_hpo.features import _read_splits
+
+        try:
+            _read_splits(cfg)
+        except (DataError, ConfigError) as e:
+            problems.append(f"{config}: data: {e}")
     if problems:
         raise ConfigError(problems)
     return cfg, space, space_raw
+
+
+def _place_problems(cfg: Any, source: str) -> list[str]:
+    """Where the study would write, checked before anything is: its storage and its folders."""
+    from llmflow_hpo.paths import folder_problem
+    from llmflow_hpo.storage import check_storage
+
+    problems = []
+    storage = check_storage(str(cfg.storage))
+    if storage:
+        problems.append(f"{source}: storage {cfg.storage}: {storage}")
+    folders = {"cache_dir": cfg.cache_dir}
+    if cfg.checkpoint.enabled:
+        folders["checkpoint.dir"] = cfg.checkpoint.dir
+    if cfg.tracking.tensorboard:
+        folders["tracking.tensorboard_dir"] = cfg.tracking.tensorboard_dir
+    if cfg.backend == "ray" and cfg.ray.dir and "://" not in cfg.ray.dir:
+        folders["ray.dir"] = cfg.ray.dir
+    for key, folder in folders.items():
+        problem = folder_problem(Path(folder)) if folder else None
+        if problem:
+            problems.append(f"{source}: {key}: {problem}; choose another folder")
+    return problems
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -105,9 +138,10 @@ def cmd_search(args: argparse.Namespace) -> int:
         overrides.append(f"backend={args.backend}")
     if args.ray_address:
         overrides.append(f"ray.address={args.ray_address}")
-    cfg, space, space_raw = _load(args.config, overrides)
     if args.workers < 1:
         raise ConfigError(f"--workers {args.workers}: must be >= 1")
+    cfg, space, space_raw = _load(args.config, overrides)
+    _probe_storage(str(cfg.storage), args.config)  # before torch is imported: refused in a second
     from llmflow_hpo.preflight import check_before_search
 
     check_before_search(cfg, args.config, space)  # before any study exists: a config error stores nothing
@@ -133,13 +167,10 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from llmflow_hpo.config import apply_overrides, config_from_dict, config_to_dict
-    from llmflow_hpo.storage import MAY_CHANGE, may_change, stored_config
+    from llmflow_hpo.storage import MAY_CHANGE, load_study, may_change, stored_config
 
     storage = _storage(args)
-    _quiet_libraries()
-    from llmflow_hpo.backends.optuna_backend import join_study
-    from llmflow_hpo.storage import load_study
-
+    _probe_storage(storage, "worker --storage")
     cfg, space, _ = stored_config(load_study(args.study, storage))
     refused = [item for item in args.set if not may_change(item.partition("=")[0].strip())]
     if refused:
@@ -150,10 +181,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
         )
     raw = apply_overrides(config_to_dict(cfg), args.set)
     raw["storage"] = storage
-    cfg = config_from_dict(raw, source=f"study {args.study!r} (stored config) with --set")
+    source = f"study {args.study!r} (stored config) with --set"
+    cfg = config_from_dict(raw, source=source)
+    problems = _place_problems(cfg, source)
+    if problems:
+        raise ConfigError(problems)
     from llmflow_hpo.preflight import check_before_search
 
-    check_before_search(cfg, f"study {args.study!r} (stored config) with --set", space)  # before it claims a trial
+    check_before_search(cfg, source, space)  # before this worker claims a trial that would fail
+    _quiet_libraries()
+    from llmflow_hpo.backends.optuna_backend import join_study
     from llmflow_hpo.progress import Progress, choose_mode
 
     # A worker of `search --workers N` writes plain lines into its pipe; the search shows them.
@@ -200,6 +237,17 @@ def _quiet_libraries() -> None:
     transformers.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
+
+
+def _probe_storage(url: str, source: str) -> None:
+    """What only trying shows (a file cannot be made beside the database, a server does not answer), before
+    the data is tokenized or the study is made."""
+    from llmflow_hpo.errors import StorageError
+    from llmflow_hpo.storage import check_storage
+
+    problem = check_storage(url, probe=True)
+    if problem:
+        raise StorageError(f"{source}: storage {url}: {problem}")
 
 
 def _storage(args: argparse.Namespace) -> str:
@@ -295,12 +343,16 @@ def _port(text: str) -> int:
 
 
 def cmd_retrain_best(args: argparse.Namespace) -> int:
+    from llmflow_hpo.storage import load_study
+
+    storage = _storage(args)
+    load_study(args.study, storage)  # a missing database or study: refused before torch is imported
     _quiet_libraries()
     from llmflow_hpo.retrain import retrain_best
 
     result = retrain_best(
         study_name=args.study,
-        storage=_storage(args),
+        storage=storage,
         output_dir=Path(args.output) if args.output else None,
         train_on=args.train_on,
         log=_log,
@@ -491,7 +543,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # inside the try: a reader that went away (`| head -1`) is seen here
+        return code
+    except BrokenPipeError:
+        # Python's documented way (library/signal, "Note on SIGPIPE"): no traceback, and stdout pointed at
+        # devnull so that the flush at exit does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except LlmflowError as e:
         if args.debug:
             raise

@@ -23,7 +23,8 @@ def cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
 
 def write_study(tmp_path: Path, **train: object) -> Path:
     """A valid study in tmp_path (data files and search space included), with ``train`` settings."""
-    (tmp_path / "train.txt").write_text("EU B-ORG\nrejects O\n\n", encoding="utf-8")
+    sentences = ["EU B-ORG\nrejects O\n", "Paris B-LOC\nagrees O\n", "Bonn B-LOC\nwaits O\n"]
+    (tmp_path / "train.txt").write_text("\n".join(sentences * 2), encoding="utf-8")  # 6: 4 train, 1 dev, 1 test
     (tmp_path / "space.yaml").write_text("epochs: {type: int, low: 1, high: 2}\n", encoding="utf-8")
     content = {
         "task": "token-classification",
