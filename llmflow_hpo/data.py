@@ -293,6 +293,8 @@ def _json_object(path: str | Path, number: int, line: str) -> dict:
         record = json.loads(line)
     except json.JSONDecodeError as error:
         raise DataError(path, f"line {number}: not valid JSON ({error.msg})") from error
+    except RecursionError:
+        raise DataError(path, f"line {number}: JSON nested too deeply to be an example") from None
     if not isinstance(record, dict):
         raise DataError(path, f"line {number}: expected a JSON object, got {type(record).__name__}")
     return record

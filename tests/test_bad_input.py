@@ -655,6 +655,15 @@ DATA_CASES: list[tuple[str, dict[str, Content], list[str], tuple[str, ...]]] = [
         ["search", C],
         ("train.jsonl", "line 1", "2 tokens but 1 tags"),
     ),
+    (
+        "jsonl-nested-deep",
+        {
+            "data/train.jsonl": "[" * 100_000 + "]" * 100_000 + "\n",
+            "study.yaml": study({"data": {"format": "jsonl", "train": "data/train.jsonl", "dev": "data/train.jsonl"}}),
+        },
+        ["search", C],
+        ("train.jsonl", "line 1", "nested too deeply"),
+    ),
 ]
 
 CLI_CASES: list[tuple[str, dict[str, Content], list[str], tuple[str, ...]]] = [

@@ -257,6 +257,7 @@ def test_jsonl_custom_fields(tmp_path: Path) -> None:
         ('{"text": "a"}', "line 2: no field 'label'"),
         ('["a", 1]', "line 2: expected a JSON object"),
         ('{"text": 3, "label": 1}', "line 2: field 'text' must be a string"),
+        ("[" * 100_000 + "]" * 100_000, "line 2: JSON nested too deeply"),  # was RecursionError
     ],
 )
 def test_jsonl_bad_line_is_named(tmp_path: Path, line: str, message: str) -> None:
