@@ -331,6 +331,23 @@ def test_scheduler_defaults_follow_the_evaluation_schedule(tiny_cfg) -> None:
     assert min(milestone for milestone, _ in odd._brackets[0]._rungs) == 24
 
 
+def test_a_trial_failure_on_ray_stores_the_reason_the_optuna_backend_stores() -> None:
+    """A non-finite dev metric (or a diverged run) is FAIL with its reason on both backends, in the same words."""
+    from types import SimpleNamespace
+
+    from llmflow_hpo.backends.ray_backend import _error_line
+
+    def trial(text: str) -> Any:
+        return SimpleNamespace(get_pickled_error=lambda: None, get_error=lambda: text, error_file=None)
+
+    # The last line of Ray's error for a trainable that raised TrialFailure (seen with Ray 2.x).
+    raised = (
+        "Traceback (most recent call last):\n  File ...\nllmflow_hpo.errors.TrialFailure: dev f1 is nan at step 24\n"
+    )
+    assert _error_line(trial(raised)) == "dev f1 is nan at step 24"
+    assert _error_line(trial("Traceback ...\nValueError: boom")) == "error: ValueError: boom"
+
+
 def test_pbt_mutates_choices_and_stepped_floats_within_their_values(tiny_cfg) -> None:
     from llmflow_hpo.backends.ray_backend import build_scheduler
 

@@ -413,7 +413,11 @@ def _drop_checkpoints(trial: Any) -> None:
 
 
 def _error_line(trial: Any) -> str:
-    """The last line of a Ray trial's error (the exception itself), or its type when there is none."""
+    """The last line of a Ray trial's error (the exception itself), or its type when there is none.
+
+    A ``TrialFailure`` (diverged, a non-finite dev metric, out of memory) gives its reason alone, the
+    ``fail_reason`` the optuna backend stores for it.
+    """
     text = ""
     with contextlib.suppress(Exception):
         text = str(trial.get_pickled_error() or trial.get_error() or "")
@@ -421,7 +425,10 @@ def _error_line(trial: Any) -> str:
         with contextlib.suppress(Exception):
             text = Path(trial.error_file).read_text()
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return f"error: {lines[-1]}" if lines else "error (see Ray's trial log)"
+    if not lines:
+        return "error (see Ray's trial log)"
+    failure = f"{TrialFailure.__module__}.{TrialFailure.__name__}: "
+    return lines[-1][len(failure) :] if lines[-1].startswith(failure) else f"error: {lines[-1]}"
 
 
 class StudySearch(OptunaSearch):
