@@ -52,7 +52,10 @@ def _load(config: str, overrides: list[str]) -> tuple[Any, Any, dict[str, Any]]:
     problems = []
     for split in ("train", "dev", "test"):
         path = getattr(cfg.data, split)
-        if path is not None and not Path(path).is_file():
+        if path is not None and Path(path).exists() and not Path(path).is_file():
+            what = "a folder" if Path(path).is_dir() else "not a regular file"
+            problems.append(f"{config}: data.{split}: {path} is {what}; give the path of a data file")
+        elif path is not None and not Path(path).is_file():
             problems.append(
                 f"{config}: data.{split}: file {path} does not exist; fix the path (relative to the config's folder)"
             )

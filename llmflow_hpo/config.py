@@ -775,7 +775,7 @@ def _yaml_text(path: Path, data: bytes) -> str:
     """The text of a YAML file, or a ConfigError that says how to save it (UTF-8)."""
     if len(data) > YAML_MAX_BYTES:
         raise ConfigError(
-            f"{path}: {len(data) / 2**20:.1f} MiB is far too large for a study config or search space "
+            f"{path}: more than {YAML_MAX_BYTES >> 20} MiB, far too large for a study config or search space "
             "(a few KB); is it the right file?"
         )
     for bom, name in (
@@ -802,8 +802,11 @@ def _yaml_text(path: Path, data: bytes) -> str:
 def read_yaml(path: Path) -> Any:
     """Parse a YAML file; a missing file, a syntax error, text that is not UTF-8 or an alias bomb becomes a
     one-line ConfigError."""
+    if path.exists() and not path.is_file() and not path.is_dir():  # /dev/zero, a pipe: would never end
+        raise ConfigError(f"{path}: not a regular file; give the path of a YAML file")
     try:
-        data = path.read_bytes()
+        with path.open("rb") as f:
+            data = f.read(YAML_MAX_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
     except IsADirectoryError:

@@ -34,8 +34,10 @@ def snapshot(roots: Iterable[Path]) -> dict[str, tuple[str, int]]:
                     files[str(p)] = (f"<link to {os.readlink(p)}>", mode)
                 elif p.is_dir():
                     files[str(p)] = ("<folder>", mode)
-                else:
+                elif p.is_file():
                     files[str(p)] = (hashlib.sha256(p.read_bytes()).hexdigest(), mode)
+                else:  # a pipe or a device: reading it could block
+                    files[str(p)] = ("<special>", mode)
             except OSError:
                 files[str(p)] = ("<unreadable>", 0)
     return files

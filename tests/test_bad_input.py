@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -155,6 +156,9 @@ YAML_CASES: list[tuple[str, dict[str, Content], list[str], tuple[str, ...]]] = [
     ("study-latin1", {"study.yaml": LATIN1_STUDY}, ["validate", C], ("study.yaml", "line 2", "not UTF-8")),
     ("study-is-folder", {"study.yaml": FOLDER}, ["validate", C], ("study.yaml", "folder")),
     ("study-missing", {}, ["validate", "nope.yaml"], ("nope.yaml", "not found")),
+    ("study-dev-zero", {}, ["search", "/dev/zero"], ("/dev/zero", "not a regular file")),
+    ("study-pipe", {"pipe.yaml": lambda path, _: os.mkfifo(path)}, ["validate", "pipe.yaml"], ("not a regular file",)),
+    ("space-dev-zero", {}, ["validate", C, "--set", "search_space=/dev/zero"], ("/dev/zero", "not a regular file")),
     ("study-too-large", {"study.yaml": study() + "#" * (2 << 20) + "\n"}, ["validate", C], ("study.yaml", "MiB")),
     (
         "repeated-key",
@@ -350,6 +354,7 @@ STORAGE_CASES: list[tuple[str, dict[str, Content], list[str], tuple[str, ...]]] 
         ("kernel file system",),
     ),
     ("db-in-sys", {}, ["search", C, "--set", "storage=sqlite:////sys/llmflow.db"], ("/sys", "kernel file system")),
+    ("db-dev-null", {}, ["search", C, "--set", "storage=sqlite:////dev/null"], ("/dev/null is not a regular file",)),
     ("db-is-folder", {}, ["search", C, "--set", "storage=sqlite:///data"], ("data is a folder, not a database file",)),
     (
         "db-is-folder-trials",
@@ -455,6 +460,12 @@ FOLDER_CASES: list[tuple[str, dict[str, Content], list[str], tuple[str, ...]]] =
         ("cache_dir", "kernel file system"),
     ),
     (
+        "checkpoint-dir-dev-null",
+        {},
+        ["search", C, "--set", "checkpoint.dir=/dev/null"],
+        ("checkpoint.dir", "is a file"),
+    ),
+    (
         "checkpoint-dir-in-proc",
         {},
         ["search", C, "--set", "checkpoint.dir=/proc/llmflow-ckpt"],
@@ -536,6 +547,7 @@ DATA_CASES: list[tuple[str, dict[str, Content], list[str], tuple[str, ...]]] = [
     ),
     ("conll-binary", {"data/train.txt": BINARY}, ["validate", C], ("train.txt",)),
     ("conll-empty", {"data/train.txt": ""}, ["search", C], ("train.txt",)),
+    ("data-pipe", {"data/train.txt": lambda path, _: os.mkfifo(path)}, ["search", C], ("data.train", "not a regular")),
     ("data-is-folder", {"study.yaml": study({"data": {"train": "data"}})}, ["validate", C], ("data.train",)),
     (
         "data-missing",
