@@ -140,11 +140,15 @@ def _sqlite_tables(path: Path) -> set[str] | None:
         return None
 
 
+def _sqlite_header(path: Path) -> bytes:
+    with path.open("rb") as f:
+        return f.read(len(_SQLITE_HEADER))
+
+
 def _sqlite_file_problem(path: Path) -> str | None:
     """Why the existing file ``path`` cannot hold optuna's study tables, or None (read only)."""
     try:
-        with path.open("rb") as f:
-            head = f.read(len(_SQLITE_HEADER))
+        head = _sqlite_header(path)
     except OSError as e:
         return f"cannot read {path} ({e.strerror})"
     if not head:  # an empty file: SQLite makes a new database in it
@@ -187,11 +191,14 @@ def check_storage(url: str, *, probe: bool = False) -> str | None:
     try:
         dialect.import_dbapi()
     except ImportError as e:
-        return f"database driver missing ({e}); e.g. pip install 'llmflow-hpo[postgres]'"
+        hint = "pip install 'llmflow-hpo[postgres]'" if parsed.drivername.startswith("postgres") else "install it"
+        return f"database driver missing ({e}); {hint}"
     if parsed.drivername.startswith("sqlite"):
         path = _sqlite_path(url)
         if path is None:
             return f"an SQLite URL has three slashes before the file's path: {_URL_FORMS}"
+        if url.split("?", 1)[0].endswith("/"):
+            return f"the path ends with '/', a folder; name the database file in it, e.g. sqlite:///{path / 'NAME.db'}"
         return _sqlite_location_problem(path, probe=probe)
     if probe:
         from sqlalchemy import create_engine
@@ -268,6 +275,15 @@ def open_storage(
             raise StorageError(f"storage {url}: {path} is a folder, not a database file; name the study's .db file")
         if existing and not path.is_file():
             raise StorageError(f"storage {url}: file {path} does not exist; pass --storage URL of the study's database")
+        if existing and path.stat().st_size:
+            try:
+                head = _sqlite_header(path)
+            except OSError as e:
+                raise StorageError(f"storage {url}: cannot read {path} ({e.strerror})") from None
+            if head != _SQLITE_HEADER:
+                raise StorageError(
+                    f"storage {url}: {path} is not an SQLite database; pass --storage URL of the study's database"
+                )
         if existing and not is_optuna_sqlite(path):
             raise StorageError(
                 f"storage {url}: {path} holds no optuna studies (another tool's database?); "

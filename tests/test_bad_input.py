@@ -354,6 +354,15 @@ STORAGE_CASES: list[tuple[str, dict[str, Content], list[str], tuple[str, ...]]] 
         ("kernel file system",),
     ),
     ("db-in-sys", {}, ["search", C, "--set", "storage=sqlite:////sys/llmflow.db"], ("/sys", "kernel file system")),
+    ("db-trailing-slash", {}, ["validate", C, "--set", "storage=sqlite:///data/"], ("ends with '/'", "data/NAME.db")),
+    (
+        "text-file-as-db-trials",
+        {},
+        ["trials", "--study", "probe", "--storage", "sqlite:///space.yaml"],
+        ("not an SQLite",),
+    ),
+    ("db-driver-missing", {}, ["validate", C, "--set", "storage=mysql://me@localhost/hpo"], ("driver missing",)),
+    ("db-server-down", {}, ["search", C, "--set", "storage=postgresql+psycopg://me@127.0.0.1:1/hpo"], ("127.0.0.1:1",)),
     ("db-dev-null", {}, ["search", C, "--set", "storage=sqlite:////dev/null"], ("/dev/null is not a regular file",)),
     ("db-is-folder", {}, ["search", C, "--set", "storage=sqlite:///data"], ("data is a folder, not a database file",)),
     (
