@@ -641,6 +641,32 @@ def _check_study_name(name: str, problems: _Problems) -> None:
     )
 
 
+def _check_path_names(cfg: StudyConfig, problems: _Problems) -> None:
+    """A path the file system cannot take (a NUL, a lone surrogate) is refused before it is resolved."""
+    paths = {
+        "search_space": cfg.search_space,
+        "data.train": cfg.data.train,
+        "data.dev": cfg.data.dev,
+        "data.test": cfg.data.test,
+        "model.name_or_path": cfg.model.name_or_path,
+        "storage": cfg.storage,
+        "cache_dir": cfg.cache_dir,
+        "checkpoint.dir": cfg.checkpoint.dir,
+        "tracking.tensorboard_dir": cfg.tracking.tensorboard_dir,
+        "ray.dir": cfg.ray.dir,
+    }
+    for key, value in paths.items():
+        if value is None:
+            continue
+        try:
+            os.fsencode(value)
+            usable = "\x00" not in value
+        except UnicodeEncodeError:
+            usable = False
+        if not usable:
+            problems.add(key, f"{value!a} is not a usable path (it holds a NUL or an unpaired surrogate character)")
+
+
 def _resolve(cfg: StudyConfig, base: Path | None) -> None:
     """Fill the defaults that depend on other fields, and make paths absolute."""
 
@@ -813,9 +839,17 @@ def read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: is a folder, not a YAML file") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except ValueError:  # a name the file system cannot take (a lone surrogate, a NUL)
+        raise ConfigError(f"{str(path)!a}: not a usable file name") from None
     text = _yaml_text(path, data)
     try:
         return parse_yaml(text)
+    except yaml.reader.ReaderError as e:  # a control character: its position, not a mark
+        line = text[: e.position].count("\n") + 1
+        code = e.character if isinstance(e.character, int) else ord(e.character)
+        raise ConfigError(
+            f"{path}: line {line}: invalid YAML: control character U+{code:04X} is not allowed; remove it"
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -888,6 +922,7 @@ def config_from_dict(raw: Any, *, source: str, base: Path | None = None) -> Stud
     if cfg is not _MISSING:
         _check_ranges(cfg, problems)
         _check_study_name(cfg.study_name, problems)
+        _check_path_names(cfg, problems)
     elif isinstance(raw.get("train", {}), dict):
         # Another section failed to build: still report the impossible training values with it.
         train = _build(TrainConfig, raw.get("train", {}), "train.", _Problems(source))

@@ -159,6 +159,9 @@ YAML_CASES: list[tuple[str, dict[str, Content], list[str], tuple[str, ...]]] = [
     ("study-dev-zero", {}, ["search", "/dev/zero"], ("/dev/zero", "not a regular file")),
     ("study-pipe", {"pipe.yaml": lambda path, _: os.mkfifo(path)}, ["validate", "pipe.yaml"], ("not a regular file",)),
     ("space-dev-zero", {}, ["validate", C, "--set", "search_space=/dev/zero"], ("/dev/zero", "not a regular file")),
+    ("control-character", {"study.yaml": study() + "# \x07\n"}, ["validate", C], ("line 25", "U+0007")),
+    ("path-with-nul", {}, ["search", C, "--set", 'data.train="a\\x00.txt"'], ("data.train", "not a usable path")),
+    ("path-surrogate", {}, ["validate", C, "--set", 'search_space="\\ud800.yaml"'], ("search_space", "not a usable")),
     ("study-too-large", {"study.yaml": study() + "#" * (2 << 20) + "\n"}, ["validate", C], ("study.yaml", "MiB")),
     (
         "repeated-key",
