@@ -1,7 +1,7 @@
 """The bad-input harness: run the real CLI on a bad input and check that it is refused cleanly.
 
 A clean refusal is: exit code 1 (a known error) or 2 (a usage error), no traceback, no hang (the command
-ends within ``timeout`` seconds), stderr's last non-empty line says what is wrong (``llmflow-hpo: error: ...``
+ends within ``timeout`` seconds), nothing on stdout (no result), stderr's last non-empty line says what is wrong (``llmflow-hpo: error: ...``
 for exit 1, argparse's ``... error: ...`` for exit 2), and no file under ``watch`` was created, changed or
 removed, except for the ones in ``may_create`` (e.g. a new optuna database the user named).
 
@@ -80,6 +80,7 @@ def refused(
     shown = f"llmflow-hpo {' '.join(args)} (exit {result.returncode}, {took:.1f} s):\n{result.stderr[-3000:]}"
     assert result.returncode in codes, shown
     assert "Traceback" not in result.stderr and "Traceback" not in result.stdout, shown
+    assert not result.stdout.strip(), f"{shown}\nstdout (a refusal prints no result):\n{result.stdout[-1000:]}"
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines, shown
     line = lines[-1]
