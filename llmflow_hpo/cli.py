@@ -185,7 +185,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     raw = apply_overrides(config_to_dict(cfg), args.set)
     raw["storage"] = storage
     source = f"study {args.study!r} (stored config) with --set"
-    cfg = config_from_dict(raw, source=source)
+    cfg = config_from_dict(raw, source=source, stored=True)
     problems = _place_problems(cfg, source)
     if problems:
         raise ConfigError(problems)

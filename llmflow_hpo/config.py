@@ -595,15 +595,20 @@ def _check_ranges(cfg: StudyConfig, problems: _Problems) -> None:
         problems.add(
             "objective.metric", f"{cfg.objective.metric!r} is not a {cfg.task} metric; use one of {', '.join(metrics)}"
         )
+
+
+def _check_new_study(cfg: StudyConfig, problems: _Problems) -> None:
+    """What a new study may not be, though a study stored by an earlier version may: it is still read."""
+    _check_study_name(cfg.study_name, problems)
     metric = cfg.objective.metric or DEFAULT_METRIC[cfg.task]
-    if cfg.objective.direction is not None and metric in metrics:
+    if cfg.objective.direction is not None and metric in TASK_METRICS[cfg.task]:
         # Lower is better only for the loss: the other direction would search for the worst model.
         right = "minimize" if metric == "loss" else "maximize"
-        need(
-            cfg.objective.direction == right,
-            "objective.direction",
-            f"{cfg.objective.direction} of dev {metric} searches for the worst model; use {right} (or leave it out)",
-        )
+        if cfg.objective.direction != right:
+            problems.add(
+                "objective.direction",
+                f"{cfg.objective.direction} of dev {metric} searches for the worst model; use {right} (or leave it out)",
+            )
 
 
 def _encoding_problem(encoding: str) -> str | None:
@@ -912,8 +917,13 @@ def _tracking_shorthand(raw: dict[str, Any], problems: _Problems) -> dict[str, A
     return {**raw, "tracking": {name: True for name in names}}
 
 
-def config_from_dict(raw: Any, *, source: str, base: Path | None = None) -> StudyConfig:
-    """Validate a raw mapping into a StudyConfig; every problem is reported at once."""
+def config_from_dict(raw: Any, *, source: str, base: Path | None = None, stored: bool = False) -> StudyConfig:
+    """Validate a raw mapping into a StudyConfig; every problem is reported at once.
+
+    ``stored``: the config of an existing study, read back from its storage. The checks that only refuse new
+    studies (a plain study name, a direction that searches for the worst model) are skipped, so a study
+    stored before them can still be read, joined and retrained.
+    """
     problems = _Problems(source)
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of config keys at the top level")
@@ -921,7 +931,8 @@ def config_from_dict(raw: Any, *, source: str, base: Path | None = None) -> Stud
     cfg = _build(StudyConfig, raw, "", problems)
     if cfg is not _MISSING:
         _check_ranges(cfg, problems)
-        _check_study_name(cfg.study_name, problems)
+        if not stored:
+            _check_new_study(cfg, problems)
         _check_path_names(cfg, problems)
     elif isinstance(raw.get("train", {}), dict):
         # Another section failed to build: still report the impossible training values with it.

@@ -81,7 +81,7 @@ def _step_problem(low: float, high: float, step: float, integer: bool) -> str | 
     )
 
 
-def _parse_one(name: str, spec: Any, where: str, problems: list[str]) -> BaseDistribution | None:
+def _parse_one(name: str, spec: Any, where: str, problems: list[str], stored: bool) -> BaseDistribution | None:
     at = f"{where}: {name}"
     if name not in HYPERPARAMETERS:
         hint = difflib.get_close_matches(name, HYPERPARAMETERS, n=1)
@@ -117,7 +117,7 @@ def _parse_one(name: str, spec: Any, where: str, problems: list[str]) -> BaseDis
                 problems.append(f"{at}.choices: {choice!r}: {why}")
             converted.append(value)
         repeated = _repeated(converted)
-        if repeated:
+        if repeated and not stored:
             problems.append(
                 f"{at}.choices: repeated values in {choices!r}: {', '.join(map(repr, repeated))} appear(s) more "
                 "than once as read (1e-5 and 1.0e-5 are one number); drop the repeats"
@@ -156,7 +156,7 @@ def _parse_one(name: str, spec: Any, where: str, problems: list[str]) -> BaseDis
             problems.append(f"{at}: bound {bound}: {why}")
     if len(problems) > before:
         return None
-    if step is not None:
+    if step is not None and not stored:
         why = _step_problem(low, high, step, integer)
         if why:
             problems.append(f"{at}.step: {why}")
@@ -166,8 +166,12 @@ def _parse_one(name: str, spec: Any, where: str, problems: list[str]) -> BaseDis
     return FloatDistribution(float(low), float(high), log=log, step=step)
 
 
-def parse_search_space(raw: Any, *, source: str) -> SearchSpace:
-    """Validate a raw search-space mapping; every problem is reported at once."""
+def parse_search_space(raw: Any, *, source: str, stored: bool = False) -> SearchSpace:
+    """Validate a raw search-space mapping; every problem is reported at once.
+
+    ``stored``: an existing study's space, read back from its storage; a step that does not divide its range
+    and choices repeated once read refuse new studies only, so a study stored before those checks is still read.
+    """
     if raw is None:
         raise ConfigError(f"{source}: the search space is empty; declare at least one parameter")
     if not isinstance(raw, dict):
@@ -175,7 +179,7 @@ def parse_search_space(raw: Any, *, source: str) -> SearchSpace:
     problems: list[str] = []
     space: SearchSpace = {}
     for name, spec in raw.items():
-        dist = _parse_one(str(name), spec, source, problems)
+        dist = _parse_one(str(name), spec, source, problems, stored)
         if dist is not None:
             space[str(name)] = dist
     if problems:

@@ -523,8 +523,8 @@ def stored_config(study: optuna.Study) -> tuple[StudyConfig, SearchSpace, dict[s
     if raw is None or space_raw is None:
         raise StorageError(f"study {study.study_name!r} holds no llmflow-hpo config; it was not made by llmflow-hpo")
     source = f"study {study.study_name!r} (stored config)"
-    cfg = config_from_dict(with_settings_added_since(raw), source=source)
-    return cfg, parse_search_space(space_raw, source=source), space_raw
+    cfg = config_from_dict(with_settings_added_since(raw), source=source, stored=True)
+    return cfg, parse_search_space(space_raw, source=source, stored=True), space_raw
 
 
 def finished_trials(study: optuna.Study) -> int:

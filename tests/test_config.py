@@ -636,3 +636,27 @@ def test_direction_that_searches_for_the_worst_model_is_refused(objective: dict[
 def test_default_metric_with_minimize_is_refused() -> None:
     (problem,) = problems_of(raw(TEXT_MINIMAL, objective={"direction": "minimize"}))
     assert "minimize of dev accuracy searches for the worst model" in problem
+
+
+def test_a_study_stored_before_the_new_study_checks_is_still_read(tmp_path: Path) -> None:
+    """The checks that refuse new studies (worst-model direction, a path as study name, a non-dividing step,
+    choices repeated once read) do not lock users out of studies an earlier version stored."""
+    import optuna
+
+    from llmflow_hpo.config import config_to_dict
+    from llmflow_hpo.spaces import parse_search_space
+    from llmflow_hpo.storage import stored_config
+
+    old = raw(objective={"metric": "loss", "direction": "maximize"}, study_name="team/ner")
+    space = {"warmup_ratio": {"type": "float", "low": 0.0, "high": 0.1, "step": 0.03}}
+    space["learning_rate"] = {"type": "categorical", "choices": [1e-5, 1.0e-5]}
+    assert len(problems_of(old)) == 2  # both refused for a new study
+    with pytest.raises(ConfigError):
+        parse_search_space(space, source="space.yaml")
+    stored = config_from_dict(old, source="x", stored=True)
+    study = optuna.create_study(study_name="team/ner", storage=f"sqlite:///{tmp_path / 'old.db'}")
+    study.set_user_attr("config", config_to_dict(stored))
+    study.set_user_attr("search_space", space)
+    cfg, dists, _ = stored_config(study)
+    assert cfg.direction == "maximize" and cfg.study_name == "team/ner"
+    assert set(dists) == {"warmup_ratio", "learning_rate"}
