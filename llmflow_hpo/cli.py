@@ -43,13 +43,13 @@ def _load(config: str, overrides: list[str]) -> tuple[Any, Any, dict[str, Any]]:
     import importlib.util
 
     from llmflow_hpo.config import load_study_config
-    from llmflow_hpo.spaces import load_search_space
+    from llmflow_hpo.spaces import combination_problems, load_search_space
     from llmflow_hpo.strategy import check_strategy
 
     cfg = load_study_config(config, overrides)
     space, space_raw = load_search_space(cfg.search_space)
     check_strategy(cfg, space, config)
-    problems = []
+    problems = combination_problems(cfg.train, space, config)
     for split in ("train", "dev", "test"):
         path = getattr(cfg.data, split)
         if path is not None and Path(path).exists() and not Path(path).is_file():

@@ -156,7 +156,9 @@ class TrainConfig:
     batch_size: int = _help("Training batch size (examples per optimizer step).", default=16)
     epochs: int = _help("Maximum number of epochs (early stopping may end a trial sooner).", default=3)
     warmup_ratio: float = _help("Fraction of the training steps spent warming the learning rate up.", default=0.0)
-    scheduler: SchedulerName = _help("Learning-rate schedule after warmup.", default="linear")
+    scheduler: SchedulerName = _help(
+        "Learning-rate schedule after warmup; constant takes no warmup (use constant_with_warmup).", default="linear"
+    )
     optimizer: OptimizerName = _help("adamw, sgd (with momentum) or adafactor.", default="adamw")
     momentum: float = _help("sgd momentum.", default=0.9)
     weight_decay: float = _help("Decoupled weight decay (not applied to biases and LayerNorm).", default=0.0)

@@ -26,7 +26,7 @@ from optuna.distributions import (
 from llmflow_hpo.config import HYPERPARAMETERS, check_hyperparameter, coerce_hyperparameter, read_yaml
 from llmflow_hpo.errors import ConfigError
 
-__all__ = ["SearchSpace", "load_search_space", "parse_search_space", "suggest_params"]
+__all__ = ["SearchSpace", "combination_problems", "load_search_space", "parse_search_space", "suggest_params"]
 
 SearchSpace = dict[str, BaseDistribution]
 
@@ -187,6 +187,31 @@ def parse_search_space(raw: Any, *, source: str, stored: bool = False) -> Search
     if not space:
         raise ConfigError(f"{source}: the search space is empty; declare at least one parameter")
     return space
+
+
+def combination_problems(train: Any, space: SearchSpace, source: str) -> list[str]:
+    """Settings a trial could draw together that do not work together (fixed ``train`` values or searched).
+
+    ``scheduler: constant`` takes no warmup: transformers' constant schedule ignores the warmup steps, so a
+    trial with it and a warmup ratio above 0 would silently run without warmup.
+    """
+    scheduler = space.get("scheduler")
+    schedulers = scheduler.choices if isinstance(scheduler, CategoricalDistribution) else (train.scheduler,)
+    warmup = space.get("warmup_ratio")
+    if isinstance(warmup, CategoricalDistribution):
+        warms_up = any(value > 0 for value in warmup.choices)
+    elif warmup is not None:
+        warms_up = warmup.high > 0
+    else:
+        warms_up = train.warmup_ratio > 0
+    if "constant" not in schedulers or not warms_up:
+        return []
+    where = "search_space warmup_ratio" if warmup is not None else f"train.warmup_ratio: {train.warmup_ratio:g}"
+    field = "search_space scheduler" if scheduler is not None else "train.scheduler"
+    return [
+        f"{source}: {field}: 'constant' takes no warmup, and this study warms up ({where}): those trials would "
+        "run without it; use constant_with_warmup, or set warmup_ratio to 0"
+    ]
 
 
 def load_search_space(path: str | Path) -> tuple[SearchSpace, dict[str, Any]]:

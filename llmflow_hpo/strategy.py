@@ -143,9 +143,9 @@ def _option_problems(cls: type, options: dict[str, Any], where: str) -> list[str
         if key in _RESERVED:
             problems.append(f"{where}.{key}: set by llmflow-hpo (from the study's seed / search space); remove it")
         elif key not in accepted:
-            problems.append(
-                f"{where}.{key}: not an option of optuna's {cls.__name__}; accepted: {', '.join(sorted(accepted - _RESERVED))}"
-            )
+            names = sorted(accepted - _RESERVED)
+            takes = f"accepted: {', '.join(names)}" if names else f"it takes none; remove {where.rsplit(': ', 1)[-1]}"
+            problems.append(f"{where}.{key}: not an option of optuna's {cls.__name__}; {takes}")
         else:
             why = _value_problem(key, params[key].annotation, options[key])
             if why:

@@ -161,6 +161,28 @@ CASES: list[tuple[str, Any, dict[str, Any] | None, tuple[str, ...]]] = [
         {"learning_rate": {"type": "categorical", "choices": ["1e-5", 1.0e-5]}},
         ("learning_rate.choices: repeated values",),
     ),
+    (
+        "options-for-a-pruner-that-takes-none",
+        {"pruner": {"name": "none", "options": {"n_startup_trials": 2}}},
+        None,
+        ("pruner.options.n_startup_trials", "NopPruner; it takes none; remove pruner.options"),
+    ),
+    (  # transformers' constant schedule ignores the warmup steps: the trial would run without warmup
+        "constant-schedule-with-warmup",
+        {"train": {"scheduler": "constant", "warmup_ratio": 0.1}},
+        None,
+        ("train.scheduler: 'constant' takes no warmup", "train.warmup_ratio: 0.1", "constant_with_warmup"),
+    ),
+    (
+        "constant-schedule-searched-with-warmup",
+        {},
+        {
+            **NER_SPACE,
+            "scheduler": {"type": "categorical", "choices": ["linear", "constant"]},
+            "warmup_ratio": {"type": "float", "low": 0.0, "high": 0.2},
+        },
+        ("search_space scheduler: 'constant' takes no warmup", "constant_with_warmup"),
+    ),
 ]
 
 
