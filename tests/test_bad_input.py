@@ -85,6 +85,11 @@ def study(changes: dict[str, Any] | None = None, *, replace: str | None = None) 
     return text.replace(BOMB_MARK, replace) if replace is not None else text
 
 
+def text_study(fmt: str, data: str) -> str:
+    """The base study as text classification, reading every split from the one file ``data``."""
+    return study({"task": "text-classification", "data": {"format": fmt, "train": data, "dev": data, "test": data}})
+
+
 def other_tool_db(path: Path, _folder: Path | None = None) -> None:
     with sqlite3.connect(path) as db:
         db.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT)")
@@ -571,17 +576,7 @@ DATA_CASES: list[tuple[str, dict[str, Content], list[str], tuple[str, ...]]] = [
         "csv-broken-quote",
         {
             "data/train.csv": 'text,label\n"a fine film,1\nanother,0\n',
-            "study.yaml": study(
-                {
-                    "task": "text-classification",
-                    "data": {
-                        "format": "csv",
-                        "train": "data/train.csv",
-                        "dev": "data/train.csv",
-                        "test": "data/train.csv",
-                    },
-                }
-            ),
+            "study.yaml": text_study("csv", "data/train.csv"),
         },
         ["validate", C],
         ("train.csv", "line 3", "never closed"),
@@ -590,17 +585,7 @@ DATA_CASES: list[tuple[str, dict[str, Content], list[str], tuple[str, ...]]] = [
         "csv-text-after-quote",
         {
             "data/train.csv": 'text,label\n"good" film,1\nbad film,0\n',
-            "study.yaml": study(
-                {
-                    "task": "text-classification",
-                    "data": {
-                        "format": "csv",
-                        "train": "data/train.csv",
-                        "dev": "data/train.csv",
-                        "test": "data/train.csv",
-                    },
-                }
-            ),
+            "study.yaml": text_study("csv", "data/train.csv"),
         },
         ["search", C],
         ("train.csv", "line 2", "not valid delimited text"),
@@ -609,17 +594,7 @@ DATA_CASES: list[tuple[str, dict[str, Content], list[str], tuple[str, ...]]] = [
         "csv-no-label-column",
         {
             "data/train.csv": "text,sentiment\ngood,1\nbad,0\n",
-            "study.yaml": study(
-                {
-                    "task": "text-classification",
-                    "data": {
-                        "format": "csv",
-                        "train": "data/train.csv",
-                        "dev": "data/train.csv",
-                        "test": "data/train.csv",
-                    },
-                }
-            ),
+            "study.yaml": text_study("csv", "data/train.csv"),
         },
         ["validate", C],
         ("train.csv", "no column 'label'", "sentiment"),
@@ -628,17 +603,7 @@ DATA_CASES: list[tuple[str, dict[str, Content], list[str], tuple[str, ...]]] = [
         "tsv-short-row",
         {
             "data/train.tsv": "text\tlabel\ngood\t1\nbad\n",
-            "study.yaml": study(
-                {
-                    "task": "text-classification",
-                    "data": {
-                        "format": "tsv",
-                        "train": "data/train.tsv",
-                        "dev": "data/train.tsv",
-                        "test": "data/train.tsv",
-                    },
-                }
-            ),
+            "study.yaml": text_study("tsv", "data/train.tsv"),
         },
         ["search", C],
         ("train.tsv", "line 3", "1 column(s)"),
@@ -755,8 +720,7 @@ def test_long_csv_field_is_read_and_validated(tmp_path: Path) -> None:
     """A 200,000-character text is a long example (truncated to data.max_length when tokenized), not an error."""
     long_text = "word " * 40_000
     rows = "text,label\n" + "".join(f"{long_text if i == 0 else 'short'} {i},{i % 2}\n" for i in range(20))
-    data = {"format": "csv", "train": "data/train.csv", "dev": "data/train.csv", "test": "data/train.csv"}
-    _write(tmp_path, {"data/train.csv": rows, "study.yaml": study({"task": "text-classification", "data": data})})
+    _write(tmp_path, {"data/train.csv": rows, "study.yaml": text_study("csv", "data/train.csv")})
     result = subprocess.run(
         [sys.executable, "-m", "llmflow_hpo", "validate", "study.yaml"],
         cwd=tmp_path,
