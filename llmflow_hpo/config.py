@@ -165,11 +165,15 @@ class TrainConfig:
     hidden_dropout: float | None = _help("Hidden-layer dropout; null keeps the model's own.", default=None)
     attention_dropout: float | None = _help("Attention dropout; null keeps the model's own.", default=None)
     label_smoothing: float = _help("Label smoothing of the cross-entropy loss.", default=0.0)
-    max_grad_norm: float | None = _help("Gradient clipping norm; null or 0 turns clipping off.", default=1.0)
+    max_grad_norm: float | None = _help(
+        "Gradient clipping norm; null or 0 (fixed or searched) turns clipping off.", default=1.0
+    )
     loss: LossName = _help("cross_entropy or focal (for imbalanced labels).", default="cross_entropy")
     focal_gamma: float = _help("Focal loss gamma (loss: focal).", default=2.0)
     class_weighting: ClassWeighting = _help(
-        "balanced weighs each class by n_examples / (n_classes * n_class) in the loss.", default="none"
+        "balanced weighs each position by its target class's n_examples / (n_classes * n_class); the loss is "
+        "the weighted mean, and label smoothing stays uniform over the classes.",
+        default="none",
     )
     # Fixed settings of the recipe.
     evals_per_epoch: int = _help("Dev evaluations per epoch (each is reported to the pruner).", default=2)
@@ -193,7 +197,11 @@ class TrainConfig:
     early_stopping_patience: int | None = _help(
         "Stop a trial after this many evaluations without improvement; null turns it off.", default=3
     )
-    early_stopping_min_delta: float = _help("Smallest change of the metric that counts as improvement.", default=0.0)
+    early_stopping_min_delta: float = _help(
+        "Smallest gain over the best so far that resets early stopping's patience; the trial's best evaluation "
+        "is its best, whatever this is.",
+        default=0.0,
+    )
     device: str = _help("auto (cuda when present, else cpu), cpu, cuda or cuda:N.", default="auto")
     num_threads: int | None = _help("CPU threads for torch; null keeps torch's default.", default=None)
 
