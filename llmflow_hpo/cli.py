@@ -68,9 +68,10 @@ def _load(config: str, overrides: list[str]) -> tuple[Any, Any, dict[str, Any]]:
             )
     elif (name.startswith((".", "/", "~")) or Path(name).exists()) and not Path(name).expanduser().is_dir():
         problems.append(f"{config}: model.name_or_path: folder {name} does not exist")
-    from llmflow_hpo.preflight import check_model_config
+    from llmflow_hpo.preflight import check_gpu_driver, check_model_config
 
     problems += check_model_config(cfg, config)
+    problems += check_gpu_driver(cfg, config)
     if cfg.backend == "ray":
         from llmflow_hpo.backends import RAY_HINT, ray_missing
 

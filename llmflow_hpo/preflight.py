@@ -15,6 +15,7 @@ import ast
 import difflib
 import importlib.util
 import json
+import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,7 +24,7 @@ from llmflow_hpo.config import StudyConfig
 from llmflow_hpo.errors import ConfigError
 from llmflow_hpo.models import DROPOUT_ATTRIBUTES, resolve_model_path
 
-__all__ = ["check_before_search", "check_device", "check_model_build", "check_model_config"]
+__all__ = ["check_before_search", "check_device", "check_gpu_driver", "check_model_build", "check_model_config"]
 
 # Config fields that count something (layers, heads, widths, positions): a value below 1 builds a model
 # that learns nothing (num_hidden_layers: -1 was trained and stored COMPLETE) or fails at build.
@@ -247,6 +248,28 @@ def check_model_build(cfg: StudyConfig, source: str, searched: Iterable[str] = (
         raise ConfigError(
             f"{at}: transformers cannot build a {type(config).__name__} model with them ({message})"
         ) from None
+
+
+# A GPU that torch can use as "cuda" has one of these: NVIDIA's driver, ROCm's kernel driver, WSL's GPU.
+GPU_DRIVER_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia/version", "/dev/kfd", "/dev/dxg")
+
+
+def check_gpu_driver(cfg: StudyConfig, source: str) -> list[str]:
+    """A GPU setting on a machine with no GPU driver at all, found without importing torch (``validate``).
+
+    Where a driver is there, only torch can tell whether it sees a device: ``check_device`` (search, worker).
+    """
+    if cfg.backend == "ray" or any(os.path.exists(path) for path in GPU_DRIVER_FILES):
+        return []
+    device, precision = cfg.train.device, cfg.train.precision
+    if device.startswith("cuda"):
+        return [
+            f"{source}: train.device: {device} asked for, but this machine has no GPU driver "
+            f"(none of {', '.join(GPU_DRIVER_FILES)}); use auto or cpu"
+        ]
+    if precision == "fp16":
+        return [f"{source}: train.precision: fp16 needs a GPU and this machine has none; use fp32 or bf16"]
+    return []
 
 
 def check_device(cfg: StudyConfig, source: str) -> None:
