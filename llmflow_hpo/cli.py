@@ -187,11 +187,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     raw["storage"] = storage
     source = f"study {args.study!r} (stored config) with --set"
     cfg = config_from_dict(raw, source=source, stored=True)
-    problems = _place_problems(cfg, source)
+    from llmflow_hpo.preflight import check_before_search, check_model_config
+
+    problems = _place_problems(cfg, source) + check_model_config(cfg, source)
     if problems:
         raise ConfigError(problems)
-    from llmflow_hpo.preflight import check_before_search
-
     check_before_search(cfg, source, space)  # before this worker claims a trial that would fail
     _quiet_libraries()
     from llmflow_hpo.backends.optuna_backend import join_study

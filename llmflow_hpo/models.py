@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 from pathlib import Path
@@ -10,7 +11,15 @@ from typing import Any
 from llmflow_hpo.config import ModelConfig
 from llmflow_hpo.errors import ConfigError
 
-__all__ = ["DROPOUT_ATTRIBUTES", "build_model", "load_tokenizer", "resolve_model_path", "tokenizer_fingerprint"]
+__all__ = [
+    "DROPOUT_ATTRIBUTES",
+    "auto_model_class",
+    "build_model",
+    "load_tokenizer",
+    "model_config",
+    "resolve_model_path",
+    "tokenizer_fingerprint",
+]
 
 # Config attributes that hold each kind of dropout, across common encoder architectures.
 DROPOUT_ATTRIBUTES: dict[str, tuple[str, ...]] = {
@@ -49,6 +58,62 @@ def load_tokenizer(model_cfg: ModelConfig) -> Any:
     return tokenizer
 
 
+def model_config(
+    model_cfg: ModelConfig,
+    *,
+    labels: list[str],
+    hidden_dropout: float | None,
+    attention_dropout: float | None,
+) -> Any:
+    """The transformers config of the model a trial trains: a head for ``labels``, ``model.config_overrides``
+    and the trial's dropout applied. Raises ConfigError naming the field (search's pre-flight uses it too)."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(model_cfg.name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(
+            path,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+        )
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"model.name_or_path: cannot read a model config from {path} ({str(e).splitlines()[0]}); "
+            "give the folder a model was saved to"
+        ) from None
+    for key, value in model_cfg.config_overrides.items():
+        at = f"model.config_overrides.{key}"
+        if not hasattr(config, key):
+            fields = sorted(k for k in config.to_dict() if not k.startswith("_"))
+            hint = difflib.get_close_matches(str(key), fields, n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(f"{at}: {type(config).__name__} has no such field{extra}; fix or remove it")
+        try:
+            setattr(config, key, value)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{at}: {type(config).__name__} refuses {value!r} ({e}); fix it") from None
+    for knob, value in (("hidden_dropout", hidden_dropout), ("attention_dropout", attention_dropout)):
+        if value is None:
+            continue
+        names = [a for a in DROPOUT_ATTRIBUTES[knob] if hasattr(config, a)]
+        if not names:
+            raise ConfigError(
+                f"train.{knob}: {type(config).__name__} has no dropout field for it; leave it null "
+                "(and out of the search space)"
+            )
+        for name in names:
+            setattr(config, name, value)
+    return config
+
+
+def auto_model_class(task: str) -> Any:
+    """The transformers auto class of the task's model (its head)."""
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    return AutoModelForTokenClassification if task == "token-classification" else AutoModelForSequenceClassification
+
+
 def build_model(
     model_cfg: ModelConfig,
     *,
@@ -58,31 +123,11 @@ def build_model(
     attention_dropout: float | None,
 ) -> Any:
     """A freshly loaded (or randomly initialised) model with a head for ``labels`` and the trial's dropout."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification
-
-    path = resolve_model_path(model_cfg.name_or_path)
-    config = AutoConfig.from_pretrained(
-        path,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)},
-    )
-    for key, value in model_cfg.config_overrides.items():
-        if not hasattr(config, key):
-            raise ConfigError(f"model.config_overrides.{key}: {type(config).__name__} has no such field")
-        setattr(config, key, value)
-    for knob, value in (("hidden_dropout", hidden_dropout), ("attention_dropout", attention_dropout)):
-        if value is None:
-            continue
-        names = [a for a in DROPOUT_ATTRIBUTES[knob] if hasattr(config, a)]
-        if not names:
-            raise ConfigError(f"train.{knob}: {type(config).__name__} has no dropout field for it; leave it null")
-        for name in names:
-            setattr(config, name, value)
-    auto = AutoModelForTokenClassification if task == "token-classification" else AutoModelForSequenceClassification
+    config = model_config(model_cfg, labels=labels, hidden_dropout=hidden_dropout, attention_dropout=attention_dropout)
+    auto = auto_model_class(task)
     if model_cfg.random_init:
         return auto.from_config(config)
-    return auto.from_pretrained(path, config=config)
+    return auto.from_pretrained(resolve_model_path(model_cfg.name_or_path), config=config)
 
 
 def tokenizer_fingerprint(model_cfg: ModelConfig, tokenizer: Any) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from llmflow_hpo.config import StudyConfig
 from llmflow_hpo.errors import ConfigError
-from llmflow_hpo.models import DROPOUT_ATTRIBUTES, resolve_model_path
+from llmflow_hpo.models import resolve_model_path
 
 __all__ = ["check_before_search", "check_device", "check_gpu_driver", "check_model_build", "check_model_config"]
 
@@ -209,44 +209,27 @@ def check_model_build(cfg: StudyConfig, source: str, searched: Iterable[str] = (
     """Build the study's model with its overrides on torch's meta device: every constraint transformers
     checks at build time, found before any study or trial exists (imports torch and transformers)."""
     import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
-    path = resolve_model_path(cfg.model.name_or_path)
-    at = f"{source}: model.config_overrides"
-    try:
-        config = AutoConfig.from_pretrained(path, num_labels=2)
-    except (OSError, ValueError) as e:
-        raise ConfigError(
-            f"{source}: model.name_or_path: cannot read a model config from {path} ({str(e).splitlines()[0]}); "
-            "give the folder a model was saved to"
-        ) from None
-    for key, value in cfg.model.config_overrides.items():
-        if not hasattr(config, key):
-            fields = sorted(k for k in config.to_dict() if not k.startswith("_"))
-            hint = difflib.get_close_matches(str(key), fields, n=1)
-            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise ConfigError(f"{at}.{key}: {type(config).__name__} has no such field{extra}; fix or remove it")
-        try:
-            setattr(config, key, value)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{at}.{key}: {type(config).__name__} refuses {value!r} ({e}); fix it") from None
+    from llmflow_hpo.models import auto_model_class, model_config
+
     searched = set(searched)
-    for knob in ("hidden_dropout", "attention_dropout"):
-        wanted = getattr(cfg.train, knob) is not None or knob in searched
-        if wanted and not any(hasattr(config, a) for a in DROPOUT_ATTRIBUTES[knob]):
-            raise ConfigError(
-                f"{source}: train.{knob}: {type(config).__name__} has no dropout field for it; leave it out"
-            )
-    task_model = (
-        AutoModelForTokenClassification if cfg.task == "token-classification" else AutoModelForSequenceClassification
-    )
+    # A searched dropout is drawn per trial: any value shows whether the model has a field for it.
+    dropout = {
+        knob: getattr(cfg.train, knob) if getattr(cfg.train, knob) is not None else (0.1 if knob in searched else None)
+        for knob in ("hidden_dropout", "attention_dropout")
+    }
+    try:
+        config = model_config(cfg.model, labels=["0", "1"], **dropout)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
     try:
         with torch.device("meta"):
-            task_model.from_config(config)
+            auto_model_class(cfg.task).from_config(config)
     except (TypeError, ValueError, AttributeError, RuntimeError, KeyError, IndexError, ZeroDivisionError) as e:
         message = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
         raise ConfigError(
-            f"{at}: transformers cannot build a {type(config).__name__} model with them ({message})"
+            f"{source}: model.config_overrides: transformers cannot build a {type(config).__name__} model with "
+            f"them ({message})"
         ) from None
 
 
@@ -293,10 +276,8 @@ def check_device(cfg: StudyConfig, source: str) -> None:
 
 
 def check_before_search(cfg: StudyConfig, source: str, searched: Iterable[str] = ()) -> None:
-    """Everything ``search`` and ``worker`` can check before they open or create a study; raises ConfigError."""
-    problems = check_model_config(cfg, source)
-    if problems:
-        raise ConfigError(problems)
+    """What only torch can tell, checked by ``search`` and ``worker`` before they open or create a study
+    (after ``check_model_config``, which ``validate`` runs too); raises ConfigError."""
     if cfg.backend != "ray":  # Ray places trials on the cluster's nodes: their devices, not this machine's
         check_device(cfg, source)
     check_model_build(cfg, source, searched)
