@@ -8,16 +8,14 @@ from typing import Any
 import optuna
 
 from llmflow_hpo.errors import TrialFailure
-from llmflow_hpo.train import Evaluation, TrainResult
+from llmflow_hpo.train import Evaluation, TrainResult, better
 
 __all__ = ["TrialReporter", "improves", "store_best", "store_result"]
 
 
 def improves(value: float, best: Evaluation | None, metric: str, direction: str) -> bool:
     """Whether ``value`` beats the best evaluation so far (any value beats none)."""
-    if best is None:
-        return True
-    return value > best.metrics[metric] if direction == "maximize" else value < best.metrics[metric]
+    return better(value, best and best.metrics[metric], direction)
 
 
 class TrialReporter:
