@@ -205,6 +205,11 @@ class TrainConfig:
     device: str = _help("auto (cuda when present, else cpu), cpu, cuda or cuda:N.", default="auto")
     num_threads: int | None = _help("CPU threads for torch; null keeps torch's default.", default=None)
 
+    def evaluation_points(self, n_train: int) -> list[int]:
+        """Where a run of ``n_train`` training examples evaluates on dev, in examples seen (the pruner's
+        steps): ``evals_per_epoch`` times an epoch, at the same positions whatever the batch size."""
+        return [round(n_train * k / self.evals_per_epoch) for k in range(1, self.epochs * self.evals_per_epoch + 1)]
+
 
 @dataclass
 class CheckpointConfig:

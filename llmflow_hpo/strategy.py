@@ -217,6 +217,9 @@ class StudyGrid(optuna.samplers.GridSampler):
     def size(self) -> int:
         return len(self._all_grids)
 
+    def done_line(self, study_name: str) -> str:
+        return f"study {study_name}: the grid is done, each of its {self.size} point(s) has run"
+
     def points_left(self, study: optuna.Study) -> int:
         """Grid points that no trial has taken yet (finished, running, or queued as a retry)."""
         taken = {
@@ -329,7 +332,7 @@ def build_sampler(cfg: StudyConfig, space: SearchSpace) -> optuna.samplers.BaseS
 
 def first_evaluation_step(cfg: StudyConfig, n_train: int) -> int:
     """The step of a trial's first dev evaluation, in training examples seen (train.py's evaluation points)."""
-    return max(1, round(n_train / cfg.train.evals_per_epoch))
+    return max(1, cfg.train.evaluation_points(n_train)[0])
 
 
 def longest_epochs(cfg: StudyConfig, space: SearchSpace | None) -> int:

@@ -551,8 +551,7 @@ def train_and_evaluate(
             class_weights = _class_weights(features, train_ds["labels"], device)
 
         # Evaluation points in examples seen: the same positions whatever the batch size.
-        n_points = hp.epochs * hp.evals_per_epoch
-        eval_points = [round(n_train * k / hp.evals_per_epoch) for k in range(1, n_points + 1)]
+        eval_points = hp.evaluation_points(n_train)
         if stop_at_examples is not None:
             eval_points = [stop_at_examples]
         run_examples = eval_points[-1] if eval_points else 0

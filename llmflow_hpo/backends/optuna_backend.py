@@ -233,10 +233,7 @@ def run_worker(
                 finished = sum(1 for s in states if s in (TrialState.COMPLETE, TrialState.PRUNED))
                 running, queued = states.count(TrialState.RUNNING), states.count(TrialState.WAITING)
                 if grid is not None and not queued and retry_transient(lambda: grid.is_exhausted(study)):
-                    say(
-                        f"study {study.study_name}: the grid is done, each of its {grid.size} point(s) has run; "
-                        "no new trial started"
-                    )
+                    say(f"{grid.done_line(study.study_name)}; no new trial started")
                     break
                 if target is not None and finished >= target:
                     break
@@ -489,7 +486,7 @@ def run_search(
     if target is not None and target != cfg.n_trials:
         say(f"study {cfg.study_name}: the grid has {target} point(s); the study ends when each has run")
     if isinstance(sampler, StudyGrid) and not _queued(study) and sampler.is_exhausted(study):
-        say(f"study {cfg.study_name}: the grid is done, each of its {sampler.size} point(s) has run; nothing to run")
+        say(f"{sampler.done_line(cfg.study_name)}; nothing to run")
         return summarize(study, cfg, 0, workers, target)
     if remaining == 0:
         say(f"study {cfg.study_name}: already holds {done} finished trials (n_trials={cfg.n_trials}); nothing to run")
