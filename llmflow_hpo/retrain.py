@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from llmflow_hpo.errors import StorageError
 from llmflow_hpo.features import prepare_features
 from llmflow_hpo.objective import trial_params
@@ -70,7 +72,7 @@ def retrain_best(
         )
     seed = int(best.user_attrs.get("seed", cfg.seed))
     threads = best.user_attrs.get("torch_threads")
-    if train_on == "train" and threads and cfg.train.num_threads != threads:
+    if train_on == "train" and threads and (cfg.train.num_threads or torch.get_num_threads()) != threads:
         # CPU reductions (matmuls, sums) split their work by thread count, so the weights depend on it.
         cfg.train = dataclasses.replace(cfg.train, num_threads=int(threads))
         say(f"retrain-best: {threads} torch threads, as trial {best.number} ran with (its weights depend on it)")
