@@ -38,8 +38,11 @@ def _log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _load(config: str, overrides: list[str]) -> tuple[Any, Any, dict[str, Any]]:
-    """Validate a study config, its search space, sampler/pruner options and input files (no torch import)."""
+def _load(config: str, overrides: list[str]) -> tuple[Any, Any, dict[str, Any], Any]:
+    """Validate a study config, its search space, sampler/pruner options and input files (no torch import).
+
+    Returns the config, the search space (distributions and raw) and the data as read (``DataSplits``),
+    which ``search`` hands on to its tokenization rather than reading the files again."""
     import importlib.util
 
     from llmflow_hpo.config import load_study_config
@@ -78,17 +81,18 @@ def _load(config: str, overrides: list[str]) -> tuple[Any, Any, dict[str, Any]]:
         if ray_missing():
             problems.append(f"{config}: backend: ray needs Ray Tune, which is not installed; {RAY_HINT}")
     problems.extend(_place_problems(cfg, config))
+    data = None
     if not problems:  # every data file is there: read them as the search will (no tokenizer, no torch)
         from llmflow_hpo.errors import DataError
-        from llmflow_hpo.features import _read_splits
+        from llmflow_hpo.features import read_splits
 
         try:
-            _read_splits(cfg)
+            data = read_splits(cfg)
         except (DataError, ConfigError) as e:
             problems.append(f"{config}: data: {e}")
     if problems:
         raise ConfigError(problems)
-    return cfg, space, space_raw
+    return cfg, space, space_raw, data
 
 
 def _place_problems(cfg: Any, source: str) -> list[str]:
@@ -115,7 +119,7 @@ def _place_problems(cfg: Any, source: str) -> list[str]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    cfg, space, _ = _load(args.config, args.set)
+    cfg, space, _, _ = _load(args.config, args.set)
     if args.json:
         from llmflow_hpo.config import config_to_dict
 
@@ -144,7 +148,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         overrides.append(f"ray.address={args.ray_address}")
     if args.workers < 1:
         raise ConfigError(f"--workers {args.workers}: must be >= 1")
-    cfg, space, space_raw = _load(args.config, overrides)
+    cfg, space, space_raw, data = _load(args.config, overrides)
     _probe_storage(str(cfg.storage), args.config)  # before torch is imported: refused in a second
     from llmflow_hpo.preflight import check_before_search
 
@@ -161,7 +165,14 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     try:
         summary = run_search(
-            cfg, space, space_raw, workers=args.workers, new_study=args.new_study, log=progress, source=args.config
+            cfg,
+            space,
+            space_raw,
+            workers=args.workers,
+            new_study=args.new_study,
+            log=progress,
+            source=args.config,
+            data=data,
         )
     finally:
         progress.close()

@@ -23,7 +23,7 @@ from llmflow_hpo.data import DataSplits, TextExample, TokenExample, load_splits
 from llmflow_hpo.errors import ConfigError
 from llmflow_hpo.models import load_tokenizer, tokenizer_fingerprint
 
-__all__ = ["IGNORE_INDEX", "WORD_LEVEL_COLUMNS", "Features", "align_labels", "prepare_features"]
+__all__ = ["IGNORE_INDEX", "WORD_LEVEL_COLUMNS", "Features", "align_labels", "prepare_features", "read_splits"]
 
 IGNORE_INDEX = -100  # label of the positions the loss skips (special tokens, non-first subwords, padding)
 # Columns for scoring, not model inputs: word-level gold tags, and the word of each labelled position.
@@ -89,7 +89,8 @@ def _cache_key(cfg: StudyConfig, tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def _read_splits(cfg: StudyConfig) -> DataSplits:
+def read_splits(cfg: StudyConfig) -> DataSplits:
+    """Read, clean and split the study's data files as its data settings say (no tokenizer, no torch)."""
     d = cfg.data
     return load_splits(
         task=cfg.task,
@@ -180,8 +181,14 @@ def _was_cut(tokenizer: Any, text: str, ids: list[int], max_length: int) -> bool
     return len(tokenizer(text, truncation=False)["input_ids"]) > max_length
 
 
-def prepare_features(cfg: StudyConfig, *, log: Callable[[str], None] | None = None) -> Features:
-    """Read, clean, split and tokenize the study's data, or load it from the cache when nothing changed."""
+def prepare_features(
+    cfg: StudyConfig, *, log: Callable[[str], None] | None = None, data: DataSplits | None = None
+) -> Features:
+    """Read, clean, split and tokenize the study's data, or load it from the cache when nothing changed.
+
+    ``data``: the splits already read by ``read_splits`` (``search`` reads them while it validates), so a
+    cache miss does not read the files a second time.
+    """
     import datasets
 
     say = log or (lambda line: print(line, file=sys.stderr))
@@ -195,7 +202,7 @@ def prepare_features(cfg: StudyConfig, *, log: Callable[[str], None] | None = No
         say(f"data: tokenized splits loaded from cache {cache_path}")
         return Features(cfg.task, meta["labels"], splits, meta["report"], cache_path, from_cache=True)
 
-    data = _read_splits(cfg)
+    data = data if data is not None else read_splits(cfg)
     if cfg.task == "token-classification" and not getattr(tokenizer, "is_fast", False):
         raise ConfigError(
             "model.name_or_path: token-classification needs a fast tokenizer (word_ids for label alignment); "

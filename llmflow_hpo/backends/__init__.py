@@ -66,8 +66,10 @@ def run_search(
     new_study: bool = False,
     log: Callable[[str], None] | None = None,
     source: str = "config",
+    data: Any = None,
 ) -> SearchSummary:
-    """Run (or continue) the study with the backend its config names."""
+    """Run (or continue) the study with the backend its config names. ``data``: the splits already read
+    (``features.read_splits``), tokenized without reading the files again."""
     if cfg.backend == "ray":
         if workers != 1:
             raise ConfigError(
@@ -75,7 +77,7 @@ def run_search(
                 "(and ray.cpus_per_trial / ray.gpus_per_trial) instead"
             )
         ray_backend = import_ray_backend(local=cfg.ray.address is None)
-        return ray_backend.run_search(cfg, space, space_raw, new_study=new_study, log=log, source=source)
+        return ray_backend.run_search(cfg, space, space_raw, new_study=new_study, log=log, source=source, data=data)
     from llmflow_hpo.backends import optuna_backend
 
-    return optuna_backend.run_search(cfg, space, space_raw, workers=workers, new_study=new_study, log=log)
+    return optuna_backend.run_search(cfg, space, space_raw, workers=workers, new_study=new_study, log=log, data=data)

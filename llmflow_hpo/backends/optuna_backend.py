@@ -459,8 +459,10 @@ def run_search(
     workers: int = 1,
     new_study: bool = False,
     log: Log | None = None,
+    data: Any = None,
 ) -> SearchSummary:
-    """Tokenize once, open (or continue) the study, and run the missing trials in ``workers`` processes."""
+    """Tokenize once (``data``: the splits already read), open (or continue) the study, and run the missing
+    trials in ``workers`` processes."""
     from llmflow_hpo.features import prepare_features
     from llmflow_hpo.storage import free_study_name
     from llmflow_hpo.strategy import build_pruner, build_sampler
@@ -469,7 +471,7 @@ def run_search(
     say = log or (lambda line: print(line, file=sys.stderr))
     # Our progress lines report each trial (fail reasons included); optuna would repeat them with tracebacks.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    features = prepare_features(cfg, log=say)
+    features = prepare_features(cfg, log=say, data=data)
     assert cfg.storage is not None
     if new_study:
         cfg.study_name = free_study_name(cfg.storage, cfg.study_name)

@@ -773,8 +773,10 @@ def run_search(
     new_study: bool = False,
     log: Log | None = None,
     source: str = "config",
+    data: Any = None,
 ) -> Any:
-    """Run the study's missing trials with Ray Tune; an interrupted Ray run is continued first."""
+    """Run the study's missing trials with Ray Tune; an interrupted Ray run is continued first. ``data``: the
+    splits already read (``features.read_splits``)."""
     from llmflow_hpo.backends.optuna_backend import summarize
     from llmflow_hpo.errors import Interrupted
     from llmflow_hpo.features import prepare_features
@@ -783,7 +785,7 @@ def run_search(
 
     say = log or _stderr
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    features = prepare_features(cfg, log=say)
+    features = prepare_features(cfg, log=say, data=data)
     assert cfg.storage is not None and cfg.n_trials is not None
     if new_study:
         cfg.study_name = free_study_name(cfg.storage, cfg.study_name)
