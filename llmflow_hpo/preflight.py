@@ -225,7 +225,16 @@ def check_model_build(cfg: StudyConfig, source: str, searched: Iterable[str] = (
     try:
         with torch.device("meta"):
             auto_model_class(cfg.task).from_config(config)
-    except (TypeError, ValueError, AttributeError, RuntimeError, KeyError, IndexError, ZeroDivisionError) as e:
+    except (
+        TypeError,
+        ValueError,
+        AttributeError,
+        RuntimeError,
+        KeyError,
+        IndexError,
+        ZeroDivisionError,
+        AssertionError,  # torch's own checks, e.g. nn.Embedding's "Padding_idx must be within num_embeddings"
+    ) as e:
         message = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
         raise ConfigError(
             f"{source}: model.config_overrides: transformers cannot build a {type(config).__name__} model with "

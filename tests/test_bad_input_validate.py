@@ -245,6 +245,11 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
 
 SEARCH_ONLY = [
     ("unknown-activation", {"model": {"config_overrides": {"hidden_act": "nope"}}}, ("cannot build a BertConfig",)),
+    (  # torch's nn.Embedding asserts it: an AssertionError, which went out as a traceback
+        "pad-token-outside-the-vocabulary",
+        {"model": {"config_overrides": {"pad_token_id": 100000}}},
+        ("cannot build a BertConfig", "Padding_idx must be within num_embeddings"),
+    ),
 ]
 
 
