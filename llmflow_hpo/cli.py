@@ -198,9 +198,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     raw["storage"] = storage
     source = f"study {args.study!r} (stored config) with --set"
     cfg = config_from_dict(raw, source=source, stored=True)
-    from llmflow_hpo.preflight import check_before_search, check_model_config
+    from llmflow_hpo.preflight import check_before_search, check_gpu_driver, check_model_config
 
-    problems = _place_problems(cfg, source) + check_model_config(cfg, source)
+    problems = _place_problems(cfg, source) + check_model_config(cfg, source) + check_gpu_driver(cfg, source)
     if problems:
         raise ConfigError(problems)
     check_before_search(cfg, source, space)  # before this worker claims a trial that would fail

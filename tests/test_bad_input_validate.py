@@ -342,6 +342,11 @@ def test_worker_refuses_a_device_that_is_not_there_before_it_claims_a_trial(tmp_
     args = ["worker", "--study", "tiny-ner", "--storage", storage, "--set", "train.device=cuda"]
     # Reading the study's config opens its SQLite database (optuna's WAL files): the study's own files.
     own = ["tiny-ner.db", "tiny-ner.db-shm", "tiny-ner.db-wal"]
-    line = refused(args, cwd=tmp_path, watch=[SAMPLE_NER], may_create=own, timeout=TORCH_IMPORT_TIMEOUT)
+    from llmflow_hpo.preflight import GPU_DRIVER_FILES
+
+    # No GPU driver at all: refused before torch is imported; else torch is asked (and imported first).
+    driver = any(Path(p).exists() for p in GPU_DRIVER_FILES)
+    timeout = TORCH_IMPORT_TIMEOUT if driver else 5.0
+    line = refused(args, cwd=tmp_path, watch=[SAMPLE_NER], may_create=own, timeout=timeout)
     assert "train.device: cuda asked for" in line and "study 'tiny-ner' (stored config)" in line, line
     assert optuna.load_study(study_name="tiny-ner", storage=storage).get_trials() == []
