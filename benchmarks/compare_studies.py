@@ -37,7 +37,7 @@ def main() -> None:
     print("| trial | state before | state after | value before | value after | steps:values identical |")
     print("|---|---|---|---|---|---|")
     same = len(a) == len(b)
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=False):
         ok = ra == rb
         same &= ok
         print(f"| {ra[0]} | {ra[1]} | {rb[1]} | {ra[2]} | {rb[2]} | {'yes' if ra[3] == rb[3] else 'NO'} |")

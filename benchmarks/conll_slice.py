@@ -44,11 +44,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from llmflow_hpo.config import StudyConfig, config_from_dict
-from llmflow_hpo.features import IGNORE_INDEX, Features, prepare_features
-from llmflow_hpo.metrics import token_classification_metrics
-from llmflow_hpo.models import resolve_model_path
-from llmflow_hpo.train import train_and_evaluate
+from llmflow_hpo.config.study import StudyConfig, config_from_dict
+from llmflow_hpo.data.features import IGNORE_INDEX, Features, prepare_features
+from llmflow_hpo.recipe.models import resolve_model_path
+from llmflow_hpo.recipe.train import train_and_evaluate
+from llmflow_hpo.tasks.metrics import token_classification_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = (REPO / ".." / "shared" / "data" / "conll2003").resolve()

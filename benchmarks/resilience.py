@@ -44,14 +44,14 @@ from typing import Any
 import optuna
 import torch
 
-from llmflow_hpo.backends.optuna_backend import run_search, run_worker
-from llmflow_hpo.checkpoints import CheckpointStore, TrialCheckpoint, folder_size
-from llmflow_hpo.config import HeartbeatConfig, config_from_dict
-from llmflow_hpo.features import prepare_features
-from llmflow_hpo.objective import Objective
-from llmflow_hpo.spaces import parse_search_space
-from llmflow_hpo.storage import StudyLock, open_storage, retry_callback
-from llmflow_hpo.train import train_and_evaluate
+from llmflow_hpo.config.study import HeartbeatConfig, config_from_dict
+from llmflow_hpo.data.features import prepare_features
+from llmflow_hpo.recipe.checkpoints import CheckpointStore, TrialCheckpoint, folder_size
+from llmflow_hpo.recipe.train import train_and_evaluate
+from llmflow_hpo.search.backends.optuna_backend import run_search, run_worker
+from llmflow_hpo.search.objective import Objective
+from llmflow_hpo.search.spaces import parse_search_space
+from llmflow_hpo.study.storage import StudyLock, open_storage, retry_callback
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "studies" / "data" / "quickstart-ner"

@@ -45,9 +45,9 @@ def _load(config: str, overrides: list[str]) -> tuple[Any, Any, dict[str, Any], 
     which ``search`` hands on to its tokenization rather than reading the files again."""
     import importlib.util
 
-    from llmflow_hpo.config import load_study_config
-    from llmflow_hpo.spaces import combination_problems, load_search_space
-    from llmflow_hpo.strategy import check_strategy
+    from llmflow_hpo.config.study import load_study_config
+    from llmflow_hpo.search.spaces import combination_problems, load_search_space
+    from llmflow_hpo.search.strategy import check_strategy
 
     cfg = load_study_config(config, overrides)
     space, space_raw = load_search_space(cfg.search_space)
@@ -71,20 +71,20 @@ def _load(config: str, overrides: list[str]) -> tuple[Any, Any, dict[str, Any], 
             )
     elif (name.startswith((".", "/", "~")) or Path(name).exists()) and not Path(name).expanduser().is_dir():
         problems.append(f"{config}: model.name_or_path: folder {name} does not exist")
-    from llmflow_hpo.preflight import check_gpu_driver, check_model_config
+    from llmflow_hpo.search.preflight import check_gpu_driver, check_model_config
 
     problems += check_model_config(cfg, config)
     problems += check_gpu_driver(cfg, config)
     if cfg.backend == "ray":
-        from llmflow_hpo.backends import RAY_HINT, ray_missing
+        from llmflow_hpo.search.backends import RAY_HINT, ray_missing
 
         if ray_missing():
             problems.append(f"{config}: backend: ray needs Ray Tune, which is not installed; {RAY_HINT}")
     problems.extend(_place_problems(cfg, config))
     data = None
     if not problems:  # every data file is there: read them as the search will (no tokenizer, no torch)
+        from llmflow_hpo.data.features import read_splits
         from llmflow_hpo.errors import DataError
-        from llmflow_hpo.features import read_splits
 
         try:
             data = read_splits(cfg)
@@ -98,7 +98,7 @@ def _load(config: str, overrides: list[str]) -> tuple[Any, Any, dict[str, Any], 
 def _place_problems(cfg: Any, source: str) -> list[str]:
     """Where the study would write, checked before anything is: its storage and its folders."""
     from llmflow_hpo.paths import folder_problem
-    from llmflow_hpo.storage import check_storage
+    from llmflow_hpo.study.storage import check_storage
 
     problems = []
     storage = check_storage(str(cfg.storage))
@@ -121,7 +121,7 @@ def _place_problems(cfg: Any, source: str) -> list[str]:
 def cmd_validate(args: argparse.Namespace) -> int:
     cfg, space, _, _ = _load(args.config, args.set)
     if args.json:
-        from llmflow_hpo.config import config_to_dict
+        from llmflow_hpo.config.study import config_to_dict
 
         print(json.dumps({"config": config_to_dict(cfg), "search_space": sorted(space)}, indent=2))
     else:
@@ -139,7 +139,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     import yaml
 
-    from llmflow_hpo.config import config_to_dict
+    from llmflow_hpo.config.study import config_to_dict
 
     overrides = list(args.set)
     if args.backend:
@@ -150,10 +150,10 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise ConfigError(f"--workers {args.workers}: must be >= 1")
     cfg, space, space_raw, data = _load(args.config, overrides)
     _probe_storage(str(cfg.storage), args.config)  # before torch is imported: refused in a second
-    from llmflow_hpo.preflight import check_before_search
+    from llmflow_hpo.search.preflight import check_before_search
 
     check_before_search(cfg, args.config, space)  # before any study exists: a config error stores nothing
-    from llmflow_hpo.progress import Progress, choose_mode
+    from llmflow_hpo.views.progress import Progress, choose_mode
 
     mode = choose_mode(quiet=args.quiet, as_json=args.json)
     if mode == "live" and args.workers > 1:  # the trials run in the workers: their lines, no status line
@@ -161,7 +161,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     progress = Progress(mode)
     progress("resolved config:\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip())
     _quiet_libraries()
-    from llmflow_hpo.backends import run_search
+    from llmflow_hpo.search.backends import run_search
 
     try:
         summary = run_search(
@@ -181,8 +181,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from llmflow_hpo.config import apply_overrides, config_from_dict, config_to_dict
-    from llmflow_hpo.storage import MAY_CHANGE, load_study, may_change, stored_config
+    from llmflow_hpo.config.study import apply_overrides, config_from_dict, config_to_dict
+    from llmflow_hpo.study.storage import MAY_CHANGE, load_study, may_change, stored_config
 
     storage = _storage(args)
     _probe_storage(storage, "worker --storage")
@@ -198,15 +198,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     raw["storage"] = storage
     source = f"study {args.study!r} (stored config) with --set"
     cfg = config_from_dict(raw, source=source, stored=True)
-    from llmflow_hpo.preflight import check_before_search, check_gpu_driver, check_model_config
+    from llmflow_hpo.search.preflight import check_before_search, check_gpu_driver, check_model_config
 
     problems = _place_problems(cfg, source) + check_model_config(cfg, source) + check_gpu_driver(cfg, source)
     if problems:
         raise ConfigError(problems)
     check_before_search(cfg, source, space)  # before this worker claims a trial that would fail
     _quiet_libraries()
-    from llmflow_hpo.backends.optuna_backend import join_study
-    from llmflow_hpo.progress import Progress, choose_mode
+    from llmflow_hpo.search.backends.optuna_backend import join_study
+    from llmflow_hpo.views.progress import Progress, choose_mode
 
     # A worker of `search --workers N` writes plain lines into its pipe; the search shows them.
     progress = Progress("lines" if args.spawned else choose_mode(quiet=args.quiet, as_json=args.json))
@@ -220,7 +220,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary: Any, cfg: Any, as_json: bool) -> None:
-    from llmflow_hpo.backends.optuna_backend import checkpoint_root
+    from llmflow_hpo.search.backends.optuna_backend import checkpoint_root
 
     if as_json:
         print(json.dumps(summary.__dict__, indent=2))
@@ -258,7 +258,7 @@ def _probe_storage(url: str, source: str) -> None:
     """What only trying shows (a file cannot be made beside the database, a server does not answer), before
     the data is tokenized or the study is made."""
     from llmflow_hpo.errors import StorageError
-    from llmflow_hpo.storage import check_storage
+    from llmflow_hpo.study.storage import check_storage
 
     problem = check_storage(url, probe=True)
     if problem:
@@ -268,7 +268,7 @@ def _probe_storage(url: str, source: str) -> None:
 def _storage(args: argparse.Namespace) -> str:
     if args.storage:
         return args.storage
-    from llmflow_hpo.storage import default_storage_for
+    from llmflow_hpo.study.storage import default_storage_for
 
     return default_storage_for(args.study)
 
@@ -287,7 +287,7 @@ def _trial_row(t: Any) -> dict[str, Any]:
 
 
 def cmd_trials(args: argparse.Namespace) -> int:
-    from llmflow_hpo.storage import load_study
+    from llmflow_hpo.study.storage import load_study
 
     study = load_study(args.study, _storage(args))
     rows = [_trial_row(t) for t in study.get_trials(deepcopy=False)]
@@ -311,7 +311,7 @@ def cmd_trials(args: argparse.Namespace) -> int:
 
 def cmd_best(args: argparse.Namespace) -> int:
     from llmflow_hpo.errors import StorageError
-    from llmflow_hpo.storage import load_study
+    from llmflow_hpo.study.storage import load_study
 
     study = load_study(args.study, _storage(args))
     try:
@@ -332,7 +332,7 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from llmflow_hpo.dashboard import only_storage_here, open_dashboard
+    from llmflow_hpo.views.dashboard import only_storage_here, open_dashboard
 
     storage = _storage(args) if args.study or args.storage else only_storage_here()
     dashboard = open_dashboard(storage, study=args.study, host=args.host, port=args.port, log=_log)
@@ -358,12 +358,12 @@ def _port(text: str) -> int:
 
 
 def cmd_retrain_best(args: argparse.Namespace) -> int:
-    from llmflow_hpo.storage import load_study
+    from llmflow_hpo.study.storage import load_study
 
     storage = _storage(args)
     load_study(args.study, storage)  # a missing database or study: refused before torch is imported
     _quiet_libraries()
-    from llmflow_hpo.retrain import retrain_best
+    from llmflow_hpo.deliver.retrain import retrain_best
 
     result = retrain_best(
         study_name=args.study,
@@ -388,8 +388,8 @@ def cmd_retrain_best(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from llmflow_hpo.report import build_report
-    from llmflow_hpo.storage import load_study
+    from llmflow_hpo.study.storage import load_study
+    from llmflow_hpo.views.report import build_report
 
     storage = _storage(args)
     study = load_study(args.study, storage)

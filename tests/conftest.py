@@ -84,8 +84,8 @@ def write_study(tmp_path: Path):
 @pytest.fixture
 def tiny_cfg(write_study):
     """Loaded StudyConfig, search space and raw space of the tiny NER study."""
-    from llmflow_hpo.config import load_study_config
-    from llmflow_hpo.spaces import load_search_space
+    from llmflow_hpo.config.study import load_study_config
+    from llmflow_hpo.search.spaces import load_search_space
 
     def make(changes: dict[str, Any] | None = None, space: dict[str, Any] | None = None):
         cfg = load_study_config(write_study(changes, space))

@@ -100,7 +100,7 @@ def stored_study(path: Path, folder: Path) -> None:
     """An llmflow-hpo study in ``path``, made the way search makes it (config and space in user_attrs)."""
     import optuna
 
-    from llmflow_hpo.config import config_to_dict, load_study_config
+    from llmflow_hpo.config.study import config_to_dict, load_study_config
 
     cfg = load_study_config(folder / "study.yaml")
     optuna.logging.set_verbosity(optuna.logging.ERROR)

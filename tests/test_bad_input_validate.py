@@ -21,10 +21,10 @@ import yaml
 from conftest import NER_SPACE, SAMPLE_NER, TINY_MODEL, deep_update
 from refusals import refused
 
-from llmflow_hpo.config import load_study_config
-from llmflow_hpo.data import load_splits
+from llmflow_hpo.config.study import load_study_config
+from llmflow_hpo.data.read import load_splits
 from llmflow_hpo.errors import DataError
-from llmflow_hpo.preflight import check_model_config
+from llmflow_hpo.search.preflight import check_model_config
 
 TORCH_IMPORT_TIMEOUT = 60.0  # search's own start-up: torch and transformers are imported before the refusal
 
@@ -218,7 +218,7 @@ NEED_NO_GPU = {"device-cuda", "device-cuda-1", "fp16-on-cpu-by-auto"}
 def test_refused_by_validate_and_by_search_before_any_study(
     tmp_path: Path, command: str, name: str, changes: Any, space: dict[str, Any] | None, words: tuple[str, ...]
 ) -> None:
-    from llmflow_hpo.preflight import GPU_DRIVER_FILES
+    from llmflow_hpo.search.preflight import GPU_DRIVER_FILES
 
     if name in NEED_NO_GPU and any(Path(p).exists() for p in GPU_DRIVER_FILES):
         pytest.skip("this machine has a GPU driver: only torch can tell whether it sees the device")
@@ -276,7 +276,7 @@ def test_model_config_check_keeps_valid_overrides_and_imports_no_torch(tmp_path:
     path = _write(tmp_path, {"model": {"config_overrides": {"classifier_dropout": 0.2, "layer_norm_eps": 1e-7}}}, None)
     assert check_model_config(load_study_config(path), "study.yaml") == []
     probe = (
-        "import sys; from llmflow_hpo.config import load_study_config; from llmflow_hpo.preflight import "
+        "import sys; from llmflow_hpo.config.study import load_study_config; from llmflow_hpo.search.preflight import "
         f"check_model_config; print(check_model_config(load_study_config({str(path)!r}), 's'), "
         "'torch' in sys.modules, 'transformers' in sys.modules)"
     )
@@ -321,9 +321,9 @@ def test_load_splits_warns_when_dev_has_no_entities(tmp_path: Path) -> None:
 
 def _stored_study(folder: Path) -> str:
     """A study as search makes it (config and search space in its user attributes), with no trial yet."""
-    from llmflow_hpo.spaces import load_search_space
-    from llmflow_hpo.storage import open_study
-    from llmflow_hpo.strategy import build_pruner, build_sampler
+    from llmflow_hpo.search.spaces import load_search_space
+    from llmflow_hpo.search.strategy import build_pruner, build_sampler
+    from llmflow_hpo.study.storage import open_study
 
     cfg = load_study_config(_write(folder, {}, None))
     space, space_raw = load_search_space(cfg.search_space)
@@ -342,7 +342,7 @@ def test_worker_refuses_a_device_that_is_not_there_before_it_claims_a_trial(tmp_
     args = ["worker", "--study", "tiny-ner", "--storage", storage, "--set", "train.device=cuda"]
     # Reading the study's config opens its SQLite database (optuna's WAL files): the study's own files.
     own = ["tiny-ner.db", "tiny-ner.db-shm", "tiny-ner.db-wal"]
-    from llmflow_hpo.preflight import GPU_DRIVER_FILES
+    from llmflow_hpo.search.preflight import GPU_DRIVER_FILES
 
     # No GPU driver at all: refused before torch is imported; else torch is asked (and imported first).
     driver = any(Path(p).exists() for p in GPU_DRIVER_FILES)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from llmflow_hpo.paths import folder_problem, probe_folder, writable_problem
-from llmflow_hpo.storage import check_storage
+from llmflow_hpo.study.storage import check_storage
 
 
 def test_a_writable_folder_and_one_that_can_be_made_have_no_problem(tmp_path: Path) -> None:

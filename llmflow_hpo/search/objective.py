@@ -1,0 +1,128 @@
+"""The objective: a trial's parameters in, the best dev metric out. A pure function of (trial, config).
+
+Failures are never metric values: a diverged or out-of-memory run ends as FAIL with ``fail_reason``
+stored, a pruned run as PRUNED.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+
+from llmflow_hpo.config.study import StudyConfig
+from llmflow_hpo.data.features import Features
+from llmflow_hpo.errors import TrialFailure
+from llmflow_hpo.recipe.checkpoints import CheckpointStore, TrialCheckpoint
+from llmflow_hpo.recipe.train import Evaluation, runtime_attrs, train_and_evaluate
+from llmflow_hpo.search.reporting import TrialReporter, store_result
+from llmflow_hpo.search.spaces import SearchSpace, suggest_params
+from llmflow_hpo.views.progress import Progress
+from llmflow_hpo.views.tracking import Tracking
+
+__all__ = ["Objective"]
+
+
+class Objective:
+    """Callable given to the worker loop; holds only the study's config, space, tokenized data and checkpoints."""
+
+    def __init__(
+        self,
+        cfg: StudyConfig,
+        space: SearchSpace,
+        features: Features,
+        checkpoints: CheckpointStore | None = None,
+        log: Callable[[str], None] | None = None,
+        progress: Progress | None = None,
+        tracking: Tracking | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.space = space
+        self.features = features
+        self.checkpoints = checkpoints
+        self.log = log or (lambda line: None)
+        self.progress = progress
+        self.tracking = tracking
+
+    def _checkpoint(self, trial: optuna.Trial, params: dict[str, Any]) -> TrialCheckpoint | None:
+        """This trial's checkpoint; a retry first takes over the folder of the attempt it repeats.
+
+        Every trial records its own number as ``checkpoint_trial``; a retry inherits the user attributes
+        of the attempt it repeats, so it finds that number there.
+        """
+        if self.checkpoints is None:
+            return None
+        previous = trial.user_attrs.get("checkpoint_trial")
+        if previous is not None and previous != trial.number:
+            trial.set_user_attr("fail_reason", None)  # inherited from the attempt; this one has not failed
+            trial.set_user_attr("retry_of", previous)
+            if self.checkpoints.take_over(previous, trial.number):
+                self.log(f"trial {trial.number}: retrying trial {previous} from its checkpoint")
+            else:
+                self.log(f"trial {trial.number}: retrying trial {previous}; no checkpoint of it, starting over")
+        trial.set_user_attr("checkpoint_trial", trial.number)
+        return self.checkpoints.trial(trial.number, params)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        params = suggest_params(trial, self.space)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        for key, value in runtime_attrs(self.cfg, params).items():  # precision, TF32, ...: pruned trials too
+            trial.set_user_attr(key, value)
+        seed = self.cfg.seed
+        reporter = TrialReporter(trial, self.cfg.metric, self.cfg.direction)
+        checkpoint = self._checkpoint(trial, params)
+        number, progress, tracking = trial.number, self.progress, self.tracking
+        epochs = params.get("epochs", self.cfg.train.epochs)
+        if progress is not None:
+            progress.trial_started(number, params, epochs * len(self.features.splits["train"]))
+        if tracking is not None:
+            tracking.trial_started(number, params)
+
+        def on_eval(evaluation: Evaluation) -> None:
+            # Shown and tracked before the report, which may prune the trial.
+            if progress is not None:
+                progress.evaluation(number, evaluation.step, evaluation.metrics, evaluation.train_loss)
+            if tracking is not None:
+                tracking.evaluation(number, evaluation.step, evaluation.metrics, evaluation.train_loss)
+            reporter(evaluation)
+
+        def on_resume(restored: list[Evaluation]) -> None:
+            reporter.restore(restored)
+            if tracking is not None:  # a retry's curve starts where its first attempt's did
+                for evaluation in restored:
+                    tracking.evaluation(number, evaluation.step, evaluation.metrics, evaluation.train_loss)
+
+        def on_step(seen: int, total: int, loss: float) -> None:
+            assert progress is not None
+            progress.step(number, seen, total, loss)
+
+        try:
+            result = train_and_evaluate(
+                self.cfg,
+                params,
+                self.features,
+                seed=seed,
+                on_eval=on_eval,
+                checkpoint=checkpoint,
+                on_resume=on_resume,
+                on_step=on_step if progress is not None and progress.mode == "live" else None,
+            )
+        except TrialFailure as e:
+            trial.set_user_attr("fail_reason", str(e))
+            trial.set_user_attr("failed_for_good", True)
+            raise
+        store_result(trial, result, seed)
+        if result.best is None:
+            reason = "the run ended before its first evaluation"
+            trial.set_user_attr("fail_reason", reason)
+            trial.set_user_attr("failed_for_good", True)
+            raise TrialFailure(reason)
+        return result.best.metrics[self.cfg.metric]
+
+
+def trial_params(best: Any, space: SearchSpace) -> dict[str, Any]:
+    """The parameters of a stored trial, asked through the same space (FixedTrial) as during the search."""
+    return suggest_params(optuna.trial.FixedTrial(best.params), space)
