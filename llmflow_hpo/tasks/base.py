@@ -1,0 +1,149 @@
+"""The contract of a task: everything in the package that depends on which task a study runs.
+
+A task is one object (``tasks.TASKS[name]``) of a subclass of ``BaseTask``. The rest of the package
+never compares the task name: it asks the study's task object, at the moments the docstrings below
+name. Importing a task module imports neither torch nor transformers: the methods that need them
+import them when they are called.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from llmflow_hpo.errors import DataError
+
+if TYPE_CHECKING:
+    from llmflow_hpo.config.study import StudyConfig
+    from llmflow_hpo.data.features import Features
+    from llmflow_hpo.data.read import DataSplits
+
+__all__ = ["IGNORE_INDEX", "BaseTask", "json_field"]
+
+IGNORE_INDEX = -100  # label of the positions the loss skips (special tokens, non-first subwords, padding)
+
+
+class BaseTask(abc.ABC):
+    """One task: its data, its features, its model head, its metrics, its predictions and its card.
+
+    The class attributes are read whenever the task's facts are needed (validate, reading, the card):
+
+    - ``name``: the ``task:`` value of a study config that selects this task.
+    - ``formats``: the ``data.format`` values it reads (validate and ``load_splits`` refuse others).
+    - ``unit``: what one example is called in the data report ("sentence", "example").
+    - ``label_field``: the config field that holds the labels, named when the train split has one label.
+    - ``stratify``: whether a dev or test split carved from train is stratified by label.
+    - ``metrics``: the metrics ``objective.metric`` may name, ``"loss"`` included (the dev loss, minimised).
+    - ``default_metric``: the objective when the config names none.
+    - ``model_card_class``: the transformers Auto class the model card's usage snippet loads the model with.
+
+    The loss is not the task's: every task so far trains with the cross-entropy family of the training
+    recipe (``recipe.train.loss_fn``: cross-entropy or focal, optional class weights, positions labelled
+    ``IGNORE_INDEX`` skipped), applied to the logits of ``model_class()`` and the ``labels`` column.
+    """
+
+    name: ClassVar[str]
+    formats: ClassVar[tuple[str, ...]]
+    unit: ClassVar[str]
+    label_field: ClassVar[str]
+    stratify: ClassVar[bool]
+    metrics: ClassVar[tuple[str, ...]]
+    default_metric: ClassVar[str]
+    model_card_class: ClassVar[str]
+
+    # ------------------------------------------------------------------ config (validate, before any file is read)
+
+    def check_config(self, cfg: StudyConfig) -> list[tuple[str, str]]:
+        """The problems of a study config that only this task sees, as ``(field, message)`` pairs.
+
+        Called by the config check (validate, search, retrain-best) with every other check, so that all
+        problems are reported at once; the objective's metric is checked there against ``metrics``. An
+        empty list: nothing to say.
+        """
+        if cfg.data.format not in self.formats:
+            return [("data.format", self.format_problem(cfg.data.format))]
+        return []
+
+    @abc.abstractmethod
+    def format_problem(self, format: str) -> str:
+        """The config check's message for a ``data.format`` this task does not read."""
+
+    # ------------------------------------------------------------------ reading (data.read.load_splits, no tokenizer)
+
+    @abc.abstractmethod
+    def check_jsonl_fields(self, fields: Mapping[str, object]) -> None:
+        """Called before a JSON Lines split is read, with the config's field names (``text_column``,
+        ``label_column``, ``tokens_field``, ``tags_field``); raises ConfigError for one this task cannot use."""
+
+    @abc.abstractmethod
+    def jsonl_example(self, path: str | Path, number: int, record: dict, fields: Mapping[str, str]) -> Any:
+        """One example from one JSON Lines object (line ``number``), reading the fields of ``fields`` that
+        this task uses (keys ``text``, ``label``, ``tokens``, ``tags``); raises DataError for a bad record."""
+
+    @abc.abstractmethod
+    def example_labels(self, example: Any) -> Sequence[str]:
+        """The labels of one example (every tag of a sentence, or the one label of a text): the label set,
+        the label counts and the checks of the train split are made of these."""
+
+    @abc.abstractmethod
+    def label_set(self, examples: list) -> list[str]:
+        """The ordered label names of all splits' examples: label id i of the features and the model is
+        ``label_set(...)[i]``. Called once, after reading and cleaning."""
+
+    def train_problem(self, counts: Mapping[str, int]) -> str | None:
+        """Why a train split with these label counts teaches nothing (beyond having one label only, which
+        ``load_splits`` checks for every task), or None. Called before any tokenizer is loaded."""
+        return None
+
+    def summary(self, splits: DataSplits) -> list[str]:
+        """Report lines of this task about the splits read (label counts, warnings); called once by
+        ``load_splits`` after the common lines (sizes, label set) and before the unseen-label warnings."""
+        return []
+
+    # ------------------------------------------------------------------ features (data.features, a cache miss)
+
+    def check_tokenizer(self, tokenizer: Any) -> None:
+        """Raise ConfigError if the study's tokenizer cannot make this task's features (before tokenizing)."""
+        return None
+
+    @abc.abstractmethod
+    def tokenize(
+        self, examples: list, tokenizer: Any, label_ids: Mapping[str, int], max_length: int
+    ) -> tuple[dict[str, list], list[str]]:
+        """The feature columns of one split (``input_ids``..., ``labels`` and any scoring columns) and its
+        report lines. Called once per split on a cache miss of the features; the result is cached on disk,
+        so what it returns for the same input must not change without a new features format version."""
+
+    # ------------------------------------------------------------------ model (recipe.models, search pre-flight)
+
+    @abc.abstractmethod
+    def model_class(self) -> Any:
+        """The transformers Auto class (model with this task's head) that builds the trial's model, from a
+        config (``from_config``) or from pretrained weights. Called when a model is built."""
+
+    # ------------------------------------------------------------------ predictions (the recipe's evaluation; predict, serve)
+
+    @abc.abstractmethod
+    def collator(self, tokenizer: Any) -> Any:
+        """The collate function that pads a batch of features (labels included) for the model; called
+        when the recipe builds its data loaders."""
+
+    @abc.abstractmethod
+    def batch_predictions(self, logits: Any, labels: Any) -> list:
+        """Each example's predictions from one evaluation batch (``logits`` and the batch's ``labels``
+        tensors), as plain Python values, in the batch's order. Called after every evaluation batch."""
+
+    @abc.abstractmethod
+    def score(self, features: Features, split: str, predictions: list) -> dict[str, float]:
+        """The metrics of a split (without ``"loss"``, which the recipe adds) from the predictions of all its
+        examples in the split's order (the concatenated ``batch_predictions``). Called once per evaluation."""
+
+
+def json_field(path: str | Path, number: int, record: dict, name: str) -> object:
+    """The value of field ``name`` of the JSON object on line ``number``, or a DataError that lists the fields."""
+    if name not in record:
+        found = ", ".join(sorted(record)) or "none"
+        raise DataError(path, f"line {number}: no field {name!r} (fields found: {found})")
+    return record[name]

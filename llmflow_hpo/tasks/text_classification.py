@@ -1,0 +1,128 @@
+"""Text classification: one label per text, scored with scikit-learn (accuracy, F1, precision, recall).
+
+Reads CSV, TSV or JSON Lines (``data.text_column`` and ``data.label_column``); an example is a text.
+A dev or test split carved from train is stratified by label when it can be; features are the
+tokenized texts with one label id each; the model is ``AutoModelForSequenceClassification``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmflow_hpo.errors import ConfigError, DataError
+from llmflow_hpo.tasks.base import BaseTask, json_field
+from llmflow_hpo.tasks.metrics import TEXT_METRICS, text_classification_metrics
+
+if TYPE_CHECKING:
+    from llmflow_hpo.data.features import Features
+    from llmflow_hpo.data.read import DataSplits
+
+__all__ = ["TextClassification", "TextExample"]
+
+
+@dataclass(frozen=True)
+class TextExample:
+    """One text for classification; the label is always a string ("0", "1", "positive")."""
+
+    text: str
+    label: str
+
+
+class TextClassification(BaseTask):
+    """Sequence classification: one label per text."""
+
+    name = "text-classification"
+    formats = ("csv", "tsv", "jsonl")
+    unit = "example"
+    label_field = "data.label_column"
+    stratify = True
+    metrics = (*TEXT_METRICS, "loss")
+    default_metric = "accuracy"
+    model_card_class = "AutoModelForSequenceClassification"
+
+    def format_problem(self, format: str) -> str:
+        return "text-classification reads csv, tsv or jsonl"
+
+    # ------------------------------------------------------------------ reading
+
+    def check_jsonl_fields(self, fields: Mapping[str, object]) -> None:
+        """JSON Lines: the text and label columns are field names."""
+        for name in ("text_column", "label_column"):
+            value = fields[name]
+            if not isinstance(value, str):
+                raise ConfigError(f"data.{name}: format jsonl needs a field name, got {value!r}")
+
+    def jsonl_example(self, path: str | Path, number: int, record: dict, fields: Mapping[str, str]) -> TextExample:
+        text_field, label_field = fields["text"], fields["label"]
+        text = json_field(path, number, record, text_field)
+        label = json_field(path, number, record, label_field)
+        if not isinstance(text, str):
+            raise DataError(path, f"line {number}: field {text_field!r} must be a string")
+        if isinstance(label, bool):
+            label = str(label).lower()
+        if not isinstance(label, (str, int, float)):
+            raise DataError(path, f"line {number}: field {label_field!r} must be a string or number")
+        return TextExample(text=text, label=str(label))
+
+    def example_labels(self, example: TextExample) -> Sequence[str]:
+        return (example.label,)
+
+    def label_set(self, examples: list) -> list[str]:
+        """The labels seen, sorted as strings."""
+        return sorted({example.label for example in examples})
+
+    def summary(self, splits: DataSplits) -> list[str]:
+        lines = []
+        for name in ("train", "dev", "test"):
+            counts = Counter(example.label for example in getattr(splits, name))
+            lines.append(f"{name} label counts: " + ", ".join(f"{k}={counts[k]}" for k in sorted(counts)))
+        return lines
+
+    # ------------------------------------------------------------------ features
+
+    def tokenize(
+        self, examples: list[TextExample], tokenizer: Any, label_ids: Mapping[str, int], max_length: int
+    ) -> tuple[dict[str, list], list[str]]:
+        """Input ids of each text (truncated to ``max_length``) and its label id."""
+        enc = tokenizer([e.text for e in examples], truncation=True, max_length=max_length)
+        columns: dict[str, list] = {key: list(value) for key, value in enc.items()}
+        columns["labels"] = [label_ids[e.label] for e in examples]
+        truncated = sum(
+            1
+            for e, ids in zip(examples, columns["input_ids"], strict=True)
+            if _was_cut(tokenizer, e.text, ids, max_length)
+        )
+        report = [f"{truncated} of {len(examples)} examples truncated to data.max_length={max_length} subword tokens"]
+        return columns, report if truncated else []
+
+    # ------------------------------------------------------------------ model and predictions
+
+    def model_class(self) -> Any:
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification
+
+    def collator(self, tokenizer: Any) -> Any:
+        from transformers import DataCollatorWithPadding
+
+        return DataCollatorWithPadding(tokenizer)
+
+    def batch_predictions(self, logits: Any, labels: Any) -> list[int]:
+        """The predicted label id of each example (the argmax of its logits)."""
+        return logits.argmax(-1).cpu().tolist()
+
+    def score(self, features: Features, split: str, predictions: list) -> dict[str, float]:
+        """scikit-learn metrics of the predicted label names against the split's gold labels."""
+        names = features.labels
+        return text_classification_metrics(features.gold_labels(split), [names[i] for i in predictions])
+
+
+def _was_cut(tokenizer: Any, text: str, ids: list[int], max_length: int) -> bool:
+    """Whether truncation dropped tokens: an example of exactly max_length tokens was not cut."""
+    if len(ids) < max_length:
+        return False
+    return len(tokenizer(text, truncation=False)["input_ids"]) > max_length
