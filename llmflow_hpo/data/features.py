@@ -1,4 +1,4 @@
-"""Tokenization and label alignment, done once per study and cached on disk (HF datasets).
+"""Tokenization and label alignment (the task's ``tokenize``), done once per study and cached on disk (HF datasets).
 
 The cache key covers the data files' contents, the data settings, the tokenizer files and this
 module's format version, so every trial of a study (and every later run of it) reads the same
@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from llmflow_hpo.config.study import StudyConfig
-from llmflow_hpo.data.read import DataSplits, TextExample, TokenExample, load_splits
-from llmflow_hpo.errors import ConfigError
+from llmflow_hpo.data.read import DataSplits, load_splits
 from llmflow_hpo.recipe.models import load_tokenizer, tokenizer_fingerprint
+from llmflow_hpo.tasks import IGNORE_INDEX, get_task
+from llmflow_hpo.tasks.token_classification import align_labels
 
 __all__ = ["IGNORE_INDEX", "WORD_LEVEL_COLUMNS", "Features", "align_labels", "prepare_features", "read_splits"]
 
-IGNORE_INDEX = -100  # label of the positions the loss skips (special tokens, non-first subwords, padding)
 # Columns for scoring, not model inputs: word-level gold tags, and the word of each labelled position.
 WORD_LEVEL_COLUMNS = ("word_labels", "label_words")
 _FORMAT_VERSION = "2"  # 2: label_words (the word of each labelled position)
@@ -47,19 +47,6 @@ class Features:
 
     def gold_labels(self, split: str) -> list[str]:
         return [self.labels[i] for i in self.splits[split]["labels"]]
-
-
-def align_labels(word_ids: list[int | None], word_labels: list[int]) -> list[int]:
-    """Label the first subword of each word; later subwords and special tokens get IGNORE_INDEX."""
-    aligned: list[int] = []
-    previous: int | None = None
-    for word_id in word_ids:
-        if word_id is None or word_id == previous:
-            aligned.append(IGNORE_INDEX)
-        else:
-            aligned.append(word_labels[word_id])
-        previous = word_id
-    return aligned
 
 
 def _file_digest(path: str | None) -> str | None:
@@ -114,73 +101,6 @@ def read_splits(cfg: StudyConfig) -> DataSplits:
     )
 
 
-def _tokenize_tokens(
-    examples: list[TokenExample], tokenizer: Any, label_ids: dict[str, int], max_length: int
-) -> tuple[dict[str, list], list[str]]:
-    """Input ids, the first-subword labels, the word-level gold labels and, for every labelled position, the
-    index of its word (``label_words``): evaluation maps predictions back to words through it.
-
-    A word the tokenizer gives no subword (a zero-width or control character that survived cleaning) has
-    no position: it is counted and reported, and scored as predicted O, never shifted onto the next word.
-    """
-    enc = tokenizer(
-        [list(e.tokens) for e in examples],
-        is_split_into_words=True,
-        truncation=True,
-        max_length=max_length,
-    )
-    columns: dict[str, list] = {key: list(value) for key, value in enc.items()}
-    columns["labels"], columns["word_labels"], columns["label_words"] = [], [], []
-    truncated = 0
-    empty: list[str] = []  # words with no subword token
-    for i, example in enumerate(examples):
-        word_labels = [label_ids[t] for t in example.tags]
-        word_ids = enc.word_ids(i)
-        aligned = align_labels(word_ids, word_labels)
-        label_words = [w for w, a in zip(word_ids, aligned, strict=True) if a != IGNORE_INDEX]
-        present = set(label_words)
-        last = max(present, default=-1)
-        cut = len(columns["input_ids"][i]) >= max_length and last < len(word_labels) - 1
-        truncated += cut
-        tail = last + 1 if cut else len(word_labels)  # words after the cut are truncated, not empty
-        empty.extend(example.tokens[w] for w in range(tail) if w not in present)
-        columns["labels"].append(aligned)
-        columns["word_labels"].append(word_labels)
-        columns["label_words"].append(label_words)
-    report = []
-    if truncated:
-        report.append(
-            f"{truncated} of {len(examples)} examples truncated to data.max_length={max_length} subword tokens "
-            "(their cut-off words are scored as O)"
-        )
-    if empty:
-        shown = ", ".join(sorted({ascii(w) for w in empty})[:5])
-        report.append(
-            f"{len(empty)} words have no subword token in this tokenizer (e.g. {shown}); they are predicted O"
-        )
-    return columns, report
-
-
-def _tokenize_texts(
-    examples: list[TextExample], tokenizer: Any, label_ids: dict[str, int], max_length: int
-) -> tuple[dict[str, list], list[str]]:
-    enc = tokenizer([e.text for e in examples], truncation=True, max_length=max_length)
-    columns: dict[str, list] = {key: list(value) for key, value in enc.items()}
-    columns["labels"] = [label_ids[e.label] for e in examples]
-    truncated = sum(
-        1 for e, ids in zip(examples, columns["input_ids"], strict=True) if _was_cut(tokenizer, e.text, ids, max_length)
-    )
-    report = [f"{truncated} of {len(examples)} examples truncated to data.max_length={max_length} subword tokens"]
-    return columns, report if truncated else []
-
-
-def _was_cut(tokenizer: Any, text: str, ids: list[int], max_length: int) -> bool:
-    """Whether truncation dropped tokens: an example of exactly max_length tokens was not cut."""
-    if len(ids) < max_length:
-        return False
-    return len(tokenizer(text, truncation=False)["input_ids"]) > max_length
-
-
 def prepare_features(
     cfg: StudyConfig, *, log: Callable[[str], None] | None = None, data: DataSplits | None = None
 ) -> Features:
@@ -203,20 +123,14 @@ def prepare_features(
         return Features(cfg.task, meta["labels"], splits, meta["report"], cache_path, from_cache=True)
 
     data = data if data is not None else read_splits(cfg)
-    if cfg.task == "token-classification" and not getattr(tokenizer, "is_fast", False):
-        raise ConfigError(
-            "model.name_or_path: token-classification needs a fast tokenizer (word_ids for label alignment); "
-            f"{type(tokenizer).__name__} is not one"
-        )
+    task = get_task(cfg.task)
+    task.check_tokenizer(tokenizer)
     label_ids = {label: i for i, label in enumerate(data.labels)}
     report = list(data.report)
     splits = {}
     for split in SPLITS:
         examples = getattr(data, split)
-        if cfg.task == "token-classification":
-            columns, lines = _tokenize_tokens(examples, tokenizer, label_ids, cfg.data.max_length)
-        else:
-            columns, lines = _tokenize_texts(examples, tokenizer, label_ids, cfg.data.max_length)
+        columns, lines = task.tokenize(examples, tokenizer, label_ids, cfg.data.max_length)
         report.extend(f"{split}: {line}" for line in lines)
         # Our cache key is the fingerprint: datasets need not hash (pickle) the whole table to make one.
         table = datasets.table.InMemoryTable.from_pydict(columns)

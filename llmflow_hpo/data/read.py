@@ -24,6 +24,9 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from llmflow_hpo.errors import ConfigError, DataError
+from llmflow_hpo.tasks import BaseTask, get_task
+from llmflow_hpo.tasks.text_classification import TextExample
+from llmflow_hpo.tasks.token_classification import TokenExample
 
 __all__ = [
     "DataFormat",
@@ -40,36 +43,15 @@ __all__ = [
     "stratify_problem",
 ]
 
-Task = Literal["token-classification", "text-classification"]
+Task = str  # a name of tasks.TASK_NAMES
 DataFormat = Literal["conll", "csv", "tsv", "jsonl"]
 
-TASKS: tuple[str, ...] = ("token-classification", "text-classification")
-FORMATS_BY_TASK: dict[str, tuple[str, ...]] = {
-    "token-classification": ("conll", "jsonl"),
-    "text-classification": ("csv", "tsv", "jsonl"),
-}
 SPLIT_NAMES: tuple[str, ...] = ("train", "dev", "test")
 UNICODE_FORMS: tuple[str, ...] = ("NFC", "NFD", "NFKC", "NFKD")
 DOCSTART = "-DOCSTART-"
 _BOM = "\ufeff"
 _WHITESPACE_RUN = re.compile(r"\s+")
 _COLUMN_SEPARATOR = re.compile(r"[ \t]+")
-
-
-@dataclass(frozen=True)
-class TokenExample:
-    """One sentence for named-entity recognition: words and their IOB tags, one tag per word."""
-
-    tokens: tuple[str, ...]
-    tags: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class TextExample:
-    """One text for classification; the label is always a string ("0", "1", "positive")."""
-
-    text: str
-    label: str
 
 
 Example = TypeVar("Example", TokenExample, TextExample)
@@ -267,24 +249,22 @@ def read_jsonl(
     encoding: str = "utf-8",
     limit: int | None = None,
 ) -> list[TokenExample] | list[TextExample]:
-    """Read one JSON object per line: tokens and tags for NER, text and label for classification.
+    """Read one JSON object per line: the task's example from each (``BaseTask.jsonl_example``).
 
-    Labels may be JSON strings, numbers or booleans and become strings; tags must be strings
-    (integer tag ids carry no names). ``limit`` keeps the first N objects; blank lines are skipped.
+    Tokens and tags for NER, text and label for classification. Labels may be JSON strings, numbers or
+    booleans and become strings; tags must be strings (integer tag ids carry no names). ``limit`` keeps
+    the first N objects; blank lines are skipped.
     """
-    _check_task(task)
+    spec = get_task(task)
     _check_limit(limit)
+    fields = {"text": text_field, "label": label_field, "tokens": tokens_field, "tags": tags_field}
     examples: list = []
     for number, line in _numbered_lines(path, encoding):
         if limit is not None and len(examples) >= limit:
             break
         if not line.strip():
             continue
-        record = _json_object(path, number, line)
-        if task == "token-classification":
-            examples.append(_jsonl_token_example(path, number, record, tokens_field, tags_field))
-        else:
-            examples.append(_jsonl_text_example(path, number, record, text_field, label_field))
+        examples.append(spec.jsonl_example(path, number, _json_object(path, number, line), fields))
     return examples
 
 
@@ -298,38 +278,6 @@ def _json_object(path: str | Path, number: int, line: str) -> dict:
     if not isinstance(record, dict):
         raise DataError(path, f"line {number}: expected a JSON object, got {type(record).__name__}")
     return record
-
-
-def _json_field(path: str | Path, number: int, record: dict, name: str) -> object:
-    if name not in record:
-        found = ", ".join(sorted(record)) or "none"
-        raise DataError(path, f"line {number}: no field {name!r} (fields found: {found})")
-    return record[name]
-
-
-def _jsonl_token_example(
-    path: str | Path, number: int, record: dict, tokens_field: str, tags_field: str
-) -> TokenExample:
-    tokens = _json_field(path, number, record, tokens_field)
-    tags = _json_field(path, number, record, tags_field)
-    for name, value in ((tokens_field, tokens), (tags_field, tags)):
-        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-            raise DataError(path, f"line {number}: field {name!r} must be a list of strings")
-    if len(tokens) != len(tags):
-        raise DataError(path, f"line {number}: {len(tokens)} tokens but {len(tags)} tags")
-    return TokenExample(tuple(tokens), tuple(tags))
-
-
-def _jsonl_text_example(path: str | Path, number: int, record: dict, text_field: str, label_field: str) -> TextExample:
-    text = _json_field(path, number, record, text_field)
-    label = _json_field(path, number, record, label_field)
-    if not isinstance(text, str):
-        raise DataError(path, f"line {number}: field {text_field!r} must be a string")
-    if isinstance(label, bool):
-        label = str(label).lower()
-    if not isinstance(label, (str, int, float)):
-        raise DataError(path, f"line {number}: field {label_field!r} must be a string or number")
-    return TextExample(text=text, label=str(label))
 
 
 def _open_text(path: str | Path, encoding: str):
@@ -584,13 +532,13 @@ def load_splits(
     is carved from train first, then a missing dev split; a fraction is of the train examples as
     read and cleaned. Classification splits are stratified by label when possible.
     """
-    _check_task(task)
-    _check_format(task, format)
+    spec = get_task(task)
+    _check_format(spec, format)
     unknown = sorted(set(limits) - set(SPLIT_NAMES))
     if unknown:
         raise ValueError(f"unknown split(s) in limits: {', '.join(unknown)}")
     options = _ReadOptions(
-        task=task,
+        task=spec,
         format=format,
         token_column=token_column,
         tag_column=tag_column,
@@ -612,7 +560,7 @@ def load_splits(
     for name, amount in (("test", split_test), ("dev", split_dev)):
         if name not in loaded:
             loaded["train"], loaded[name] = _carve(
-                task,
+                spec,
                 loaded["train"],
                 name,
                 amount,
@@ -623,15 +571,15 @@ def load_splits(
             )
     for name in SPLIT_NAMES:
         _require_examples(name, loaded[name], paths[name] or train)
-    _require_something_to_learn(task, loaded["train"], train)
+    _require_something_to_learn(spec, loaded["train"], train)
     splits = DataSplits(
         train=loaded["train"],
         dev=loaded["dev"],
         test=loaded["test"],
-        labels=_label_set(task, loaded),
+        labels=spec.label_set([example for examples in loaded.values() for example in examples]),
         report=report,
     )
-    report.extend(_summary(task, splits))
+    report.extend(_summary(spec, splits))
     return splits
 
 
@@ -639,7 +587,7 @@ def load_splits(
 class _ReadOptions:
     """How load_splits reads every file of a study (its keyword arguments, gathered once)."""
 
-    task: str
+    task: BaseTask
     format: str
     token_column: int
     tag_column: int
@@ -656,8 +604,7 @@ def _read_split(path: Path, limit: int | None, options: _ReadOptions, report: li
     """Read and clean one split file, adding its report lines."""
     examples = _read_file(path, limit, options)
     limited = f" (limit {limit})" if limit is not None else ""
-    unit = "sentence" if options.task == "token-classification" else "example"
-    report.append(f"{Path(path).name}: read {_n(len(examples), unit)} from {path}{limited}")
+    report.append(f"{Path(path).name}: read {_n(len(examples), options.task.unit)} from {path}{limited}")
     cleaned, lines = clean_examples(examples, source=Path(path).name, normalize_unicode=options.normalize_unicode)
     report.extend(lines)
     return cleaned
@@ -686,13 +633,18 @@ def _read_file(path: Path, limit: int | None, options: _ReadOptions) -> list:
 
 
 def _read_jsonl_split(path: Path, limit: int | None, options: _ReadOptions) -> list:
-    """JSON Lines: the text and label columns are field names."""
-    for name, value in (("text_column", options.text_column), ("label_column", options.label_column)):
-        if options.task == "text-classification" and not isinstance(value, str):
-            raise ConfigError(f"data.{name}: format jsonl needs a field name, got {value!r}")
+    """JSON Lines: the task says which of the column options must be field names."""
+    options.task.check_jsonl_fields(
+        {
+            "text_column": options.text_column,
+            "label_column": options.label_column,
+            "tokens_field": options.tokens_field,
+            "tags_field": options.tags_field,
+        }
+    )
     return read_jsonl(
         path,
-        task=options.task,
+        task=options.task.name,
         text_field=str(options.text_column),
         label_field=str(options.label_column),
         tokens_field=options.tokens_field,
@@ -703,7 +655,7 @@ def _read_jsonl_split(path: Path, limit: int | None, options: _ReadOptions) -> l
 
 
 def _carve(
-    task: str,
+    task: BaseTask,
     train: list,
     name: str,
     amount: float | int,
@@ -714,7 +666,7 @@ def _carve(
     report: list[str],
 ) -> tuple[list, list]:
     """Carve split ``name`` out of train; a fraction is of ``total``, the train size as read."""
-    stratify = task == "text-classification"
+    stratify = task.stratify
     how = "plain split"
     try:
         count = _held_out_count(total, amount)
@@ -737,74 +689,44 @@ def _require_examples(name: str, examples: list, path: Path) -> None:
         raise DataError(path, f"the {name} split has no examples left after reading and cleaning")
 
 
-def _require_something_to_learn(task: str, examples: list, path: Path) -> None:
+def _require_something_to_learn(task: BaseTask, examples: list, path: Path) -> None:
     """A train split with one label only (or NER tags that are all O) trains a model that learns nothing and
     scores perfectly or zero: train loss 0, accuracy 1.0. Refused before any study is created."""
-    counts = Counter(
-        tag for example in examples for tag in (example.tags if task == "token-classification" else (example.label,))
-    )
-    if task == "token-classification" and not set(counts) - {"O"}:
-        raise DataError(
-            path,
-            f"the train split has no entities (all {sum(counts.values())} tags are O): a model learns nothing from it; "
-            "check data.tag_column (or the tags field) and that the file holds IOB tags such as B-PER",
-        )
+    counts = Counter(label for example in examples for label in task.example_labels(example))
+    problem = task.train_problem(counts)
+    if problem is not None:
+        raise DataError(path, problem)
     if len(counts) < 2:
         (only,) = counts
-        column = "data.tag_column" if task == "token-classification" else "data.label_column"
         raise DataError(
             path,
             f"the train split has one label only ({only!r}, {counts[only]} times): a model learns nothing from it "
-            f"(train loss 0, accuracy 1.0); give examples of at least two labels, or check {column}",
+            f"(train loss 0, accuracy 1.0); give examples of at least two labels, or check {task.label_field}",
         )
 
 
-def _label_set(task: str, loaded: dict[str, list]) -> list[str]:
-    if task == "text-classification":
-        return sorted({example.label for examples in loaded.values() for example in examples})
-    tags = {tag for examples in loaded.values() for example in examples for tag in example.tags}
-    return (["O"] if "O" in tags else []) + sorted(tags - {"O"})
-
-
-def _summary(task: str, splits: DataSplits) -> list[str]:
+def _summary(task: BaseTask, splits: DataSplits) -> list[str]:
     lines = [f"splits: train {len(splits.train)}, dev {len(splits.dev)}, test {len(splits.test)}"]
     lines.append(f"labels ({len(splits.labels)}): {', '.join(splits.labels)}")
-    if task == "text-classification":
-        for name in SPLIT_NAMES:
-            counts = Counter(example.label for example in getattr(splits, name))
-            lines.append(f"{name} label counts: " + ", ".join(f"{k}={counts[k]}" for k in sorted(counts)))
-    seen = _labels_of(splits.train)
-    if task == "token-classification":
-        for name in ("dev", "test"):
-            if not _labels_of(getattr(splits, name)) - {"O"}:
-                lines.append(
-                    f"warning: {name} has no entities (every tag is O): its entity f1, precision and recall are 0"
-                )
+    lines.extend(task.summary(splits))
+    seen = _labels_of(task, splits.train)
     for name in ("dev", "test"):
-        unseen = sorted(_labels_of(getattr(splits, name)) - seen)
+        unseen = sorted(_labels_of(task, getattr(splits, name)) - seen)
         if unseen:
             lines.append(f"warning: {name} has label(s) never seen in train: {', '.join(unseen)}")
     return lines
 
 
-def _labels_of(examples: list) -> set[str]:
-    if examples and isinstance(examples[0], TokenExample):
-        return {tag for example in examples for tag in example.tags}
-    return {example.label for example in examples}
+def _labels_of(task: BaseTask, examples: list) -> set[str]:
+    return {label for example in examples for label in task.example_labels(example)}
 
 
 # --------------------------------------------------------------------------------------- checks
 
 
-def _check_task(task: str) -> None:
-    if task not in TASKS:
-        raise ConfigError(f"task {task!r} is not one of {', '.join(TASKS)}")
-
-
-def _check_format(task: str, format: str) -> None:
-    allowed = FORMATS_BY_TASK[task]
-    if format not in allowed:
-        raise ConfigError(f"format {format!r} does not fit task {task!r}; use one of {', '.join(allowed)}")
+def _check_format(task: BaseTask, format: str) -> None:
+    if format not in task.formats:
+        raise ConfigError(f"format {format!r} does not fit task {task.name!r}; use one of {', '.join(task.formats)}")
 
 
 def _check_limit(limit: int | None) -> None:

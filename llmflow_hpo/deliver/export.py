@@ -15,6 +15,7 @@ from llmflow_hpo.config.study import StudyConfig, config_to_dict
 from llmflow_hpo.errors import LlmflowError
 from llmflow_hpo.recipe.models import load_tokenizer
 from llmflow_hpo.study.storage import library_versions
+from llmflow_hpo.tasks import get_task
 
 __all__ = ["check_output_dir", "save_model"]
 
@@ -42,6 +43,7 @@ def _card(
         None: "n/a (dev was trained on)",
     }[reproduced]
     data = cfg.data
+    auto = get_task(cfg.task).model_card_class
     return f"""# {cfg.study_name}: best trial {trial.number}
 
 Fine-tuned `{cfg.model.name_or_path}` for **{cfg.task}** by llmflow-hpo {__version__}.
@@ -83,8 +85,8 @@ Fixed:
 ## Use
 
 ```python
-from transformers import AutoModelFor{"Token" if cfg.task == "token-classification" else "Sequence"}Classification, AutoTokenizer
-model = AutoModelFor{"Token" if cfg.task == "token-classification" else "Sequence"}Classification.from_pretrained("PATH/TO/THIS/FOLDER")
+from transformers import {auto}, AutoTokenizer
+model = {auto}.from_pretrained("PATH/TO/THIS/FOLDER")
 tokenizer = AutoTokenizer.from_pretrained("PATH/TO/THIS/FOLDER")
 ```
 """

@@ -10,10 +10,10 @@ from typing import Any
 
 from llmflow_hpo.config.study import ModelConfig
 from llmflow_hpo.errors import ConfigError
+from llmflow_hpo.tasks import get_task
 
 __all__ = [
     "DROPOUT_ATTRIBUTES",
-    "auto_model_class",
     "build_model",
     "load_tokenizer",
     "model_config",
@@ -107,13 +107,6 @@ def model_config(
     return config
 
 
-def auto_model_class(task: str) -> Any:
-    """The transformers auto class of the task's model (its head)."""
-    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
-
-    return AutoModelForTokenClassification if task == "token-classification" else AutoModelForSequenceClassification
-
-
 def build_model(
     model_cfg: ModelConfig,
     *,
@@ -124,7 +117,7 @@ def build_model(
 ) -> Any:
     """A freshly loaded (or randomly initialised) model with a head for ``labels`` and the trial's dropout."""
     config = model_config(model_cfg, labels=labels, hidden_dropout=hidden_dropout, attention_dropout=attention_dropout)
-    auto = auto_model_class(task)
+    auto = get_task(task).model_class()
     if model_cfg.random_init:
         return auto.from_config(config)
     return auto.from_pretrained(resolve_model_path(model_cfg.name_or_path), config=config)

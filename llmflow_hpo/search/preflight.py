@@ -23,6 +23,7 @@ from pathlib import Path
 from llmflow_hpo.config.study import StudyConfig
 from llmflow_hpo.errors import ConfigError
 from llmflow_hpo.recipe.models import resolve_model_path
+from llmflow_hpo.tasks import get_task
 
 __all__ = ["check_before_search", "check_device", "check_gpu_driver", "check_model_build", "check_model_config"]
 
@@ -210,7 +211,7 @@ def check_model_build(cfg: StudyConfig, source: str, searched: Iterable[str] = (
     checks at build time, found before any study or trial exists (imports torch and transformers)."""
     import torch
 
-    from llmflow_hpo.recipe.models import auto_model_class, model_config
+    from llmflow_hpo.recipe.models import model_config
 
     searched = set(searched)
     # A searched dropout is drawn per trial: any value shows whether the model has a field for it.
@@ -224,7 +225,7 @@ def check_model_build(cfg: StudyConfig, source: str, searched: Iterable[str] = (
         raise ConfigError(f"{source}: {e}") from None
     try:
         with torch.device("meta"):
-            auto_model_class(cfg.task).from_config(config)
+            get_task(cfg.task).model_class().from_config(config)
     except (
         TypeError,
         ValueError,

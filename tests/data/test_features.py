@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from llmflow_hpo.data.features import IGNORE_INDEX, align_labels, prepare_features
 from llmflow_hpo.recipe.models import load_tokenizer
+from llmflow_hpo.tasks import get_task
 
 
 def test_align_labels_first_subword_only():
@@ -131,7 +132,7 @@ class _Oracle(torch.nn.Module):
 
 @pytest.mark.parametrize("empty", EMPTY_WORDS)
 def test_a_word_without_subwords_is_predicted_o_and_shifts_nothing(tiny_cfg, tmp_path, empty):
-    from llmflow_hpo.recipe.train import _by_length, _collator, _ModelInputs, evaluate, resolve_runtime
+    from llmflow_hpo.recipe.train import _by_length, _ModelInputs, evaluate, resolve_runtime
 
     sentence = [("John", "B-PER"), (empty, "O"), ("lives", "O"), ("in", "O"), ("Paris", "B-LOC")]
     other = [("Paris", "B-LOC"), ("and", "O"), (empty, "O"), (empty, "O"), ("John", "B-PER")]
@@ -145,14 +146,14 @@ def test_a_word_without_subwords_is_predicted_o_and_shifts_nothing(tiny_cfg, tmp
     assert not any("truncated" in line for line in features.report)  # not counted as truncation
     tokenizer = load_tokenizer(cfg.model)
     loader = DataLoader(
-        _ModelInputs(dev), batch_size=2, sampler=_by_length(dev), collate_fn=_collator(cfg.task, tokenizer)
+        _ModelInputs(dev), batch_size=2, sampler=_by_length(dev), collate_fn=get_task(cfg.task).collator(tokenizer)
     )
     metrics = evaluate(_Oracle(tokenizer, features.labels), loader, features, "dev", resolve_runtime(cfg.train))
     assert metrics["f1"] == 1.0 and metrics["accuracy"] == 1.0
 
 
 def test_word_predictions_put_each_prediction_on_its_word():
-    from llmflow_hpo.recipe.train import word_predictions
+    from llmflow_hpo.tasks.token_classification import word_predictions
 
     names = ["O", "B-PER", "B-LOC"]
     gold = [["B-PER", "O", "O", "O", "B-LOC"], ["B-LOC", "O", "O"]]
@@ -213,11 +214,10 @@ def test_tokenizer_fingerprint_reads_the_vocabulary_files_of_the_tokenizer_class
 def test_text_truncation_counts_only_examples_that_were_cut(tiny_cfg, tmp_path):
     cfg, _, _ = tiny_cfg()
     tokenizer = load_tokenizer(cfg.model)
-    from llmflow_hpo.data.features import _tokenize_texts
     from llmflow_hpo.data.read import TextExample
 
     exact = "one two three four five six"  # [CLS] + 6 + [SEP] = 8 tokens: fits max_length 8 exactly
     assert len(tokenizer(exact)["input_ids"]) == 8
     examples = [TextExample(exact, "a"), TextExample(exact + " seven", "a"), TextExample("short", "a")]
-    _, report = _tokenize_texts(examples, tokenizer, {"a": 0}, max_length=8)
+    _, report = get_task("text-classification").tokenize(examples, tokenizer, {"a": 0}, max_length=8)
     assert report == ["1 of 3 examples truncated to data.max_length=8 subword tokens"]
