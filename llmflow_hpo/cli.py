@@ -182,7 +182,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from llmflow_hpo.config.study import apply_overrides, config_from_dict, config_to_dict
-    from llmflow_hpo.study.storage import MAY_CHANGE, load_study, may_change, stored_config
+    from llmflow_hpo.study.provenance import MAY_CHANGE, may_change, stored_config
+    from llmflow_hpo.study.storage import load_study
 
     storage = _storage(args)
     _probe_storage(storage, "worker --storage")
@@ -220,7 +221,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary: Any, cfg: Any, as_json: bool) -> None:
-    from llmflow_hpo.search.backends.optuna_backend import checkpoint_root
+    from llmflow_hpo.search.driver import checkpoint_root
 
     if as_json:
         print(json.dumps(summary.__dict__, indent=2))
@@ -268,71 +269,81 @@ def _probe_storage(url: str, source: str) -> None:
 def _storage(args: argparse.Namespace) -> str:
     if args.storage:
         return args.storage
-    from llmflow_hpo.study.storage import default_storage_for
+    from llmflow_hpo.study.urls import default_storage_for
 
     return default_storage_for(args.study)
 
 
 def _trial_row(t: Any) -> dict[str, Any]:
+    from llmflow_hpo.study import records
+    from llmflow_hpo.study.view import duration_s
+
     return {
         "number": t.number,
         "state": t.state.name.lower(),
         "value": t.value,
         "params": t.params,
-        "best_step": t.user_attrs.get("best_step"),
-        "duration_s": t.duration.total_seconds() if t.duration else None,
-        "fail_reason": t.user_attrs.get("fail_reason") if t.state.name == "FAIL" else None,
+        "best_step": t.user_attrs.get(records.BEST_STEP),
+        "duration_s": duration_s(t),
+        "fail_reason": t.user_attrs.get(records.FAIL_REASON) if t.state.name == "FAIL" else None,
         "user_attrs": t.user_attrs,
     }
 
 
-def cmd_trials(args: argparse.Namespace) -> int:
+def _study_view(args: argparse.Namespace) -> Any:
     from llmflow_hpo.study.storage import load_study
+    from llmflow_hpo.study.view import StudyView
 
-    study = load_study(args.study, _storage(args))
-    rows = [_trial_row(t) for t in study.get_trials(deepcopy=False)]
+    return StudyView.of(load_study(args.study, _storage(args)))
+
+
+def cmd_trials(args: argparse.Namespace) -> int:
+    from llmflow_hpo.study import records
+    from llmflow_hpo.study.view import params_text
+
+    view = _study_view(args)
+    rows = [_trial_row(t) for t in view.trials]
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
-    metric = study.user_attrs.get("metric", "value")
-    print(f"{'#':>4} {'state':9} {metric:>9} {'step':>8} {'secs':>7}  params")
+    print(f"{'#':>4} {'state':9} {view.metric:>9} {'step':>8} {'secs':>7}  params")
     for r in rows:
         value = f"{r['value']:.4f}" if r["value"] is not None else "-"
         secs = f"{r['duration_s']:.1f}" if r["duration_s"] is not None else "-"
-        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
         extra = f"  ({r['fail_reason']})" if r["fail_reason"] else ""
         attrs = r["user_attrs"]
-        if attrs.get("retry_of") is not None:
-            resumed = attrs.get("resumed_at_step")
-            extra += f"  (retry of {attrs['retry_of']}" + (f", resumed at step {resumed})" if resumed else ")")
+        if attrs.get(records.RETRY_OF) is not None:
+            resumed = attrs.get(records.RESUMED_AT_STEP)
+            extra += f"  (retry of {attrs[records.RETRY_OF]}" + (f", resumed at step {resumed})" if resumed else ")")
+        params = params_text(r["params"])
         print(f"{r['number']:>4} {r['state']:9} {value:>9} {r['best_step'] or '-':>8} {secs:>7}  {params}{extra}")
     return 0
 
 
 def cmd_best(args: argparse.Namespace) -> int:
     from llmflow_hpo.errors import StorageError
-    from llmflow_hpo.study.storage import load_study
+    from llmflow_hpo.study import records
 
-    study = load_study(args.study, _storage(args))
-    try:
-        best = study.best_trial
-    except ValueError:
-        raise StorageError(f"study {args.study!r} has no complete trial yet") from None
+    view = _study_view(args)
+    best = view.best
+    if best is None:
+        raise StorageError(f"study {args.study!r} has no complete trial yet")
     row = _trial_row(best)
     if args.json:
         print(json.dumps(row, indent=2, default=str))
     else:
-        metric = study.user_attrs.get("metric", "value")
-        print(f"best trial {best.number}: dev {metric}={best.value:.4f} at step {row['best_step']}")
+        print(f"best trial {best.number}: dev {view.metric}={best.value:.4f} at step {row['best_step']}")
         for k, v in best.params.items():
             print(f"  {k}: {v}")
-        dev = {k[4:]: v for k, v in best.user_attrs.items() if k.startswith("dev_")}
+        prefix = records.DEV_PREFIX
+        dev = {k[len(prefix) :]: v for k, v in best.user_attrs.items() if k.startswith(prefix)}
         print("  dev metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(dev.items())))
     return 0
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from llmflow_hpo.views.dashboard import only_storage_here, open_dashboard
+    from llmflow_hpo.study.urls import only_storage_here
+    from llmflow_hpo.views.dashboard import open_dashboard
 
     storage = _storage(args) if args.study or args.storage else only_storage_here()
     dashboard = open_dashboard(storage, study=args.study, host=args.host, port=args.port, log=_log)
@@ -398,92 +409,94 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="llmflow-hpo",
-        description="Hyperparameter search for transformer fine-tuning (Optuna studies in an SQL database).",
-        epilog=EXAMPLES,
+def _command(sub: Any, name: str, func: Any, help_text: str, example: str) -> argparse.ArgumentParser:
+    """A subcommand: its help is its description, its example the epilog; every command takes --json."""
+    p = sub.add_parser(
+        name,
+        help=help_text,
+        description=help_text,
+        epilog=f"example:\n  {example}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"llmflow-hpo {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of known errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p.set_defaults(func=func)
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    return p
 
-    def add(name: str, func: Any, help_text: str, example: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(
-            name,
-            help=help_text,
-            description=help_text,
-            epilog=f"example:\n  {example}",
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        p.set_defaults(func=func)
-        p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-        return p
 
-    for name, func, text, example in (
-        (
-            "search",
-            cmd_search,
-            "Run (or continue) the study a config describes.",
-            "llmflow-hpo search studies/quickstart.yaml",
-        ),
-        (
-            "validate",
-            cmd_validate,
-            "Check a study config and its search space without training (no torch import).",
-            "llmflow-hpo validate studies/conll2003.yaml --set train.epochs=2",
-        ),
-    ):
-        p = add(name, func, text, example)
-        p.add_argument("config", help="study YAML file")
-        p.add_argument(
-            "--set",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override a config field, e.g. train.epochs=2 (repeatable)",
-        )
-        if name == "search":
-            p.add_argument(
-                "--workers",
-                type=int,
-                default=1,
-                metavar="N",
-                help="worker processes on this machine; the cores (and GPUs) are divided between them (default 1)",
-            )
-            p.add_argument(
-                "--backend",
-                choices=("optuna", "ray"),
-                help="who runs the trials: optuna workers or Ray Tune (default: the config's backend, optuna)",
-            )
-            p.add_argument(
-                "--ray-address",
-                metavar="ADDRESS",
-                help="join a running Ray cluster (e.g. auto or ray://head:10001) instead of starting a local Ray",
-            )
-            p.add_argument(
-                "--quiet",
-                action="store_true",
-                help="no progress: only warnings, errors and the result",
-            )
-            p.add_argument(
-                "--new-study",
-                action="store_true",
-                help="start a new study (NAME-2, NAME-3...) beside the stored one instead of continuing it",
-            )
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="study YAML file")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. train.epochs=2 (repeatable)",
+    )
 
-    def study_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--study", required=True, help="study name")
-        p.add_argument("--storage", help="optuna storage URL (default: sqlite:///studies/NAME.db when it exists)")
 
-    p = add(
+def _study_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--study", required=True, help="study name")
+    p.add_argument("--storage", help="optuna storage URL (default: sqlite:///studies/NAME.db when it exists)")
+
+
+def _add_search(sub: Any) -> None:
+    p = _command(
+        sub,
+        "search",
+        cmd_search,
+        "Run (or continue) the study a config describes.",
+        "llmflow-hpo search studies/quickstart.yaml",
+    )
+    _config_args(p)
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="worker processes on this machine; the cores (and GPUs) are divided between them (default 1)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("optuna", "ray"),
+        help="who runs the trials: optuna workers or Ray Tune (default: the config's backend, optuna)",
+    )
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="join a running Ray cluster (e.g. auto or ray://head:10001) instead of starting a local Ray",
+    )
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress: only warnings, errors and the result",
+    )
+    p.add_argument(
+        "--new-study",
+        action="store_true",
+        help="start a new study (NAME-2, NAME-3...) beside the stored one instead of continuing it",
+    )
+
+
+def _add_validate(sub: Any) -> None:
+    p = _command(
+        sub,
+        "validate",
+        cmd_validate,
+        "Check a study config and its search space without training (no torch import).",
+        "llmflow-hpo validate studies/conll2003.yaml --set train.epochs=2",
+    )
+    _config_args(p)
+
+
+def _add_retrain_best(sub: Any) -> None:
+    p = _command(
+        sub,
         "retrain-best",
         cmd_retrain_best,
         "Retrain the study's best trial from the storage alone and save the finished model with its test score.",
         "llmflow-hpo retrain-best --study quickstart --storage sqlite:///studies/quickstart.db --output runs/qs",
     )
-    study_args(p)
+    _study_args(p)
     p.add_argument("--output", help="model folder to write (default: runs/NAME/best-model)")
     p.add_argument(
         "--train-on",
@@ -491,14 +504,18 @@ def build_parser() -> argparse.ArgumentParser:
         default="train",
         help="train: reproduce the best trial exactly (default); train+dev: also learn from dev, same epochs",
     )
-    p = add(
+
+
+def _add_worker(sub: Any) -> None:
+    p = _command(
+        sub,
         "worker",
         cmd_worker,
         "Join an existing study from any machine (its config comes from the storage) and run trials until it "
         "holds n_trials.",
         "llmflow-hpo worker --study conll2003 --storage postgresql+psycopg://user@db-host/hpo",
     )
-    study_args(p)
+    _study_args(p)
     p.add_argument(
         "--set",
         action="append",
@@ -508,21 +525,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="no progress: only warnings, errors and the result")
     p.add_argument("--spawned", action="store_true", help=argparse.SUPPRESS)  # started by search --workers
-    p = add(
-        "trials",
-        cmd_trials,
-        "List a study's trials: state, value, step of the best evaluation, parameters.",
-        "llmflow-hpo trials --study quickstart",
+
+
+def _add_readers(sub: Any) -> None:
+    """The commands that read a stored study: trials, best, dashboard, report."""
+    _study_args(
+        _command(
+            sub,
+            "trials",
+            cmd_trials,
+            "List a study's trials: state, value, step of the best evaluation, parameters.",
+            "llmflow-hpo trials --study quickstart",
+        )
     )
-    study_args(p)
-    p = add(
-        "best",
-        cmd_best,
-        "Show the study's best trial: value, parameters and dev metrics.",
-        "llmflow-hpo best --study quickstart",
+    _study_args(
+        _command(
+            sub,
+            "best",
+            cmd_best,
+            "Show the study's best trial: value, parameters and dev metrics.",
+            "llmflow-hpo best --study quickstart",
+        )
     )
-    study_args(p)
-    p = add(
+    _add_dashboard(sub)
+    p = _command(
+        sub,
+        "report",
+        cmd_report,
+        "Write an offline HTML report of a study (counts, times, best trials, optuna's plots) with its PNGs "
+        "and summary.json (no torch import).",
+        "llmflow-hpo report --study quickstart --output runs/quickstart/report",
+    )
+    _study_args(p)
+    p.add_argument("--output", help="report folder to write (default: runs/NAME/report)")
+
+
+def _add_dashboard(sub: Any) -> None:
+    p = _command(
+        sub,
         "dashboard",
         cmd_dashboard,
         "Serve optuna-dashboard on the study's storage (trials, learning curves, plots, the study's note) and "
@@ -542,15 +582,20 @@ def build_parser() -> argparse.ArgumentParser:
         "and optuna-dashboard has no login)",
     )
     p.add_argument("--port", type=_port, default=8080, help="port to listen on (default 8080; 0: a free port)")
-    p = add(
-        "report",
-        cmd_report,
-        "Write an offline HTML report of a study (counts, times, best trials, optuna's plots) with its PNGs "
-        "and summary.json (no torch import).",
-        "llmflow-hpo report --study quickstart --output runs/quickstart/report",
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmflow-hpo",
+        description="Hyperparameter search for transformer fine-tuning (Optuna studies in an SQL database).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    study_args(p)
-    p.add_argument("--output", help="report folder to write (default: runs/NAME/report)")
+    parser.add_argument("--version", action="version", version=f"llmflow-hpo {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of known errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_search, _add_validate, _add_retrain_best, _add_worker, _add_readers):
+        add(sub)
     return parser
 
 

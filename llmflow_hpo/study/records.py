@@ -248,7 +248,7 @@ STUDY_ATTRS: tuple[Attr, ...] = (
     Attr(CONFIG, "run", "the resolved study config"),
     Attr(SEARCH_SPACE, "run", "the search space file's contents"),
     Attr(DATA_REPORT, "run", "what reading the data found: cleaning, truncation, splits, labels"),
-    Attr(METRIC, "run", "the objective's dev metric (`f1`)"),
+    Attr(METRIC, "run", "the objective's dev metric, e.g. `f1`"),
     Attr(VERSIONS, "run", "llmflow-hpo, optuna, torch, transformers and datasets that made the study"),
     Attr(MLFLOW, "run", "with MLflow tracking: the tracking URI, experiment and run id of the study's run"),
 )

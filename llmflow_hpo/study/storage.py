@@ -1,124 +1,54 @@
 """The study in its SQL database, through optuna's RDB storage (SQLite by default, PostgreSQL for many workers).
 
-The study carries everything ``retrain-best`` needs: the resolved config, the search space and the
-versions of the libraries that ran it (``study.user_attrs``).
+Opening the storage (checks before anything is written, WAL, heartbeats and retries of dead trials,
+retries of transient errors) and opening, loading or naming a study. Where the database is lives in
+``urls``, the study lock in ``lock``, what a study stores about its making in ``provenance``, its
+dashboard note in ``note``. The study carries everything ``retrain-best`` needs: the resolved config, the
+search space and the versions of the libraries that ran it (``study.user_attrs``, see ``records``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
-import hashlib
 import json
 import os
 import random
 import sqlite3
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from importlib import metadata
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import optuna
 from optuna.trial import TrialState
 
-from llmflow_hpo import __version__
-from llmflow_hpo.config.study import HeartbeatConfig, StudyConfig, config_from_dict, config_to_dict
+from llmflow_hpo.config.study import HeartbeatConfig, StudyConfig, config_to_dict
 from llmflow_hpo.errors import StorageError
 from llmflow_hpo.paths import probe_folder, writable_problem
-from llmflow_hpo.search.spaces import SearchSpace, parse_search_space
+from llmflow_hpo.study import records
+from llmflow_hpo.study.lock import StudyLock as StudyLock  # re-exported until the importers import study.lock
+from llmflow_hpo.study.note import write_study_note
+from llmflow_hpo.study.provenance import MAY_CHANGE as MAY_CHANGE  # re-exported, as StudyLock
+from llmflow_hpo.study.provenance import check_same_study, library_versions
+from llmflow_hpo.study.provenance import may_change as may_change  # re-exported, as StudyLock
+from llmflow_hpo.study.provenance import stored_config as stored_config  # re-exported, as StudyLock
+from llmflow_hpo.study.urls import OPTUNA_TABLES, in_memory, is_optuna_sqlite, sqlite_path, sqlite_tables
 
 __all__ = [
-    "StudyLock",
-    "check_same_study",
     "check_storage",
-    "default_storage_for",
     "finished_trials",
     "free_study_name",
-    "library_versions",
     "load_study",
-    "may_change",
     "open_storage",
     "open_study",
+    "require_study",
     "retry_callback",
     "retry_transient",
-    "stored_config",
 ]
 
 T = TypeVar("T")
-
-# Changing these never changes what a study searches, so a rerun (or a worker) may change them.
-MAY_CHANGE = (
-    "n_trials",
-    "timeout",
-    "storage",
-    "cache_dir",
-    "train.device",
-    "train.num_threads",
-    "checkpoint.",
-    "heartbeat.",
-    "backend",
-    "ray.",
-    "tracking",
-    "tracking.",
-)
-
-
-def may_change(key: str) -> bool:
-    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in MAY_CHANGE)
-
-
-# Settings added after studies were already stored: what the versions before them did. A stored config
-# without such a setting is read with this value, so its trials retrain as they ran, and a rerun with
-# today's default is told which setting to restore instead of silently training differently.
-SINCE_ADDED = {
-    ("train", "group_by_length"): False,  # batches were drawn uniformly at random
-    ("train", "precision"): "fp32",  # fp32 on every device
-    ("train", "fused_optimizer"): False,  # AdamW's foreach kernel
-}
-
-
-def with_settings_added_since(stored: dict[str, Any]) -> dict[str, Any]:
-    """A stored config with the settings it predates, at the value its version used."""
-    out = json.loads(json.dumps(stored))
-    for (section, key), value in SINCE_ADDED.items():
-        if isinstance(out.get(section), dict):
-            out[section].setdefault(key, value)
-    return out
-
-
-def library_versions() -> dict[str, str]:
-    versions = {"llmflow-hpo": __version__}
-    for dist in ("optuna", "torch", "transformers", "datasets"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = "not installed"
-    return versions
-
-
-def default_storage_for(study_name: str) -> str:
-    """Where ``--study NAME`` without ``--storage`` looks: the default SQLite file of a config in ./studies/."""
-    path = Path("studies") / f"{study_name}.db"
-    if not path.exists():
-        raise StorageError(
-            f"no --storage given and {path} does not exist; pass --storage URL (e.g. sqlite:///path/to/{study_name}.db)"
-        )
-    return f"sqlite:///{path.resolve()}"
-
-
-def _sqlite_path(url: str) -> Path | None:
-    if url.startswith("sqlite:///") and not _in_memory(url):
-        return Path(url[len("sqlite:///") :].split("?", 1)[0])
-    return None
-
-
-def _in_memory(url: str) -> bool:
-    """``sqlite://``, ``sqlite:///`` and ``sqlite:///:memory:``: a database that ends with the process."""
-    return url.split("?", 1)[0] in ("sqlite://", "sqlite:///", "sqlite:///:memory:")
-
 
 _IN_MEMORY = (
     "an in-memory SQLite database: the study would be lost when the command ends; "
@@ -129,15 +59,6 @@ _URL_FORMS = (
     "or postgresql+psycopg://user@host/db"
 )
 _SQLITE_HEADER = b"SQLite format 3\x00"
-
-
-def _sqlite_tables(path: Path) -> set[str] | None:
-    """The tables of an SQLite file, read only (the file is not changed); None when it cannot be read."""
-    try:
-        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
-            return {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    except sqlite3.Error:  # not a database, or not readable
-        return None
 
 
 def _sqlite_header(path: Path) -> bytes:
@@ -155,10 +76,10 @@ def _sqlite_file_problem(path: Path) -> str | None:
         return None
     if head != _SQLITE_HEADER:
         return f"{path} is not an SQLite database; name a new .db file or the study's database"
-    tables = _sqlite_tables(path)
+    tables = sqlite_tables(path)
     if tables is None:
         return f"{path} cannot be read as an SQLite database"
-    if tables and not {"studies", "version_info"} <= tables:
+    if tables and not OPTUNA_TABLES <= tables:
         shown = ", ".join(sorted(tables)[:3]) + (", ..." if len(tables) > 3 else "")
         return (
             f"{path} is another tool's database (tables {shown}), not optuna's; optuna would add its tables "
@@ -175,7 +96,7 @@ def check_storage(url: str, *, probe: bool = False) -> str | None:
     remove an empty file in that folder, and connect to a server database, so that what only trying shows
     is found before the data is tokenized.
     """
-    if _in_memory(url):
+    if in_memory(url):
         return _IN_MEMORY
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
@@ -194,7 +115,7 @@ def check_storage(url: str, *, probe: bool = False) -> str | None:
         hint = "pip install 'llmflow-hpo[postgres]'" if parsed.drivername.startswith("postgres") else "install it"
         return f"database driver missing ({e}); {hint}"
     if parsed.drivername.startswith("sqlite"):
-        path = _sqlite_path(url)
+        path = sqlite_path(url)
         if path is None:
             return f"an SQLite URL has three slashes before the file's path: {_URL_FORMS}"
         if url.split("?", 1)[0].endswith("/"):
@@ -247,11 +168,6 @@ def _sqlite_wal(path: Path) -> None:
         raise StorageError(f"storage sqlite:///{path}: cannot open ({e})") from None
 
 
-def is_optuna_sqlite(path: Path) -> bool:
-    """Whether the SQLite file holds optuna's tables (read only: the file is not changed)."""
-    return {"studies", "version_info"} <= (_sqlite_tables(path) or set())
-
-
 def open_storage(
     url: str, heartbeat: HeartbeatConfig | None = None, *, existing: bool = False
 ) -> optuna.storages.BaseStorage:
@@ -265,9 +181,9 @@ def open_storage(
     its tables in any SQLite file).
     """
     engine_kwargs: dict[str, Any] = {}
-    if _in_memory(url):
+    if in_memory(url):
         raise StorageError(f"storage {url}: {_IN_MEMORY}")
-    path = _sqlite_path(url)
+    path = sqlite_path(url)
     if path is not None:
         if not path.parent.exists():
             raise StorageError(f"storage {url}: folder {path.parent} does not exist; create it or change storage")
@@ -343,97 +259,6 @@ def retry_transient(fn: Callable[[], T], *, attempts: int = 6) -> T:
     raise AssertionError("unreachable")
 
 
-class StudyLock:
-    """A lock shared by every worker of one study, held while a worker claims its next trial.
-
-    Counting "finished + running + queued < n_trials" and creating the trial must be one step, or two
-    workers that count at the same moment both start the last trial. Optuna has no such primitive, so:
-    SQLite (workers on one machine) locks a file beside the database; PostgreSQL takes an advisory lock
-    on a connection of its own, which the server frees if the worker dies. Other databases run unlocked
-    (counting may overshoot by a trial or two when several workers race).
-    """
-
-    def __init__(self, url: str, study_name: str) -> None:
-        self.url, self.study_name = url, study_name
-        self._fd: int | None = None
-        self._conn: Any = None
-        self._key = int.from_bytes(
-            hashlib.sha256(f"llmflow-hpo:{study_name}".encode()).digest()[:8], "big", signed=True
-        )
-
-    @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
-        self.acquire()
-        try:
-            yield
-        finally:
-            self.release()
-
-    def acquire(self) -> None:
-        path = _sqlite_path(self.url)
-        if path is not None:
-            if self._fd is None:
-                self._fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-        elif self.url.startswith("postgresql"):
-            from sqlalchemy import create_engine, text
-            from sqlalchemy.pool import NullPool
-
-            if self._conn is None:
-                self._conn = create_engine(self.url, poolclass=NullPool).connect()
-            self._conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": self._key})
-            self._conn.commit()
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-        elif self._conn is not None:
-            from sqlalchemy import text
-
-            self._conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self._key})
-            self._conn.commit()
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and key not in ("options", "config_overrides"):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def check_same_study(study: optuna.Study, cfg: StudyConfig, space_raw: dict[str, Any]) -> None:
-    """Refuse to continue a stored study with a config that searches something else."""
-    stored = study.user_attrs.get("config")
-    if stored is None:
-        raise StorageError(
-            f"study {study.study_name!r} in {cfg.storage} was not made by llmflow-hpo; choose another study_name"
-        )
-    old, new = _flatten(with_settings_added_since(stored)), _flatten(json.loads(json.dumps(config_to_dict(cfg))))
-    changed = [k for k in sorted(set(old) | set(new)) if not may_change(k) and old.get(k) != new.get(k)]
-    if study.user_attrs.get("search_space") != space_raw:
-        changed.append("search_space (file contents)")
-    if changed:
-        shown = ", ".join(
-            f"{k}: {old.get(k)!r} -> {new.get(k)!r}" if not k.startswith("search_space") else k for k in changed[:5]
-        )
-        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
-        raise StorageError(
-            f"study {study.study_name!r} already exists in {cfg.storage} with another config ({shown}{more}); "
-            "restore those settings to continue it, or set a new study_name"
-        )
-
-
 def open_study(
     cfg: StudyConfig,
     space_raw: dict[str, Any],
@@ -447,11 +272,9 @@ def open_study(
 
     A rerun may change ``n_trials``: the stored config takes the new target, so workers that join from
     other machines (``llmflow-hpo worker``) run towards it. The study carries a note for optuna-dashboard
-    (``dashboard.study_note``: what it searches, on which data and model, how to read its trials); a study
+    (``note.study_note``: what it searches, on which data and model, how to read its trials); a study
     without one gets it, a note the user edited stays.
     """
-    from llmflow_hpo.views.dashboard import write_study_note
-
     assert cfg.storage is not None
     storage = open_storage(cfg.storage, heartbeat)
     exists = cfg.study_name in {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
@@ -471,20 +294,20 @@ def open_study(
             )
         check_same_study(study, cfg, space_raw)
         write_study_note(study, cfg, space_raw, data_report)  # a study made before the note had none
-        stored = study.user_attrs["config"]
+        stored = study.user_attrs[records.CONFIG]
         # What a rerun may change for the workers that join later (and retrain-best): the target, the tracking.
         tracking = json.loads(json.dumps(dataclasses.asdict(cfg.tracking)))
         if stored.get("n_trials") != cfg.n_trials or stored.get("tracking") != tracking:
-            study.set_user_attr("config", {**stored, "n_trials": cfg.n_trials, "tracking": tracking})
+            study.set_user_attr(records.CONFIG, {**stored, "n_trials": cfg.n_trials, "tracking": tracking})
         return study
-    study.set_user_attr("config", json.loads(json.dumps(config_to_dict(cfg))))
-    study.set_user_attr("search_space", space_raw)
-    study.set_user_attr("versions", library_versions())
-    study.set_user_attr("data_report", data_report)
-    study.set_user_attr("metric", cfg.metric)
+    study.set_user_attr(records.CONFIG, json.loads(json.dumps(config_to_dict(cfg))))
+    study.set_user_attr(records.SEARCH_SPACE, space_raw)
+    study.set_user_attr(records.VERSIONS, library_versions())
+    study.set_user_attr(records.DATA_REPORT, data_report)
+    study.set_user_attr(records.METRIC, cfg.metric)
     with warnings.catch_warnings():  # experimental in optuna, but it is what names the objective in the dashboard
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names([f"dev_{cfg.metric}"])
+        study.set_metric_names([records.dev(cfg.metric)])
     write_study_note(study, cfg, space_raw, data_report)
     return study
 
@@ -514,17 +337,6 @@ def require_study(storage: optuna.storages.BaseStorage, study_name: str, storage
     if study_name not in names:
         held = ", ".join(names) if names else "none"
         raise StorageError(f"no study {study_name!r} in {storage_url} (studies there: {held})")
-
-
-def stored_config(study: optuna.Study) -> tuple[StudyConfig, SearchSpace, dict[str, Any]]:
-    """The config and search space a study was created with, validated again."""
-    raw = study.user_attrs.get("config")
-    space_raw = study.user_attrs.get("search_space")
-    if raw is None or space_raw is None:
-        raise StorageError(f"study {study.study_name!r} holds no llmflow-hpo config; it was not made by llmflow-hpo")
-    source = f"study {study.study_name!r} (stored config)"
-    cfg = config_from_dict(with_settings_added_since(raw), source=source, stored=True)
-    return cfg, parse_search_space(space_raw, source=source, stored=True), space_raw
 
 
 def finished_trials(study: optuna.Study) -> int:

@@ -19,6 +19,8 @@ __all__ = [
     "ALL_STATES",
     "StudyView",
     "best_trial",
+    "complete_trials",
+    "duration_s",
     "format_duration",
     "format_seconds",
     "format_value",
@@ -47,7 +49,8 @@ def state_counts(trials: Iterable[Any], states: Sequence[str] = ALL_STATES) -> d
     return counts
 
 
-def _complete(trials: Iterable[Any]) -> list[Any]:
+def complete_trials(trials: Iterable[Any]) -> list[Any]:
+    """The complete trials with a finite value (the ones that can be best), in their order."""
     return [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)]
 
 
@@ -58,12 +61,12 @@ def _rank_key(direction: Any) -> Any:
 
 def ranked(trials: Iterable[Any], direction: Any) -> list[Any]:
     """The complete trials with a finite value, best first (ties: the earlier trial first)."""
-    return sorted(_complete(trials), key=_rank_key(direction))
+    return sorted(complete_trials(trials), key=_rank_key(direction))
 
 
 def best_trial(trials: Iterable[Any], direction: Any) -> Any | None:
     """The best complete trial (see the module docstring), or None when no trial is complete."""
-    return min(_complete(trials), key=_rank_key(direction), default=None)
+    return min(complete_trials(trials), key=_rank_key(direction), default=None)
 
 
 @dataclass(frozen=True)

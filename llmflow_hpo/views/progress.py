@@ -18,14 +18,16 @@ The object is also the search's log function: ``progress("message")`` prints a l
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import sys
 import time
 from typing import Any, Literal, TextIO
 
-__all__ = ["Mode", "Progress", "as_progress", "choose_mode", "format_duration"]
+from llmflow_hpo.study import records
+from llmflow_hpo.study.view import best_trial, format_duration, params_text, state_counts
+
+__all__ = ["Mode", "Progress", "as_progress", "choose_mode"]
 
 Mode = Literal["live", "lines", "json", "quiet"]
 
@@ -39,27 +41,6 @@ def choose_mode(*, quiet: bool = False, as_json: bool = False, stream: TextIO | 
     stream = stream or sys.stderr
     is_tty = hasattr(stream, "isatty") and stream.isatty()
     return "live" if is_tty and os.environ.get("TERM", "") != "dumb" else "lines"
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    seconds = max(0, round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return str(value)
-
-
-def _params_text(params: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={_short(v)}" for k, v in params.items())
 
 
 class Progress:
@@ -192,7 +173,7 @@ class Progress:
         if self.mode == "json":
             self._json({"event": "trial_started", "trial": number, "params": params, "examples": total_examples})
         elif self.mode != "quiet":
-            self._print(f"trial {number:3d} started   {_params_text(params)}")
+            self._print(f"trial {number:3d} started   {params_text(params)}")
 
     def step(self, number: int, examples_seen: int, total_examples: int, loss: float | None) -> None:
         """After each optimizer step of the running trial; cheap: it only redraws a few times a second."""
@@ -246,7 +227,7 @@ class Progress:
                     "state": trial.state.name,
                     "value": trial.value,
                     "seconds": round(seconds, 3),
-                    "fail_reason": trial.user_attrs.get("fail_reason"),
+                    "fail_reason": trial.user_attrs.get(records.FAIL_REASON),
                     "counts": self.counts,
                     "target": self.target,
                     "best": {"trial": self.best[0], "value": self.best[1], "params": self.best[2]}
@@ -257,11 +238,11 @@ class Progress:
             )
             return
         if trial.state == TrialState.COMPLETE:
-            outcome = f"complete  dev {self.metric}={trial.value:.4f} at step {trial.user_attrs.get('best_step')}"
+            outcome = f"complete  dev {self.metric}={trial.value:.4f} at step {trial.user_attrs.get(records.BEST_STEP)}"
         elif trial.state == TrialState.PRUNED:
-            outcome = f"pruned    at step {trial.user_attrs.get('pruned_at_step', trial.last_step)}"
+            outcome = f"pruned    at step {trial.user_attrs.get(records.PRUNED_AT_STEP, trial.last_step)}"
         else:
-            outcome = f"{trial.state.name.lower():9s} {trial.user_attrs.get('fail_reason') or ''}"
+            outcome = f"{trial.state.name.lower():9s} {trial.user_attrs.get(records.FAIL_REASON) or ''}"
         target = f"/{self.target}" if self.target else ""
         best_text = f"best {self.best[1]:.4f} (trial {self.best[0]})" if self.best else "best -"
         eta_text = f" | ETA {format_duration(eta)}" if eta is not None and self.finished < (self.target or 0) else ""
@@ -272,7 +253,7 @@ class Progress:
         )
         if new_best and self.best is not None:
             self._print(
-                f"new best: trial {self.best[0]} dev {self.metric}={self.best[1]:.4f} with {_params_text(self.best[2])}"
+                f"new best: trial {self.best[0]} dev {self.metric}={self.best[1]:.4f} with {params_text(self.best[2])}"
             )
 
     # -- the status line (live) ------------------------------------------------------------------
@@ -329,27 +310,17 @@ class Progress:
         self._clear_status()
 
 
-def _counts(trials: list[Any]) -> dict[str, int]:
-    from optuna.trial import TrialState
+_SHOWN_STATES = ("complete", "pruned", "fail")  # what the counts of the progress show
 
-    states = [t.state for t in trials]
-    return {
-        "complete": states.count(TrialState.COMPLETE),
-        "pruned": states.count(TrialState.PRUNED),
-        "fail": states.count(TrialState.FAIL),
-    }
+
+def _counts(trials: list[Any]) -> dict[str, int]:
+    return state_counts(trials, _SHOWN_STATES)
 
 
 def _best(trials: list[Any], direction: str) -> tuple[int, float, dict[str, Any]] | None:
-    """The best complete trial (number, value, params); the first one on ties, as optuna's best_trial."""
-    from optuna.trial import TrialState
-
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-    if not complete:
-        return None
-    sign = 1 if direction == "maximize" else -1
-    best = max(complete, key=lambda t: (sign * t.value, -t.number))
-    return best.number, float(best.value), dict(best.params)
+    """The best complete trial (``view.best_trial``) as (number, value, params)."""
+    best = best_trial(trials, direction)
+    return None if best is None else (best.number, float(best.value), dict(best.params))
 
 
 def as_progress(log: Any) -> Progress:

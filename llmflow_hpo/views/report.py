@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import math
 import re
 import sys
 import warnings
@@ -26,6 +25,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from llmflow_hpo import __version__
 from llmflow_hpo.errors import ConfigError, StorageError
+from llmflow_hpo.study import records
+from llmflow_hpo.study.view import complete_trials, format_seconds, format_value, ranked, state_counts
 
 __all__ = ["IMPORTANCE_SEED", "PLOTS", "ReportSummary", "build_report", "default_report_dir"]
 
@@ -35,19 +36,6 @@ TOP_TRIALS = 10
 MAX_LEGEND = 20  # more curves than this: optuna's legend (one entry per trial) would dwarf the plot
 DPI = 110
 STATES = ("complete", "pruned", "fail", "running", "waiting")
-# What store_result keeps besides the dev_/test_ metrics: when the best evaluation came and what the run cost.
-RUN_ATTRS = (
-    "best_step",
-    "best_epoch",
-    "evaluations",
-    "stopped_early",
-    "train_time_s",
-    "setup_s",
-    "train_s",
-    "eval_s",
-    "examples_per_second",
-    "peak_memory_mb",
-)
 
 
 @dataclass
@@ -100,7 +88,7 @@ def build_report(
     plots, skipped, curves, importances = _draw_plots(study, trials, info, out)
     for name, reason in skipped.items():
         say(f"report: {name} not drawn: {reason}")
-    best = _best_trials(trials, info.direction)
+    best = ranked(trials, info.direction)
     summary = ReportSummary(
         study_name=study.study_name,
         storage=info.storage,
@@ -175,17 +163,16 @@ class _StudyInfo:
 
     @classmethod
     def read(cls, study: optuna.Study, trials: list[FrozenTrial], storage: str | None) -> _StudyInfo:
-        from llmflow_hpo.study.storage import stored_config
+        from llmflow_hpo.study.provenance import stored_config
 
-        config = stored_config(study)[0] if "config" in study.user_attrs else None
+        config = stored_config(study)[0] if records.CONFIG in study.user_attrs else None
         names = study.metric_names
-        metric = names[0] if names else (f"dev_{config.metric}" if config is not None else "value")
-        counts = {state: 0 for state in STATES}
+        metric = names[0] if names else (records.dev(config.metric) if config is not None else "value")
+        counts = state_counts(trials, STATES)
         durations: dict[str, list[float]] = {state: [] for state in STATES}
         now = datetime.now()
         for t in trials:
             state = t.state.name.lower()
-            counts[state] += 1
             if t.datetime_start is not None:  # a running trial: the time it has taken so far
                 end = t.datetime_complete or (now if t.state == TrialState.RUNNING else None)
                 if end is not None:
@@ -205,7 +192,7 @@ class _StudyInfo:
             direction=study.direction.name.lower(),
             metric=metric,
             config=config,
-            versions=dict(study.user_attrs.get("versions") or {}),
+            versions=dict(study.user_attrs.get(records.VERSIONS) or {}),
             counts=counts,
             seconds=seconds,
             first_start=min(starts) if starts else None,
@@ -223,23 +210,13 @@ def _hide_password(url: str) -> str:
         return url
 
 
-def _complete(trials: list[FrozenTrial]) -> list[FrozenTrial]:
-    return [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)]
-
-
-def _best_trials(trials: list[FrozenTrial], direction: str) -> list[FrozenTrial]:
-    """Complete trials, best first (ties: the earlier trial first)."""
-    sign = -1.0 if direction == "maximize" else 1.0
-    return sorted(_complete(trials), key=lambda t: (sign * t.value, t.number))
-
-
 # ----------------------------------------------------------------------------------------------------
 # Plots: optuna's matplotlib functions, saved as PNG.
 
 
 def _why_not(name: str, trials: list[FrozenTrial]) -> str | None:
     """Why the study cannot support plot ``name`` yet, or None when it can."""
-    complete = _complete(trials)
+    complete = complete_trials(trials)
     if name == "intermediate_values":
         curved = [t for t in trials if t.intermediate_values and t.state.name in ("COMPLETE", "PRUNED", "RUNNING")]
         return None if curved else "no trial has reported an evaluation during training yet"
@@ -436,32 +413,6 @@ def _when(value: datetime | None) -> str:
     return value.isoformat(sep=" ", timespec="seconds") if value else "-"
 
 
-def _secs(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if round(value, 1) < 60:
-        return f"{value:.1f} s"
-    seconds = round(value)
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60} s"
-    minutes = round(value / 60)
-    return f"{minutes // 60} h {minutes % 60} min"
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        if value == 0:
-            return "0"
-        if not math.isfinite(value):
-            return str(value)
-        if abs(value) < 1e-3:  # learning rates and the like
-            return f"{value:.3g}"
-        return f"{value:.4f}" if abs(value) < 10 else f"{value:.4g}"
-    return str(value)
-
-
 def _page(
     name: str,
     info: _StudyInfo,
@@ -532,7 +483,7 @@ def _header(info: _StudyInfo) -> str:
     else:
         rows.append(("config", "none stored (the study was not made by llmflow-hpo)"))
     span = (
-        _secs((info.last_complete - info.first_start).total_seconds())
+        format_seconds((info.last_complete - info.first_start).total_seconds())
         if info.first_start and info.last_complete
         else "-"
     )
@@ -554,21 +505,20 @@ def _state_table(info: _StudyInfo) -> str:
             continue
         sec = info.seconds[state]
         note = " (so far)" if state == "running" else ""
-        total = _secs(sec["total_s"]) if sec["timed"] else "-"
+        total = format_seconds(sec["total_s"]) if sec["timed"] else "-"
         rows.append(
             f'<tr><td class="text">{_e(state)}</td><td>{n}</td><td>{_e(total + note)}</td>'
-            f"<td>{_e(_secs(sec['mean_s']))}</td></tr>"
+            f"<td>{_e(format_seconds(sec['mean_s']))}</td></tr>"
         )
     total_n = sum(info.counts.values())
     total_s = sum(float(s["total_s"] or 0) for s in info.seconds.values())
-    rows.append(f'<tr><td class="text">all</td><td>{total_n}</td><td>{_e(_secs(total_s))}</td><td></td></tr>')
+    rows.append(f'<tr><td class="text">all</td><td>{total_n}</td><td>{_e(format_seconds(total_s))}</td><td></td></tr>')
     return head + "".join(rows) + "</table>"
 
 
 def _metric_columns(trials: list[FrozenTrial]) -> list[str]:
-    attrs = {k for t in trials for k in t.user_attrs}
-    scores = sorted(k for k in attrs if k.startswith(("dev_", "test_")))
-    return scores + [k for k in RUN_ATTRS if k in attrs]
+    """The dev/test metrics and the run's costs the shown trials have (``records``: the report's columns)."""
+    return records.report_columns({k for t in trials for k in t.user_attrs})
 
 
 def _best_table(best: list[FrozenTrial], info: _StudyInfo, trials: list[FrozenTrial]) -> str:
@@ -587,19 +537,18 @@ def _best_table(best: list[FrozenTrial], info: _StudyInfo, trials: list[FrozenTr
     )
     rows = []
     for i, t in enumerate(shown):
-        duration = _secs(t.duration.total_seconds()) if t.duration else "-"
+        duration = format_seconds(t.duration.total_seconds()) if t.duration else "-"
         cells = [
             f"<td>{t.number}</td>",
             f'<td title="{_e(repr(t.value))}">{t.value:.4f}</td>',
             f'<td class="text">{_e(t.state.name.lower())}</td>',
             f"<td>{_e(duration)}</td>",
-            *(f"<td>{_e(_fmt(t.params[p]) if p in t.params else '-')}</td>" for p in params),
-            *(f"<td>{_e(_fmt(t.user_attrs[m]) if m in t.user_attrs else '-')}</td>" for m in metrics),
+            *(f"<td>{_e(format_value(t.params[p]) if p in t.params else '-')}</td>" for p in params),
+            *(f"<td>{_e(format_value(t.user_attrs[m]) if m in t.user_attrs else '-')}</td>" for m in metrics),
         ]
         rows.append(f"<tr{' class=best' if i == 0 else ''}>" + "".join(cells) + "</tr>")
     others = len(best) - len(shown)
-    n_pruned = sum(t.state == TrialState.PRUNED for t in trials)
-    n_failed = sum(t.state == TrialState.FAIL for t in trials)
+    n_pruned, n_failed = info.counts["pruned"], info.counts["fail"]
     note = (
         (f"{others} more complete trial{'s' if others != 1 else ''} not shown; " if others else "")
         + f"{n_pruned} pruned and {n_failed} failed trial{'s' if n_failed != 1 else ''} not listed "
@@ -613,7 +562,7 @@ def _failed(trials: list[FrozenTrial]) -> str:
     if not failed:
         return ""
     items = "".join(
-        f"<li>trial {t.number}: {_e(t.user_attrs.get('fail_reason') or 'no reason recorded')}</li>"
+        f"<li>trial {t.number}: {_e(t.user_attrs.get(records.FAIL_REASON) or 'no reason recorded')}</li>"
         for t in failed[:TOP_TRIALS]
     )
     more = f"<p class='note'>and {len(failed) - TOP_TRIALS} more.</p>" if len(failed) > TOP_TRIALS else ""

@@ -25,30 +25,19 @@ from pathlib import Path
 from typing import Any
 
 from llmflow_hpo.config.study import StudyConfig
+from llmflow_hpo.study import records
+from llmflow_hpo.study.urls import sqlite_path
+from llmflow_hpo.study.view import best_trial
 
 __all__ = ["MLFLOW_ATTR", "Tracking", "open_tracking", "search_tracking", "track_retrain"]
 
 Log = Callable[[str], None]
 
 # The study's user attribute that names the MLflow run of the study: {"tracking_uri", "experiment_id", "run_id"}.
-MLFLOW_ATTR = "mlflow"
+MLFLOW_ATTR = records.MLFLOW
 
 # MLflow's end states for optuna's.
 _MLFLOW_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
-# A trial's user attributes that are tags of its run (what and where), not metrics, and the numeric ones
-# that name something (a trial, a seed, a count of restarts) rather than measure it.
-TAG_ATTRS = ("fail_reason", "pruned_at_step", "retry_of", "resumed_at_step", "worker", "device")
-NOT_METRICS = frozenset(
-    {
-        "retry_of",
-        "checkpoint_trial",
-        "seed",
-        "ray_failures",
-        "pruned_at_step",
-        "resumed_at_step",
-        "resumed_at_optimizer_step",
-    }
-)
 
 
 class Tracker:
@@ -159,11 +148,7 @@ def search_tracking(cfg: StudyConfig, study: Any, *, log: Log) -> Iterator[Track
         status = "KILLED"
         raise
     finally:
-        try:
-            best = study.best_trial
-        except ValueError:  # no complete trial
-            best = None
-        tracking.study_finished(best, status)
+        tracking.study_finished(best_trial(study.get_trials(deepcopy=False), study.direction), status)
         tracking.close()
 
 
@@ -216,9 +201,8 @@ def _mlflow_client(uri: str) -> Any:
 
 def _artifact_location(uri: str) -> str | None:
     """Artifacts of a local SQLite store go beside it (mlartifacts/), not into the working directory."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
-    return None
+    path = sqlite_path(uri)
+    return (path.parent / "mlartifacts").resolve().as_uri() if path is not None else None
 
 
 def _experiment_id(client: Any, name: str, uri: str) -> str:
@@ -290,7 +274,7 @@ class MlflowTracker(Tracker):
         fixed = {
             "task": cfg.task,
             "model": cfg.model.name_or_path,
-            "metric": f"dev_{cfg.metric}",
+            "metric": records.dev(cfg.metric),
             "direction": cfg.direction,
             "sampler": cfg.sampler.name,
             "pruner": cfg.pruner.name,
@@ -299,8 +283,8 @@ class MlflowTracker(Tracker):
             "backend": cfg.backend,
         }
         self._log_params(run_id, fixed)
-        self.client.log_dict(run_id, self.study.user_attrs.get("config") or {}, "study/config.json")
-        self.client.log_dict(run_id, self.study.user_attrs.get("search_space") or {}, "study/search_space.json")
+        self.client.log_dict(run_id, self.study.user_attrs.get(records.CONFIG) or {}, "study/config.json")
+        self.client.log_dict(run_id, self.study.user_attrs.get(records.SEARCH_SPACE) or {}, "study/search_space.json")
         self.study.set_user_attr(
             MLFLOW_ATTR, {"tracking_uri": self.where, "experiment_id": self.experiment_id, "run_id": run_id}
         )
@@ -336,7 +320,7 @@ class MlflowTracker(Tracker):
         if run_id is None:
             return
         now = int(time.time() * 1000)
-        batch = [Metric(f"dev_{k}", float(v), now, step) for k, v in metrics.items()]
+        batch = [Metric(records.dev(k), float(v), now, step) for k, v in metrics.items()]
         if train_loss is not None:
             batch.append(Metric("train_loss", float(train_loss), now, step))
         self.client.log_batch(run_id, metrics=batch)
@@ -349,15 +333,15 @@ class MlflowTracker(Tracker):
             return
         state = trial.state.name
         tags = [RunTag("llmflow.state", state)]
-        for key in TAG_ATTRS:
+        for key in records.tag_names():  # the attributes of kind tag: what happened, where
             if trial.user_attrs.get(key) is not None:
                 tags.append(RunTag(f"llmflow.{key}", str(trial.user_attrs[key])[:5000]))
-        # The trial's summary: the best evaluation's dev metrics and the run's costs, logged once.
+        # The trial's summary: the best evaluation's dev metrics and the run's costs (kind metric), logged once.
         now = int(time.time() * 1000)
         summary = [
-            Metric(f"best_{k}" if k.startswith("dev_") else k, float(v), now, 0)
+            Metric(f"best_{k}" if k.startswith(records.DEV_PREFIX) else k, float(v), now, 0)
             for k, v in trial.user_attrs.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in NOT_METRICS
+            if records.tracked_as_metric(k, v)
         ]
         if trial.value is not None:
             summary.append(Metric("objective", float(trial.value), now, 0))
@@ -381,7 +365,7 @@ class MlflowTracker(Tracker):
 
 
 def _study_description(cfg: StudyConfig, study: Any) -> str:
-    space = study.user_attrs.get("search_space") or {}
+    space = study.user_attrs.get(records.SEARCH_SPACE) or {}
     lines = [
         f"llmflow-hpo study **{cfg.study_name}**: {cfg.task}, model `{cfg.model.name_or_path}`, "
         f"dev {cfg.metric} ({cfg.direction}), {cfg.sampler.name} sampler, {cfg.pruner.name} pruner, "
@@ -419,8 +403,8 @@ def track_retrain(cfg: StudyConfig, study: Any, result: Any, output: Path, *, tr
         run_id = run.info.run_id
         tracker._log_params(run_id, result.params)
         now = int(time.time() * 1000)
-        metrics = [Metric(f"test_{k}", float(v), now, 0) for k, v in (result.test_metrics or {}).items()]
-        metrics += [Metric(f"dev_{k}", float(v), now, 0) for k, v in (result.dev_metrics or {}).items()]
+        metrics = [Metric(records.test(k), float(v), now, 0) for k, v in (result.test_metrics or {}).items()]
+        metrics += [Metric(records.dev(k), float(v), now, 0) for k, v in (result.dev_metrics or {}).items()]
         if metrics:
             tracker.client.log_batch(run_id, metrics=metrics)
         tracker.client.log_artifacts(run_id, str(output), "model")
@@ -470,7 +454,7 @@ class TensorBoardTracker(Tracker):
         writer = self.writers.get(trial.number)
         if writer is None:
             return
-        reason = trial.user_attrs.get("fail_reason")
+        reason = trial.user_attrs.get(records.FAIL_REASON)
         text = trial.state.name + (f": {reason}" if reason else "")
         if trial.value is not None:
             text += f" (objective {trial.value:.6g})"

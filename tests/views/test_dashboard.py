@@ -27,8 +27,9 @@ import pytest
 from optuna_dashboard import get_note, save_note
 
 from llmflow_hpo.cli import build_parser, main
+from llmflow_hpo.study.note import study_note
 from llmflow_hpo.study.storage import open_study
-from llmflow_hpo.views.dashboard import Dashboard, open_dashboard, study_note
+from llmflow_hpo.views.dashboard import Dashboard, open_dashboard
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")

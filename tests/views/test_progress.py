@@ -18,7 +18,8 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from llmflow_hpo.views.progress import Progress, choose_mode, format_duration
+from llmflow_hpo.study.view import format_duration
+from llmflow_hpo.views.progress import Progress, choose_mode
 
 
 class Clock:

@@ -18,7 +18,8 @@ from optuna.trial import TrialState, create_trial
 
 from llmflow_hpo.errors import ConfigError
 from llmflow_hpo.study.storage import load_study
-from llmflow_hpo.views.report import PLOTS, _secs, build_report
+from llmflow_hpo.study.view import format_seconds
+from llmflow_hpo.views.report import PLOTS, build_report
 
 REPO = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -337,4 +338,4 @@ def test_report_reads_the_storage_without_changing_it_and_refuses_other_database
     [(12.34, "12.3 s"), (59.97, "1 min 0 s"), (119.7, "2 min 0 s"), (3599.6, "1 h 0 min"), (7199, "2 h 0 min")],
 )
 def test_durations_carry_when_they_round_up(seconds, text):
-    assert _secs(seconds) == text
+    assert format_seconds(seconds) == text
