@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmflow_hpo.config.study import HYPERPARAMETERS, load_study_config
+from llmflow_hpo.config.hyperparameters import HYPERPARAMETERS
+from llmflow_hpo.config.study import load_study_config
 from llmflow_hpo.search.spaces import load_search_space
 from llmflow_hpo.search.strategy import build_pruner, build_sampler, check_strategy
 

@@ -1,7 +1,10 @@
-"""The study config: typed dataclasses, loaded from YAML and validated once, at the edge.
+"""The study config: the sections of a study YAML as typed dataclasses, validated once, at the edge.
 
-Every problem in a file is collected and reported at once, each naming the file and the field. Nothing
-here imports torch or ray: ``llmflow-hpo validate`` and ``--help`` stay fast.
+Every problem in a file is collected and reported at once, each naming the file and the field. The ``train:``
+section and the searchable hyperparameters are declared in ``hyperparameters``; files are read by ``yamlfile``;
+this module holds the other sections, the checks across them, the defaults that depend on other fields, and
+the entry points (``load_study_config``, ``config_from_dict``). Nothing here imports torch or ray:
+``llmflow-hpo validate`` and ``--help`` stay fast.
 """
 
 from __future__ import annotations
@@ -10,16 +13,20 @@ import codecs
 import dataclasses
 import difflib
 import encodings.aliases
-import math
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
+from llmflow_hpo.config.hyperparameters import (
+    HYPERPARAMETERS,
+    TrainConfig,
+    check_hyperparameter,
+    clip_norm,
+    coerce_hyperparameter,
+)
+from llmflow_hpo.config.typed import MISSING, Problems, build
+from llmflow_hpo.config.yamlfile import apply_overrides, read_yaml
 from llmflow_hpo.errors import ConfigError
 from llmflow_hpo.tasks.metrics import TEXT_METRICS, TOKEN_METRICS
 
@@ -46,11 +53,6 @@ __all__ = [
 ]
 
 Task = Literal["token-classification", "text-classification"]
-SchedulerName = Literal["linear", "cosine", "constant", "constant_with_warmup", "polynomial"]
-OptimizerName = Literal["adamw", "sgd", "adafactor"]
-PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
-LossName = Literal["cross_entropy", "focal"]
-ClassWeighting = Literal["none", "balanced"]
 
 # Metric names a study may optimise, per task (the dev loss too, which is minimised).
 TASK_METRICS: dict[str, tuple[str, ...]] = {
@@ -150,68 +152,6 @@ class PrunerConfig:
 
 
 @dataclass
-class TrainConfig:
-    # Hyperparameters: fixed values here, unless the search space names them.
-    learning_rate: float = _help("Peak learning rate.", default=5e-5)
-    batch_size: int = _help("Training batch size (examples per optimizer step).", default=16)
-    epochs: int = _help("Maximum number of epochs (early stopping may end a trial sooner).", default=3)
-    warmup_ratio: float = _help("Fraction of the training steps spent warming the learning rate up.", default=0.0)
-    scheduler: SchedulerName = _help(
-        "Learning-rate schedule after warmup; constant takes no warmup (use constant_with_warmup).", default="linear"
-    )
-    optimizer: OptimizerName = _help("adamw, sgd (with momentum) or adafactor.", default="adamw")
-    momentum: float = _help("sgd momentum.", default=0.9)
-    weight_decay: float = _help("Decoupled weight decay (not applied to biases and LayerNorm).", default=0.0)
-    hidden_dropout: float | None = _help("Hidden-layer dropout; null keeps the model's own.", default=None)
-    attention_dropout: float | None = _help("Attention dropout; null keeps the model's own.", default=None)
-    label_smoothing: float = _help("Label smoothing of the cross-entropy loss.", default=0.0)
-    max_grad_norm: float | None = _help(
-        "Gradient clipping norm; null or 0 (fixed or searched) turns clipping off.", default=1.0
-    )
-    loss: LossName = _help("cross_entropy or focal (for imbalanced labels).", default="cross_entropy")
-    focal_gamma: float = _help("Focal loss gamma (loss: focal).", default=2.0)
-    class_weighting: ClassWeighting = _help(
-        "balanced weighs each position by its target class's n_examples / (n_classes * n_class); the loss is "
-        "the weighted mean, and label smoothing stays uniform over the classes.",
-        default="none",
-    )
-    # Fixed settings of the recipe.
-    evals_per_epoch: int = _help("Dev evaluations per epoch (each is reported to the pruner).", default=2)
-    eval_batch_size: int = _help("Batch size for evaluation (no gradients are kept).", default=64)
-    group_by_length: bool = _help(
-        "Batch examples of similar length together (shuffled in groups of 50 batches, as the Hugging Face "
-        "Trainer's group_by_length), so dynamic padding pads little; false draws batches uniformly at random.",
-        default=True,
-    )
-    precision: PrecisionName = _help(
-        "auto: bf16 autocast on a GPU that has it, else fp16 with loss scaling on a GPU, fp32 on CPU. "
-        "fp16 needs a GPU.",
-        default="auto",
-    )
-    fused_optimizer: bool = _help(
-        "AdamW with torch's fused kernel (one kernel over all parameters, on CPU and GPU; on 2 CPU cores its "
-        "step is about 4.7x faster than torch's default foreach kernel for a 22M-parameter model); false: "
-        "the foreach kernel. Other optimizers are not affected.",
-        default=True,
-    )
-    early_stopping_patience: int | None = _help(
-        "Stop a trial after this many evaluations without improvement; null turns it off.", default=3
-    )
-    early_stopping_min_delta: float = _help(
-        "Smallest gain over the best so far that resets early stopping's patience; the trial's best evaluation "
-        "is its best, whatever this is.",
-        default=0.0,
-    )
-    device: str = _help("auto (cuda when present, else cpu), cpu, cuda or cuda:N.", default="auto")
-    num_threads: int | None = _help("CPU threads for torch; null keeps torch's default.", default=None)
-
-    def evaluation_points(self, n_train: int) -> list[int]:
-        """Where a run of ``n_train`` training examples evaluates on dev, in examples seen (the pruner's
-        steps): ``evals_per_epoch`` times an epoch, at the same positions whatever the batch size."""
-        return [round(n_train * k / self.evals_per_epoch) for k in range(1, self.epochs * self.evals_per_epoch + 1)]
-
-
-@dataclass
 class CheckpointConfig:
     enabled: bool = _help(
         "Write a resumable checkpoint of each running trial, so a retried trial continues instead of restarting.",
@@ -300,26 +240,6 @@ class TrackingConfig:
     )
 
 
-# The names a search space may use: every hyperparameter field of TrainConfig.
-HYPERPARAMETERS: tuple[str, ...] = (
-    "learning_rate",
-    "batch_size",
-    "epochs",
-    "warmup_ratio",
-    "scheduler",
-    "optimizer",
-    "momentum",
-    "weight_decay",
-    "hidden_dropout",
-    "attention_dropout",
-    "label_smoothing",
-    "max_grad_norm",
-    "loss",
-    "focal_gamma",
-    "class_weighting",
-)
-
-
 @dataclass
 class StudyConfig:
     task: Task = _help("token-classification (NER) or text-classification.")
@@ -372,192 +292,18 @@ class StudyConfig:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Generic typed loading: walk the dataclass fields, check types, collect every problem.
+# Checks of values (the train: section's own are TrainConfig.problems) and across sections.
 
 
-class _Problems:
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.items: list[str] = []
-
-    def add(self, path: str, message: str) -> None:
-        where = f"{self.source}: {path}" if path else self.source
-        self.items.append(f"{where}: {message}")
-
-
-_MISSING = object()
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    if tp is float:
-        return "a number"
-    if tp is int:
-        return "an integer"
-    if tp is bool:
-        return "true or false"
-    if tp is str:
-        return "a string"
-    if origin is dict or tp is dict:
-        return "a mapping"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _convert(value: Any, tp: Any, path: str, problems: _Problems) -> Any:
-    """Return ``value`` converted to ``tp``, or _MISSING after recording a problem."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            problems.add(path, f"expected a mapping, got {value!r}")
-            return _MISSING
-        return _build(tp, value, f"{path}.", problems)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            problems.add(path, f"must not be null; expected {_type_name(tp)}")
-            return _MISSING
-        scratch = _Problems(problems.source)
-        # int before float so that `0.1 | 100` keeps counts as ints.
-        for arg in sorted((a for a in args if a is not type(None)), key=lambda a: a is float):
-            result = _convert(value, arg, path, scratch)
-            if result is not _MISSING:
-                return result
-        problems.add(path, f"expected {_type_name(tp)}, got {value!r}")
-        return _MISSING
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            hint = difflib.get_close_matches(str(value), [str(a) for a in typing.get_args(tp)], n=1)
-            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-            problems.add(path, f"got {value!r}; expected {_type_name(tp)}{extra}")
-            return _MISSING
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        number: float | None = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is not None:
-            if math.isfinite(number):
-                return number
-            problems.add(path, f"must be a finite number, got {value!r}")
-            return _MISSING
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif origin is dict or tp is dict:
-        if isinstance(value, dict):
-            return dict(value)
-    elif tp is Any:
-        return value
-    problems.add(path, f"expected {_type_name(tp)}, got {value!r}")
-    return _MISSING
-
-
-def _build(cls: type, raw: dict[str, Any], prefix: str, problems: _Problems) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key in raw:
-        if key not in fields:
-            hint = difflib.get_close_matches(str(key), list(fields), n=1)
-            extra = f" (did you mean {hint[0]!r}?)" if hint else f"; known keys: {', '.join(fields)}"
-            problems.add(f"{prefix}{key}", f"unknown key{extra}")
-    for name, f in fields.items():
-        path = f"{prefix}{name}"
-        if name not in raw:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                problems.add(path, f"missing; set it to {_type_name(hints[name])}")
-            continue
-        value = _convert(raw[name], hints[name], path, problems)
-        if value is not _MISSING:
-            kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except TypeError:  # a required field was missing: already reported
-        return _MISSING
-
-
-# ----------------------------------------------------------------------------------------------------
-# Cross-field checks (impossible values).
-
-
-def _check_train(t: TrainConfig, need: Any) -> None:
-    need(t.learning_rate > 0, "train.learning_rate", "must be > 0")
-    need(t.batch_size >= 1, "train.batch_size", "must be >= 1")
-    need(t.epochs >= 1, "train.epochs", "must be >= 1")
-    need(0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", "must be in [0, 1)")
-    need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-    need(0.0 <= t.momentum < 1.0, "train.momentum", "must be in [0, 1)")
-    for name in ("hidden_dropout", "attention_dropout"):
-        value = getattr(t, name)
-        need(value is None or 0.0 <= value < 1.0, f"train.{name}", "must be in [0, 1) or null")
-    need(0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", "must be in [0, 1)")
-    need(t.max_grad_norm is None or t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 or null")
-    need(t.focal_gamma >= 0, "train.focal_gamma", "must be >= 0")
-    need(t.evals_per_epoch >= 1, "train.evals_per_epoch", "must be >= 1")
-    need(t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
-    need(
-        t.early_stopping_patience is None or t.early_stopping_patience >= 1,
-        "train.early_stopping_patience",
-        "must be >= 1 or null (off)",
-    )
-    need(t.early_stopping_min_delta >= 0, "train.early_stopping_min_delta", "must be >= 0")
-    need(
-        t.device == "auto" or t.device == "cpu" or t.device == "cuda" or t.device.startswith("cuda:"),
-        "train.device",
-        f"got {t.device!r}; use auto, cpu, cuda or cuda:N",
-    )
-    need(t.num_threads is None or t.num_threads >= 1, "train.num_threads", "must be >= 1 or null")
-    need(
-        not (t.precision == "fp16" and t.device == "cpu"),
-        "train.precision",
-        "fp16 needs a GPU (loss scaling is a CUDA feature); use fp32 or bf16 on cpu",
-    )
-
-
-def coerce_hyperparameter(name: str, value: Any) -> tuple[Any, str | None]:
-    """``value`` converted to hyperparameter ``name``'s type, and why it is invalid (None when valid)."""
-    problems = _Problems("")
-    converted = _convert(value, typing.get_type_hints(TrainConfig)[name], name, problems)
-    if converted is _MISSING:
-        return value, problems.items[0].split(": ", 2)[-1]
-    train = TrainConfig(**{name: converted})
-    found: list[str] = []
-    _check_train(train, lambda ok, path, message: found.append(message) if not ok and path == f"train.{name}" else None)
-    return converted, (found[0] if found else None)
-
-
-def check_hyperparameter(name: str, value: Any) -> str | None:
-    """Why ``value`` is not a valid value of hyperparameter ``name``, or None when it is."""
-    return coerce_hyperparameter(name, value)[1]
-
-
-def _check_ranges(cfg: StudyConfig, problems: _Problems) -> None:
+def _check_ranges(cfg: StudyConfig, problems: Problems) -> None:
     d = cfg.data
 
     def need(ok: bool, path: str, message: str) -> None:
         if not ok:
             problems.add(path, message)
 
-    _check_train(cfg.train, need)
+    for path, message in cfg.train.problems():
+        problems.add(path, message)
     need(cfg.n_trials is None or cfg.n_trials >= 1, "n_trials", "must be >= 1 or null")
     need(cfg.timeout is None or cfg.timeout > 0, "timeout", "must be > 0 seconds or null")
     need(cfg.n_trials is not None or cfg.timeout is not None, "n_trials", "set n_trials or timeout (or both)")
@@ -612,7 +358,7 @@ def _check_ranges(cfg: StudyConfig, problems: _Problems) -> None:
         )
 
 
-def _check_new_study(cfg: StudyConfig, problems: _Problems) -> None:
+def _check_new_study(cfg: StudyConfig, problems: Problems) -> None:
     """What a new study may not be, though a study stored by an earlier version may: it is still read."""
     _check_study_name(cfg.study_name, problems)
     metric = cfg.objective.metric or DEFAULT_METRIC[cfg.task]
@@ -640,7 +386,7 @@ def _encoding_problem(encoding: str) -> str | None:
     return None
 
 
-def _check_study_name(name: str, problems: _Problems) -> None:
+def _check_study_name(name: str, problems: Problems) -> None:
     """The study name names files (NAME.db beside the config, checkpoints/NAME/): a plain name, no path."""
     if not name.strip():
         return  # reported as empty
@@ -661,7 +407,7 @@ def _check_study_name(name: str, problems: _Problems) -> None:
     )
 
 
-def _check_path_names(cfg: StudyConfig, problems: _Problems) -> None:
+def _check_path_names(cfg: StudyConfig, problems: Problems) -> None:
     """A path the file system cannot take (a NUL, a lone surrogate) is refused before it is resolved."""
     paths = {
         "search_space": cfg.search_space,
@@ -734,186 +480,10 @@ def _resolve(cfg: StudyConfig, base: Path | None) -> None:
     cfg.train.max_grad_norm = clip_norm(cfg.train.max_grad_norm)
 
 
-def clip_norm(max_grad_norm: float | None) -> float | None:
-    """The one rule for ``max_grad_norm``, fixed or searched: 0 or null turns clipping off."""
-    return max_grad_norm or None
-
-
-# ----------------------------------------------------------------------------------------------------
-# Public entry points.
-
-
-# A study config or a search space holds tens of values; these bounds are far above any real one, and far
-# below what makes an alias bomb ("billion laughs") or a deeply nested file costly (or a RecursionError).
-YAML_MAX_VALUES = 10_000
-YAML_MAX_DEPTH = 50
-YAML_MAX_BYTES = 1 << 20
-
-
-class _YamlRefused(yaml.YAMLError):
-    def __init__(self, mark: Any, problem: str) -> None:
-        super().__init__(problem)
-        self.problem_mark, self.problem = mark, problem
-
-
-class _BoundedLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that counts every value an alias would repeat, and refuses (never expands) a document
-    of more than YAML_MAX_VALUES values or YAML_MAX_DEPTH levels; an alias to its own enclosing node too."""
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self._depth = 0
-        self._aliases = 0
-        self._sizes: dict[int, int] = {}  # id(node) -> values in it, aliases counted as copies
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            node = self.anchors.get(event.anchor)
-            if node is not None and id(node) not in self._sizes:
-                raise _YamlRefused(event.start_mark, f"alias *{event.anchor} refers to a value that contains it")
-            self._aliases += 1
-            return super().compose_node(parent, index)
-        self._depth += 1
-        if self._depth > YAML_MAX_DEPTH:
-            mark = self.peek_event().start_mark
-            raise _YamlRefused(mark, f"nested more than {YAML_MAX_DEPTH} levels deep; a config is a few levels deep")
-        try:
-            node = super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-        if isinstance(node, yaml.SequenceNode):
-            children = node.value
-        elif isinstance(node, yaml.MappingNode):
-            children = [part for pair in node.value for part in pair]
-            _refuse_repeated_keys(node)
-        else:
-            children = []
-        size = 1 + sum(self._sizes.get(id(child), 1) for child in children)
-        self._sizes[id(node)] = size
-        if size > YAML_MAX_VALUES:
-            how = " once its aliases are expanded (an alias bomb?)" if self._aliases else ""
-            raise _YamlRefused(node.start_mark, f"more than {YAML_MAX_VALUES} values{how}; a config holds a few dozen")
-        return node
-
-
-def _refuse_repeated_keys(node: yaml.MappingNode) -> None:
-    """A key given twice in one mapping: YAML keeps the last silently, so a fix made above is lost below."""
-    seen: dict[tuple[str, str], int] = {}
-    for key, _ in node.value:
-        if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
-            if (key.tag, key.value) in seen:
-                line = seen[key.tag, key.value]
-                raise _YamlRefused(key.start_mark, f"key {key.value!r} given twice (also on line {line}); keep one")
-            seen[key.tag, key.value] = key.start_mark.line + 1
-
-
-def parse_yaml(text: str) -> Any:
-    """``yaml.safe_load`` with bounds: a YAMLError for an alias bomb, a recursive alias or deep nesting."""
-    loader = _BoundedLoader(text)
-    try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
-
-
-def _yaml_text(path: Path, data: bytes) -> str:
-    """The text of a YAML file, or a ConfigError that says how to save it (UTF-8)."""
-    if len(data) > YAML_MAX_BYTES:
-        raise ConfigError(
-            f"{path}: more than {YAML_MAX_BYTES >> 20} MiB, far too large for a study config or search space "
-            "(a few KB); is it the right file?"
-        )
-    for bom, name in (
-        (b"\xff\xfe\x00\x00", "UTF-32"),
-        (b"\x00\x00\xfe\xff", "UTF-32"),
-        (b"\xff\xfe", "UTF-16"),
-        (b"\xfe\xff", "UTF-16"),
-    ):
-        if data.startswith(bom):
-            raise ConfigError(f"{path}: the file is {name} text; save it as UTF-8")
-    if b"\x00" in data[:8192]:
-        raise ConfigError(
-            f"{path}: not a YAML text file (it holds NUL bytes: binary data or UTF-16?); save it as UTF-8 text"
-        )
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise ConfigError(
-            f"{path}: line {line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); save it as UTF-8"
-        ) from None
-
-
-def read_yaml(path: Path) -> Any:
-    """Parse a YAML file; a missing file, a syntax error, text that is not UTF-8 or an alias bomb becomes a
-    one-line ConfigError."""
-    if path.exists() and not path.is_file() and not path.is_dir():  # /dev/zero, a pipe: would never end
-        raise ConfigError(f"{path}: not a regular file; give the path of a YAML file")
-    try:
-        with path.open("rb") as f:
-            data = f.read(YAML_MAX_BYTES + 1)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a folder, not a YAML file") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
-    except ValueError:  # a name the file system cannot take (a lone surrogate, a NUL)
-        raise ConfigError(f"{str(path)!a}: not a usable file name") from None
-    text = _yaml_text(path, data)
-    try:
-        return parse_yaml(text)
-    except yaml.reader.ReaderError as e:  # a control character: its position, not a mark
-        line = text[: e.position].count("\n") + 1
-        code = e.character if isinstance(e.character, int) else ord(e.character)
-        raise ConfigError(
-            f"{path}: line {line}: invalid YAML: control character U+{code:04X} is not allowed; remove it"
-        ) from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        reason = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{path}:{where}: invalid YAML: {reason}") from None
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str = "--set") -> dict[str, Any]:
-    """Apply ``key.sub=value`` overrides (values parsed as YAML scalars) to a raw config mapping."""
-    problems: list[str] = []
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            problems.append(f"{source} {item!r}: expected KEY=VALUE, e.g. --set train.epochs=2")
-            continue
-        try:
-            value = parse_yaml(text) if text.strip() else None
-        except _YamlRefused as e:
-            problems.append(f"{source} {key}: {e.problem}")
-            continue
-        except yaml.YAMLError:
-            value = text
-        node = raw
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                problems.append(f"{source} {key}: {part!r} is not a section")
-                break
-            node = child
-        else:
-            node[parts[-1]] = value
-    if problems:
-        raise ConfigError(problems)
-    return raw
-
-
 TRACKERS = ("mlflow", "tensorboard")
 
 
-def _tracking_shorthand(raw: dict[str, Any], problems: _Problems) -> dict[str, Any]:
+def _tracking_shorthand(raw: dict[str, Any], problems: Problems) -> dict[str, Any]:
     """``tracking: mlflow`` / ``tracking: [mlflow, tensorboard]`` / ``tracking: none``: the mapping they stand for."""
     value = raw.get("tracking")
     if value is None or isinstance(value, dict):
@@ -939,21 +509,22 @@ def config_from_dict(raw: Any, *, source: str, base: Path | None = None, stored:
     studies (a plain study name, a direction that searches for the worst model) are skipped, so a study
     stored before them can still be read, joined and retrained.
     """
-    problems = _Problems(source)
+    problems = Problems(source)
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of config keys at the top level")
     raw = _tracking_shorthand(raw, problems)
-    cfg = _build(StudyConfig, raw, "", problems)
-    if cfg is not _MISSING:
+    cfg = build(StudyConfig, raw, "", problems)
+    if cfg is not MISSING:
         _check_ranges(cfg, problems)
         if not stored:
             _check_new_study(cfg, problems)
         _check_path_names(cfg, problems)
     elif isinstance(raw.get("train", {}), dict):
         # Another section failed to build: still report the impossible training values with it.
-        train = _build(TrainConfig, raw.get("train", {}), "train.", _Problems(source))
-        if train is not _MISSING:
-            _check_train(train, lambda ok, path, message: None if ok else problems.add(path, message))
+        train = build(TrainConfig, raw.get("train", {}), "train.", Problems(source))
+        if train is not MISSING:
+            for path, message in train.problems():
+                problems.add(path, message)
     if problems.items:
         raise ConfigError(problems.items)
     _resolve(cfg, base)

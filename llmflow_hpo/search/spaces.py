@@ -1,6 +1,8 @@
 """Search spaces: a YAML file of parameter declarations becomes optuna distributions.
 
-One representation serves every backend (Ray Tune's OptunaSearch takes optuna distributions as is).
+One representation serves every backend (Ray Tune's OptunaSearch takes optuna distributions as is). Which
+names are searchable, and each value's type and domain, are the hyperparameters' declarations
+(``config/hyperparameters``); this module knows only the file's shape (``type``, ``low``, ``choices``, ...).
 
 A search-space file maps hyperparameter names to declarations::
 
@@ -23,7 +25,8 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from llmflow_hpo.config.study import HYPERPARAMETERS, check_hyperparameter, coerce_hyperparameter, read_yaml
+from llmflow_hpo.config.hyperparameters import HYPERPARAMETERS, Hyperparameter
+from llmflow_hpo.config.yamlfile import read_yaml
 from llmflow_hpo.errors import ConfigError
 
 __all__ = ["SearchSpace", "combination_problems", "load_search_space", "parse_search_space", "suggest_params"]
@@ -82,8 +85,10 @@ def _step_problem(low: float, high: float, step: float, integer: bool) -> str | 
 
 
 def _parse_one(name: str, spec: Any, where: str, problems: list[str], stored: bool) -> BaseDistribution | None:
+    """The distribution of one declaration of the file, or None after recording its problems."""
     at = f"{where}: {name}"
-    if name not in HYPERPARAMETERS:
+    hp = HYPERPARAMETERS.get(name)
+    if hp is None:
         hint = difflib.get_close_matches(name, HYPERPARAMETERS, n=1)
         extra = f" (did you mean {hint[0]!r}?)" if hint else f"; searchable: {', '.join(HYPERPARAMETERS)}"
         problems.append(f"{at}: not a searchable hyperparameter{extra}")
@@ -101,30 +106,42 @@ def _parse_one(name: str, spec: Any, where: str, problems: list[str], stored: bo
             f"{at}: unknown key(s) {', '.join(unknown)} for type {kind}; allowed: {', '.join(sorted(_KEYS[kind]))}"
         )
         return None
-    before = len(problems)
     if kind == "categorical":
-        choices = spec.get("choices")
-        if not isinstance(choices, list) or not choices:
-            problems.append(f"{at}.choices: expected a non-empty list")
-            return None
-        converted = []
-        for choice in choices:
-            if not (choice is None or isinstance(choice, (bool, int, float, str))):
-                problems.append(f"{at}.choices: {choice!r} is not a scalar")
-                continue
-            value, why = coerce_hyperparameter(name, choice)  # "1e-5" (YAML 1.1) becomes a float
-            if why:
-                problems.append(f"{at}.choices: {choice!r}: {why}")
-            converted.append(value)
-        repeated = _repeated(converted)
-        if repeated and not stored:
-            problems.append(
-                f"{at}.choices: repeated values in {choices!r}: {', '.join(map(repr, repeated))} appear(s) more "
-                "than once as read (1e-5 and 1.0e-5 are one number); drop the repeats"
-            )
-        return CategoricalDistribution(converted) if len(problems) == before else None
+        return _categorical(hp, spec, at, problems, stored)
+    return _numeric(hp, spec, kind == "int", at, problems, stored)
 
-    integer = kind == "int"
+
+def _categorical(
+    hp: Hyperparameter, spec: dict[str, Any], at: str, problems: list[str], stored: bool
+) -> CategoricalDistribution | None:
+    """``{type: categorical, choices: [...]}``: each choice converted to the hyperparameter's type and checked
+    against its domain ("1e-5", as YAML 1.1 reads it, becomes a float)."""
+    before = len(problems)
+    choices = spec.get("choices")
+    if not isinstance(choices, list) or not choices:
+        problems.append(f"{at}.choices: expected a non-empty list")
+        return None
+    converted = []
+    for choice in choices:
+        if not (choice is None or isinstance(choice, (bool, int, float, str))):
+            problems.append(f"{at}.choices: {choice!r} is not a scalar")
+            continue
+        value, why = hp.coerce(choice)
+        if why:
+            problems.append(f"{at}.choices: {choice!r}: {why}")
+        converted.append(value)
+    repeated = _repeated(converted)
+    if repeated and not stored:
+        problems.append(
+            f"{at}.choices: repeated values in {choices!r}: {', '.join(map(repr, repeated))} appear(s) more "
+            "than once as read (1e-5 and 1.0e-5 are one number); drop the repeats"
+        )
+    return CategoricalDistribution(converted) if len(problems) == before else None
+
+
+def _range_keys(spec: dict[str, Any], integer: bool, at: str, problems: list[str]) -> tuple[Any, Any, Any, Any]:
+    """``low``, ``high``, ``log`` and ``step`` of a float or int declaration, each of the right kind (a problem
+    recorded for each one that is not)."""
     low, high = _number(spec.get("low"), integer), _number(spec.get("high"), integer)
     expected = "an integer" if integer else "a number"
     if low is None:
@@ -143,15 +160,23 @@ def _parse_one(name: str, spec: Any, where: str, problems: list[str], stored: bo
             )
         elif log is True:
             problems.append(f"{at}: step and log cannot be combined; drop one of them")
+    return low, high, log, step
+
+
+def _numeric(
+    hp: Hyperparameter, spec: dict[str, Any], integer: bool, at: str, problems: list[str], stored: bool
+) -> BaseDistribution | None:
+    """``{type: float|int, low, high, log?, step?}``: a range whose bounds are values of the hyperparameter."""
+    before = len(problems)
+    low, high, log, step = _range_keys(spec, integer, at, problems)
     if len(problems) > before:
         return None
-    assert low is not None and high is not None
     if low >= high:
         problems.append(f"{at}: low ({low}) must be below high ({high})")
     if log and low <= 0:
         problems.append(f"{at}.low: log scale needs low > 0, got {low}")
     for bound in (low, high):
-        why = check_hyperparameter(name, bound)
+        why = hp.coerce(bound)[1]
         if why:
             problems.append(f"{at}: bound {bound}: {why}")
     if len(problems) > before:

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from llmflow_hpo.config.study import HYPERPARAMETERS
+from llmflow_hpo.config.hyperparameters import HYPERPARAMETERS
 from llmflow_hpo.errors import ConfigError
 from llmflow_hpo.search.spaces import load_search_space, parse_search_space, suggest_params
 
