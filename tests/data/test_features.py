@@ -132,7 +132,9 @@ class _Oracle(torch.nn.Module):
 
 @pytest.mark.parametrize("empty", EMPTY_WORDS)
 def test_a_word_without_subwords_is_predicted_o_and_shifts_nothing(tiny_cfg, tmp_path, empty):
-    from llmflow_hpo.recipe.train import _by_length, _ModelInputs, evaluate, resolve_runtime
+    from llmflow_hpo.recipe.batches import ModelInputs as _ModelInputs, by_length as _by_length
+    from llmflow_hpo.recipe.evaluation import evaluate
+    from llmflow_hpo.recipe.runtime import resolve_runtime
 
     sentence = [("John", "B-PER"), (empty, "O"), ("lives", "O"), ("in", "O"), ("Paris", "B-LOC")]
     other = [("Paris", "B-LOC"), ("and", "O"), (empty, "O"), (empty, "O"), ("John", "B-PER")]
@@ -150,17 +152,6 @@ def test_a_word_without_subwords_is_predicted_o_and_shifts_nothing(tiny_cfg, tmp
     )
     metrics = evaluate(_Oracle(tokenizer, features.labels), loader, features, "dev", resolve_runtime(cfg.train))
     assert metrics["f1"] == 1.0 and metrics["accuracy"] == 1.0
-
-
-def test_word_predictions_put_each_prediction_on_its_word():
-    from llmflow_hpo.tasks.token_classification import word_predictions
-
-    names = ["O", "B-PER", "B-LOC"]
-    gold = [["B-PER", "O", "O", "O", "B-LOC"], ["B-LOC", "O", "O"]]
-    # Sentence 0: word 1 has no subword; sentence 1: word 2 was cut off by max_length.
-    assert word_predictions([[1, 0, 0, 2], [2, 0]], [[0, 2, 3, 4], [0, 1]], gold, names) == gold
-    with pytest.raises(ValueError, match="labelled positions"):
-        word_predictions([[1, 0]], [[0, 2, 3]], gold[:1], names)
 
 
 def _tokenizer_copy(tmp_path, name: str):
