@@ -30,11 +30,12 @@ __all__ = [
     "dev",
     "is_score",
     "kind_of",
-    "markdown_table",
     "report_columns",
+    "study_table",
     "tag_names",
     "test",
     "tracked_as_metric",
+    "trial_table",
 ]
 
 Kind = Literal["metric", "tag", "run"]
@@ -134,11 +135,26 @@ class Group:
 
 TRIAL_GROUPS: tuple[Group, ...] = (
     Group(
-        (Attr(DEV_PREFIX + "*", "metric", "every dev metric of the trial's best evaluation", column=True),),
+        (
+            Attr(
+                DEV_PREFIX + "*",
+                "metric",
+                "every dev metric of the trial's best evaluation (`dev_f1`, `dev_precision`, ... or `dev_accuracy`, "
+                "`dev_macro_f1`, ...; per entity type `dev_f1_PER`, ...)",
+                column=True,
+            ),
+        ),
         "every dev metric of the trial's best evaluation (`dev_{metric}` is the trial's value)",
     ),
     Group(
-        (Attr(TEST_PREFIX + "*", "metric", "test metrics; search writes none, the report shows them", column=True),),
+        (
+            Attr(
+                TEST_PREFIX + "*",
+                "metric",
+                "test metrics: search writes none (the test split is retrain-best's); the report shows any a study holds",
+                column=True,
+            ),
+        ),
         None,
     ),
     Group(
@@ -150,7 +166,13 @@ TRIAL_GROUPS: tuple[Group, ...] = (
         "when that best evaluation happened (examples seen, optimizer steps, epochs)",
     ),
     Group(
-        (Attr(BEST_WEIGHTS_SHA256, "run", "SHA-256 of the weights at the best evaluation"),),
+        (
+            Attr(
+                BEST_WEIGHTS_SHA256,
+                "run",
+                "SHA-256 of the weights at the best evaluation (retrain-best compares its model's)",
+            ),
+        ),
         "SHA-256 of the weights at that evaluation (retrain-best compares its model's)",
     ),
     Group(
@@ -186,7 +208,7 @@ TRIAL_GROUPS: tuple[Group, ...] = (
     Group(
         (
             Attr(DEVICE, "tag", "the device it trained on"),
-            Attr(PRECISION, "run", "fp32, bf16 or fp16 (written when it starts: pruned and failed trials too)"),
+            Attr(PRECISION, "run", "fp32, bf16 or fp16"),
             Attr(TF32, "run", "whether TF32 matmuls were allowed"),
             Attr(FUSED_OPTIMIZER, "run", "whether AdamW ran torch's fused kernel"),
             Attr(PIN_MEMORY, "run", "whether the loaders pinned memory"),
@@ -215,7 +237,12 @@ TRIAL_GROUPS: tuple[Group, ...] = (
     ),
     Group(
         (
-            Attr(RETRY_OF, "tag", "a retry of a dead or interrupted trial: the number of the attempt it repeats"),
+            Attr(
+                RETRY_OF,
+                "tag",
+                "a retry of a dead or interrupted trial: the attempt it repeats (optuna's own `retry_history` is in "
+                "the trial's system attributes)",
+            ),
             Attr(RESUMED_AT_STEP, "tag", "a retry: the step (examples seen) it resumed from"),
             Attr(RESUMED_AT_OPTIMIZER_STEP, "run", "a retry: the optimizer step it resumed from"),
         ),
@@ -223,7 +250,7 @@ TRIAL_GROUPS: tuple[Group, ...] = (
     ),
     Group(
         (
-            Attr(CHECKPOINT_TRIAL, "run", "the trial whose checkpoint folder it uses"),
+            Attr(CHECKPOINT_TRIAL, "run", "the trial whose folder holds its checkpoint"),
             Attr(CHECKPOINTS_WRITTEN, "metric", "checkpoints written"),
             Attr(CHECKPOINT_S, "metric", "seconds spent writing checkpoints"),
         ),
@@ -234,8 +261,8 @@ TRIAL_GROUPS: tuple[Group, ...] = (
             Attr(BACKEND, "run", "`ray` on trials Ray Tune ran"),
             Attr(RAY_TRIAL_ID, "run", "Ray Tune's trial id"),
             Attr(RAY_RUN, "run", "the Ray Tune run the trial belongs to"),
-            Attr(RAY_FAILURES, "run", "how often Ray Tune restarted the trial"),
-            Attr(STOPPED_BY, "run", "pruned trials: the scheduler that stopped them"),
+            Attr(RAY_FAILURES, "run", "how many times the trial failed under Ray Tune"),
+            Attr(STOPPED_BY, "run", "pruned trials: the Ray scheduler that stopped them"),
             Attr(PBT_SCHEDULE, "run", "PBT's changes: the step and the new parameters of each"),
         ),
         "backend ray: Ray Tune's trial id and run, its failures, the scheduler that stopped it, PBT's changes",
@@ -246,8 +273,12 @@ TRIAL_ATTRS: tuple[Attr, ...] = tuple(a for g in TRIAL_GROUPS for a in g.attrs)
 
 STUDY_ATTRS: tuple[Attr, ...] = (
     Attr(CONFIG, "run", "the resolved study config"),
-    Attr(SEARCH_SPACE, "run", "the search space file's contents"),
-    Attr(DATA_REPORT, "run", "what reading the data found: cleaning, truncation, splits, labels"),
+    Attr(SEARCH_SPACE, "run", "the search space, as the file says it"),
+    Attr(
+        DATA_REPORT,
+        "run",
+        "what reading the data found: what cleaning removed or truncation cut, the splits, the labels",
+    ),
     Attr(METRIC, "run", "the objective's dev metric, e.g. `f1`"),
     Attr(VERSIONS, "run", "llmflow-hpo, optuna, torch, transformers and datasets that made the study"),
     Attr(MLFLOW, "run", "with MLflow tracking: the tracking URI, experiment and run id of the study's run"),
@@ -288,9 +319,15 @@ def report_columns(present: set[str]) -> list[str]:
     return scores + [a.name for a in TRIAL_ATTRS if a.column and "*" not in a.name and a.name in present]
 
 
-def markdown_table(attrs: tuple[Attr, ...] = TRIAL_ATTRS) -> str:
-    """The README's table of ``attrs`` (one row each): name, kind, report column, meaning."""
+def trial_table() -> str:
+    """The README's table of the trial attributes: name, kind, report column, meaning (one row each)."""
     rows = ["| attribute | kind | report column | meaning |", "|---|---|---|---|"]
-    for a in attrs:
-        rows.append(f"| `{a.name}` | {a.kind} | {'yes' if a.column else ''} | {a.help} |")
+    rows += [f"| `{a.name}` | {a.kind} | {'yes' if a.column else ''} | {a.help} |" for a in TRIAL_ATTRS]
+    return "\n".join(rows)
+
+
+def study_table() -> str:
+    """The README's table of the study's own attributes: name, meaning."""
+    rows = ["| attribute | meaning |", "|---|---|"]
+    rows += [f"| `{a.name}` | {a.help} |" for a in STUDY_ATTRS]
     return "\n".join(rows)
