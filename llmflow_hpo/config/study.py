@@ -28,7 +28,7 @@ from llmflow_hpo.config.hyperparameters import (
 from llmflow_hpo.config.typed import MISSING, Problems, build
 from llmflow_hpo.config.yamlfile import apply_overrides, read_yaml
 from llmflow_hpo.errors import ConfigError
-from llmflow_hpo.tasks.metrics import TEXT_METRICS, TOKEN_METRICS
+from llmflow_hpo.tasks import TASK_NAMES, get_task
 
 __all__ = [
     "HYPERPARAMETERS",
@@ -52,14 +52,8 @@ __all__ = [
     "read_yaml",
 ]
 
-Task = Literal["token-classification", "text-classification"]
-
-# Metric names a study may optimise, per task (the dev loss too, which is minimised).
-TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "token-classification": (*TOKEN_METRICS, "loss"),
-    "text-classification": (*TEXT_METRICS, "loss"),
-}
-DEFAULT_METRIC = {"token-classification": "f1", "text-classification": "accuracy"}
+# The task: values: the names in the tasks' registry ("token-classification", "text-classification").
+Task = Literal[TASK_NAMES]  # type: ignore[valid-type]
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -347,11 +341,10 @@ def _check_ranges(cfg: StudyConfig, problems: Problems) -> None:
     for lim in ("limit_train", "limit_dev", "limit_test"):
         value = getattr(d, lim)
         need(value is None or value >= 1, f"data.{lim}", "must be >= 1 or null")
-    if cfg.task == "token-classification":
-        need(d.format in ("conll", "jsonl"), "data.format", f"{d.format} holds no token tags; use conll or jsonl")
-    else:
-        need(d.format in ("csv", "tsv", "jsonl"), "data.format", "text-classification reads csv, tsv or jsonl")
-    metrics = TASK_METRICS[cfg.task]
+    task = get_task(cfg.task)
+    for path, message in task.check_config(cfg):
+        problems.add(path, message)
+    metrics = task.metrics
     if cfg.objective.metric is not None and cfg.objective.metric not in metrics:
         problems.add(
             "objective.metric", f"{cfg.objective.metric!r} is not a {cfg.task} metric; use one of {', '.join(metrics)}"
@@ -361,8 +354,9 @@ def _check_ranges(cfg: StudyConfig, problems: Problems) -> None:
 def _check_new_study(cfg: StudyConfig, problems: Problems) -> None:
     """What a new study may not be, though a study stored by an earlier version may: it is still read."""
     _check_study_name(cfg.study_name, problems)
-    metric = cfg.objective.metric or DEFAULT_METRIC[cfg.task]
-    if cfg.objective.direction is not None and metric in TASK_METRICS[cfg.task]:
+    task = get_task(cfg.task)
+    metric = cfg.objective.metric or task.default_metric
+    if cfg.objective.direction is not None and metric in task.metrics:
         # Lower is better only for the loss: the other direction would search for the worst model.
         right = "minimize" if metric == "loss" else "maximize"
         if cfg.objective.direction != right:
@@ -474,7 +468,7 @@ def _resolve(cfg: StudyConfig, base: Path | None) -> None:
     else:
         cfg.cache_dir = absolute(cfg.cache_dir)
     if cfg.objective.metric is None:
-        cfg.objective.metric = DEFAULT_METRIC[cfg.task]
+        cfg.objective.metric = get_task(cfg.task).default_metric
     if cfg.objective.direction is None:
         cfg.objective.direction = "minimize" if cfg.objective.metric == "loss" else "maximize"
     cfg.train.max_grad_norm = clip_norm(cfg.train.max_grad_norm)
