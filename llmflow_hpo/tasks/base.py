@@ -11,18 +11,25 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from llmflow_hpo.errors import DataError
 
-if TYPE_CHECKING:
-    from llmflow_hpo.config.study import StudyConfig
-    from llmflow_hpo.data.features import Features
-    from llmflow_hpo.data.read import DataSplits
-
-__all__ = ["IGNORE_INDEX", "BaseTask", "json_field"]
+__all__ = ["IGNORE_INDEX", "BaseTask", "ScoredFeatures", "json_field"]
 
 IGNORE_INDEX = -100  # label of the positions the loss skips (special tokens, non-first subwords, padding)
+
+
+class ScoredFeatures(Protocol):
+    """What ``BaseTask.score`` reads of a study's features (``data.features.Features``; the tasks import
+    nothing of the data stage, which imports them)."""
+
+    labels: list[str]
+    splits: dict[str, Any]
+
+    def gold_tags(self, split: str) -> list[list[str]]: ...
+
+    def gold_labels(self, split: str) -> list[str]: ...
 
 
 class BaseTask(abc.ABC):
@@ -40,7 +47,7 @@ class BaseTask(abc.ABC):
     - ``model_card_class``: the transformers Auto class the model card's usage snippet loads the model with.
 
     The loss is not the task's: every task so far trains with the cross-entropy family of the training
-    recipe (``recipe.train.loss_fn``: cross-entropy or focal, optional class weights, positions labelled
+    recipe (its ``loss_fn``: cross-entropy or focal, optional class weights, positions labelled
     ``IGNORE_INDEX`` skipped), applied to the logits of ``model_class()`` and the ``labels`` column.
     """
 
@@ -55,8 +62,9 @@ class BaseTask(abc.ABC):
 
     # ------------------------------------------------------------------ config (validate, before any file is read)
 
-    def check_config(self, cfg: StudyConfig) -> list[tuple[str, str]]:
-        """The problems of a study config that only this task sees, as ``(field, message)`` pairs.
+    def check_config(self, cfg: Any) -> list[tuple[str, str]]:
+        """The problems of a study config (``config.study.StudyConfig``) that only this task sees, as
+        ``(field, message)`` pairs.
 
         Called by the config check (validate, search, retrain-best) with every other check, so that all
         problems are reported at once; the objective's metric is checked there against ``metrics``. An
@@ -97,9 +105,11 @@ class BaseTask(abc.ABC):
         ``load_splits`` checks for every task), or None. Called before any tokenizer is loaded."""
         return None
 
-    def summary(self, splits: DataSplits) -> list[str]:
-        """Report lines of this task about the splits read (label counts, warnings); called once by
-        ``load_splits`` after the common lines (sizes, label set) and before the unseen-label warnings."""
+    def summary(self, splits: Any) -> list[str]:
+        """Report lines of this task about the splits read (``data.read.DataSplits``): label counts, warnings.
+
+        Called once by ``load_splits``, after the common lines (sizes, label set) and before the warnings
+        about labels never seen in train."""
         return []
 
     # ------------------------------------------------------------------ features (data.features, a cache miss)
@@ -123,7 +133,7 @@ class BaseTask(abc.ABC):
         """The transformers Auto class (model with this task's head) that builds the trial's model, from a
         config (``from_config``) or from pretrained weights. Called when a model is built."""
 
-    # ------------------------------------------------------------------ predictions (the recipe's evaluation; predict, serve)
+    # ------------------------------------------------------------ predictions (the recipe's evaluation; predict, serve)
 
     @abc.abstractmethod
     def collator(self, tokenizer: Any) -> Any:
@@ -136,7 +146,7 @@ class BaseTask(abc.ABC):
         tensors), as plain Python values, in the batch's order. Called after every evaluation batch."""
 
     @abc.abstractmethod
-    def score(self, features: Features, split: str, predictions: list) -> dict[str, float]:
+    def score(self, features: ScoredFeatures, split: str, predictions: list) -> dict[str, float]:
         """The metrics of a split (without ``"loss"``, which the recipe adds) from the predictions of all its
         examples in the split's order (the concatenated ``batch_predictions``). Called once per evaluation."""
 

@@ -11,15 +11,11 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from llmflow_hpo.errors import ConfigError, DataError
-from llmflow_hpo.tasks.base import BaseTask, json_field
+from llmflow_hpo.tasks.base import BaseTask, ScoredFeatures, json_field
 from llmflow_hpo.tasks.metrics import TEXT_METRICS, text_classification_metrics
-
-if TYPE_CHECKING:
-    from llmflow_hpo.data.features import Features
-    from llmflow_hpo.data.read import DataSplits
 
 __all__ = ["TextClassification", "TextExample"]
 
@@ -75,7 +71,7 @@ class TextClassification(BaseTask):
         """The labels seen, sorted as strings."""
         return sorted({example.label for example in examples})
 
-    def summary(self, splits: DataSplits) -> list[str]:
+    def summary(self, splits: Any) -> list[str]:
         lines = []
         for name in ("train", "dev", "test"):
             counts = Counter(example.label for example in getattr(splits, name))
@@ -115,7 +111,7 @@ class TextClassification(BaseTask):
         """The predicted label id of each example (the argmax of its logits)."""
         return logits.argmax(-1).cpu().tolist()
 
-    def score(self, features: Features, split: str, predictions: list) -> dict[str, float]:
+    def score(self, features: ScoredFeatures, split: str, predictions: list) -> dict[str, float]:
         """scikit-learn metrics of the predicted label names against the split's gold labels."""
         names = features.labels
         return text_classification_metrics(features.gold_labels(split), [names[i] for i in predictions])

@@ -11,15 +11,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from llmflow_hpo.errors import ConfigError, DataError
-from llmflow_hpo.tasks.base import IGNORE_INDEX, BaseTask, json_field
+from llmflow_hpo.tasks.base import IGNORE_INDEX, BaseTask, ScoredFeatures, json_field
 from llmflow_hpo.tasks.metrics import TOKEN_METRICS, token_classification_metrics
-
-if TYPE_CHECKING:
-    from llmflow_hpo.data.features import Features
-    from llmflow_hpo.data.read import DataSplits
 
 __all__ = ["TokenClassification", "TokenExample", "align_labels", "word_predictions"]
 
@@ -79,7 +75,7 @@ class TokenClassification(BaseTask):
             "check data.tag_column (or the tags field) and that the file holds IOB tags such as B-PER"
         )
 
-    def summary(self, splits: DataSplits) -> list[str]:
+    def summary(self, splits: Any) -> list[str]:
         lines = []
         for name in ("dev", "test"):
             if not {tag for example in getattr(splits, name) for tag in example.tags} - {"O"}:
@@ -152,7 +148,7 @@ class TokenClassification(BaseTask):
             for row_pred, row_labels in zip(predicted.cpu().tolist(), labels.cpu().tolist(), strict=True)
         ]
 
-    def score(self, features: Features, split: str, predictions: list) -> dict[str, float]:
+    def score(self, features: ScoredFeatures, split: str, predictions: list) -> dict[str, float]:
         """Entity-level seqeval metrics of the word-level tags (``word_predictions``) against the gold tags."""
         gold = features.gold_tags(split)
         pred = word_predictions(predictions, features.splits[split]["label_words"], gold, features.labels)
