@@ -45,7 +45,7 @@ ClassWeighting = Literal["none", "balanced"]
 
 @dataclass(frozen=True)
 class Bounds:
-    """A number's range: from ``low`` (included or not) up to ``high`` (excluded), either end open."""
+    """A number's range: from ``low`` (included or not) up to ``high`` (excluded), or with no upper end."""
 
     low: float
     high: float | None = None
@@ -58,8 +58,8 @@ class Bounds:
 
     def problem(self, value: Any, null: str | None) -> str | None:
         """Why ``value`` (of the setting's type) is outside, or None; ``null``: how a message offers null."""
-        above = value >= self.low if self.low_included else value > self.low
-        if above and (self.high is None or value < self.high):
+        low_ok = value >= self.low if self.low_included else value > self.low
+        if low_ok and (self.high is None or value < self.high):
             return None
         return f"must be {self}" + (f" or {null}" if null else "")
 
@@ -79,10 +79,12 @@ class Rule:
 
 
 def at_least(low: float) -> Bounds:
+    """``>= low``."""
     return Bounds(low)
 
 
 def above(low: float) -> Bounds:
+    """``> low``."""
     return Bounds(low, low_included=False)
 
 
