@@ -48,10 +48,12 @@ from llmflow_hpo.config.study import HeartbeatConfig, config_from_dict
 from llmflow_hpo.data.features import prepare_features
 from llmflow_hpo.recipe.checkpoints import CheckpointStore, TrialCheckpoint, folder_size
 from llmflow_hpo.recipe.train import train_and_evaluate
-from llmflow_hpo.search.backends.optuna_backend import run_search, run_worker
+from llmflow_hpo.search.backends import run_search
+from llmflow_hpo.search.backends.optuna_backend import run_worker
 from llmflow_hpo.search.objective import Objective
 from llmflow_hpo.search.spaces import parse_search_space
-from llmflow_hpo.study.storage import StudyLock, open_storage, retry_callback
+from llmflow_hpo.study.lock import StudyLock
+from llmflow_hpo.study.storage import open_storage, retry_callback
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "studies" / "data" / "quickstart-ner"

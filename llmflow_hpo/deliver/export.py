@@ -14,7 +14,7 @@ from llmflow_hpo import __version__
 from llmflow_hpo.config.study import StudyConfig, config_to_dict
 from llmflow_hpo.errors import LlmflowError
 from llmflow_hpo.recipe.models import load_tokenizer
-from llmflow_hpo.study.storage import library_versions
+from llmflow_hpo.study.provenance import library_versions
 from llmflow_hpo.tasks import get_task
 
 __all__ = ["check_output_dir", "save_model"]

@@ -514,7 +514,7 @@ def test_a_study_stored_before_the_new_study_checks_is_still_read(tmp_path: Path
 
     from llmflow_hpo.config.study import config_to_dict
     from llmflow_hpo.search.spaces import parse_search_space
-    from llmflow_hpo.study.storage import stored_config
+    from llmflow_hpo.study.provenance import stored_config
 
     old = raw(objective={"metric": "loss", "direction": "maximize"}, study_name="team/ner")
     space = {"warmup_ratio": {"type": "float", "low": 0.0, "high": 0.1, "step": 0.03}}

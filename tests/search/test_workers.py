@@ -92,7 +92,8 @@ FAST_WORKER = textwrap.dedent(
     import optuna
     from llmflow_hpo.search.backends.optuna_backend import run_worker
     from llmflow_hpo.config.study import HeartbeatConfig
-    from llmflow_hpo.study.storage import StudyLock, open_storage, retry_callback
+    from llmflow_hpo.study.lock import StudyLock
+    from llmflow_hpo.study.storage import open_storage, retry_callback
 
     url, name, target = sys.argv[1], sys.argv[2], int(sys.argv[3])
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -138,7 +139,8 @@ def test_four_workers_finish_exactly_n_trials(storage_url):
 def test_an_interrupted_trial_another_worker_failed_as_stale_is_queued_once(tmp_path):
     from llmflow_hpo.config.study import HeartbeatConfig
     from llmflow_hpo.search.backends.optuna_backend import run_worker
-    from llmflow_hpo.study.storage import StudyLock, open_storage, retry_callback
+    from llmflow_hpo.study.lock import StudyLock
+    from llmflow_hpo.study.storage import open_storage, retry_callback
 
     url = f"sqlite:///{tmp_path / 'study.db'}"
     heartbeat = HeartbeatConfig(interval=1, grace_period=3)
