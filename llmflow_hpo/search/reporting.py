@@ -1,21 +1,80 @@
-"""Between a training run and its optuna trial: report each evaluation, prune, and store what a trial found."""
+"""Between a training run and its trial: report each evaluation, prune, and store what a trial found.
+
+The rules both backends follow live here once: a non-finite dev metric fails the trial (``check_finite``),
+the best evaluation so far (``BestSoFar``), what a resumed run records (``resume_attrs``), the user attributes
+of a finished trial (``store_best``, ``store_result``) and how a failed trial is recorded (``record_failure``,
+``fail_lost_trial``). The optuna backend's ``TrialReporter`` and the Ray trainable's reporter both call them.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
 import optuna
+from optuna.trial import FrozenTrial, TrialState
 
 from llmflow_hpo.errors import TrialFailure
-from llmflow_hpo.recipe.train import Evaluation, TrainResult, better
+from llmflow_hpo.recipe.results import Evaluation, TrainResult, better
+from llmflow_hpo.study.optuna_private import set_trial_user_attr
 
-__all__ = ["TrialReporter", "improves", "store_best", "store_result"]
+__all__ = [
+    "BestSoFar",
+    "TrialReporter",
+    "check_finite",
+    "fail_lost_trial",
+    "improves",
+    "record_failure",
+    "resume_attrs",
+    "store_best",
+    "store_result",
+]
 
 
 def improves(value: float, best: Evaluation | None, metric: str, direction: str) -> bool:
     """Whether ``value`` beats the best evaluation so far (any value beats none)."""
     return better(value, best and best.metrics[metric], direction)
+
+
+def check_finite(value: float, metric: str, step: int) -> None:
+    """A non-finite dev metric is a failure (never a value, nor PRUNED): ``TrialFailure`` naming it."""
+    if not math.isfinite(value):
+        raise TrialFailure(f"dev {metric} is {value} at step {step}")
+
+
+def resume_attrs(history: list[Evaluation]) -> dict[str, int]:
+    """What a run resumed from a checkpoint records: where it took up again (nothing for a fresh run)."""
+    if not history:
+        return {}
+    return {"resumed_at_step": history[-1].step, "resumed_at_optimizer_step": history[-1].optimizer_step}
+
+
+class BestSoFar:
+    """The best evaluation of one run so far, by the study's metric and direction.
+
+    ``restore`` is called once when a run resumes (with the evaluations its checkpoint holds), ``add`` after
+    each new evaluation; ``add`` raises ``TrialFailure`` for a non-finite metric (``check_finite``).
+    """
+
+    def __init__(self, metric: str, direction: str) -> None:
+        self.metric, self.direction = metric, direction
+        self.best: Evaluation | None = None
+
+    def _offer(self, evaluation: Evaluation) -> None:
+        if improves(evaluation.metrics[self.metric], self.best, self.metric, self.direction):
+            self.best = evaluation
+
+    def restore(self, history: list[Evaluation]) -> None:
+        for evaluation in history:
+            self._offer(evaluation)
+
+    def add(self, evaluation: Evaluation) -> float:
+        """The evaluation's value of the metric, after checking it and taking it as the best when it is."""
+        value = evaluation.metrics[self.metric]
+        check_finite(value, self.metric, evaluation.step)
+        self._offer(evaluation)
+        return value
 
 
 class TrialReporter:
@@ -29,33 +88,43 @@ class TrialReporter:
     def __init__(self, trial: optuna.Trial, metric: str, direction: str) -> None:
         self.trial = trial
         self.metric = metric
-        self.direction = direction
-        self.best: Evaluation | None = None
+        self._best = BestSoFar(metric, direction)
+
+    @property
+    def best(self) -> Evaluation | None:
+        return self._best.best
 
     def restore(self, history: list[Evaluation]) -> None:
         """A resumed run: take back the best evaluation. Its values need no reporting again: the retry
         inherited the intermediate values of the attempt it repeats (storage.retry_callback)."""
-        for evaluation in history:
-            if self._better(evaluation.metrics[self.metric]):
-                self.best = evaluation
-        if history:
-            self.trial.set_user_attr("resumed_at_step", history[-1].step)
-            self.trial.set_user_attr("resumed_at_optimizer_step", history[-1].optimizer_step)
-
-    def _better(self, value: float) -> bool:
-        return improves(value, self.best, self.metric, self.direction)
+        self._best.restore(history)
+        for key, value in resume_attrs(history).items():
+            self.trial.set_user_attr(key, value)
 
     def __call__(self, evaluation: Evaluation) -> None:
-        value = evaluation.metrics[self.metric]
-        if not math.isfinite(value):  # a failure, never a value (nor PRUNED): the same rule as on Ray
-            raise TrialFailure(f"dev {self.metric} is {value} at step {evaluation.step}")
-        if self._better(value):
-            self.best = evaluation
+        value = self._best.add(evaluation)
         self.trial.report(value, evaluation.step)
         if self.trial.should_prune():
             store_best(self.trial, self.best)
             self.trial.set_user_attr("pruned_at_step", evaluation.step)
             raise optuna.TrialPruned(f"pruned at step {evaluation.step} (dev {self.metric}={value:.4f})")
+
+
+def record_failure(trial: Any, reason: str, *, for_good: bool) -> None:
+    """How a failed trial is recorded on either backend (before it is told FAIL): its ``fail_reason``, and
+    ``failed_for_good`` when a retry is pointless (a ``TrialFailure``: diverged, out of memory, a non-finite
+    metric). An interrupted, killed or lost trial is not failed for good: its retry may well finish."""
+    trial.set_user_attr("fail_reason", reason)
+    if for_good:
+        trial.set_user_attr("failed_for_good", True)
+
+
+def fail_lost_trial(study: optuna.Study, trial: FrozenTrial, reason: str) -> None:
+    """FAIL a RUNNING trial whose runner is gone (a worker that died before it started, a Ray run that ended
+    without it), with its reason. Another process that failed it first wins: nothing is raised."""
+    with contextlib.suppress(Exception):
+        set_trial_user_attr(study, trial, "fail_reason", reason)
+        study.tell(trial.number, state=TrialState.FAIL)
 
 
 def store_best(trial: Any, best: Evaluation | None) -> None:

@@ -224,14 +224,15 @@ class StudyGrid(optuna.samplers.GridSampler):
         """Grid points that no trial has taken yet (finished, running, or queued as a retry)."""
         taken = {
             t.system_attrs["grid_id"]
-            for t in study._storage.get_all_trials(study._study_id, deepcopy=False)
+            for t in study.get_trials(deepcopy=False)
             if "grid_id" in t.system_attrs and self._same_search_space(t.system_attrs["search_space"])
         }
         return self.size - len(taken)
 
 
 def check_strategy(cfg: StudyConfig, space: SearchSpace, source: str) -> None:
-    """Raise ConfigError for sampler/pruner options optuna would refuse (no sampler is built)."""
+    """Raise ConfigError for sampler/pruner options optuna would refuse (no sampler is built), and for a Ray
+    study the scheduler options Ray would refuse (checked only where Ray is installed)."""
     problems = _option_problems(
         getattr(optuna.samplers, _SAMPLERS[cfg.sampler.name]), cfg.sampler.options, f"{source}: sampler.options"
     )
@@ -253,8 +254,23 @@ def check_strategy(cfg: StudyConfig, space: SearchSpace, source: str) -> None:
             problems += _construct_problems(sampler_cls, cfg.sampler.options, f"{source}: sampler.options")
         pruner_cls = getattr(optuna.pruners, _PRUNERS[cfg.pruner.name])
         problems += _construct_problems(pruner_cls, cfg.pruner.options, f"{source}: pruner.options")
+    if cfg.backend == "ray":
+        problems += _ray_scheduler_problems(cfg, space, source)
     if problems:
         raise ConfigError(problems)
+
+
+def _ray_scheduler_problems(cfg: StudyConfig, space: SearchSpace, source: str) -> list[str]:
+    """The Ray scheduler's options, by the rules ``build_scheduler`` applies, when Ray is installed (without
+    it, validate says so itself). Ray's schedulers import neither torch nor transformers."""
+    from llmflow_hpo.search.backends import ray_environment, ray_missing
+
+    if ray_missing():
+        return []
+    ray_environment(local=cfg.ray.address is None)  # before Ray's first import: it reads them then
+    from llmflow_hpo.search.backends.ray_backend.schedulers import scheduler_problems
+
+    return scheduler_problems(cfg, space, source)
 
 
 def trial_seed(seed: int, number: int) -> int:

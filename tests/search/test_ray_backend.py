@@ -268,7 +268,7 @@ def test_pbt_on_a_joined_cluster_clones_checkpoints_and_records_the_changes(writ
 
 
 def test_search_space_becomes_ray_domains() -> None:
-    from llmflow_hpo.search.backends.ray_backend import tune_domain
+    from llmflow_hpo.search.backends.ray_backend.schedulers import tune_domain
 
     lr = tune_domain(FloatDistribution(1e-5, 1e-3, log=True))
     assert type(lr).__name__ == "Float" and lr.lower == 1e-5 and lr.upper == 1e-3
@@ -292,7 +292,7 @@ def test_a_ray_trial_becomes_a_study_trial_of_its_own_parameters(tmp_path: Path)
     """PBT's trials are made by Ray; enqueue-then-ask took the oldest WAITING trial, which may be another one."""
     from types import SimpleNamespace
 
-    from llmflow_hpo.search.backends.ray_backend import StudyRecorder
+    from llmflow_hpo.search.backends.ray_backend.recorder import StudyRecorder
 
     space = {"learning_rate": FloatDistribution(1e-4, 1e-2, log=True), "batch_size": CategoricalDistribution([8, 16])}
     storage = f"sqlite:///{tmp_path / 'study.db'}"
@@ -317,7 +317,7 @@ def test_a_ray_trial_becomes_a_study_trial_of_its_own_parameters(tmp_path: Path)
 
 
 def test_scheduler_defaults_follow_the_evaluation_schedule(tiny_cfg) -> None:
-    from llmflow_hpo.search.backends.ray_backend import build_scheduler
+    from llmflow_hpo.search.backends.ray_backend.schedulers import build_scheduler
 
     cfg, space, _ = tiny_cfg({"backend": "ray", "train": {"epochs": 3, "evals_per_epoch": 2}})
     asha = build_scheduler(cfg, space, n_train=200, source="study.yaml")
@@ -335,7 +335,7 @@ def test_a_trial_failure_on_ray_stores_the_reason_the_optuna_backend_stores() ->
     """A non-finite dev metric (or a diverged run) is FAIL with its reason on both backends, in the same words."""
     from types import SimpleNamespace
 
-    from llmflow_hpo.search.backends.ray_backend import _error_line
+    from llmflow_hpo.search.backends.ray_backend.recorder import error_line
 
     def trial(text: str) -> Any:
         return SimpleNamespace(get_pickled_error=lambda: None, get_error=lambda: text, error_file=None)
@@ -344,12 +344,12 @@ def test_a_trial_failure_on_ray_stores_the_reason_the_optuna_backend_stores() ->
     raised = (
         "Traceback (most recent call last):\n  File ...\nllmflow_hpo.errors.TrialFailure: dev f1 is nan at step 24\n"
     )
-    assert _error_line(trial(raised)) == "dev f1 is nan at step 24"
-    assert _error_line(trial("Traceback ...\nValueError: boom")) == "error: ValueError: boom"
+    assert error_line(trial(raised)) == "dev f1 is nan at step 24"
+    assert error_line(trial("Traceback ...\nValueError: boom")) == "error: ValueError: boom"
 
 
 def test_pbt_mutates_choices_and_stepped_floats_within_their_values(tiny_cfg) -> None:
-    from llmflow_hpo.search.backends.ray_backend import build_scheduler
+    from llmflow_hpo.search.backends.ray_backend.schedulers import build_scheduler
 
     space = {
         "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
@@ -365,7 +365,7 @@ def test_pbt_mutates_choices_and_stepped_floats_within_their_values(tiny_cfg) ->
 
 
 def test_hyperband_counts_evaluations(tiny_cfg) -> None:
-    from llmflow_hpo.search.backends.ray_backend import build_scheduler
+    from llmflow_hpo.search.backends.ray_backend.schedulers import build_scheduler
 
     cfg, space, _ = tiny_cfg(
         {"backend": "ray", "train": {"epochs": 3, "evals_per_epoch": 2}, "ray": {"scheduler": "hyperband"}}
@@ -376,7 +376,7 @@ def test_hyperband_counts_evaluations(tiny_cfg) -> None:
 
 
 def test_scheduler_options_are_checked(tiny_cfg) -> None:
-    from llmflow_hpo.search.backends.ray_backend import build_scheduler
+    from llmflow_hpo.search.backends.ray_backend.schedulers import build_scheduler
 
     cfg, space, _ = tiny_cfg({"backend": "ray", "ray": {"scheduler_options": {"grace_perod": 3, "metric": "x"}}})
     with pytest.raises(ConfigError) as e:

@@ -95,7 +95,7 @@ def test_diverged_trial_fails_with_its_reason_and_the_study_goes_on(tiny_cfg, mo
 
 
 def test_a_non_finite_dev_metric_fails_the_trial_naming_the_metric_and_its_value(tiny_cfg, monkeypatch):
-    # The same rule as on Ray (backends/ray_backend._RayReporter): FAIL with the reason, never PRUNED.
+    # The same rule as on Ray (reporting.check_finite, which both reporters call): FAIL with the reason, never PRUNED.
     cfg, space, raw = tiny_cfg({"n_trials": 1})
     scores = iter([0.5, float("nan"), 0.6, 0.7, 0.8, 0.9])
     monkeypatch.setattr("llmflow_hpo.recipe.train.evaluate", lambda *a, **k: {"f1": next(scores), "loss": 1.0})
@@ -109,7 +109,7 @@ def test_a_non_finite_dev_metric_fails_the_trial_naming_the_metric_and_its_value
 def test_each_trial_draws_its_point_under_the_study_lock(tiny_cfg, monkeypatch):
     """QMC numbers its points in the study (read, then write the next number): two workers drawing at once
     outside the lock could take the same number. Every draw of the sampler happens while the lock is held."""
-    from llmflow_hpo.study.storage import StudyLock
+    from llmflow_hpo.study.lock import StudyLock
 
     held, draws = {"now": False}, []
     acquire, release = StudyLock.acquire, StudyLock.release
@@ -241,7 +241,7 @@ def test_rerun_with_another_config_is_refused_and_stores_nothing(tiny_cfg):
 
 
 def test_a_study_stored_before_a_setting_existed_keeps_what_its_version_did(tiny_cfg):
-    from llmflow_hpo.study.storage import stored_config
+    from llmflow_hpo.study.provenance import stored_config
 
     cfg, space, raw = tiny_cfg({"n_trials": 1})
     run_search(cfg, space, raw, **QUIET)

@@ -1,7 +1,8 @@
 """Backends run the trials of a study: optuna workers (the default) or Ray Tune (``backend: ray``).
 
 Both write the same study to the same storage, so ``trials``, ``best``, ``retrain-best`` and
-optuna-dashboard read a study the same whichever backend ran it. Ray is imported only here, and only
+optuna-dashboard read a study the same whichever backend ran it. ``run_search`` hands the study to
+``search.driver.run_search`` with the backend's ``TrialRunner``. Ray is imported only here, and only
 when a study asks for it.
 """
 
@@ -15,16 +16,16 @@ from typing import Any
 
 from llmflow_hpo.config.study import StudyConfig
 from llmflow_hpo.errors import ConfigError
-from llmflow_hpo.search.backends.optuna_backend import SearchSummary
+from llmflow_hpo.search.driver import SearchSummary
 
-__all__ = ["SearchSummary", "import_ray_backend", "ray_missing", "run_search"]
+__all__ = ["RAY_HINT", "SearchSummary", "import_ray_backend", "ray_environment", "ray_missing", "run_search"]
 
 RAY_HINT = "pip install 'llmflow-hpo[ray]'"
 
 
 def ray_missing() -> bool:
     """True when Ray Tune cannot be imported here, checked without importing Ray (``find_spec("ray.tune")``
-    would import ``ray`` itself, before ``import_ray_backend`` had set Ray's environment)."""
+    would import ``ray`` itself, before ``ray_environment`` had set Ray's environment)."""
     import importlib.util
     from pathlib import Path
 
@@ -37,8 +38,8 @@ def ray_missing() -> bool:
     return not any((Path(folder) / "tune").is_dir() for folder in spec.submodule_search_locations)
 
 
-def import_ray_backend(*, local: bool) -> ModuleType:
-    """``backends.ray_backend`` (which imports Ray), or a one-line error with the install hint.
+def ray_environment(*, local: bool) -> None:
+    """Set Ray's environment variables; called before Ray's first import in this process (it reads them then).
 
     A local Ray binds to 127.0.0.1 only: Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 when it is imported
     (its single-machine mode) and then starts every server on the loopback address.
@@ -48,13 +49,18 @@ def import_ray_backend(*, local: bool) -> ModuleType:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Ray warns when its experiment state is saved often: it is, on purpose (after each trial checkpoint).
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
+def import_ray_backend(*, local: bool) -> ModuleType:
+    """``backends.ray_backend.runs`` (which imports Ray), or a one-line error with the install hint."""
+    ray_environment(local=local)
     try:
-        from llmflow_hpo.search.backends import ray_backend
+        from llmflow_hpo.search.backends.ray_backend import runs
     except ImportError as e:
         if (e.name or "").split(".")[0] != "ray":
             raise
         raise ConfigError(f"backend: ray needs Ray Tune, which is not installed; {RAY_HINT}") from None
-    return ray_backend
+    return runs
 
 
 def run_search(
@@ -70,14 +76,18 @@ def run_search(
 ) -> SearchSummary:
     """Run (or continue) the study with the backend its config names. ``data``: the splits already read
     (``features.read_splits``), tokenized without reading the files again."""
+    from llmflow_hpo.search import driver
+
+    trials: driver.TrialRunner
     if cfg.backend == "ray":
         if workers != 1:
             raise ConfigError(
                 f"--workers {workers}: backend ray runs its trials through Ray; set ray.max_concurrent_trials "
                 "(and ray.cpus_per_trial / ray.gpus_per_trial) instead"
             )
-        ray_backend = import_ray_backend(local=cfg.ray.address is None)
-        return ray_backend.run_search(cfg, space, space_raw, new_study=new_study, log=log, source=source, data=data)
-    from llmflow_hpo.search.backends import optuna_backend
+        trials = import_ray_backend(local=cfg.ray.address is None).RayTrials()
+    else:
+        from llmflow_hpo.search.backends.optuna_backend import OptunaTrials
 
-    return optuna_backend.run_search(cfg, space, space_raw, workers=workers, new_study=new_study, log=log, data=data)
+        trials = OptunaTrials(workers)
+    return driver.run_search(cfg, space, space_raw, trials, new_study=new_study, log=log, source=source, data=data)

@@ -2,6 +2,10 @@
 
 Any number of workers (processes here, or on other machines sharing the storage) run the same loop:
 
+``OptunaTrials`` is this backend's part of ``search`` (``driver.run_search`` does the rest): one worker in
+this process, or ``search --workers N`` processes (``search.workers``). ``join_study`` is ``llmflow-hpo
+worker``: one more worker on a study that exists.
+
 1. Under the study lock: fail trials whose heartbeat stopped (their retry, same parameters, is queued),
    count the trials that hold a slot (finished, running, queued) and, when a slot is free or a retry is
    queued, ``study.ask()`` and draw the trial's parameters: the claim, the trial's creation and its draw
@@ -20,65 +24,40 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import functools
 import signal
 import sys
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from llmflow_hpo.config.study import StudyConfig
 from llmflow_hpo.errors import Interrupted, TrialFailure
-from llmflow_hpo.search.strategy import StudyGrid, study_target
-from llmflow_hpo.study.storage import (
-    StudyLock,
-    finished_trials,
-    open_storage,
-    open_study,
-    retry_callback,
-    retry_transient,
+from llmflow_hpo.search.driver import (
+    SearchRun,
+    SearchSummary,
+    checkpoint_root,
+    open_features,
+    search_strategy,
+    summarize,
 )
+from llmflow_hpo.search.reporting import fail_lost_trial, record_failure
+from llmflow_hpo.search.spaces import SearchSpace
+from llmflow_hpo.search.strategy import StudyGrid, study_target
+from llmflow_hpo.study.lock import StudyLock
+from llmflow_hpo.study.optuna_private import record_heartbeat, stored_trial, trial_id
+from llmflow_hpo.study.storage import finished_trials, open_storage, retry_callback, retry_transient
 from llmflow_hpo.views.progress import as_progress
 from llmflow_hpo.views.tracking import Tracking
 
-__all__ = ["SearchSummary", "run_search", "run_worker", "work_on_study"]
+__all__ = ["OptunaTrials", "join_study", "run_worker", "work_on_study"]
 
 Log = Callable[[str], None]
 Objective = Callable[[optuna.Trial], float]
-
-
-@dataclass
-class SearchSummary:
-    study_name: str
-    storage: str
-    ran: int
-    counts: dict[str, int]
-    best_number: int | None
-    best_value: float | None
-    best_params: dict[str, Any]
-    workers: int = 1
-    checkpoint_bytes: int = 0
-    retried: int = 0  # failed trials (killed, interrupted) that a later trial repeated
-    target: int | None = None  # finished trials the study aims at: n_trials, at most the grid's size
-
-
-def _counts(study: optuna.Study) -> dict[str, int]:
-    trials = study.get_trials(deepcopy=False)
-    return {state.name.lower(): sum(1 for t in trials if t.state == state) for state in TrialState}
-
-
-def _best(study: optuna.Study) -> FrozenTrial | None:
-    try:
-        return study.best_trial
-    except ValueError:
-        return None
 
 
 class _Heartbeat:
@@ -88,18 +67,21 @@ class _Heartbeat:
     leaves a heartbeat that goes stale. (optuna's own heartbeat thread is private to Study.optimize.)
     """
 
-    def __init__(self, storage: Any, trial_id: int, interval: int) -> None:
-        self.storage, self.trial_id, self.interval = storage, trial_id, interval
+    def __init__(self, study: optuna.Study, trial: optuna.Trial, interval: int) -> None:
+        self.study, self.trial, self.interval = study, trial, interval
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{trial_id}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{trial_id(trial)}", daemon=True)
+
+    def _beat(self) -> None:
+        retry_transient(lambda: record_heartbeat(self.study, self.trial))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             with contextlib.suppress(Exception):  # a missed beat is retried at the next interval
-                retry_transient(lambda: self.storage.record_heartbeat(self.trial_id))
+                self._beat()
 
     def __enter__(self) -> _Heartbeat:
-        retry_transient(lambda: self.storage.record_heartbeat(self.trial_id))
+        self._beat()
         self._thread.start()
         return self
 
@@ -167,17 +149,78 @@ def _fail_orphans(study: optuna.Study, heartbeat_interval: int) -> None:
     limit = datetime.datetime.now() - datetime.timedelta(seconds=3 * heartbeat_interval + 60)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if not t.params and t.datetime_start is not None and t.datetime_start < limit:
-            with contextlib.suppress(Exception):  # another worker failed it first
-                study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "its worker died before it started")
-                study.tell(t.number, state=TrialState.FAIL)
-
-
-def _queued(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+            fail_lost_trial(study, t, "its worker died before it started")
 
 
 def _failed_for_good(trials: list[FrozenTrial]) -> int:
     return sum(1 for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("failed_for_good"))
+
+
+Action = Literal["stop", "claim", "wait"]
+
+
+def _next_action(
+    study: optuna.Study,
+    *,
+    target: int | None,
+    grid: StudyGrid | None,
+    max_failures: int | None,
+    failed_at_start: int,
+    heartbeat_interval: int | None,
+    say: Log,
+) -> tuple[Action, int]:
+    """Under the study lock: fail the trials whose worker died, then decide what this worker does next, with
+    the number of trials running. ``stop``: the study is done (its target, its grid) or too many trials failed
+    during this run (said why); ``claim``: a slot is free or a retry is queued; ``wait``: running trials
+    elsewhere hold the last slots."""
+    if heartbeat_interval is not None:
+        _fail_orphans(study, heartbeat_interval)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retry_transient(lambda: optuna.storages.fail_stale_trials(study))
+    trials = retry_transient(lambda: study.get_trials(deepcopy=False))
+    states = [t.state for t in trials]
+    finished = sum(1 for s in states if s in (TrialState.COMPLETE, TrialState.PRUNED))
+    running, queued = states.count(TrialState.RUNNING), states.count(TrialState.WAITING)
+    if grid is not None and not queued and retry_transient(lambda: grid.is_exhausted(study)):
+        say(f"{grid.done_line(study.study_name)}; no new trial started")
+        return "stop", running
+    if target is not None and finished >= target:
+        return "stop", running
+    failed = _failed_for_good(trials) - failed_at_start
+    if max_failures is not None and failed > max_failures:
+        say(
+            f"study {study.study_name}: stopping, {failed} trial(s) failed during this run; "
+            "see their fail_reason with `llmflow-hpo trials`"
+        )
+        return "stop", running
+    slot = target is None or finished + running < target
+    point = grid is None or retry_transient(lambda: grid.points_left(study)) > 0
+    return ("claim" if queued or (slot and point) else "wait"), running
+
+
+def _ask(study: optuna.Study, heartbeat_interval: int | None) -> optuna.Trial:
+    """A new trial (or the oldest queued retry), its first heartbeat written at once."""
+    with warnings.catch_warnings():  # "heartbeat is supposed to be used with Study.optimize"
+        warnings.simplefilter("ignore")
+        trial = retry_transient(study.ask)
+    if heartbeat_interval is not None:
+        retry_transient(lambda: record_heartbeat(study, trial))
+    return trial
+
+
+def _draw(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    draw: Callable[[optuna.Trial], object] | None,
+    heartbeat_interval: int | None,
+) -> None:
+    """Suggest the claimed trial's parameters (still under the lock)."""
+    if draw is None:
+        return
+    draw(trial)
+    if heartbeat_interval is not None:  # a slow draw (GP) must not look like a dead worker
+        retry_transient(lambda: record_heartbeat(study, trial))
 
 
 def run_worker(
@@ -206,7 +249,6 @@ def run_worker(
     """
     say = log or (lambda line: print(line, file=sys.stderr))
     lock = lock or StudyLock("", study.study_name)  # no storage URL: an unlocked no-op
-    storage = study._storage  # optuna exposes no public handle for record_heartbeat / fail_stale_trials
     grid = study.sampler if isinstance(study.sampler, StudyGrid) else None
     start = time.monotonic()
     trials = retry_transient(lambda: study.get_trials(deepcopy=False))
@@ -223,43 +265,24 @@ def run_worker(
         trial = None
         try:
             with _Signals.critical(), lock.held():
-                if heartbeat_interval is not None:
-                    _fail_orphans(study, heartbeat_interval)
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                        retry_transient(lambda: optuna.storages.fail_stale_trials(study))
-                trials = retry_transient(lambda: study.get_trials(deepcopy=False))
-                states = [t.state for t in trials]
-                finished = sum(1 for s in states if s in (TrialState.COMPLETE, TrialState.PRUNED))
-                running, queued = states.count(TrialState.RUNNING), states.count(TrialState.WAITING)
-                if grid is not None and not queued and retry_transient(lambda: grid.is_exhausted(study)):
-                    say(f"{grid.done_line(study.study_name)}; no new trial started")
-                    break
-                if target is not None and finished >= target:
-                    break
-                failed = _failed_for_good(trials) - failed_at_start
-                if max_failures is not None and failed > max_failures:
-                    say(
-                        f"study {study.study_name}: stopping, {failed} trial(s) failed during this run; "
-                        "see their fail_reason with `llmflow-hpo trials`"
-                    )
-                    break
-                slot = target is None or finished + running < target
-                point = grid is None or retry_transient(lambda: grid.points_left(study)) > 0
-                if queued or (slot and point):
-                    with warnings.catch_warnings():  # "heartbeat is supposed to be used with Study.optimize"
-                        warnings.simplefilter("ignore")
-                        trial = retry_transient(study.ask)
-                    if heartbeat_interval is not None:
-                        retry_transient(functools.partial(storage.record_heartbeat, trial._trial_id))
-                    if draw is not None:
-                        draw(trial)
-                        if heartbeat_interval is not None:  # a slow draw (GP) must not look like a dead worker
-                            retry_transient(functools.partial(storage.record_heartbeat, trial._trial_id))
+                action, running = _next_action(
+                    study,
+                    target=target,
+                    grid=grid,
+                    max_failures=max_failures,
+                    failed_at_start=failed_at_start,
+                    heartbeat_interval=heartbeat_interval,
+                    say=say,
+                )
+                if action == "claim":
+                    trial = _ask(study, heartbeat_interval)
+                    _draw(study, trial, draw, heartbeat_interval)
         except KeyboardInterrupt as e:  # a signal held back during the claim: the trial is recorded first
             if trial is not None:
                 _record_interruption(study, trial, e, lock=lock, retry=retry)
             raise
+        if action == "stop":
+            break
         if trial is None:
             # Every remaining slot is held by a running trial: wait, in case one fails or its worker dies.
             if not waiting_said:
@@ -290,11 +313,7 @@ def _run_trial(
     heartbeat_interval: int | None,
 ) -> FrozenTrial:
     """Run one claimed trial and tell its outcome; returns the trial as stored."""
-    beat = (
-        _Heartbeat(study._storage, trial._trial_id, heartbeat_interval)
-        if heartbeat_interval is not None
-        else contextlib.nullcontext()
-    )
+    beat = _Heartbeat(study, trial, heartbeat_interval) if heartbeat_interval is not None else contextlib.nullcontext()
     value: float | None = None
     state = TrialState.COMPLETE
     try:
@@ -310,7 +329,7 @@ def _run_trial(
         raise
     except BaseException as e:
         with contextlib.suppress(Exception):
-            trial.set_user_attr("fail_reason", f"error: {type(e).__name__}: {e}")
+            record_failure(trial, f"error: {type(e).__name__}: {e}", for_good=False)
             study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         raise
     with _Signals.critical():
@@ -343,22 +362,12 @@ def _record_interruption(
     """
     how = signal.Signals(error.signum).name if isinstance(error, Interrupted) else "SIGINT"
     with _Signals.critical(), lock.held():
-        if retry_transient(lambda: study._storage.get_trial(trial._trial_id)).state.is_finished():
+        if retry_transient(lambda: stored_trial(study, trial)).state.is_finished():
             return
-        retry_transient(lambda: trial.set_user_attr("fail_reason", f"interrupted ({how})"))
+        retry_transient(lambda: record_failure(trial, f"interrupted ({how})", for_good=False))
         told = retry_transient(lambda: study.tell(trial, state=TrialState.FAIL, skip_if_finished=True))
         if retry is not None and told.state == TrialState.FAIL:
             retry(study, told)
-
-
-def checkpoint_root(cfg: StudyConfig) -> Path:
-    """The study's checkpoint folder; a config without ``checkpoint.dir`` (a study stored by an older
-    version) uses ``checkpoints/`` beside its SQLite file, or in the working directory."""
-    if cfg.checkpoint.dir is not None:
-        return Path(cfg.checkpoint.dir) / cfg.study_name
-    url = str(cfg.storage)
-    base = Path(url[len("sqlite:///") :]).parent if url.startswith("sqlite:///") else Path.cwd()
-    return base / "checkpoints" / cfg.study_name
 
 
 def work_on_study(
@@ -429,108 +438,50 @@ def work_on_study(
     return ran
 
 
-def summarize(
-    study: optuna.Study, cfg: StudyConfig, ran: int, workers: int, target: int | None = None
-) -> SearchSummary:
-    from llmflow_hpo.recipe.checkpoints import folder_size
-
-    best = _best(study)
-    size = folder_size(checkpoint_root(cfg))
-    return SearchSummary(
-        study_name=cfg.study_name,
-        storage=str(cfg.storage),
-        ran=ran,
-        counts=_counts(study),
-        best_number=best.number if best else None,
-        best_value=best.value if best else None,
-        best_params=dict(best.params) if best else {},
-        workers=workers,
-        checkpoint_bytes=size,
-        retried=len({t.user_attrs["retry_of"] for t in study.get_trials(deepcopy=False) if "retry_of" in t.user_attrs}),
-        target=cfg.n_trials if target is None else target,
-    )
-
-
-def run_search(
-    cfg: StudyConfig,
-    space: Any,
-    space_raw: dict[str, Any],
-    *,
-    workers: int = 1,
-    new_study: bool = False,
-    log: Log | None = None,
-    data: Any = None,
-) -> SearchSummary:
-    """Tokenize once (``data``: the splits already read), open (or continue) the study, and run the missing
-    trials in ``workers`` processes."""
-    from llmflow_hpo.data.features import prepare_features
-    from llmflow_hpo.search.strategy import build_pruner, build_sampler
-    from llmflow_hpo.study.storage import free_study_name
-    from llmflow_hpo.views.tracking import search_tracking
-
-    say = log or (lambda line: print(line, file=sys.stderr))
-    # Our progress lines report each trial (fail reasons included); optuna would repeat them with tracebacks.
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    features = prepare_features(cfg, log=say, data=data)
-    assert cfg.storage is not None
-    if new_study:
-        cfg.study_name = free_study_name(cfg.storage, cfg.study_name)
-        say(f"study {cfg.study_name}: a new study, as --new-study asked")
-    sampler, pruner = build_sampler(cfg, space), build_pruner(cfg, len(features.splits["train"]), space)
-    study = open_study(
-        cfg, space_raw, sampler=sampler, pruner=pruner, data_report=features.report, heartbeat=cfg.heartbeat
-    )
-    done = finished_trials(study)
-    target = study_target(cfg, space)
-    remaining = None if target is None else max(target - done, 0)
-    if done:
-        say(f"study {cfg.study_name}: continuing, {done} finished trial(s) already stored")
-    if target is not None and target != cfg.n_trials:
-        say(f"study {cfg.study_name}: the grid has {target} point(s); the study ends when each has run")
-    if isinstance(sampler, StudyGrid) and not _queued(study) and sampler.is_exhausted(study):
-        say(f"{sampler.done_line(cfg.study_name)}; nothing to run")
-        return summarize(study, cfg, 0, workers, target)
-    if remaining == 0:
-        say(f"study {cfg.study_name}: already holds {done} finished trials (n_trials={cfg.n_trials}); nothing to run")
-        return summarize(study, cfg, 0, workers, target)
-    say(
-        f"study {cfg.study_name}: running {remaining if remaining is not None else 'unbounded'} trial(s) "
-        f"in {workers} worker(s) ({cfg.sampler.name} sampler, {cfg.pruner.name} pruner, "
-        f"dev {cfg.metric} {cfg.direction}), storage {cfg.storage}"
-    )
-    start = time.perf_counter()
-    progress = as_progress(say)
-    # The study's trackers (and its MLflow run) are opened here, before any worker starts.
-    with search_tracking(cfg, study, log=progress.warn) as tracking:
-        if workers == 1:
-            work_on_study(cfg, space, features, study, log=progress, tracking=tracking)
-        else:
-            from llmflow_hpo.search.workers import run_worker_processes
-
-            progress.workers = workers
-            run_worker_processes(cfg, workers, log=progress)
-    say(f"study {cfg.study_name}: search took {time.perf_counter() - start:.1f}s")
-    return summarize(study, cfg, finished_trials(study) - done, workers, target)
-
-
-def join_study(cfg: StudyConfig, space: Any, *, log: Log | None = None) -> SearchSummary:
+def join_study(cfg: StudyConfig, space: SearchSpace, *, log: Log | None = None) -> SearchSummary:
     """``llmflow-hpo worker``: join an existing study with its stored config and run trials until it is done.
 
     The caller has loaded the study already (its config comes from there), so the study exists.
     """
-    from llmflow_hpo.data.features import prepare_features
-    from llmflow_hpo.search.strategy import build_pruner, build_sampler
-
     say = log or (lambda line: print(line, file=sys.stderr))
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
     assert cfg.storage is not None
-    features = prepare_features(cfg, log=say)
+    features = open_features(cfg, say)
+    sampler, pruner = search_strategy(cfg, space, len(features.splits["train"]))
     study = optuna.load_study(
-        study_name=cfg.study_name,
-        storage=open_storage(cfg.storage, cfg.heartbeat),
-        sampler=build_sampler(cfg, space),
-        pruner=build_pruner(cfg, len(features.splits["train"]), space),
+        study_name=cfg.study_name, storage=open_storage(cfg.storage, cfg.heartbeat), sampler=sampler, pruner=pruner
     )
     done = finished_trials(study)
     ran = work_on_study(cfg, space, features, study, log=say)
     return summarize(study, cfg, finished_trials(study) - done if ran else 0, 1, study_target(cfg, space))
+
+
+class OptunaTrials:
+    """The optuna backend's part of ``driver.run_search``: one worker in this process, or ``workers`` worker
+    processes (``search --workers N``), each running ``run_worker`` on the study."""
+
+    heartbeat = True  # a killed worker's trial is found by its stale heartbeat and retried
+
+    def __init__(self, workers: int = 1) -> None:
+        self.workers = workers
+
+    def check(self, cfg: StudyConfig, space: SearchSpace, n_train: int, source: str) -> None:
+        pass  # validate's checks are all the optuna backend needs
+
+    def unfinished(self, cfg: StudyConfig, study: optuna.Study) -> bool:
+        return False  # an interrupted trial was queued again: it counts as a missing trial
+
+    def announce(self, cfg: StudyConfig, remaining: int | None) -> str | None:
+        return (
+            f"study {cfg.study_name}: running {remaining if remaining is not None else 'unbounded'} trial(s) "
+            f"in {self.workers} worker(s) ({cfg.sampler.name} sampler, {cfg.pruner.name} pruner, "
+            f"dev {cfg.metric} {cfg.direction}), storage {cfg.storage}"
+        )
+
+    def run(self, run: SearchRun) -> None:
+        if self.workers == 1:
+            work_on_study(run.cfg, run.space, run.features, run.study, log=run.progress, tracking=run.tracking)
+            return
+        from llmflow_hpo.search.workers import run_worker_processes
+
+        run.progress.workers = self.workers
+        run_worker_processes(run.cfg, self.workers, log=run.progress)

@@ -1,0 +1,243 @@
+"""The search driver: the steps every search takes, once, whichever backend runs its trials.
+
+``run_search``: tokenize the data, resolve the study's name (``--new-study``), build the sampler and the
+pruner, open or create the study, say what it holds and whether anything is left to run, open the search's
+trackers, let the backend run the trials, and return the summary. A backend supplies only how trials run
+(``TrialRunner``): optuna workers (``backends.optuna_backend.OptunaTrials``) or Ray Tune
+(``backends.ray_backend.runs.RayTrials``). Nothing here imports torch or Ray.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import optuna
+from optuna.trial import TrialState
+
+from llmflow_hpo.config.study import StudyConfig
+from llmflow_hpo.search.spaces import SearchSpace
+
+__all__ = [
+    "SearchRun",
+    "SearchSummary",
+    "TrialRunner",
+    "checkpoint_root",
+    "open_features",
+    "run_search",
+    "search_strategy",
+    "summarize",
+]
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class SearchSummary:
+    study_name: str
+    storage: str
+    ran: int
+    counts: dict[str, int]
+    best_number: int | None
+    best_value: float | None
+    best_params: dict[str, Any]
+    workers: int = 1
+    checkpoint_bytes: int = 0
+    retried: int = 0  # failed trials (killed, interrupted) that a later trial repeated
+    target: int | None = None  # finished trials the study aims at: n_trials, at most the grid's size
+
+
+@dataclass
+class SearchRun:
+    """What a backend's ``TrialRunner.run`` is given: the open study, its tokenized data, where to say things."""
+
+    cfg: StudyConfig
+    space: SearchSpace
+    features: Any  # data.features.Features
+    study: optuna.Study
+    sampler: optuna.samplers.BaseSampler
+    target: int | None
+    remaining: int | None  # trials still missing (None: no count, a timeout ends the study)
+    source: str  # where the config came from, for messages
+    say: Log  # the search's log as given (a Progress, or a function of one line)
+    progress: Any  # views.progress.Progress over ``say``
+    tracking: Any  # views.tracking.Tracking: the search's trackers, open while the run lasts
+    started: float = field(default_factory=time.perf_counter)
+
+    def took(self) -> str:
+        """The line that ends a search: how long it took."""
+        return f"study {self.cfg.study_name}: search took {time.perf_counter() - self.started:.1f}s"
+
+
+class TrialRunner(Protocol):
+    """How one backend runs a study's trials; ``run_search`` does every other step.
+
+    ``run_search`` calls, in this order: ``check`` (the data tokenized, no study opened yet), ``unfinished``
+    (the study open, before deciding whether anything is left to run), ``announce`` (just before the run
+    starts) and ``run`` (inside the search's trackers). ``workers`` and ``heartbeat`` are read when the
+    study is opened and summarized.
+    """
+
+    workers: int  # processes running trials at once, as the summary reports them
+    heartbeat: bool  # whether trials record heartbeats (the storage is opened with the study's heartbeat)
+
+    def check(self, cfg: StudyConfig, space: SearchSpace, n_train: int, source: str) -> None:
+        """Refuse (``ConfigError``) a setting the backend would fail on, before any study is stored."""
+        ...
+
+    def unfinished(self, cfg: StudyConfig, study: optuna.Study) -> bool:
+        """Whether the study holds work of this backend to continue that no count of finished trials shows
+        (an interrupted Ray run): the backend then runs even when the study holds its ``n_trials``."""
+        ...
+
+    def announce(self, cfg: StudyConfig, remaining: int | None) -> str | None:
+        """The line said before the run starts; None when the backend says its own as it goes."""
+        ...
+
+    def run(self, run: SearchRun) -> None:
+        """Run the study's missing trials; returns when they ran, raises ``Interrupted`` when stopped."""
+        ...
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def open_features(cfg: StudyConfig, say: Log, data: Any = None) -> Any:
+    """The study's tokenized splits (``data``: the splits already read). optuna's own log is silenced: the
+    search's progress lines report each trial (fail reasons included); optuna would repeat them."""
+    from llmflow_hpo.data.features import prepare_features
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    return prepare_features(cfg, log=say, data=data)
+
+
+def search_strategy(
+    cfg: StudyConfig, space: SearchSpace, n_train: int
+) -> tuple[optuna.samplers.BaseSampler, optuna.pruners.BasePruner]:
+    """The study's sampler and pruner (both backends store the same study; Ray asks its sampler too)."""
+    from llmflow_hpo.search.strategy import build_pruner, build_sampler
+
+    return build_sampler(cfg, space), build_pruner(cfg, n_train, space)
+
+
+def checkpoint_root(cfg: StudyConfig) -> Path:
+    """The study's checkpoint folder; a config without ``checkpoint.dir`` (a study stored by an older
+    version) uses ``checkpoints/`` beside its SQLite file, or in the working directory."""
+    if cfg.checkpoint.dir is not None:
+        return Path(cfg.checkpoint.dir) / cfg.study_name
+    url = str(cfg.storage)
+    base = Path(url[len("sqlite:///") :]).parent if url.startswith("sqlite:///") else Path.cwd()
+    return base / "checkpoints" / cfg.study_name
+
+
+def _counts(study: optuna.Study) -> dict[str, int]:
+    trials = study.get_trials(deepcopy=False)
+    return {state.name.lower(): sum(1 for t in trials if t.state == state) for state in TrialState}
+
+
+def _best(study: optuna.Study) -> Any:
+    try:
+        return study.best_trial
+    except ValueError:
+        return None
+
+
+def summarize(
+    study: optuna.Study, cfg: StudyConfig, ran: int, workers: int, target: int | None = None
+) -> SearchSummary:
+    """The search's summary: trials by state, the best one, the checkpoints' size, the retries."""
+    from llmflow_hpo.recipe.checkpoints import folder_size
+
+    best = _best(study)
+    size = folder_size(checkpoint_root(cfg))
+    return SearchSummary(
+        study_name=cfg.study_name,
+        storage=str(cfg.storage),
+        ran=ran,
+        counts=_counts(study),
+        best_number=best.number if best else None,
+        best_value=best.value if best else None,
+        best_params=dict(best.params) if best else {},
+        workers=workers,
+        checkpoint_bytes=size,
+        retried=len({t.user_attrs["retry_of"] for t in study.get_trials(deepcopy=False) if "retry_of" in t.user_attrs}),
+        target=cfg.n_trials if target is None else target,
+    )
+
+
+def _nothing_to_run(
+    cfg: StudyConfig, study: optuna.Study, sampler: Any, done: int, remaining: int | None, unfinished: bool, say: Log
+) -> bool:
+    """Whether the study is done already (the line that says so is said); the same rule for both backends:
+    a grid whose every point has run (a point that failed for good is not run again), or ``n_trials``
+    finished trials, with nothing of the backend's to continue."""
+    from llmflow_hpo.search.strategy import StudyGrid
+
+    if isinstance(sampler, StudyGrid) and not unfinished:
+        queued = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        if not queued and sampler.is_exhausted(study):
+            say(f"{sampler.done_line(cfg.study_name)}; nothing to run")
+            return True
+    if remaining == 0 and not unfinished:
+        say(f"study {cfg.study_name}: already holds {done} finished trials (n_trials={cfg.n_trials}); nothing to run")
+        return True
+    return False
+
+
+def run_search(
+    cfg: StudyConfig,
+    space: SearchSpace,
+    space_raw: dict[str, Any],
+    trials: TrialRunner,
+    *,
+    new_study: bool = False,
+    log: Log | None = None,
+    source: str = "config",
+    data: Any = None,
+) -> SearchSummary:
+    """Tokenize once (``data``: the splits already read), open (or continue) the study, and let ``trials``
+    run the missing trials."""
+    from llmflow_hpo.search.strategy import study_target
+    from llmflow_hpo.study.storage import finished_trials, free_study_name, open_study
+    from llmflow_hpo.views.progress import as_progress
+    from llmflow_hpo.views.tracking import search_tracking
+
+    say = log or _stderr
+    features = open_features(cfg, say, data)
+    assert cfg.storage is not None
+    if new_study:
+        cfg.study_name = free_study_name(cfg.storage, cfg.study_name)
+        say(f"study {cfg.study_name}: a new study, as --new-study asked")
+    n_train = len(features.splits["train"])
+    trials.check(cfg, space, n_train, source)
+    sampler, pruner = search_strategy(cfg, space, n_train)
+    heartbeat = cfg.heartbeat if trials.heartbeat else None
+    study = open_study(cfg, space_raw, sampler=sampler, pruner=pruner, data_report=features.report, heartbeat=heartbeat)
+    done = finished_trials(study)
+    target = study_target(cfg, space)
+    remaining = None if target is None else max(target - done, 0)
+    unfinished = trials.unfinished(cfg, study)
+    if done:
+        say(f"study {cfg.study_name}: continuing, {done} finished trial(s) already stored")
+    if target is not None and target != cfg.n_trials:
+        say(f"study {cfg.study_name}: the grid has {target} point(s); the study ends when each has run")
+    if _nothing_to_run(cfg, study, sampler, done, remaining, unfinished, say):
+        return summarize(study, cfg, 0, trials.workers, target)
+    line = trials.announce(cfg, remaining)
+    if line is not None:
+        say(line)
+    started = time.perf_counter()
+    progress = as_progress(say)
+    # The study's trackers (and its MLflow run) are opened here, before any trial starts.
+    with search_tracking(cfg, study, log=progress.warn) as tracking:
+        run = SearchRun(
+            cfg, space, features, study, sampler, target, remaining, source, say, progress, tracking, started
+        )
+        trials.run(run)
+    say(run.took())
+    return summarize(study, cfg, finished_trials(study) - done, trials.workers, target)
