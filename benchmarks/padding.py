@@ -55,7 +55,7 @@ def run_variant(name: str, protocol: dict[str, Any], workdir: Path) -> dict[str,
     )
     cfg = config_from_dict(raw, source="benchmarks/padding.py")
     features = prepare_features(cfg, log=lambda _: None)
-    real_collator = train._collator
+    real_collator = train.collator
 
     def pad_to_max_length(task: str, tokenizer: Any) -> Any:
         from transformers import DataCollatorForTokenClassification
@@ -64,13 +64,13 @@ def run_variant(name: str, protocol: dict[str, Any], workdir: Path) -> dict[str,
             tokenizer, padding="max_length", max_length=cfg.data.max_length, label_pad_token_id=IGNORE_INDEX
         )
 
-    train._collator = pad_to_max_length if name == "pad-128" else real_collator
+    train.collator = pad_to_max_length if name == "pad-128" else real_collator
     try:
         start = time.perf_counter()
         result = train.train_and_evaluate(cfg, {}, features, seed=42)
         wall = time.perf_counter() - start
     finally:
-        train._collator = real_collator
+        train.collator = real_collator
     evaluations = [{"epoch": e.epoch, "dev_f1": e.metrics["f1"], "train_loss": e.train_loss} for e in result.history]
     say(
         f"{name}: {result.examples_per_second:.1f} examples/s, dev F1 by epoch "

@@ -4,6 +4,8 @@
 the step of its best evaluation: the same weights (their SHA-256 is compared with the one the trial
 stored), so the same dev score (checked and reported). ``train+dev`` trains on
 both for the same number of epochs; its dev score is then no estimate, and only test counts.
+
+The training itself is ``recipe.train.retrain``; torch is imported when it runs, not with this module.
 """
 
 from __future__ import annotations
@@ -16,13 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
-from llmflow_hpo.data.features import prepare_features
+from llmflow_hpo.config.study import StudyConfig
+from llmflow_hpo.data.features import Features, prepare_features
 from llmflow_hpo.errors import StorageError
-from llmflow_hpo.recipe.train import train_and_evaluate, weights_digest
 from llmflow_hpo.search.objective import trial_params
-from llmflow_hpo.study.storage import load_study, stored_config
+from llmflow_hpo.study.provenance import stored_config
+from llmflow_hpo.study.storage import load_study
 
 __all__ = ["RetrainResult", "retrain_best"]
 
@@ -49,56 +50,24 @@ def retrain_best(
     log: Callable[[str], None] | None = None,
 ) -> RetrainResult:
     from llmflow_hpo.deliver.export import check_output_dir, save_model
+    from llmflow_hpo.recipe.evaluation import weights_digest
+    from llmflow_hpo.recipe.train import retrain
 
     say = log or (lambda line: print(line, file=sys.stderr))
     out = Path(output_dir) if output_dir else Path("runs") / study_name / "best-model"
     check_output_dir(out)
     study = load_study(study_name, storage)
     cfg, space, space_raw = stored_config(study)
-    try:
-        best = study.best_trial
-    except ValueError:
-        raise StorageError(f"study {study_name!r} has no complete trial yet; run `llmflow-hpo search` first") from None
-    if "best_step" not in best.user_attrs:
-        raise StorageError(
-            f"trial {best.number} of study {study_name!r} has no best_step; it was not run by llmflow-hpo"
-        )
+    best = _best_trial(study, study_name)
     params = trial_params(best, space)
-    if best.user_attrs.get("pbt_schedule"):
-        say(
-            f"retrain-best: trial {best.number} ran under PBT, which changed its parameters while it trained "
-            f"({len(best.user_attrs['pbt_schedule'])} time(s), see its pbt_schedule); retraining uses the "
-            "parameters it started with, so its dev score will differ"
-        )
+    _say_if_pbt(best, say)
     seed = int(best.user_attrs.get("seed", cfg.seed))
-    threads = best.user_attrs.get("torch_threads")
-    if train_on == "train" and threads and (cfg.train.num_threads or torch.get_num_threads()) != threads:
-        # CPU reductions (matmuls, sums) split their work by thread count, so the weights depend on it.
-        cfg.train = dataclasses.replace(cfg.train, num_threads=int(threads))
-        say(f"retrain-best: {threads} torch threads, as trial {best.number} ran with (its weights depend on it)")
+    if train_on == "train":
+        _take_the_trials_threads(cfg, best, say)
     say(f"retrain-best: study {study_name}, trial {best.number} (dev {cfg.metric}={best.value:.4f}), params {params}")
     features = prepare_features(cfg, log=say)
-    best_step = int(best.user_attrs["best_step"])
-    if train_on == "train":
-        split, stop_at = "train", best_step
-    else:
-        import datasets
-
-        merged = datasets.concatenate_datasets([features.splits["train"], features.splits["dev"]])
-        features.splits["train+dev"] = merged
-        epochs = best_step / len(features.splits["train"])
-        split, stop_at = "train+dev", math.ceil(epochs * len(merged))
-        say(f"retrain-best: training on train+dev ({len(merged)} examples) for {epochs:.2f} epochs, as the best trial")
-    result = train_and_evaluate(
-        cfg,
-        params,
-        features,
-        seed=seed,
-        stop_at_examples=stop_at,
-        train_split=split,
-        keep_model=True,
-        evaluate_test=True,
-    )
+    split, stop_at = _training_split(features, int(best.user_attrs["best_step"]), train_on, say)
+    result = retrain(cfg, params, features, seed=seed, stop_at_examples=stop_at, train_split=split, evaluate_test=True)
     assert result.final is not None
     dev = result.final.metrics
     weights = weights_digest(result.model)
@@ -132,3 +101,49 @@ def retrain_best(
 
         retrained.mlflow_run_id = track_retrain(cfg, study, retrained, out, train_on=train_on, log=say)
     return retrained
+
+
+def _best_trial(study: Any, study_name: str) -> Any:
+    """The study's best trial, refused when there is none or llmflow-hpo did not run it."""
+    try:
+        best = study.best_trial
+    except ValueError:
+        raise StorageError(f"study {study_name!r} has no complete trial yet; run `llmflow-hpo search` first") from None
+    if "best_step" not in best.user_attrs:
+        raise StorageError(
+            f"trial {best.number} of study {study_name!r} has no best_step; it was not run by llmflow-hpo"
+        )
+    return best
+
+
+def _say_if_pbt(best: Any, say: Callable[[str], None]) -> None:
+    if best.user_attrs.get("pbt_schedule"):
+        say(
+            f"retrain-best: trial {best.number} ran under PBT, which changed its parameters while it trained "
+            f"({len(best.user_attrs['pbt_schedule'])} time(s), see its pbt_schedule); retraining uses the "
+            "parameters it started with, so its dev score will differ"
+        )
+
+
+def _take_the_trials_threads(cfg: StudyConfig, best: Any, say: Callable[[str], None]) -> None:
+    """Train with the torch thread count the trial ran with, where it differs from what this run would use."""
+    import torch
+
+    threads = best.user_attrs.get("torch_threads")
+    if threads and (cfg.train.num_threads or torch.get_num_threads()) != threads:
+        # CPU reductions (matmuls, sums) split their work by thread count, so the weights depend on it.
+        cfg.train = dataclasses.replace(cfg.train, num_threads=int(threads))
+        say(f"retrain-best: {threads} torch threads, as trial {best.number} ran with (its weights depend on it)")
+
+
+def _training_split(features: Features, best_step: int, train_on: str, say: Callable[[str], None]) -> tuple[str, int]:
+    """The split to train on and the examples to stop at: the trial's best step, or as many epochs of train+dev."""
+    if train_on == "train":
+        return "train", best_step
+    import datasets
+
+    merged = datasets.concatenate_datasets([features.splits["train"], features.splits["dev"]])
+    features.splits["train+dev"] = merged
+    epochs = best_step / len(features.splits["train"])
+    say(f"retrain-best: training on train+dev ({len(merged)} examples) for {epochs:.2f} epochs, as the best trial")
+    return "train+dev", math.ceil(epochs * len(merged))

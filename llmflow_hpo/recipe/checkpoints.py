@@ -12,20 +12,38 @@ A retry of trial N (same parameters, queued by the heartbeat callback or after a
 ``trial-N`` to its own number and resumes from it. When a trial ends, ``cleanup`` deletes what is no
 longer needed: pruned and failed trials' folders, the resume state of finished ones, and the best models
 of all but the ``keep_best`` best complete trials.
+
+The format of ``resume.pt`` is built and read here only: ``LoopState`` is where the training loop is,
+``checkpoint_state`` puts it together with the model, optimizer, scheduler and RNG states, and
+``restore_state`` loads them back into a freshly set-up run. Its keys stay as they are: a checkpoint
+written by an earlier version resumes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import random
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from optuna.trial import TrialState
 
-__all__ = ["CheckpointStore", "TrialCheckpoint", "folder_size"]
+from llmflow_hpo.recipe.results import Evaluation
+
+__all__ = [
+    "CheckpointStore",
+    "LoopState",
+    "TrialCheckpoint",
+    "checkpoint_state",
+    "folder_size",
+    "restore_state",
+]
 
 RESUME = "resume.pt"
 BEST = "best.safetensors"
@@ -41,6 +59,118 @@ def folder_size(path: Path) -> int:
             except FileNotFoundError:  # deleted by another worker's cleanup meanwhile
                 pass
     return total
+
+
+@dataclass
+class LoopState:
+    """Where the training loop is: what a checkpoint saves (``progress``) and a resumed run restores.
+
+    The training loop updates it after every optimizer step and evaluation. ``running_loss``,
+    ``running_count`` and ``stopped_early`` are not saved: a checkpoint follows an evaluation (which
+    resets the running loss) that does not end the run.
+    """
+
+    epoch: int = 0
+    examples_in_epoch: int = 0
+    epoch_start_state: Any = None  # the training generator's state when this epoch began (a torch tensor)
+    examples_seen: int = 0
+    optimizer_step: int = 0
+    next_point: int = 0  # the index of the next evaluation point
+    since_best: int = 0  # evaluations since the last one that counts for early stopping's patience
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    started: float = field(default_factory=time.perf_counter)  # moved back by the elapsed time of a resumed run
+    history: list[Evaluation] = field(default_factory=list)
+    best: Evaluation | None = None
+    running_loss: float = 0.0  # the sum of the training losses since the last evaluation
+    running_count: int = 0
+    stopped_early: bool = False
+
+    def progress(self) -> dict[str, Any]:
+        """The ``progress`` entry of ``resume.pt``."""
+        return {
+            "epoch": self.epoch,
+            "examples_in_epoch": self.examples_in_epoch,
+            "epoch_start_state": self.epoch_start_state,
+            "examples_seen": self.examples_seen,
+            "optimizer_step": self.optimizer_step,
+            "next_point": self.next_point,
+            "since_best": self.since_best,
+            "train_seconds": self.train_seconds,
+            "eval_seconds": self.eval_seconds,
+            "elapsed": time.perf_counter() - self.started,
+            "history": [dataclasses.asdict(e) for e in self.history],
+            "best_index": next((i for i, e in enumerate(self.history) if e is self.best), None),
+        }
+
+    @classmethod
+    def from_progress(cls, progress: dict[str, Any]) -> LoopState:
+        history = [Evaluation(**e) for e in progress["history"]]
+        return cls(
+            epoch=progress["epoch"],
+            examples_in_epoch=progress["examples_in_epoch"],
+            epoch_start_state=progress["epoch_start_state"],
+            examples_seen=progress["examples_seen"],
+            optimizer_step=progress["optimizer_step"],
+            next_point=progress["next_point"],
+            since_best=progress["since_best"],
+            train_seconds=progress["train_seconds"],
+            eval_seconds=progress.get("eval_seconds", 0.0),  # not in checkpoints of older versions
+            started=time.perf_counter() - progress["elapsed"],
+            history=history,
+            best=history[progress["best_index"]] if progress["best_index"] is not None else None,
+        )
+
+
+def checkpoint_state(
+    *, model: Any, optimizer: Any, scheduler: Any, scaler: Any, loop: LoopState, device: Any
+) -> dict[str, Any]:
+    """The contents of ``resume.pt`` (``TrialCheckpoint.save`` adds the parameters)."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": _rng_state(device),
+        "progress": loop.progress(),
+    }
+
+
+def restore_state(
+    saved: dict[str, Any], *, model: Any, optimizer: Any, scheduler: Any, scaler: Any, device: Any
+) -> LoopState:
+    """Load a saved state into a freshly set-up run (every RNG too); the loop state it had reached."""
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    if scaler is not None and saved.get("scaler"):
+        scaler.load_state_dict(saved["scaler"])
+    _set_rng_state(saved["rng"], device)
+    return LoopState.from_progress(saved["progress"])
+
+
+def _rng_state(device: Any) -> dict[str, Any]:
+    import torch
+
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any], device: Any) -> None:
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
 
 
 class TrialCheckpoint:

@@ -1,7 +1,7 @@
 """The objective: a trial's parameters in, the best dev metric out. A pure function of (trial, config).
 
 Failures are never metric values: a diverged or out-of-memory run ends as FAIL with ``fail_reason``
-stored, a pruned run as PRUNED.
+stored, a pruned run as PRUNED. Torch is imported when a trial runs (``recipe.train``), not with this module.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from llmflow_hpo.config.study import StudyConfig
 from llmflow_hpo.data.features import Features
 from llmflow_hpo.errors import TrialFailure
 from llmflow_hpo.recipe.checkpoints import CheckpointStore, TrialCheckpoint
-from llmflow_hpo.recipe.train import Evaluation, runtime_attrs, train_and_evaluate
+from llmflow_hpo.recipe.results import Evaluation
 from llmflow_hpo.search.reporting import TrialReporter, store_result
 from llmflow_hpo.search.spaces import SearchSpace, suggest_params
 from llmflow_hpo.views.progress import Progress
@@ -67,6 +67,9 @@ class Objective:
         return self.checkpoints.trial(trial.number, params)
 
     def __call__(self, trial: optuna.Trial) -> float:
+        from llmflow_hpo.recipe.runtime import runtime_attrs
+        from llmflow_hpo.recipe.train import train_and_evaluate
+
         params = suggest_params(trial, self.space)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         for key, value in runtime_attrs(self.cfg, params).items():  # precision, TF32, ...: pruned trials too

@@ -116,6 +116,6 @@ def test_retrain_runs_with_the_trials_thread_count_and_compares_weights(tiny_cfg
     assert torch.get_num_threads() >= 2  # put back after the run
 
     # Weights that differ are reported, even where the dev score is equal.
-    monkeypatch.setattr("llmflow_hpo.deliver.retrain.weights_digest", lambda model: "0" * 64)
+    monkeypatch.setattr("llmflow_hpo.recipe.evaluation.weights_digest", lambda model: "0" * 64)
     again = retrain_best(study_name=cfg.study_name, storage=cfg.storage, output_dir=tmp_path / "m", **QUIET)
     assert again.dev_metrics[cfg.metric] == best.value and again.reproduced is False

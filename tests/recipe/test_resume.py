@@ -10,8 +10,9 @@ import torch
 from optuna.trial import TrialState
 
 from llmflow_hpo.data.features import prepare_features
+from llmflow_hpo.recipe.batches import EpochSampler
 from llmflow_hpo.recipe.checkpoints import BEST, RESUME, CheckpointStore, TrialCheckpoint
-from llmflow_hpo.recipe.train import _EpochSampler, train_and_evaluate
+from llmflow_hpo.recipe.train import train_and_evaluate
 
 QUIET = {"log": lambda _: None}
 PARAMS = {"learning_rate": 2e-3, "batch_size": 8}
@@ -29,19 +30,19 @@ def test_epoch_sampler_draws_the_orders_of_a_shuffling_loader():
     data = torch.arange(10)
     theirs = torch.utils.data.DataLoader(data, batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(3))
     g = torch.Generator().manual_seed(3)
-    ours = torch.utils.data.DataLoader(data, batch_size=3, sampler=_EpochSampler(10, g), generator=g)
+    ours = torch.utils.data.DataLoader(data, batch_size=3, sampler=EpochSampler(10, g), generator=g)
     assert _orders(ours) == _orders(theirs)
 
 
 def test_epoch_sampler_resumes_mid_epoch_with_the_same_order():
     data = torch.arange(10)
     g = torch.Generator().manual_seed(5)
-    loader = torch.utils.data.DataLoader(data, batch_size=2, sampler=_EpochSampler(10, g), generator=g)
+    loader = torch.utils.data.DataLoader(data, batch_size=2, sampler=EpochSampler(10, g), generator=g)
     first = _orders(loader, 1)[0]
     state = g.get_state()  # where the second epoch starts
     rest = _orders(loader, 2)
     g2 = torch.Generator()
-    sampler = _EpochSampler(10, g2)
+    sampler = EpochSampler(10, g2)
     resumed = torch.utils.data.DataLoader(data, batch_size=2, sampler=sampler, generator=g2)
     g2.set_state(state)
     sampler.skip = 4

@@ -11,16 +11,11 @@ from torch.utils.data import DataLoader
 from llmflow_hpo.config.study import TrainConfig
 from llmflow_hpo.data.features import prepare_features
 from llmflow_hpo.errors import ConfigError
+from llmflow_hpo.recipe.batches import EpochSampler, ModelInputs, by_length, collator
+from llmflow_hpo.recipe.evaluation import evaluate
 from llmflow_hpo.recipe.models import build_model, load_tokenizer
-from llmflow_hpo.recipe.train import (
-    _by_length,
-    _collator,
-    _EpochSampler,
-    _ModelInputs,
-    evaluate,
-    resolve_runtime,
-    train_and_evaluate,
-)
+from llmflow_hpo.recipe.runtime import Runtime, resolve_runtime
+from llmflow_hpo.recipe.train import train_and_evaluate
 
 
 def _padding(lengths: list[int], order: list[int], batch_size: int) -> float:
@@ -36,22 +31,22 @@ def _padding(lengths: list[int], order: list[int], batch_size: int) -> float:
 def test_length_grouped_epochs_are_permutations_with_little_padding() -> None:
     gen = torch.Generator().manual_seed(0)
     lengths = torch.randint(3, 60, (400,), generator=gen).tolist()
-    grouped = _EpochSampler(400, torch.Generator().manual_seed(1), lengths, batch_size=8)
-    uniform = _EpochSampler(400, torch.Generator().manual_seed(1))
+    grouped = EpochSampler(400, torch.Generator().manual_seed(1), lengths, batch_size=8)
+    uniform = EpochSampler(400, torch.Generator().manual_seed(1))
     epochs = [list(grouped) for _ in range(2)]
     for order in epochs:
         assert sorted(order) == list(range(400))  # every example once per epoch
     assert epochs[0] != epochs[1]  # reshuffled each epoch
     assert _padding(lengths, epochs[0], 8) < _padding(lengths, list(uniform), 8) / 4
     # The same generator state gives the same order: what a resumed run replays.
-    again = _EpochSampler(400, torch.Generator().manual_seed(1), lengths, batch_size=8)
+    again = EpochSampler(400, torch.Generator().manual_seed(1), lengths, batch_size=8)
     assert list(again) == epochs[0]
 
 
 def test_uniform_sampling_keeps_the_order_of_a_shuffling_loader() -> None:
     # As the training loop builds it: the loader and the sampler share the generator.
     gen = torch.Generator().manual_seed(3)
-    ours = DataLoader(range(50), batch_size=1, sampler=_EpochSampler(50, gen), generator=gen)
+    ours = DataLoader(range(50), batch_size=1, sampler=EpochSampler(50, gen), generator=gen)
     theirs = DataLoader(range(50), batch_size=1, shuffle=True, generator=torch.Generator().manual_seed(3))
     assert [[int(x) for x in ours] for _ in range(2)] == [[int(x) for x in theirs] for _ in range(2)]
 
@@ -60,14 +55,14 @@ def test_evaluation_in_length_order_scores_exactly_as_in_split_order(tiny_cfg) -
     cfg, _, _ = tiny_cfg()
     features = prepare_features(cfg, log=lambda _: None)
     model = build_model(cfg.model, task=cfg.task, labels=features.labels, hidden_dropout=None, attention_dropout=None)
-    collate = _collator(cfg.task, load_tokenizer(cfg.model))
+    collate = collator(cfg.task, load_tokenizer(cfg.model))
     dev = features.splits["dev"]
     runtime = resolve_runtime(cfg.train)
-    in_order = DataLoader(_ModelInputs(dev), batch_size=7, shuffle=False, collate_fn=collate)
-    by_length = DataLoader(_ModelInputs(dev), batch_size=7, sampler=_by_length(dev), collate_fn=collate)
-    assert by_length.sampler != list(range(len(dev)))  # a real reordering
+    in_order = DataLoader(ModelInputs(dev), batch_size=7, shuffle=False, collate_fn=collate)
+    longest_first = DataLoader(ModelInputs(dev), batch_size=7, sampler=by_length(dev), collate_fn=collate)
+    assert longest_first.sampler != list(range(len(dev)))  # a real reordering
     a = evaluate(model, in_order, features, "dev", runtime)
-    b = evaluate(model, by_length, features, "dev", runtime)
+    b = evaluate(model, longest_first, features, "dev", runtime)
     assert a.keys() == b.keys()
     for key in a:
         assert b[key] == pytest.approx(a[key], rel=1e-5), key
@@ -109,11 +104,11 @@ def test_on_a_gpu_the_fast_settings_are_chosen(monkeypatch, bf16, capability, pr
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_adamw_is_built_with_the_kernel_the_runtime_names(fused) -> None:
-    from llmflow_hpo.recipe.train import _optimizer
+    from llmflow_hpo.recipe.optim import build_optimizer
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     hp = TrainConfig(device="cpu", fused_optimizer=fused)
-    optimizer = _optimizer(model, hp, resolve_runtime(hp))
+    optimizer = build_optimizer(model, hp, resolve_runtime(hp))
     assert bool(optimizer.defaults["fused"]) is fused
     # Either kernel takes the same step: AdamW's first update moves every weight by about lr.
     before = [p.detach().clone() for p in model.parameters()]
@@ -154,14 +149,14 @@ def test_length_grouping_trains_on_the_same_examples(tiny_cfg, monkeypatch) -> N
     features = prepare_features(cfg, log=lambda _: None)
     train = features.splits["train"]
     fetched: list[int] = []  # the training examples each run reads, in the order it reads them
-    original = _ModelInputs.__getitem__
+    original = ModelInputs.__getitem__
 
     def record(self, index: int):
         if self.ds is train:
             fetched.append(index)
         return original(self, index)
 
-    monkeypatch.setattr(_ModelInputs, "__getitem__", record)
+    monkeypatch.setattr(ModelInputs, "__getitem__", record)
     grouped = train_and_evaluate(cfg, {}, features, seed=0)
     grouped_order, fetched[:] = list(fetched), []
     uniform = train_and_evaluate(
@@ -185,7 +180,7 @@ def test_the_fp16_path_scales_the_loss_and_checkpoints_the_scaler(tiny_cfg, monk
     monkeypatch.setattr(
         train,
         "resolve_runtime",
-        lambda hp, device=None: train.Runtime(
+        lambda hp, device=None: Runtime(
             torch.device("cpu"), "fp16", tf32=False, fused_optimizer=False, pin_memory=False
         ),
     )

@@ -10,7 +10,10 @@ import torch
 
 from llmflow_hpo.config.study import TrainConfig
 from llmflow_hpo.data.features import IGNORE_INDEX, prepare_features
-from llmflow_hpo.recipe.train import build_scheduler, loss_fn, resolve_runtime, train_and_evaluate, warmup_steps
+from llmflow_hpo.recipe.loss import loss_fn
+from llmflow_hpo.recipe.optim import build_scheduler, warmup_steps
+from llmflow_hpo.recipe.runtime import resolve_runtime
+from llmflow_hpo.recipe.train import retrain, train_and_evaluate
 
 
 def _lrs(hp: TrainConfig, total: int) -> list[float]:
@@ -148,7 +151,7 @@ def test_same_seed_same_result_and_evaluation_does_not_disturb_training(tiny_cfg
     assert [e.metrics for e in a.history] == [e.metrics for e in b.history]
     # Stopping at the third evaluation point without evaluating on the way gives the same weights.
     third = a.history[2]
-    c = train_and_evaluate(cfg, {}, features, seed=3, stop_at_examples=third.step)
+    c = retrain(cfg, {}, features, seed=3, stop_at_examples=third.step)
     assert c.final.metrics == third.metrics
     assert c.final.optimizer_step == third.optimizer_step
 
@@ -216,11 +219,11 @@ def test_focal_loss_of_a_batch_without_labels_is_zero_not_nan():
 
 def test_a_cloned_state_takes_the_new_learning_rate_weight_decay_and_momentum() -> None:
     """PBT: a trial continues another trial's optimizer and schedule with mutated hyperparameters."""
-    from llmflow_hpo.recipe.train import _adopt_hyperparameters, _optimizer
+    from llmflow_hpo.recipe.optim import adopt_hyperparameters, build_optimizer
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     old = TrainConfig(learning_rate=1e-3, weight_decay=0.01, warmup_ratio=0.5, optimizer="sgd", momentum=0.9)
-    optimizer = _optimizer(model, old, resolve_runtime(old))
+    optimizer = build_optimizer(model, old, resolve_runtime(old))
     scheduler = build_scheduler(optimizer, old, total_steps=10)
     for _ in range(3):  # inside the warmup: the factor is 3/5
         optimizer.step()
@@ -228,12 +231,12 @@ def test_a_cloned_state_takes_the_new_learning_rate_weight_decay_and_momentum() 
     state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
 
     new = dataclasses.replace(old, learning_rate=2e-3, weight_decay=0.05, momentum=0.8)
-    optimizer = _optimizer(model, new, resolve_runtime(new))
+    optimizer = build_optimizer(model, new, resolve_runtime(new))
     scheduler = build_scheduler(optimizer, new, total_steps=10)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 3 / 5)  # the loaded state says the old rate
-    _adopt_hyperparameters(optimizer, scheduler, new)
+    adopt_hyperparameters(optimizer, scheduler, new)
     decayed, no_decay = optimizer.param_groups
     assert decayed["lr"] == no_decay["lr"] == pytest.approx(2e-3 * 3 / 5)
     assert decayed["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
