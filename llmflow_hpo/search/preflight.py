@@ -269,7 +269,7 @@ def check_device(cfg: StudyConfig, source: str) -> None:
     """``train.device`` and ``train.precision`` exist on this machine (imports torch)."""
     import torch
 
-    from llmflow_hpo.recipe.train import resolve_runtime
+    from llmflow_hpo.recipe.runtime import resolve_runtime
 
     try:
         resolve_runtime(cfg.train)
