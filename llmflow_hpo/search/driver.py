@@ -135,37 +135,29 @@ def checkpoint_root(cfg: StudyConfig) -> Path:
     return base / "checkpoints" / cfg.study_name
 
 
-def _counts(study: optuna.Study) -> dict[str, int]:
-    trials = study.get_trials(deepcopy=False)
-    return {state.name.lower(): sum(1 for t in trials if t.state == state) for state in TrialState}
-
-
-def _best(study: optuna.Study) -> Any:
-    try:
-        return study.best_trial
-    except ValueError:
-        return None
-
-
 def summarize(
     study: optuna.Study, cfg: StudyConfig, ran: int, workers: int, target: int | None = None
 ) -> SearchSummary:
-    """The search's summary: trials by state, the best one, the checkpoints' size, the retries."""
+    """The search's summary: trials by state and the best one (``study.view``), the checkpoints' size, the
+    retries."""
     from llmflow_hpo.recipe.checkpoints import folder_size
+    from llmflow_hpo.study import records
+    from llmflow_hpo.study.view import StudyView
 
-    best = _best(study)
+    view = StudyView.of(study)
+    best = view.best
     size = folder_size(checkpoint_root(cfg))
     return SearchSummary(
         study_name=cfg.study_name,
         storage=str(cfg.storage),
         ran=ran,
-        counts=_counts(study),
+        counts=dict(view.counts),
         best_number=best.number if best else None,
         best_value=best.value if best else None,
         best_params=dict(best.params) if best else {},
         workers=workers,
         checkpoint_bytes=size,
-        retried=len({t.user_attrs["retry_of"] for t in study.get_trials(deepcopy=False) if "retry_of" in t.user_attrs}),
+        retried=len({t.user_attrs[records.RETRY_OF] for t in view.trials if records.RETRY_OF in t.user_attrs}),
         target=cfg.n_trials if target is None else target,
     )
 

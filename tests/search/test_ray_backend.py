@@ -442,3 +442,99 @@ def test_workers_and_the_ray_backend_do_not_mix(write_study, tmp_path: Path) -> 
     result = cli("search", str(write_study({})), "--backend", "ray", "--workers", "2", cwd=tmp_path, timeout=60)
     assert result.returncode == 1
     assert "--workers 2: backend ray runs its trials through Ray; set ray.max_concurrent_trials" in result.stderr
+
+
+def _errored(trial_id: str, error: str) -> Any:
+    """A Ray trial that failed more than ray.max_failures times, as Ray hands it to its callbacks."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        trial_id=trial_id,
+        config={"learning_rate": 1e-3},
+        last_result={},
+        num_failures=3,
+        path=None,
+        get_pickled_error=lambda: None,
+        get_error=lambda: error,
+        error_file=None,
+    )
+
+
+def test_a_trial_failure_on_ray_is_failed_for_good_as_on_the_optuna_backend(tmp_path: Path) -> None:
+    """reporting.record_failure, both backends' rule: a TrialFailure (diverged, a non-finite metric, out of
+    memory) is stored with ``failed_for_good``, a retry being pointless; any other error is not. (The Ray
+    recorder used to store the reason alone.)"""
+    from llmflow_hpo.search.backends.ray_backend.recorder import StudyRecorder
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    optuna.create_study(study_name="fail", storage=storage)
+    recorder = StudyRecorder(
+        storage=storage,
+        study_name="fail",
+        space={"learning_rate": FloatDistribution(1e-4, 1e-2, log=True)},
+        key="dev_f1",
+        metric="f1",
+        run="fail-run1",
+        scheduler="asha",
+        target=2,
+    )
+    recorder.on_trial_error(
+        0, [], _errored("t1", "Traceback ...\nllmflow_hpo.errors.TrialFailure: dev f1 is nan at step 24")
+    )
+    recorder.on_trial_error(0, [], _errored("t2", "Traceback ...\nValueError: boom"))
+    diverged, crashed = optuna.load_study(study_name="fail", storage=storage).trials
+    assert diverged.state == crashed.state == TrialState.FAIL
+    assert diverged.user_attrs["fail_reason"] == "dev f1 is nan at step 24"
+    assert diverged.user_attrs["failed_for_good"] is True
+    assert crashed.user_attrs["fail_reason"] == "error: ValueError: boom"
+    assert "failed_for_good" not in crashed.user_attrs
+    assert diverged.user_attrs["ray_failures"] == 3
+
+
+def test_a_ray_study_whose_grid_is_done_runs_nothing(tiny_cfg, monkeypatch, tmp_path: Path) -> None:
+    """The driver's rule for both backends: a grid whose every point has run (one failed) is done; Ray used to
+    start a run that drew a point of the grid again."""
+    from llmflow_hpo.search.backends import run_search
+    from llmflow_hpo.search.spaces import suggest_params
+    from llmflow_hpo.search.strategy import build_sampler
+
+    for name in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AIR_NEW_OUTPUT"):  # restored after the test
+        monkeypatch.setenv(name, os.environ.get(name, "0"))
+    grid = {"batch_size": {"type": "categorical", "choices": [8, 16]}}
+    changes = {"n_trials": 1, "sampler": {"name": "grid"}, "train": {"epochs": 1}}
+    cfg, space, raw = tiny_cfg(changes, space=grid)
+    assert run_search(cfg, space, raw, log=lambda _: None).counts["complete"] == 1
+    study = optuna.load_study(study_name=cfg.study_name, storage=cfg.storage, sampler=build_sampler(cfg, space))
+    trial = study.ask()  # the grid's other point, failed
+    suggest_params(trial, space)
+    study.tell(trial, state=TrialState.FAIL)
+    lines: list[str] = []
+    ray_cfg, space, raw = tiny_cfg({**changes, "n_trials": 2, "backend": "ray"}, space=grid)
+    summary = run_search(ray_cfg, space, raw, log=lines.append)
+    assert summary.ran == 0 and summary.counts["complete"] == 1 and summary.counts["fail"] == 1
+    assert f"study {cfg.study_name}: the grid is done, each of its 2 point(s) has run; nothing to run" in lines
+    assert not (tmp_path / "ray").exists()  # no Ray run was started
+
+
+def test_validate_checks_the_scheduler_options_without_torch(write_study, tmp_path: Path) -> None:
+    """validate applies build_scheduler's rules (schedulers.scheduler_problems) where Ray is installed; Ray's
+    schedulers import neither torch nor transformers, so validate still does not."""
+    bad = write_study({"backend": "ray", "ray": {"scheduler": "median", "scheduler_options": {"grace_perod": 3}}})
+    result = cli("validate", str(bad), cwd=tmp_path, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "ray.scheduler_options.grace_perod: not an option of Ray's MedianStoppingRule" in result.stderr
+    pbt = write_study(
+        {"backend": "ray", "ray": {"scheduler": "pbt"}},
+        {"batch_size": {"type": "categorical", "choices": [8, 16]}},
+        name="pbt.yaml",
+    )
+    result = cli("validate", str(pbt), cwd=tmp_path, timeout=60)
+    assert result.returncode == 1 and "ray.scheduler: pbt mutates learning_rate" in result.stderr
+    good = write_study({"backend": "ray"}, name="good.yaml")
+    probe = (
+        "import sys\nfrom llmflow_hpo.cli import main\n"
+        f"rc = main(['validate', {str(good)!r}])\n"
+        "print('PROBE', rc, 'torch' in sys.modules, 'transformers' in sys.modules, 'ray.tune' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip().splitlines()[-1] == "PROBE 0 False False True", result.stderr
