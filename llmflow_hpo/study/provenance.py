@@ -48,6 +48,7 @@ MAY_CHANGE = (
 
 
 def may_change(key: str) -> bool:
+    """Whether the setting ``key`` (dotted: ``train.device``) may differ between a study and its rerun or worker."""
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in MAY_CHANGE)
 
 
@@ -71,6 +72,7 @@ def with_settings_added_since(stored: dict[str, Any]) -> dict[str, Any]:
 
 
 def library_versions() -> dict[str, str]:
+    """The versions a new study stores (``records.VERSIONS``) and its note and model card name."""
     versions = {"llmflow-hpo": __version__}
     for dist in ("optuna", "torch", "transformers", "datasets"):
         try:

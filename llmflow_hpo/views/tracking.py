@@ -26,7 +26,7 @@ from typing import Any
 
 from llmflow_hpo.config.study import StudyConfig
 from llmflow_hpo.study import records
-from llmflow_hpo.study.urls import sqlite_path
+from llmflow_hpo.study.urls import sqlite_path, sqlite_url
 from llmflow_hpo.study.view import best_trial
 
 __all__ = ["MLFLOW_ATTR", "Tracking", "open_tracking", "search_tracking", "track_retrain"]
@@ -160,7 +160,7 @@ def mlflow_uri(cfg: StudyConfig, study: Any) -> str:
         cfg.tracking.mlflow_tracking_uri
         or os.environ.get("MLFLOW_TRACKING_URI")
         or stored.get("tracking_uri")
-        or f"sqlite:///{Path('mlflow.db').resolve()}"
+        or sqlite_url(Path("mlflow.db"))
     )
 
 
