@@ -17,6 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from llmflow_hpo.errors import TrialFailure
 from llmflow_hpo.recipe.results import Evaluation, TrainResult, better
+from llmflow_hpo.study import records
 from llmflow_hpo.study.optuna_private import set_trial_user_attr
 
 __all__ = [
@@ -47,7 +48,7 @@ def resume_attrs(history: list[Evaluation]) -> dict[str, int]:
     """What a run resumed from a checkpoint records: where it took up again (nothing for a fresh run)."""
     if not history:
         return {}
-    return {"resumed_at_step": history[-1].step, "resumed_at_optimizer_step": history[-1].optimizer_step}
+    return {records.RESUMED_AT_STEP: history[-1].step, records.RESUMED_AT_OPTIMIZER_STEP: history[-1].optimizer_step}
 
 
 class BestSoFar:
@@ -106,7 +107,7 @@ class TrialReporter:
         self.trial.report(value, evaluation.step)
         if self.trial.should_prune():
             store_best(self.trial, self.best)
-            self.trial.set_user_attr("pruned_at_step", evaluation.step)
+            self.trial.set_user_attr(records.PRUNED_AT_STEP, evaluation.step)
             raise optuna.TrialPruned(f"pruned at step {evaluation.step} (dev {self.metric}={value:.4f})")
 
 
@@ -114,16 +115,16 @@ def record_failure(trial: Any, reason: str, *, for_good: bool) -> None:
     """How a failed trial is recorded on either backend (before it is told FAIL): its ``fail_reason``, and
     ``failed_for_good`` when a retry is pointless (a ``TrialFailure``: diverged, out of memory, a non-finite
     metric). An interrupted, killed or lost trial is not failed for good: its retry may well finish."""
-    trial.set_user_attr("fail_reason", reason)
+    trial.set_user_attr(records.FAIL_REASON, reason)
     if for_good:
-        trial.set_user_attr("failed_for_good", True)
+        trial.set_user_attr(records.FAILED_FOR_GOOD, True)
 
 
 def fail_lost_trial(study: optuna.Study, trial: FrozenTrial, reason: str) -> None:
     """FAIL a RUNNING trial whose runner is gone (a worker that died before it started, a Ray run that ended
     without it), with its reason. Another process that failed it first wins: nothing is raised."""
     with contextlib.suppress(Exception):
-        set_trial_user_attr(study, trial, "fail_reason", reason)
+        set_trial_user_attr(study, trial, records.FAIL_REASON, reason)
         study.tell(trial.number, state=TrialState.FAIL)
 
 
@@ -131,31 +132,31 @@ def store_best(trial: Any, best: Evaluation | None) -> None:
     if best is None:
         return
     for name, value in best.metrics.items():
-        trial.set_user_attr(f"dev_{name}", value)
-    trial.set_user_attr("best_step", best.step)
-    trial.set_user_attr("best_optimizer_step", best.optimizer_step)
-    trial.set_user_attr("best_epoch", round(best.epoch, 4))
+        trial.set_user_attr(records.dev(name), value)
+    trial.set_user_attr(records.BEST_STEP, best.step)
+    trial.set_user_attr(records.BEST_OPTIMIZER_STEP, best.optimizer_step)
+    trial.set_user_attr(records.BEST_EPOCH, round(best.epoch, 4))
     if best.weights_sha256 is not None:
-        trial.set_user_attr("best_weights_sha256", best.weights_sha256)
+        trial.set_user_attr(records.BEST_WEIGHTS_SHA256, best.weights_sha256)
 
 
 def store_result(trial: Any, result: TrainResult, seed: int) -> None:
     """User attributes of a finished trial: the best evaluation's dev metrics and the run's costs."""
     store_best(trial, result.best)
-    trial.set_user_attr("seed", seed)
-    trial.set_user_attr("evaluations", len(result.history))
-    trial.set_user_attr("stopped_early", result.stopped_early)
-    trial.set_user_attr("train_time_s", round(result.train_time_s, 3))
-    trial.set_user_attr("examples_per_second", round(result.examples_per_second, 2))
-    trial.set_user_attr("n_params", result.n_params)
-    trial.set_user_attr("peak_memory_mb", round(result.peak_memory_mb, 1))
-    trial.set_user_attr("peak_memory_kind", result.peak_memory_kind)
-    trial.set_user_attr("device", result.device)
-    trial.set_user_attr("torch_threads", result.torch_threads)
+    trial.set_user_attr(records.SEED, seed)
+    trial.set_user_attr(records.EVALUATIONS, len(result.history))
+    trial.set_user_attr(records.STOPPED_EARLY, result.stopped_early)
+    trial.set_user_attr(records.TRAIN_TIME_S, round(result.train_time_s, 3))
+    trial.set_user_attr(records.EXAMPLES_PER_SECOND, round(result.examples_per_second, 2))
+    trial.set_user_attr(records.N_PARAMS, result.n_params)
+    trial.set_user_attr(records.PEAK_MEMORY_MB, round(result.peak_memory_mb, 1))
+    trial.set_user_attr(records.PEAK_MEMORY_KIND, result.peak_memory_kind)
+    trial.set_user_attr(records.DEVICE, result.device)
+    trial.set_user_attr(records.TORCH_THREADS, result.torch_threads)
     # Where the trial's time went: set-up before the first batch, training steps, dev evaluations.
-    trial.set_user_attr("setup_s", round(result.setup_seconds, 3))
-    trial.set_user_attr("train_s", round(result.train_seconds, 3))
-    trial.set_user_attr("eval_s", round(result.eval_seconds, 3))
+    trial.set_user_attr(records.SETUP_S, round(result.setup_seconds, 3))
+    trial.set_user_attr(records.TRAIN_S, round(result.train_seconds, 3))
+    trial.set_user_attr(records.EVAL_S, round(result.eval_seconds, 3))
     if result.checkpoints_written or result.checkpoint_seconds:
-        trial.set_user_attr("checkpoints_written", result.checkpoints_written)
-        trial.set_user_attr("checkpoint_s", round(result.checkpoint_seconds, 3))
+        trial.set_user_attr(records.CHECKPOINTS_WRITTEN, result.checkpoints_written)
+        trial.set_user_attr(records.CHECKPOINT_S, round(result.checkpoint_seconds, 3))

@@ -20,6 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from llmflow_hpo.config.study import StudyConfig
 from llmflow_hpo.errors import ConfigError
+from llmflow_hpo.search.schedule import first_evaluation_step, longest_epochs
 from llmflow_hpo.search.spaces import SearchSpace
 
 __all__ = [
@@ -263,7 +264,7 @@ def check_strategy(cfg: StudyConfig, space: SearchSpace, source: str) -> None:
 def _ray_scheduler_problems(cfg: StudyConfig, space: SearchSpace, source: str) -> list[str]:
     """The Ray scheduler's options, by the rules ``build_scheduler`` applies, when Ray is installed (without
     it, validate says so itself). Ray's schedulers import neither torch nor transformers."""
-    from llmflow_hpo.search.backends import ray_environment, ray_missing
+    from llmflow_hpo.search.backends.ray_backend import ray_environment, ray_missing
 
     if ray_missing():
         return []
@@ -344,21 +345,6 @@ def build_sampler(cfg: StudyConfig, space: SearchSpace) -> optuna.samplers.BaseS
         return make(cfg.seed) if name in ("qmc", "grid") else PerTrialSeed(make, cfg.seed)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"sampler.options: optuna's {cls.__name__} refused them: {e}") from None
-
-
-def first_evaluation_step(cfg: StudyConfig, n_train: int) -> int:
-    """The step of a trial's first dev evaluation, in training examples seen (train.py's evaluation points)."""
-    return max(1, cfg.train.evaluation_points(n_train)[0])
-
-
-def longest_epochs(cfg: StudyConfig, space: SearchSpace | None) -> int:
-    """The most epochs a trial of the study can run: the search space's largest ``epochs``, else the config's."""
-    epochs = space.get("epochs") if space is not None else None
-    if isinstance(epochs, IntDistribution):
-        return int(epochs.high)
-    if isinstance(epochs, CategoricalDistribution):
-        return max(int(c) for c in epochs.choices)
-    return cfg.train.epochs
 
 
 def build_pruner(

@@ -140,6 +140,7 @@ def test_an_interrupted_trial_another_worker_failed_as_stale_is_queued_once(tmp_
     from llmflow_hpo.config.study import HeartbeatConfig
     from llmflow_hpo.search.backends.optuna_backend import run_worker
     from llmflow_hpo.study.lock import StudyLock
+    from llmflow_hpo.study.optuna_private import storage_of, stored_trial, trial_id
     from llmflow_hpo.study.storage import open_storage, retry_callback
 
     url = f"sqlite:///{tmp_path / 'study.db'}"
@@ -151,8 +152,8 @@ def test_an_interrupted_trial_another_worker_failed_as_stale_is_queued_once(tmp_
         trial.suggest_float("x", 0.0, 1.0)
         # Another worker missed this trial's heartbeat: it failed the trial and queued its retry
         # (what optuna.storages.fail_stale_trials does) ... then this worker is interrupted.
-        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-        retry(study, study._storage.get_trial(trial._trial_id))
+        storage_of(study).set_trial_state_values(trial_id(trial), state=TrialState.FAIL)
+        retry(study, stored_trial(study, trial))
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):

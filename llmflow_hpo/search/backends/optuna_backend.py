@@ -48,6 +48,7 @@ from llmflow_hpo.search.driver import (
 from llmflow_hpo.search.reporting import fail_lost_trial, record_failure
 from llmflow_hpo.search.spaces import SearchSpace
 from llmflow_hpo.search.strategy import StudyGrid, study_target
+from llmflow_hpo.study import records
 from llmflow_hpo.study.lock import StudyLock
 from llmflow_hpo.study.optuna_private import record_heartbeat, stored_trial, trial_id
 from llmflow_hpo.study.storage import finished_trials, open_storage, retry_callback, retry_transient
@@ -153,7 +154,7 @@ def _fail_orphans(study: optuna.Study, heartbeat_interval: int) -> None:
 
 
 def _failed_for_good(trials: list[FrozenTrial]) -> int:
-    return sum(1 for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("failed_for_good"))
+    return sum(1 for t in trials if t.state == TrialState.FAIL and t.user_attrs.get(records.FAILED_FOR_GOOD))
 
 
 Action = Literal["stop", "claim", "wait"]

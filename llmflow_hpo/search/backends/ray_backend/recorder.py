@@ -24,6 +24,7 @@ from llmflow_hpo.errors import TrialFailure
 from llmflow_hpo.search.backends.ray_backend.schedulers import STEP
 from llmflow_hpo.search.reporting import record_failure
 from llmflow_hpo.search.spaces import SearchSpace
+from llmflow_hpo.study import records
 from llmflow_hpo.study.optuna_private import create_trial, trial_id
 from llmflow_hpo.views.progress import Progress, as_progress
 from llmflow_hpo.views.tracking import Tracking
@@ -108,7 +109,7 @@ class StudyRecorder(tune.Callback):
         if tid in self._numbers:
             return self._numbers[tid]
         for t in self.study.get_trials(deepcopy=False):
-            if t.user_attrs.get("ray_trial_id") == tid and t.user_attrs.get("ray_run") == self.run:
+            if t.user_attrs.get(records.RAY_TRIAL_ID) == tid and t.user_attrs.get(records.RAY_RUN) == self.run:
                 self._numbers[tid], self._ids[tid] = t.number, trial_id(t)
                 self._last_step[tid] = max(t.intermediate_values, default=-1)
                 return t.number
@@ -119,7 +120,7 @@ class StudyRecorder(tune.Callback):
             state=TrialState.RUNNING,
             params=params,
             distributions=dict(self.space),
-            user_attrs={"ray_trial_id": tid, "ray_run": self.run, "backend": "ray"},
+            user_attrs={records.RAY_TRIAL_ID: tid, records.RAY_RUN: self.run, records.BACKEND: "ray"},
         )
         self._numbers[tid], self._ids[tid] = create_trial(self.study, frozen)
         self._last_step[tid] = -1
@@ -147,16 +148,16 @@ class StudyRecorder(tune.Callback):
             if self.tracking is not None:
                 metrics = result.get("metrics") or {self.metric: float(result[self.key])}
                 self.tracking.evaluation(t.number, step, metrics, result.get("train_loss"))
-        worker = (result.get("attrs") or {}).get("worker")
+        worker = (result.get("attrs") or {}).get(records.WORKER)
         if worker and self._workers.get(trial.trial_id) != worker:  # shown while it runs, as the optuna backend does
-            t.set_user_attr("worker", worker)
+            t.set_user_attr(records.WORKER, worker)
             self._workers[trial.trial_id] = worker
         params = {name: trial.config.get(name) for name in self.space}
         before = self._params.setdefault(trial.trial_id, params)
         if params != before:  # PBT exploited another trial and mutated: record the new parameters
-            schedule = list(t.user_attrs.get("pbt_schedule", []))
+            schedule = list(t.user_attrs.get(records.PBT_SCHEDULE, []))
             schedule.append({"step": step, "params": params})
-            t.set_user_attr("pbt_schedule", schedule)
+            t.set_user_attr(records.PBT_SCHEDULE, schedule)
             self._params[trial.trial_id] = params
 
     def _finish(
@@ -172,7 +173,7 @@ class StudyRecorder(tune.Callback):
             t.set_user_attr(key, val)
         if failure is not None:
             record_failure(t, failure[0], for_good=failure[1])
-        t.set_user_attr("ray_failures", int(trial.num_failures))
+        t.set_user_attr(records.RAY_FAILURES, int(trial.num_failures))
         frozen = self.study.tell(t, value, state=state, skip_if_finished=True)
         self.progress.trial_finished(self.study, frozen)
         if self.tracking is not None:
@@ -186,7 +187,7 @@ class StudyRecorder(tune.Callback):
         if last.get("final"):
             self._finish(trial, TrialState.COMPLETE, float(last["best_value"]), attrs)
         elif STEP in last:
-            attrs.update(pruned_at_step=int(last[STEP]), stopped_by=self.scheduler)
+            attrs.update({records.PRUNED_AT_STEP: int(last[STEP]), records.STOPPED_BY: self.scheduler})
             self._finish(trial, TrialState.PRUNED, None, attrs)
         else:
             failure = ("the trial ended without reporting an evaluation", False)
@@ -258,9 +259,9 @@ class StudySearch(OptunaSearch):
         config = super().suggest(trial_id)
         if config is not None:
             trial = self._ot_trials[trial_id]
-            trial.set_user_attr("ray_trial_id", trial_id)
-            trial.set_user_attr("ray_run", self._run)
-            trial.set_user_attr("backend", "ray")
+            trial.set_user_attr(records.RAY_TRIAL_ID, trial_id)
+            trial.set_user_attr(records.RAY_RUN, self._run)
+            trial.set_user_attr(records.BACKEND, "ray")
         return config
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:

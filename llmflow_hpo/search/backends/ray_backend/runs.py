@@ -25,6 +25,7 @@ from llmflow_hpo.search.backends.ray_backend.trainable import ray_trial
 from llmflow_hpo.search.driver import SearchRun
 from llmflow_hpo.search.reporting import fail_lost_trial
 from llmflow_hpo.search.spaces import SearchSpace
+from llmflow_hpo.study import records
 from llmflow_hpo.study.optuna_private import storage_of
 from llmflow_hpo.study.storage import finished_trials
 
@@ -50,7 +51,7 @@ def _ray_running(study: optuna.Study, run: str | None = None) -> list[Any]:
     return [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if t.user_attrs.get("backend") == "ray" and (run is None or t.user_attrs.get("ray_run") == run)
+        if t.user_attrs.get(records.BACKEND) == "ray" and (run is None or t.user_attrs.get(records.RAY_RUN) == run)
     ]
 
 
@@ -142,7 +143,7 @@ def _fit(tuner: Any, cfg: StudyConfig, study: optuna.Study, run: str) -> tuple[s
         for trial in saved:  # PBT's checkpoints, kept until the end (StudyRecorder drops the others)
             drop_checkpoints(trial)
     for t in _ray_running(study, run):
-        if t.user_attrs.get("ray_trial_id") not in unfinished:  # asked, but Ray's saved state never had it
+        if t.user_attrs.get(records.RAY_TRIAL_ID) not in unfinished:  # asked, but Ray's saved state never had it
             fail_lost_trial(study, t, "lost: its Ray run ended without it")
     return unfinished, (got.get("signum", signal.SIGINT) if unfinished else None)
 

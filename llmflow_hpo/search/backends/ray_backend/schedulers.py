@@ -16,8 +16,8 @@ from ray import tune
 
 from llmflow_hpo.config.study import StudyConfig
 from llmflow_hpo.errors import ConfigError
+from llmflow_hpo.search.schedule import first_evaluation_step, longest_epochs
 from llmflow_hpo.search.spaces import SearchSpace
-from llmflow_hpo.search.strategy import first_evaluation_step, longest_epochs
 
 __all__ = [
     "EVALUATION",

@@ -24,6 +24,7 @@ from llmflow_hpo.recipe.checkpoints import RESUME, TrialCheckpoint
 from llmflow_hpo.search.backends.ray_backend.schedulers import EVALUATION, STEP, metric_key
 from llmflow_hpo.search.reporting import BestSoFar, resume_attrs, store_best, store_result
 from llmflow_hpo.search.spaces import SearchSpace
+from llmflow_hpo.study import records
 
 __all__ = ["RayReporter", "RayTrialCheckpoint", "ray_trial", "staging_folder"]
 
@@ -47,7 +48,7 @@ class RayReporter:
         self.points_per_example = cfg.train.evals_per_epoch / n_train
         self.checkpoint = checkpoint
         self._best = BestSoFar(cfg.metric, cfg.direction)
-        self.extra: dict[str, Any] = {"worker": f"{socket.gethostname()}:{os.getpid()}", "seed": cfg.seed}
+        self.extra: dict[str, Any] = {records.WORKER: f"{socket.gethostname()}:{os.getpid()}", records.SEED: cfg.seed}
         self._written = 0
 
     @property
