@@ -42,6 +42,7 @@ def run_variant(name: str, protocol: dict[str, Any], workdir: Path) -> dict[str,
     from llmflow_hpo.config.study import config_from_dict
     from llmflow_hpo.data.features import IGNORE_INDEX, prepare_features
     from llmflow_hpo.recipe import train
+    from llmflow_hpo.tasks import get_task
 
     raw = study_dict(protocol, workdir)
     raw["search_space"] = str(workdir / "space.yaml")
@@ -55,22 +56,23 @@ def run_variant(name: str, protocol: dict[str, Any], workdir: Path) -> dict[str,
     )
     cfg = config_from_dict(raw, source="benchmarks/padding.py")
     features = prepare_features(cfg, log=lambda _: None)
-    real_collator = train.collator
+    task = get_task(cfg.task)
 
-    def pad_to_max_length(task: str, tokenizer: Any) -> Any:
+    def pad_to_max_length(tokenizer: Any) -> Any:
         from transformers import DataCollatorForTokenClassification
 
         return DataCollatorForTokenClassification(
             tokenizer, padding="max_length", max_length=cfg.data.max_length, label_pad_token_id=IGNORE_INDEX
         )
 
-    train.collator = pad_to_max_length if name == "pad-128" else real_collator
+    if name == "pad-128":
+        task.collator = pad_to_max_length  # type: ignore[method-assign]  # this variant's loaders pad to max_length
     try:
         start = time.perf_counter()
         result = train.train_and_evaluate(cfg, {}, features, seed=42)
         wall = time.perf_counter() - start
     finally:
-        train.collator = real_collator
+        vars(task).pop("collator", None)  # the task's own collator again
     evaluations = [{"epoch": e.epoch, "dev_f1": e.metrics["f1"], "train_loss": e.train_loss} for e in result.history]
     say(
         f"{name}: {result.examples_per_second:.1f} examples/s, dev F1 by epoch "

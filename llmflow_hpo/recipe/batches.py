@@ -13,18 +13,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from llmflow_hpo.config.study import TrainConfig
-from llmflow_hpo.data.features import IGNORE_INDEX, WORD_LEVEL_COLUMNS
+from llmflow_hpo.data.features import WORD_LEVEL_COLUMNS
 from llmflow_hpo.recipe.runtime import Runtime
 
-__all__ = ["EpochSampler", "ModelInputs", "by_length", "collator", "eval_loader", "lengths", "train_loader"]
-
-
-def collator(task: str, tokenizer: Any) -> Any:
-    from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
-
-    if task == "token-classification":
-        return DataCollatorForTokenClassification(tokenizer, label_pad_token_id=IGNORE_INDEX)
-    return DataCollatorWithPadding(tokenizer)
+__all__ = ["EpochSampler", "ModelInputs", "by_length", "eval_loader", "lengths", "train_loader"]
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):
@@ -92,7 +84,10 @@ def by_length(ds: Any) -> list[int]:
 
 
 def train_loader(ds: Any, hp: TrainConfig, runtime: Runtime, collate: Any, seed: int) -> DataLoader:
-    """The training loader of a run; its sampler (an ``EpochSampler``) and generator carry the order."""
+    """The training loader of a run; its sampler (an ``EpochSampler``) and generator carry the order.
+
+    ``collate`` is the task's collator (``tasks.BaseTask.collator``), as for ``eval_loader``.
+    """
     generator = torch.Generator().manual_seed(seed)
     sampler = EpochSampler(len(ds), generator, lengths(ds) if hp.group_by_length else None, hp.batch_size)
     return DataLoader(

@@ -1,7 +1,7 @@
 """The evaluation of a model on a dev or test split (its metrics and loss), and the digest of its weights.
 
-Entity-level scores (seqeval) on word-level tags for token classification, scikit-learn's for text
-classification; the loss is the plain cross-entropy over the labelled positions.
+The task decodes each batch's predictions and scores the split (``tasks.BaseTask.batch_predictions``
+and ``score``); the loss is the plain cross-entropy over the labelled positions.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from torch.utils.data import DataLoader
 
 from llmflow_hpo.data.features import IGNORE_INDEX, Features
 from llmflow_hpo.recipe.runtime import Runtime
-from llmflow_hpo.tasks.metrics import text_classification_metrics, token_classification_metrics
+from llmflow_hpo.tasks import get_task
 
-__all__ = ["evaluate", "weights_digest", "word_predictions"]
+__all__ = ["evaluate", "weights_digest"]
 
 
 @torch.inference_mode()
@@ -28,11 +28,12 @@ def evaluate(
     split: str,
     runtime: Runtime,
 ) -> dict[str, float]:
-    """Dev or test metrics: entity-level (seqeval) on word-level tags for NER, scikit-learn for classification.
+    """Dev or test metrics: the task's scores of the split (``score``) and the cross-entropy ``loss``.
 
     The loader may take the examples in any order given as its sampler (a list of indices, e.g. by
     length); predictions are put back in the split's order before scoring.
     """
+    task = get_task(features.task)
     model.eval()
     total_loss, total_count = 0.0, 0
     predictions: list[Any] = []
@@ -50,12 +51,7 @@ def evaluate(
             )
         )
         total_count += count
-        predicted = logits.argmax(-1)
-        if features.task == "token-classification":
-            for row_pred, row_labels in zip(predicted.cpu().tolist(), labels.cpu().tolist(), strict=True):
-                predictions.append([p for p, g in zip(row_pred, row_labels, strict=True) if g != IGNORE_INDEX])
-        else:
-            predictions.extend(predicted.cpu().tolist())
+        predictions.extend(task.batch_predictions(logits, labels))
     model.train()
     order = loader.sampler if isinstance(loader.sampler, list) else None
     if order is not None:  # back to the split's order
@@ -63,34 +59,9 @@ def evaluate(
         for position, index in enumerate(order):
             unsorted[index] = predictions[position]
         predictions = unsorted
-    names = features.labels
-    if features.task == "token-classification":
-        gold = features.gold_tags(split)
-        pred = word_predictions(predictions, features.splits[split]["label_words"], gold, names)
-        metrics = token_classification_metrics(gold, pred)
-    else:
-        metrics = text_classification_metrics(features.gold_labels(split), [names[i] for i in predictions])
+    metrics = task.score(features, split, predictions)
     metrics["loss"] = total_loss / max(total_count, 1)
     return metrics
-
-
-def word_predictions(
-    positions: list[list[int]], label_words: list[list[int]], gold: list[list[str]], names: list[str]
-) -> list[list[str]]:
-    """Word-level tags from the predictions at the labelled (first-subword) positions of each example.
-
-    ``label_words`` gives the word of each labelled position. A word with no position (cut off by
-    max_length, or given no subword by the tokenizer) is predicted O: never dropped, never shifted.
-    """
-    pred: list[list[str]] = []
-    for row, words, g in zip(positions, label_words, gold, strict=True):
-        if len(row) != len(words):
-            raise ValueError(f"{len(row)} labelled positions but {len(words)} words they belong to")
-        tags = ["O"] * len(g)
-        for label, word in zip(row, words, strict=True):
-            tags[word] = names[label]
-        pred.append(tags)
-    return pred
 
 
 def weights_digest(model: torch.nn.Module) -> str:

@@ -33,7 +33,7 @@ import torch
 from llmflow_hpo.config.study import StudyConfig, TrainConfig, clip_norm
 from llmflow_hpo.data.features import Features
 from llmflow_hpo.errors import TrialFailure
-from llmflow_hpo.recipe.batches import collator, eval_loader, train_loader
+from llmflow_hpo.recipe.batches import eval_loader, train_loader
 from llmflow_hpo.recipe.checkpoints import LoopState, TrialCheckpoint, checkpoint_state, restore_state
 from llmflow_hpo.recipe.evaluation import evaluate, weights_digest
 from llmflow_hpo.recipe.loss import balanced_class_weights, loss_fn
@@ -41,6 +41,7 @@ from llmflow_hpo.recipe.models import build_model, load_tokenizer
 from llmflow_hpo.recipe.optim import adopt_hyperparameters, build_optimizer, build_scheduler
 from llmflow_hpo.recipe.results import Evaluation, OnEval, OnResume, OnStep, TrainResult, better
 from llmflow_hpo.recipe.runtime import Runtime, device_settings, peak_memory, resolve_runtime, runtime_attrs
+from llmflow_hpo.tasks import get_task
 
 __all__ = ["retrain", "train_and_evaluate"]
 
@@ -91,7 +92,7 @@ def _set_up(cfg: StudyConfig, hp: TrainConfig, features: Features, runtime: Runt
         attention_dropout=hp.attention_dropout,
     ).to(runtime.device)
     model.train()
-    collate = collator(cfg.task, tokenizer)
+    collate = get_task(cfg.task).collator(tokenizer)
     train_ds = features.splits[split]
     loader = train_loader(train_ds, hp, runtime, collate, seed)
     dev_loader = eval_loader(features.splits["dev"], hp, runtime, collate)

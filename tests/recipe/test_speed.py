@@ -11,11 +11,12 @@ from torch.utils.data import DataLoader
 from llmflow_hpo.config.study import TrainConfig
 from llmflow_hpo.data.features import prepare_features
 from llmflow_hpo.errors import ConfigError
-from llmflow_hpo.recipe.batches import EpochSampler, ModelInputs, by_length, collator
+from llmflow_hpo.recipe.batches import EpochSampler, ModelInputs, by_length
 from llmflow_hpo.recipe.evaluation import evaluate
 from llmflow_hpo.recipe.models import build_model, load_tokenizer
 from llmflow_hpo.recipe.runtime import Runtime, resolve_runtime
 from llmflow_hpo.recipe.train import train_and_evaluate
+from llmflow_hpo.tasks import get_task
 
 
 def _padding(lengths: list[int], order: list[int], batch_size: int) -> float:
@@ -55,7 +56,7 @@ def test_evaluation_in_length_order_scores_exactly_as_in_split_order(tiny_cfg) -
     cfg, _, _ = tiny_cfg()
     features = prepare_features(cfg, log=lambda _: None)
     model = build_model(cfg.model, task=cfg.task, labels=features.labels, hidden_dropout=None, attention_dropout=None)
-    collate = collator(cfg.task, load_tokenizer(cfg.model))
+    collate = get_task(cfg.task).collator(load_tokenizer(cfg.model))
     dev = features.splits["dev"]
     runtime = resolve_runtime(cfg.train)
     in_order = DataLoader(ModelInputs(dev), batch_size=7, shuffle=False, collate_fn=collate)
