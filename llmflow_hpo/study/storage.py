@@ -28,12 +28,8 @@ from llmflow_hpo.config.study import HeartbeatConfig, StudyConfig, config_to_dic
 from llmflow_hpo.errors import StorageError
 from llmflow_hpo.paths import probe_folder, writable_problem
 from llmflow_hpo.study import records
-from llmflow_hpo.study.lock import StudyLock as StudyLock  # re-exported until the importers import study.lock
 from llmflow_hpo.study.note import write_study_note
-from llmflow_hpo.study.provenance import MAY_CHANGE as MAY_CHANGE  # re-exported, as StudyLock
 from llmflow_hpo.study.provenance import check_same_study, library_versions
-from llmflow_hpo.study.provenance import may_change as may_change  # re-exported, as StudyLock
-from llmflow_hpo.study.provenance import stored_config as stored_config  # re-exported, as StudyLock
 from llmflow_hpo.study.urls import OPTUNA_TABLES, in_memory, is_optuna_sqlite, sqlite_path, sqlite_tables
 
 __all__ = [
