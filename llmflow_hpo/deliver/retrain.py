@@ -22,6 +22,7 @@ from llmflow_hpo.config.study import StudyConfig
 from llmflow_hpo.data.features import Features, prepare_features
 from llmflow_hpo.errors import StorageError
 from llmflow_hpo.search.objective import trial_params
+from llmflow_hpo.study import records
 from llmflow_hpo.study.provenance import stored_config
 from llmflow_hpo.study.storage import load_study
 
@@ -61,17 +62,17 @@ def retrain_best(
     best = _best_trial(study, study_name)
     params = trial_params(best, space)
     _say_if_pbt(best, say)
-    seed = int(best.user_attrs.get("seed", cfg.seed))
+    seed = int(best.user_attrs.get(records.SEED, cfg.seed))
     if train_on == "train":
         _take_the_trials_threads(cfg, best, say)
     say(f"retrain-best: study {study_name}, trial {best.number} (dev {cfg.metric}={best.value:.4f}), params {params}")
     features = prepare_features(cfg, log=say)
-    split, stop_at = _training_split(features, int(best.user_attrs["best_step"]), train_on, say)
+    split, stop_at = _training_split(features, int(best.user_attrs[records.BEST_STEP]), train_on, say)
     result = retrain(cfg, params, features, seed=seed, stop_at_examples=stop_at, train_split=split, evaluate_test=True)
     assert result.final is not None
     dev = result.final.metrics
     weights = weights_digest(result.model)
-    trial_weights = best.user_attrs.get("best_weights_sha256")
+    trial_weights = best.user_attrs.get(records.BEST_WEIGHTS_SHA256)
     reproduced = None
     if train_on == "train":
         # The same weights, when the trial stored their digest (studies before it: the same dev score).
@@ -109,7 +110,7 @@ def _best_trial(study: Any, study_name: str) -> Any:
         best = study.best_trial
     except ValueError:
         raise StorageError(f"study {study_name!r} has no complete trial yet; run `llmflow-hpo search` first") from None
-    if "best_step" not in best.user_attrs:
+    if records.BEST_STEP not in best.user_attrs:
         raise StorageError(
             f"trial {best.number} of study {study_name!r} has no best_step; it was not run by llmflow-hpo"
         )
@@ -117,10 +118,11 @@ def _best_trial(study: Any, study_name: str) -> Any:
 
 
 def _say_if_pbt(best: Any, say: Callable[[str], None]) -> None:
-    if best.user_attrs.get("pbt_schedule"):
+    schedule = best.user_attrs.get(records.PBT_SCHEDULE)
+    if schedule:
         say(
             f"retrain-best: trial {best.number} ran under PBT, which changed its parameters while it trained "
-            f"({len(best.user_attrs['pbt_schedule'])} time(s), see its pbt_schedule); retraining uses the "
+            f"({len(schedule)} time(s), see its pbt_schedule); retraining uses the "
             "parameters it started with, so its dev score will differ"
         )
 
@@ -129,7 +131,7 @@ def _take_the_trials_threads(cfg: StudyConfig, best: Any, say: Callable[[str], N
     """Train with the torch thread count the trial ran with, where it differs from what this run would use."""
     import torch
 
-    threads = best.user_attrs.get("torch_threads")
+    threads = best.user_attrs.get(records.TORCH_THREADS)
     if threads and (cfg.train.num_threads or torch.get_num_threads()) != threads:
         # CPU reductions (matmuls, sums) split their work by thread count, so the weights depend on it.
         cfg.train = dataclasses.replace(cfg.train, num_threads=int(threads))

@@ -35,6 +35,7 @@ import numpy as np
 from optuna.trial import TrialState
 
 from llmflow_hpo.recipe.results import Evaluation
+from llmflow_hpo.study import records
 
 __all__ = [
     "CheckpointStore",
@@ -305,7 +306,9 @@ class CheckpointStore:
         by_number = {t.number: t for t in trials}
         # Earlier attempts a queued or running retry may still take over.
         pending = {
-            t.user_attrs.get("checkpoint_trial") for t in trials if t.state in (TrialState.WAITING, TrialState.RUNNING)
+            t.user_attrs.get(records.CHECKPOINT_TRIAL)
+            for t in trials
+            if t.state in (TrialState.WAITING, TrialState.RUNNING)
         }
         complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
         complete.sort(key=lambda t: t.value, reverse=direction == "maximize")

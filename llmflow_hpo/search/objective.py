@@ -18,8 +18,9 @@ from llmflow_hpo.data.features import Features
 from llmflow_hpo.errors import TrialFailure
 from llmflow_hpo.recipe.checkpoints import CheckpointStore, TrialCheckpoint
 from llmflow_hpo.recipe.results import Evaluation
-from llmflow_hpo.search.reporting import TrialReporter, store_result
+from llmflow_hpo.search.reporting import TrialReporter, record_failure, store_result
 from llmflow_hpo.search.spaces import SearchSpace, suggest_params
+from llmflow_hpo.study import records
 from llmflow_hpo.views.progress import Progress
 from llmflow_hpo.views.tracking import Tracking
 
@@ -55,15 +56,15 @@ class Objective:
         """
         if self.checkpoints is None:
             return None
-        previous = trial.user_attrs.get("checkpoint_trial")
+        previous = trial.user_attrs.get(records.CHECKPOINT_TRIAL)
         if previous is not None and previous != trial.number:
-            trial.set_user_attr("fail_reason", None)  # inherited from the attempt; this one has not failed
-            trial.set_user_attr("retry_of", previous)
+            trial.set_user_attr(records.FAIL_REASON, None)  # inherited from the attempt; this one has not failed
+            trial.set_user_attr(records.RETRY_OF, previous)
             if self.checkpoints.take_over(previous, trial.number):
                 self.log(f"trial {trial.number}: retrying trial {previous} from its checkpoint")
             else:
                 self.log(f"trial {trial.number}: retrying trial {previous}; no checkpoint of it, starting over")
-        trial.set_user_attr("checkpoint_trial", trial.number)
+        trial.set_user_attr(records.CHECKPOINT_TRIAL, trial.number)
         return self.checkpoints.trial(trial.number, params)
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -71,7 +72,7 @@ class Objective:
         from llmflow_hpo.recipe.train import train_and_evaluate
 
         params = suggest_params(trial, self.space)
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr(records.WORKER, f"{socket.gethostname()}:{os.getpid()}")
         for key, value in runtime_attrs(self.cfg, params).items():  # precision, TF32, ...: pruned trials too
             trial.set_user_attr(key, value)
         seed = self.cfg.seed
@@ -114,14 +115,12 @@ class Objective:
                 on_step=on_step if progress is not None and progress.mode == "live" else None,
             )
         except TrialFailure as e:
-            trial.set_user_attr("fail_reason", str(e))
-            trial.set_user_attr("failed_for_good", True)
+            record_failure(trial, str(e), for_good=True)
             raise
         store_result(trial, result, seed)
         if result.best is None:
             reason = "the run ended before its first evaluation"
-            trial.set_user_attr("fail_reason", reason)
-            trial.set_user_attr("failed_for_good", True)
+            record_failure(trial, reason, for_good=True)
             raise TrialFailure(reason)
         return result.best.metrics[self.cfg.metric]
 
