@@ -10,7 +10,7 @@ A. Speed. The same model (all-MiniLM-L6-v2), the same tokenized data (``prepare_
    load hits both alike; each side is summarised by the median over rounds.
 
    * plain: a hand-written loop; a timestamp after every optimizer step.
-   * ours: ``train_and_evaluate`` in its retrain mode (``stop_at_examples``): it trains without any
+   * ours: the recipe's retrain entry point (``recipe.train.retrain`` with ``stop_at_examples``): it trains without any
      dev evaluation until that many examples were seen, and its ``examples_per_second`` counts only
      the training loop. Two calls per round, stopping after W and after W+N steps; the difference of
      their training times is the time of steps W+1..W+N (the "steady" figure, comparable with the
@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader
 from llmflow_hpo.config.study import StudyConfig, config_from_dict
 from llmflow_hpo.data.features import IGNORE_INDEX, Features, prepare_features
 from llmflow_hpo.recipe.models import resolve_model_path
-from llmflow_hpo.recipe.train import train_and_evaluate
+from llmflow_hpo.recipe.train import retrain
 from llmflow_hpo.tasks.metrics import token_classification_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -267,7 +267,7 @@ def time_plain(features: Features, s: Settings, steps_per_epoch: int) -> dict[st
 
 def time_ours(cfg: StudyConfig, features: Features, s: Settings) -> dict[str, float]:
     def run(steps: int) -> tuple[float, float, float]:
-        result = train_and_evaluate(cfg, {}, features, seed=SEED, stop_at_examples=steps * BATCH_SIZE)
+        result = retrain(cfg, {}, features, seed=SEED, stop_at_examples=steps * BATCH_SIZE)
         assert result.final is not None and result.final.optimizer_step == steps, result.final
         seconds = result.final.examples_seen / result.examples_per_second  # the recipe's training-loop time
         return seconds, result.examples_per_second, result.final.train_loss
@@ -281,7 +281,7 @@ def time_ours(cfg: StudyConfig, features: Features, s: Settings) -> dict[str, fl
         "steady_s": steady_s,
         "steady_examples_per_second": s.timed_steps * BATCH_SIZE / steady_s,
         "window_s": window_s,
-        "window_examples_per_second": window_eps,  # train_and_evaluate's own examples_per_second
+        "window_examples_per_second": window_eps,  # the recipe's own examples_per_second
         "mean_train_loss": loss,  # equal to plain's when both did the same computation
         "other_processes_cores": load.cores,
     }
