@@ -28,6 +28,7 @@ from llmflow_hpo.config.hyperparameters import (
 from llmflow_hpo.config.typed import MISSING, Problems, build
 from llmflow_hpo.config.yamlfile import apply_overrides, read_yaml
 from llmflow_hpo.errors import ConfigError
+from llmflow_hpo.study.urls import default_storage, sqlite_url
 from llmflow_hpo.tasks import TASK_NAMES, get_task
 
 __all__ = [
@@ -447,15 +448,13 @@ def _resolve(cfg: StudyConfig, base: Path | None) -> None:
             if candidate.exists():
                 cfg.model.name_or_path = str(candidate.resolve())
         if cfg.storage is None:
-            cfg.storage = f"sqlite:///{(base / f'{cfg.study_name}.db').resolve()}"
+            cfg.storage = default_storage(base, cfg.study_name)
         if cfg.checkpoint.dir is None:
             cfg.checkpoint.dir = str((base / "checkpoints").resolve())
         else:
             cfg.checkpoint.dir = absolute(cfg.checkpoint.dir)
         if cfg.tracking.mlflow and cfg.tracking.mlflow_tracking_uri is None:
-            cfg.tracking.mlflow_tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or (
-                f"sqlite:///{(base / 'mlflow.db').resolve()}"
-            )
+            cfg.tracking.mlflow_tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or sqlite_url(base / "mlflow.db")
         if cfg.tracking.tensorboard:
             cfg.tracking.tensorboard_dir = absolute(cfg.tracking.tensorboard_dir or "tensorboard")
         if cfg.ray.dir is None:

@@ -14,6 +14,7 @@ from llmflow_hpo import __version__
 from llmflow_hpo.config.study import StudyConfig, config_to_dict
 from llmflow_hpo.errors import LlmflowError
 from llmflow_hpo.recipe.models import load_tokenizer
+from llmflow_hpo.study import records
 from llmflow_hpo.study.provenance import library_versions
 from llmflow_hpo.tasks import get_task
 
@@ -49,7 +50,7 @@ def _card(
 Fine-tuned `{cfg.model.name_or_path}` for **{cfg.task}** by llmflow-hpo {__version__}.
 
 - Study: `{study.study_name}` ({len(study.trials)} trials), objective dev `{cfg.metric}` ({cfg.direction})
-- Best trial: {trial.number}, dev {cfg.metric} = {trial.value:.4f} at {trial.user_attrs.get("best_step")} training examples seen
+- Best trial: {trial.number}, dev {cfg.metric} = {trial.value:.4f} at {trial.user_attrs.get(records.BEST_STEP)} training examples seen
 - Retrained on: {train_on}; reproduced the trial: {repro}
 - Data: format {data.format}; train `{data.train}`; dev `{data.dev or "held out of train"}`; test `{data.test or "held out of train"}`
   (limits: train {data.limit_train}, dev {data.limit_dev}, test {data.limit_test}; max_length {data.max_length})

@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 
 from llmflow_hpo.config.study import StudyConfig
 from llmflow_hpo.search.spaces import SearchSpace
+from llmflow_hpo.study.urls import sqlite_path
 
 __all__ = [
     "SearchRun",
@@ -130,9 +131,8 @@ def checkpoint_root(cfg: StudyConfig) -> Path:
     version) uses ``checkpoints/`` beside its SQLite file, or in the working directory."""
     if cfg.checkpoint.dir is not None:
         return Path(cfg.checkpoint.dir) / cfg.study_name
-    url = str(cfg.storage)
-    base = Path(url[len("sqlite:///") :]).parent if url.startswith("sqlite:///") else Path.cwd()
-    return base / "checkpoints" / cfg.study_name
+    path = sqlite_path(str(cfg.storage))
+    return (path.parent if path is not None else Path.cwd()) / "checkpoints" / cfg.study_name
 
 
 def summarize(

@@ -132,7 +132,8 @@ class _Oracle(torch.nn.Module):
 
 @pytest.mark.parametrize("empty", EMPTY_WORDS)
 def test_a_word_without_subwords_is_predicted_o_and_shifts_nothing(tiny_cfg, tmp_path, empty):
-    from llmflow_hpo.recipe.batches import ModelInputs as _ModelInputs, by_length as _by_length
+    from llmflow_hpo.recipe.batches import ModelInputs as _ModelInputs
+    from llmflow_hpo.recipe.batches import by_length as _by_length
     from llmflow_hpo.recipe.evaluation import evaluate
     from llmflow_hpo.recipe.runtime import resolve_runtime
 
