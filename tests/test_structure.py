@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +62,13 @@ def ast_docstring(path: Path) -> str | None:
     import ast
 
     return ast.get_docstring(ast.parse(path.read_text()))
+
+
+def test_the_readme_layout_lists_every_module_of_each_stage():
+    readme = (REPO / "README.md").read_text().split("## Layout", 1)[1]
+    for folder in sorted(p for p in PACKAGE.iterdir() if (p / "__init__.py").exists()):
+        row = next(line for line in readme.splitlines() if line.startswith(f"| `{folder.name}/` |"))
+        listed = set(re.findall(r"`([a-z_]+)/?`", row.split("|")[2]))
+        present = {p.stem for p in folder.glob("*.py") if p.stem != "__init__"}
+        present |= {p.name for p in folder.iterdir() if (p / "__init__.py").exists()}
+        assert present <= listed, f"README Layout, {folder.name}/: {sorted(present - listed)} missing"

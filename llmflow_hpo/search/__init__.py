@@ -1,3 +1,6 @@
-"""Stage 5, search: the search space (``spaces``), sampler and pruner (``strategy``), the objective that runs
-the recipe for one trial (``objective``), what a trial reports (``reporting``), and the backends that run trials.
+"""Stage 5, search: ``driver`` runs a search (features, study, sampler and pruner, messages, tracking, summary)
+and hands trials to a backend (``backends/``: optuna workers, or Ray Tune). ``spaces`` reads the search space,
+``strategy`` builds sampler and pruner, ``schedule`` says when trials are evaluated, ``objective`` runs the
+recipe for one trial, ``reporting`` holds the rules of what a trial reports and stores (both backends call
+them), ``preflight`` checks what would fail in the first trial, ``workers`` starts ``--workers N`` processes.
 """
