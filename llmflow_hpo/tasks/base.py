@@ -15,9 +15,21 @@ from typing import Any, ClassVar, Protocol
 
 from llmflow_hpo.errors import DataError
 
-__all__ = ["IGNORE_INDEX", "BaseTask", "ScoredFeatures", "json_field"]
+__all__ = ["IGNORE_INDEX", "BaseTask", "Cleaner", "ScoredFeatures", "json_field"]
 
 IGNORE_INDEX = -100  # label of the positions the loss skips (special tokens, non-first subwords, padding)
+
+
+class Cleaner(Protocol):
+    """What an example's ``cleaned(clean, source, number)`` method is handed by ``data.read.clean_examples``,
+    once per example read: ``clean(value)`` is the string in the study's Unicode form, stripped, with
+    whitespace runs made one space (the cleaner notes what changed); ``count(what)`` counts a part of the
+    example dropped (reported as cleaning's lines). Each task's example class has that method: it returns the
+    clean example, or None to drop it (after ``count("empty")`` when nothing is left of it)."""
+
+    def __call__(self, value: str) -> str: ...
+
+    def count(self, what: str) -> None: ...
 
 
 class ScoredFeatures(Protocol):

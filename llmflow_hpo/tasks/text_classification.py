@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llmflow_hpo.errors import ConfigError, DataError
-from llmflow_hpo.tasks.base import BaseTask, ScoredFeatures, json_field
+from llmflow_hpo.tasks.base import BaseTask, Cleaner, ScoredFeatures, json_field
 from llmflow_hpo.tasks.metrics import TEXT_METRICS, text_classification_metrics
 
 __all__ = ["TextClassification", "TextExample"]
@@ -26,6 +26,18 @@ class TextExample:
 
     text: str
     label: str
+
+    def cleaned(self, clean: Cleaner, source: str, number: int) -> TextExample | None:
+        """Called by ``data.read.clean_examples``: text and label cleaned; None when the text becomes empty,
+        or when a text is left without a label."""
+        text, label = clean(self.text), clean(self.label)
+        if text and not label:
+            clean.count("no_label")
+            return None
+        if not text:
+            clean.count("empty")
+            return None
+        return TextExample(text, label)
 
 
 class TextClassification(BaseTask):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llmflow_hpo.errors import ConfigError, DataError
-from llmflow_hpo.tasks.base import IGNORE_INDEX, BaseTask, ScoredFeatures, json_field
+from llmflow_hpo.tasks.base import IGNORE_INDEX, BaseTask, Cleaner, ScoredFeatures, json_field
 from llmflow_hpo.tasks.metrics import TOKEN_METRICS, token_classification_metrics
 
 __all__ = ["TokenClassification", "TokenExample", "align_labels", "word_predictions"]
@@ -26,6 +26,27 @@ class TokenExample:
 
     tokens: tuple[str, ...]
     tags: tuple[str, ...]
+
+    def cleaned(self, clean: Cleaner, source: str, number: int) -> TokenExample | None:
+        """Called by ``data.read.clean_examples``: words and tags cleaned; a word that becomes empty is
+        dropped with its tag; a word left without a tag is an error; None when no word is left."""
+        if len(self.tokens) != len(self.tags):
+            raise DataError(source, f"example {number}: {len(self.tokens)} tokens but {len(self.tags)} tags")
+        tokens: list[str] = []
+        tags: list[str] = []
+        for raw_token, raw_tag in zip(self.tokens, self.tags, strict=True):
+            token, tag = clean(raw_token), clean(raw_tag)
+            if not token:
+                clean.count("empty_tokens")
+                continue
+            if not tag:
+                raise DataError(source, f"example {number}: word {token!r} has an empty tag")
+            tokens.append(token)
+            tags.append(tag)
+        if not tokens:
+            clean.count("empty")
+            return None
+        return TokenExample(tuple(tokens), tuple(tags))
 
 
 class TokenClassification(BaseTask):

