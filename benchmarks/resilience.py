@@ -53,6 +53,7 @@ from llmflow_hpo.search.backends.optuna_backend import run_worker
 from llmflow_hpo.search.objective import Objective
 from llmflow_hpo.search.spaces import parse_search_space
 from llmflow_hpo.study.lock import StudyLock
+from llmflow_hpo.study.optuna_private import storage_of, trial_id
 from llmflow_hpo.study.storage import open_storage, retry_callback
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,11 +158,11 @@ def per_trial_cost(workdir: Path, rounds: int) -> dict[str, Any]:
             stats.setdefault(name, []).append(time.perf_counter() - tick)
         log(f"round {r}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in stats.items()))
 
-    storage = study_beat._storage
-    trial_id = study_beat.trials[-1]._trial_id
+    storage = storage_of(study_beat)
+    beat_id = trial_id(study_beat.trials[-1])
     tick = time.perf_counter()
     for _ in range(50):
-        storage.record_heartbeat(trial_id)
+        storage.record_heartbeat(beat_id)
     beat_ms = (time.perf_counter() - tick) / 50 * 1000
     lock.close()
     medians = {k: statistics.median(v) for k, v in stats.items()}

@@ -54,7 +54,9 @@ def test_search_trials_best_and_retrain_best(write_study, tmp_path):
     assert (out / "model.safetensors").exists() and "f1" in result["test_metrics"]
 
     # optuna-dashboard opens the same database and shows the trials with their learning curves.
-    dashboard = _dashboard_get(storage, f"/api/studies/{study._study_id}", "after=0")
+    dashboard = _dashboard_get(
+        storage, f"/api/studies/{optuna.storages.get_storage(storage).get_study_id_from_name('tiny-ner')}", "after=0"
+    )
     assert dashboard["name"] == "tiny-ner" and len(dashboard["trials"]) == 2
     assert dashboard["objective_names"] == ["dev_f1"]
     assert all(t["intermediate_values"] for t in dashboard["trials"])
