@@ -25,6 +25,7 @@ from llmflow_hpo.search.objective import trial_params
 from llmflow_hpo.study import records
 from llmflow_hpo.study.provenance import stored_config
 from llmflow_hpo.study.storage import load_study
+from llmflow_hpo.study.view import StudyView
 
 __all__ = ["RetrainResult", "retrain_best"]
 
@@ -106,10 +107,9 @@ def retrain_best(
 
 def _best_trial(study: Any, study_name: str) -> Any:
     """The study's best trial, refused when there is none or llmflow-hpo did not run it."""
-    try:
-        best = study.best_trial
-    except ValueError:
-        raise StorageError(f"study {study_name!r} has no complete trial yet; run `llmflow-hpo search` first") from None
+    best = StudyView.of(study).best  # the one rule for the best trial (study.view)
+    if best is None:
+        raise StorageError(f"study {study_name!r} has no complete trial yet; run `llmflow-hpo search` first")
     if records.BEST_STEP not in best.user_attrs:
         raise StorageError(
             f"trial {best.number} of study {study_name!r} has no best_step; it was not run by llmflow-hpo"

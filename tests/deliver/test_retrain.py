@@ -119,3 +119,19 @@ def test_retrain_runs_with_the_trials_thread_count_and_compares_weights(tiny_cfg
     monkeypatch.setattr("llmflow_hpo.recipe.evaluation.weights_digest", lambda model: "0" * 64)
     again = retrain_best(study_name=cfg.study_name, storage=cfg.storage, output_dir=tmp_path / "m", **QUIET)
     assert again.dev_metrics[cfg.metric] == best.value and again.reproduced is False
+
+
+def test_retrain_takes_the_best_trial_by_the_study_views_rule():
+    """The best trial of retrain-best is the study view's (the earlier on ties), and none complete is refused."""
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    from llmflow_hpo.deliver.retrain import _best_trial
+
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(create_trial(state=TrialState.FAIL))
+    with pytest.raises(StorageError, match="has no complete trial yet"):
+        _best_trial(study, "demo")
+    for value in (0.5, 0.9, 0.9):
+        study.add_trial(create_trial(value=value, user_attrs={"best_step": 10}))
+    assert _best_trial(study, "demo").number == 2 == study.best_trial.number
