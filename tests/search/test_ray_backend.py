@@ -390,6 +390,26 @@ def test_scheduler_options_are_checked(tiny_cfg) -> None:
         build_scheduler(cfg, space, n_train=200, source="study.yaml")
 
 
+def test_pbt_mutates_the_settings_declared_mutable() -> None:
+    """PBT's list is the declaration's (config/hyperparameters.py), and it is the set it always was: settings that
+    change neither the model's shape, the optimizer's kind nor the run's length."""
+    from llmflow_hpo.config.hyperparameters import HYPERPARAMETERS
+    from llmflow_hpo.search.backends.ray_backend.schedulers import PBT_MUTABLE
+
+    assert set(PBT_MUTABLE) == {
+        "learning_rate",
+        "weight_decay",
+        "warmup_ratio",
+        "hidden_dropout",
+        "attention_dropout",
+        "label_smoothing",
+        "max_grad_norm",
+        "momentum",
+        "focal_gamma",
+    }
+    assert all(HYPERPARAMETERS[name].searchable for name in PBT_MUTABLE)
+
+
 def test_ray_settings_are_validated(write_study, tmp_path: Path) -> None:
     config = write_study(
         {"backend": "ray", "n_trials": None, "timeout": 60, "ray": {"cpus_per_trial": 0, "max_concurrent_trials": 0}}

@@ -14,6 +14,7 @@ from typing import Any
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from ray import tune
 
+from llmflow_hpo.config.hyperparameters import HYPERPARAMETERS
 from llmflow_hpo.config.study import StudyConfig
 from llmflow_hpo.errors import ConfigError
 from llmflow_hpo.search.schedule import first_evaluation_step, longest_epochs
@@ -31,19 +32,9 @@ __all__ = [
 
 STEP = "step"  # the result key the schedulers count time in: training examples seen
 EVALUATION = "evaluation"  # the evaluation point's number (1, 2, ...): HyperBand's time, see build_scheduler
-# Hyperparameters PBT may change in a running trial: they do not change the model's shape, the optimizer's
-# kind or the length of the run.
-PBT_MUTABLE = (
-    "learning_rate",
-    "weight_decay",
-    "warmup_ratio",
-    "hidden_dropout",
-    "attention_dropout",
-    "label_smoothing",
-    "max_grad_norm",
-    "momentum",
-    "focal_gamma",
-)
+# Hyperparameters PBT may change in a running trial (declared ``mutable`` in config/hyperparameters.py: they
+# change neither the model's shape, the optimizer's kind nor the length of the run).
+PBT_MUTABLE = tuple(name for name, hp in HYPERPARAMETERS.items() if hp.mutable)
 _SCHEDULERS = {
     "asha": "ASHAScheduler",
     "hyperband": "HyperBandScheduler",
