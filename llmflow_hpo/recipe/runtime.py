@@ -7,7 +7,6 @@ matmul precision) for the length of one run and frees the device's memory after 
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import resource
 import sys
@@ -60,7 +59,7 @@ class Runtime:
 def runtime_attrs(cfg: StudyConfig, params: dict[str, Any], runtime: Runtime | None = None) -> dict[str, Any]:
     """What a trial with ``params`` runs with (device, precision, TF32, fused optimizer, pinned memory,
     length grouping): the trial's user attributes, written when it starts."""
-    hp = dataclasses.replace(cfg.train, **params)
+    hp = cfg.train.with_params(params)  # the searched values over the fixed ones (config/hyperparameters.py)
     return {**(runtime or resolve_runtime(hp)).attrs(), "group_by_length": hp.group_by_length}
 
 

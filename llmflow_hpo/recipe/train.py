@@ -18,7 +18,6 @@ batches and dropout masks an uninterrupted run would have taken.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 import time
@@ -337,7 +336,7 @@ def train_and_evaluate(
     called after every optimizer step (progress displays); ``keep_model`` hands the trained model back.
     """
     entered = time.perf_counter()
-    hp = dataclasses.replace(cfg.train, **params)
+    hp = cfg.train.with_params(params)  # the searched values over the fixed ones (config/hyperparameters.py)
     with _running(cfg, hp, features, seed, "train") as run:
         setup_seconds = time.perf_counter() - entered
         loop = _resume(run, checkpoint, params, on_resume)
@@ -372,7 +371,7 @@ def retrain(
     dropout masks, since its evaluations drew from no RNG the training uses.
     """
     entered = time.perf_counter()
-    hp = dataclasses.replace(cfg.train, **params)
+    hp = cfg.train.with_params(params)  # the searched values over the fixed ones (config/hyperparameters.py)
     with _running(cfg, hp, features, seed, train_split) as run:
         setup_seconds = time.perf_counter() - entered
         loop = LoopState()
