@@ -21,7 +21,7 @@ from typing import Any, Literal
 from llmflow_hpo.config.study import StudyConfig
 from llmflow_hpo.data.features import Features, prepare_features
 from llmflow_hpo.errors import StorageError
-from llmflow_hpo.search.objective import trial_params
+from llmflow_hpo.search.spaces import trial_params
 from llmflow_hpo.study import records
 from llmflow_hpo.study.provenance import stored_config
 from llmflow_hpo.study.storage import load_study

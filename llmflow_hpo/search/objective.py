@@ -123,8 +123,3 @@ class Objective:
             record_failure(trial, reason, for_good=True)
             raise TrialFailure(reason)
         return result.best.metrics[self.cfg.metric]
-
-
-def trial_params(best: Any, space: SearchSpace) -> dict[str, Any]:
-    """The parameters of a stored trial, asked through the same space (FixedTrial) as during the search."""
-    return suggest_params(optuna.trial.FixedTrial(best.params), space)

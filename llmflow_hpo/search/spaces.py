@@ -24,12 +24,20 @@ from optuna.distributions import (
     FloatDistribution,
     IntDistribution,
 )
+from optuna.trial import FixedTrial
 
 from llmflow_hpo.config.hyperparameters import HYPERPARAMETERS, Hyperparameter
 from llmflow_hpo.config.yamlfile import read_yaml
 from llmflow_hpo.errors import ConfigError
 
-__all__ = ["SearchSpace", "combination_problems", "load_search_space", "parse_search_space", "suggest_params"]
+__all__ = [
+    "SearchSpace",
+    "combination_problems",
+    "load_search_space",
+    "parse_search_space",
+    "suggest_params",
+    "trial_params",
+]
 
 SearchSpace = dict[str, BaseDistribution]
 
@@ -258,3 +266,8 @@ def suggest_params(trial: Any, space: SearchSpace) -> dict[str, Any]:
         else:  # pragma: no cover - parse_search_space makes only these three
             raise TypeError(f"unsupported distribution {dist!r}")
     return params
+
+
+def trial_params(best: Any, space: SearchSpace) -> dict[str, Any]:
+    """The parameters of a stored trial, asked through the same space (FixedTrial) as during the search."""
+    return suggest_params(FixedTrial(best.params), space)
