@@ -45,9 +45,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from llmflow_hpo.config.study import StudyConfig, config_from_dict
-from llmflow_hpo.data.features import IGNORE_INDEX, Features, prepare_features
+from llmflow_hpo.data.features import Features, prepare_features
 from llmflow_hpo.recipe.models import resolve_model_path
 from llmflow_hpo.recipe.train import retrain
+from llmflow_hpo.tasks import IGNORE_INDEX
 from llmflow_hpo.tasks.metrics import token_classification_metrics
 
 REPO = Path(__file__).resolve().parents[1]

@@ -40,9 +40,9 @@ VARIANTS = ("pad-128", "dynamic", "dynamic+grouped")
 
 def run_variant(name: str, protocol: dict[str, Any], workdir: Path) -> dict[str, Any]:
     from llmflow_hpo.config.study import config_from_dict
-    from llmflow_hpo.data.features import IGNORE_INDEX, prepare_features
+    from llmflow_hpo.data.features import prepare_features
     from llmflow_hpo.recipe import train
-    from llmflow_hpo.tasks import get_task
+    from llmflow_hpo.tasks import IGNORE_INDEX, get_task
 
     raw = study_dict(protocol, workdir)
     raw["search_space"] = str(workdir / "space.yaml")

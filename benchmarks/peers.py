@@ -133,8 +133,9 @@ def _peer_setup(protocol: dict[str, Any], workdir: Path, name: str) -> dict[str,
     from transformers import DataCollatorForTokenClassification
 
     from llmflow_hpo.config.study import config_from_dict
-    from llmflow_hpo.data.features import IGNORE_INDEX, prepare_features
+    from llmflow_hpo.data.features import prepare_features
     from llmflow_hpo.recipe.models import build_model, load_tokenizer
+    from llmflow_hpo.tasks import IGNORE_INDEX
     from llmflow_hpo.tasks.metrics import token_classification_metrics
 
     raw = study_dict(protocol, workdir)

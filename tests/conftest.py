@@ -73,6 +73,11 @@ def deep_update(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]
     return out
 
 
+def raw(base: dict[str, Any] = MINIMAL_STUDY, **sections: Any) -> dict[str, Any]:
+    """A deep copy of ``base`` (the minimal study config) with top-level keys replaced and sections merged."""
+    return deep_update(base, sections)
+
+
 @pytest.fixture
 def write_study(tmp_path: Path):
     """Write a study config (+ its search space) into tmp_path; returns the config path."""

@@ -27,9 +27,7 @@ __all__ = [
     "Hyperparameter",
     "Rule",
     "TrainConfig",
-    "check_hyperparameter",
     "clip_norm",
-    "coerce_hyperparameter",
 ]
 
 SchedulerName = Literal["linear", "cosine", "constant", "constant_with_warmup", "polynomial"]
@@ -351,13 +349,3 @@ def _declarations() -> dict[str, Hyperparameter]:
 TRAIN_SETTINGS: Mapping[str, Hyperparameter] = _declarations()
 # The names a search space may use, and their declarations.
 HYPERPARAMETERS: Mapping[str, Hyperparameter] = {n: hp for n, hp in TRAIN_SETTINGS.items() if hp.searchable}
-
-
-def coerce_hyperparameter(name: str, value: Any) -> tuple[Any, str | None]:
-    """``value`` converted to hyperparameter ``name``'s type, and why it is invalid (None when valid)."""
-    return TRAIN_SETTINGS[name].coerce(value)
-
-
-def check_hyperparameter(name: str, value: Any) -> str | None:
-    """Why ``value`` is not a valid value of hyperparameter ``name``, or None when it is."""
-    return TRAIN_SETTINGS[name].coerce(value)[1]

@@ -18,13 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from llmflow_hpo.config.hyperparameters import (
-    HYPERPARAMETERS,
-    TrainConfig,
-    check_hyperparameter,
-    clip_norm,
-    coerce_hyperparameter,
-)
+from llmflow_hpo.config.hyperparameters import TrainConfig, clip_norm
 from llmflow_hpo.config.typed import MISSING, Problems, build
 from llmflow_hpo.config.yamlfile import apply_overrides, read_yaml
 from llmflow_hpo.errors import ConfigError
@@ -32,7 +26,6 @@ from llmflow_hpo.study.urls import default_storage, sqlite_url
 from llmflow_hpo.tasks import TASK_NAMES, get_task
 
 __all__ = [
-    "HYPERPARAMETERS",
     "CheckpointConfig",
     "DataConfig",
     "HeartbeatConfig",
@@ -44,13 +37,10 @@ __all__ = [
     "StudyConfig",
     "TrainConfig",
     "apply_overrides",
-    "check_hyperparameter",
     "clip_norm",
-    "coerce_hyperparameter",
     "config_from_dict",
     "config_to_dict",
     "load_study_config",
-    "read_yaml",
 ]
 
 # The task: values: the names in the tasks' registry ("token-classification", "text-classification").
@@ -120,6 +110,11 @@ class ObjectiveConfig:
     direction: Literal["maximize", "minimize"] | None = _help(
         "maximize or minimize; default: minimize for loss, maximize otherwise.", default=None
     )
+
+
+def _best_direction(metric: str) -> Literal["maximize", "minimize"]:
+    """The direction that searches for the best model on ``metric``: lower is better only for the loss."""
+    return "minimize" if metric == "loss" else "maximize"
 
 
 @dataclass
@@ -359,7 +354,7 @@ def _check_new_study(cfg: StudyConfig, problems: Problems) -> None:
     metric = cfg.objective.metric or task.default_metric
     if cfg.objective.direction is not None and metric in task.metrics:
         # Lower is better only for the loss: the other direction would search for the worst model.
-        right = "minimize" if metric == "loss" else "maximize"
+        right = _best_direction(metric)
         if cfg.objective.direction != right:
             problems.add(
                 "objective.direction",
@@ -469,7 +464,7 @@ def _resolve(cfg: StudyConfig, base: Path | None) -> None:
     if cfg.objective.metric is None:
         cfg.objective.metric = get_task(cfg.task).default_metric
     if cfg.objective.direction is None:
-        cfg.objective.direction = "minimize" if cfg.objective.metric == "loss" else "maximize"
+        cfg.objective.direction = _best_direction(cfg.objective.metric)
     cfg.train.max_grad_norm = clip_norm(cfg.train.max_grad_norm)
 
 

@@ -19,17 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from llmflow_hpo.config.study import StudyConfig
-from llmflow_hpo.data.read import DataSplits, load_splits
+from llmflow_hpo.data.read import SPLIT_NAMES, DataSplits, load_splits
 from llmflow_hpo.recipe.models import load_tokenizer, tokenizer_fingerprint
-from llmflow_hpo.tasks import IGNORE_INDEX, get_task
-from llmflow_hpo.tasks.token_classification import align_labels
+from llmflow_hpo.tasks import get_task
 
-__all__ = ["IGNORE_INDEX", "WORD_LEVEL_COLUMNS", "Features", "align_labels", "prepare_features", "read_splits"]
+__all__ = ["Features", "prepare_features", "read_splits"]
 
-# Columns for scoring, not model inputs: word-level gold tags, and the word of each labelled position.
-WORD_LEVEL_COLUMNS = ("word_labels", "label_words")
 _FORMAT_VERSION = "2"  # 2: label_words (the word of each labelled position)
-SPLITS = ("train", "dev", "test")
 
 
 @dataclass
@@ -64,12 +60,12 @@ def _file_digest(path: str | None) -> str | None:
 
 def _cache_key(cfg: StudyConfig, tokenizer: Any) -> str:
     # The files count by their contents (digests below), not by where they lie.
-    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in SPLITS}
+    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in SPLIT_NAMES}
     parts = {
         "format_version": _FORMAT_VERSION,
         "task": cfg.task,
         "data": data,
-        "files": {split: _file_digest(getattr(cfg.data, split)) for split in SPLITS},
+        "files": {split: _file_digest(getattr(cfg.data, split)) for split in SPLIT_NAMES},
         "seed": cfg.seed,
         "tokenizer": tokenizer_fingerprint(cfg.model, tokenizer),
     }
@@ -118,7 +114,7 @@ def prepare_features(
     meta_path = cache_path / "meta.json"
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
-        splits = {s: datasets.load_from_disk(str(cache_path / s)) for s in SPLITS}
+        splits = {s: datasets.load_from_disk(str(cache_path / s)) for s in SPLIT_NAMES}
         say(f"data: tokenized splits loaded from cache {cache_path}")
         return Features(cfg.task, meta["labels"], splits, meta["report"], cache_path, from_cache=True)
 
@@ -128,7 +124,7 @@ def prepare_features(
     label_ids = {label: i for i, label in enumerate(data.labels)}
     report = list(data.report)
     splits = {}
-    for split in SPLITS:
+    for split in SPLIT_NAMES:
         examples = getattr(data, split)
         columns, lines = task.tokenize(examples, tokenizer, label_ids, cfg.data.max_length)
         report.extend(f"{split}: {line}" for line in lines)
@@ -138,7 +134,7 @@ def prepare_features(
     for line in report:
         say(f"data: {line}")
     say(
-        "data: " + ", ".join(f"{s} {len(splits[s])}" for s in SPLITS) + f" examples, {len(data.labels)} labels; "
+        "data: " + ", ".join(f"{s} {len(splits[s])}" for s in SPLIT_NAMES) + f" examples, {len(data.labels)} labels; "
         f"tokenized once, cached in {cache_path}"
     )
     # Staged under a name of this process's own, then renamed: workers that tokenize at the same time
@@ -154,5 +150,5 @@ def prepare_features(
         staging.rename(cache_path)
     except OSError:  # another process stored the same tokenization first
         shutil.rmtree(staging, ignore_errors=True)
-    splits = {s: datasets.load_from_disk(str(cache_path / s)) for s in SPLITS}
+    splits = {s: datasets.load_from_disk(str(cache_path / s)) for s in SPLIT_NAMES}
     return Features(cfg.task, data.labels, splits, report, cache_path, from_cache=False)

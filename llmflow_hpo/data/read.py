@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from llmflow_hpo.errors import ConfigError, DataError
 from llmflow_hpo.tasks import BaseTask, get_task
@@ -31,7 +31,6 @@ from llmflow_hpo.tasks.token_classification import TokenExample
 __all__ = [
     "DataFormat",
     "DataSplits",
-    "Task",
     "TextExample",
     "TokenExample",
     "clean_examples",
@@ -43,7 +42,6 @@ __all__ = [
     "stratify_problem",
 ]
 
-Task = str  # a name of tasks.TASK_NAMES
 DataFormat = Literal["conll", "csv", "tsv", "jsonl"]
 
 SPLIT_NAMES: tuple[str, ...] = ("train", "dev", "test")
@@ -52,9 +50,6 @@ DOCSTART = "-DOCSTART-"
 _BOM = "\ufeff"
 _WHITESPACE_RUN = re.compile(r"\s+")
 _COLUMN_SEPARATOR = re.compile(r"[ \t]+")
-
-
-Example = TypeVar("Example", TokenExample, TextExample)  # what the readers of this module return
 
 
 @dataclass
@@ -241,7 +236,7 @@ def _delimited_example(path: str | Path, number: int, row: list[str], text_index
 def read_jsonl(
     path: str | Path,
     *,
-    task: Task,
+    task: str,
     text_field: str = "text",
     label_field: str = "label",
     tokens_field: str = "tokens",
@@ -486,7 +481,7 @@ def _stratify_labels(examples: list) -> list[str]:
 
 def load_splits(
     *,
-    task: Task,
+    task: str,
     format: DataFormat,
     train: Path,
     dev: Path | None,

@@ -13,10 +13,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from llmflow_hpo.config.study import TrainConfig
-from llmflow_hpo.data.features import WORD_LEVEL_COLUMNS
 from llmflow_hpo.recipe.runtime import Runtime
+from llmflow_hpo.tasks import TASKS
 
 __all__ = ["EpochSampler", "ModelInputs", "by_length", "eval_loader", "lengths", "train_loader"]
+
+# The columns no model takes: those the tasks' ``score`` reads (``BaseTask.scoring_columns``), of every task
+# (a split's dataset does not say which task made it).
+_SCORING_COLUMNS = frozenset(column for task in TASKS.values() for column in task.scoring_columns)
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):
@@ -62,7 +66,7 @@ class ModelInputs(torch.utils.data.Dataset):
 
     def __init__(self, ds: Any) -> None:
         self.ds = ds
-        self.columns = [c for c in ds.column_names if c not in WORD_LEVEL_COLUMNS]
+        self.columns = [c for c in ds.column_names if c not in _SCORING_COLUMNS]
 
     def __len__(self) -> int:
         return len(self.ds)

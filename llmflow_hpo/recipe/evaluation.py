@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from llmflow_hpo.data.features import IGNORE_INDEX, Features
+from llmflow_hpo.data.features import Features
 from llmflow_hpo.recipe.runtime import Runtime
-from llmflow_hpo.tasks import get_task
+from llmflow_hpo.tasks import IGNORE_INDEX, get_task
 
 __all__ = ["evaluate", "weights_digest"]
 

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from llmflow_hpo.config.study import TrainConfig
-from llmflow_hpo.data.features import IGNORE_INDEX, Features
+from llmflow_hpo.data.features import Features
+from llmflow_hpo.tasks import IGNORE_INDEX
 
 __all__ = ["balanced_class_weights", "loss_fn"]
 

@@ -57,6 +57,8 @@ class BaseTask(abc.ABC):
     - ``metrics``: the metrics ``objective.metric`` may name, ``"loss"`` included (the dev loss, minimised).
     - ``default_metric``: the objective when the config names none.
     - ``model_card_class``: the transformers Auto class the model card's usage snippet loads the model with.
+    - ``scoring_columns``: the feature columns (of ``tokenize``) that the task's ``score`` reads, kept out of
+      the model's inputs (``recipe.batches.ModelInputs``); none by default.
 
     The loss is not the task's: every task so far trains with the cross-entropy family of the training
     recipe (its ``loss_fn``: cross-entropy or focal, optional class weights, positions labelled
@@ -71,6 +73,7 @@ class BaseTask(abc.ABC):
     metrics: ClassVar[tuple[str, ...]]
     default_metric: ClassVar[str]
     model_card_class: ClassVar[str]
+    scoring_columns: ClassVar[tuple[str, ...]] = ()
 
     # ------------------------------------------------------------------ config (validate, before any file is read)
 
@@ -92,10 +95,10 @@ class BaseTask(abc.ABC):
 
     # ------------------------------------------------------------------ reading (data.read.load_splits, no tokenizer)
 
-    @abc.abstractmethod
     def check_jsonl_fields(self, fields: Mapping[str, object]) -> None:
         """Called before a JSON Lines split is read, with the config's field names (``text_column``,
         ``label_column``, ``tokens_field``, ``tags_field``); raises ConfigError for one this task cannot use."""
+        return None
 
     @abc.abstractmethod
     def jsonl_example(self, path: str | Path, number: int, record: dict, fields: Mapping[str, str]) -> Any:

@@ -60,14 +60,13 @@ class TokenClassification(BaseTask):
     metrics = (*TOKEN_METRICS, "loss")
     default_metric = "f1"
     model_card_class = "AutoModelForTokenClassification"
+    # Word-level gold tags, and the word of each labelled position: read by score, not model inputs.
+    scoring_columns = ("word_labels", "label_words")
 
     def format_problem(self, format: str) -> str:
         return f"{format} holds no token tags; use conll or jsonl"
 
     # ------------------------------------------------------------------ reading
-
-    def check_jsonl_fields(self, fields: Mapping[str, object]) -> None:
-        return None
 
     def jsonl_example(self, path: str | Path, number: int, record: dict, fields: Mapping[str, str]) -> TokenExample:
         tokens_field, tags_field = fields["tokens"], fields["tags"]
@@ -130,7 +129,7 @@ class TokenClassification(BaseTask):
             max_length=max_length,
         )
         columns: dict[str, list] = {key: list(value) for key, value in enc.items()}
-        columns["labels"], columns["word_labels"], columns["label_words"] = [], [], []
+        columns.update({name: [] for name in ("labels", *self.scoring_columns)})
         truncated = 0
         empty: list[str] = []  # words with no subword token
         for i, example in enumerate(examples):

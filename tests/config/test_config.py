@@ -5,13 +5,13 @@ Reading YAML files and applying --set to a raw mapping: test_yamlfile.py; the tr
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from conftest import MINIMAL_STUDY as MINIMAL
+from conftest import raw
 
 from llmflow_hpo.config.study import (
     StudyConfig,
@@ -26,17 +26,6 @@ TEXT_MINIMAL: dict[str, Any] = {
     "task": "text-classification",
     "data": {"format": "csv", "train": "data/train.csv"},
 }
-
-
-def raw(base: dict[str, Any] = MINIMAL, **sections: Any) -> dict[str, Any]:
-    """A deep copy of ``base`` with top-level keys replaced and sections (dicts) merged."""
-    out = copy.deepcopy(base)
-    for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key].update(value)
-        else:
-            out[key] = value
-    return out
 
 
 def write(tmp_path: Path, content: dict[str, Any] | str, name: str = "study.yaml") -> Path:

@@ -14,9 +14,7 @@ from llmflow_hpo.config.hyperparameters import (
     HYPERPARAMETERS,
     TRAIN_SETTINGS,
     TrainConfig,
-    check_hyperparameter,
     clip_norm,
-    coerce_hyperparameter,
 )
 
 
@@ -73,13 +71,13 @@ def test_the_searchable_names_are_the_declared_ones_in_order() -> None:
     ],
 )
 def test_one_value_is_checked_against_its_declaration(name: str, value: Any, expected: str | None) -> None:
-    assert check_hyperparameter(name, value) == expected
+    assert TRAIN_SETTINGS[name].coerce(value)[1] == expected
 
 
 def test_a_value_is_converted_to_the_declared_type() -> None:
-    assert coerce_hyperparameter("learning_rate", "1e-5") == (1e-5, None)  # YAML 1.1 reads 1e-5 as a string
-    assert coerce_hyperparameter("label_smoothing", 0) == (0.0, None)
-    assert coerce_hyperparameter("scheduler", "cosine") == ("cosine", None)
+    assert TRAIN_SETTINGS["learning_rate"].coerce("1e-5") == (1e-5, None)  # YAML 1.1 reads 1e-5 as a string
+    assert TRAIN_SETTINGS["label_smoothing"].coerce(0) == (0.0, None)
+    assert TRAIN_SETTINGS["scheduler"].coerce("cosine") == ("cosine", None)
 
 
 def test_train_problems_name_the_field_and_the_settings_that_do_not_go_together() -> None:

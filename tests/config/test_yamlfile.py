@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import MINIMAL_STUDY as MINIMAL
+from conftest import raw
 
 from llmflow_hpo.config.yamlfile import apply_overrides, read_yaml
 from llmflow_hpo.errors import ConfigError
-
-
-def raw(**sections: Any) -> dict[str, Any]:
-    """A deep copy of MINIMAL with sections (dicts) merged."""
-    out = copy.deepcopy(MINIMAL)
-    for key, value in sections.items():
-        out[key].update(value)
-    return out
 
 
 def write(tmp_path: Path, text: str, name: str = "study.yaml") -> Path:

@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from llmflow_hpo.data.features import IGNORE_INDEX, align_labels, prepare_features
+from llmflow_hpo.data.features import prepare_features
 from llmflow_hpo.recipe.models import load_tokenizer
-from llmflow_hpo.tasks import get_task
+from llmflow_hpo.tasks import IGNORE_INDEX, get_task
+from llmflow_hpo.tasks.token_classification import align_labels
 
 
 def test_align_labels_first_subword_only():

