@@ -372,7 +372,7 @@ def cmd_retrain_best(args: argparse.Namespace) -> int:
     from llmflow_hpo.study.storage import load_study
 
     storage = _storage(args)
-    load_study(args.study, storage)  # a missing database or study: refused before torch is imported
+    study = load_study(args.study, storage)  # a missing database or study: refused before torch is imported
     _quiet_libraries()
     from llmflow_hpo.deliver.retrain import retrain_best
 
@@ -382,6 +382,7 @@ def cmd_retrain_best(args: argparse.Namespace) -> int:
         output_dir=Path(args.output) if args.output else None,
         train_on=args.train_on,
         log=_log,
+        study=study,
     )
     if args.json:
         print(json.dumps({**result.__dict__, "output_dir": str(result.output_dir)}, indent=2))

@@ -28,6 +28,7 @@ def _fmt(metrics: dict[str, float]) -> str:
 def _card(
     cfg: StudyConfig,
     study: Any,
+    n_trials: int,
     trial: Any,
     params: dict[str, Any],
     train_on: str,
@@ -49,7 +50,7 @@ def _card(
 
 Fine-tuned `{cfg.model.name_or_path}` for **{cfg.task}** by llmflow-hpo {__version__}.
 
-- Study: `{study.study_name}` ({len(study.trials)} trials), objective dev `{cfg.metric}` ({cfg.direction})
+- Study: `{study.study_name}` ({n_trials} trials), objective dev `{cfg.metric}` ({cfg.direction})
 - Best trial: {trial.number}, dev {cfg.metric} = {trial.value:.4f} at {trial.user_attrs.get(records.BEST_STEP)} training examples seen
 - Retrained on: {train_on}; reproduced the trial: {repro}
 - Data: format {data.format}; train `{data.train}`; dev `{data.dev or "held out of train"}`; test `{data.test or "held out of train"}`
@@ -106,6 +107,7 @@ def save_model(
     cfg: StudyConfig,
     space_raw: dict[str, Any],
     study: Any,
+    n_trials: int,
     trial: Any,
     params: dict[str, Any],
     seed: int,
@@ -152,7 +154,7 @@ def save_model(
     }
     (staging / "study_config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     (staging / "README.md").write_text(
-        _card(cfg, study, trial, params, train_on, dev_metrics, test_metrics, reproduced)
+        _card(cfg, study, n_trials, trial, params, train_on, dev_metrics, test_metrics, reproduced)
     )
     if out.exists():
         shutil.rmtree(out)

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from llmflow_hpo.config.study import StudyConfig
 from llmflow_hpo.data.features import Features, prepare_features
@@ -26,6 +26,9 @@ from llmflow_hpo.study import records
 from llmflow_hpo.study.provenance import stored_config
 from llmflow_hpo.study.storage import load_study
 from llmflow_hpo.study.view import StudyView
+
+if TYPE_CHECKING:
+    import optuna
 
 __all__ = ["RetrainResult", "retrain_best"]
 
@@ -50,7 +53,9 @@ def retrain_best(
     output_dir: Path | None = None,
     train_on: Literal["train", "train+dev"] = "train",
     log: Callable[[str], None] | None = None,
+    study: optuna.Study | None = None,
 ) -> RetrainResult:
+    """Retrain the best trial of ``study_name``; ``study``: the study already loaded from ``storage``, if any."""
     from llmflow_hpo.deliver.export import check_output_dir, save_model
     from llmflow_hpo.recipe.evaluation import weights_digest
     from llmflow_hpo.recipe.train import retrain
@@ -58,9 +63,11 @@ def retrain_best(
     say = log or (lambda line: print(line, file=sys.stderr))
     out = Path(output_dir) if output_dir else Path("runs") / study_name / "best-model"
     check_output_dir(out)
-    study = load_study(study_name, storage)
+    if study is None:
+        study = load_study(study_name, storage)
     cfg, space, space_raw = stored_config(study)
-    best = _best_trial(study, study_name)
+    view = StudyView.of(study)
+    best = _best_trial(view, study_name)
     params = trial_params(best, space)
     _say_if_pbt(best, say)
     seed = int(best.user_attrs.get(records.SEED, cfg.seed))
@@ -85,6 +92,7 @@ def retrain_best(
         cfg=cfg,
         space_raw=space_raw,
         study=study,
+        n_trials=len(view.trials),
         trial=best,
         params=params,
         seed=seed,
@@ -106,8 +114,9 @@ def retrain_best(
 
 
 def _best_trial(study: Any, study_name: str) -> Any:
-    """The study's best trial, refused when there is none or llmflow-hpo did not run it."""
-    best = StudyView.of(study).best  # the one rule for the best trial (study.view)
+    """The best trial of a study (or of its StudyView), refused when there is none or llmflow-hpo did not run it."""
+    view = study if isinstance(study, StudyView) else StudyView.of(study)
+    best = view.best  # the one rule for the best trial (study.view)
     if best is None:
         raise StorageError(f"study {study_name!r} has no complete trial yet; run `llmflow-hpo search` first")
     if records.BEST_STEP not in best.user_attrs:

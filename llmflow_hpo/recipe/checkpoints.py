@@ -36,6 +36,7 @@ from optuna.trial import TrialState
 
 from llmflow_hpo.recipe.results import Evaluation
 from llmflow_hpo.study import records
+from llmflow_hpo.study.view import ranked
 
 __all__ = [
     "CheckpointStore",
@@ -310,9 +311,7 @@ class CheckpointStore:
             for t in trials
             if t.state in (TrialState.WAITING, TrialState.RUNNING)
         }
-        complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-        complete.sort(key=lambda t: t.value, reverse=direction == "maximize")
-        kept = {t.number for t in complete[: self.keep_best]}
+        kept = {t.number for t in ranked(trials, direction)[: self.keep_best]}  # the best (study.view's rule)
         for folder in self.root.glob("trial-*"):
             try:
                 number = int(folder.name.split("-", 1)[1])

@@ -19,6 +19,7 @@ import torch
 
 from llmflow_hpo.config.study import StudyConfig, TrainConfig
 from llmflow_hpo.errors import ConfigError
+from llmflow_hpo.study import records
 
 __all__ = ["Runtime", "device_settings", "peak_memory", "resolve_device", "resolve_runtime", "runtime_attrs"]
 
@@ -48,11 +49,11 @@ class Runtime:
 
     def attrs(self) -> dict[str, Any]:
         return {
-            "device": str(self.device),
-            "precision": self.precision,
-            "tf32": self.tf32,
-            "fused_optimizer": self.fused_optimizer,
-            "pin_memory": self.pin_memory,
+            records.DEVICE: str(self.device),
+            records.PRECISION: self.precision,
+            records.TF32: self.tf32,
+            records.FUSED_OPTIMIZER: self.fused_optimizer,
+            records.PIN_MEMORY: self.pin_memory,
         }
 
 
@@ -60,7 +61,7 @@ def runtime_attrs(cfg: StudyConfig, params: dict[str, Any], runtime: Runtime | N
     """What a trial with ``params`` runs with (device, precision, TF32, fused optimizer, pinned memory,
     length grouping): the trial's user attributes, written when it starts."""
     hp = cfg.train.with_params(params)  # the searched values over the fixed ones (config/hyperparameters.py)
-    return {**(runtime or resolve_runtime(hp)).attrs(), "group_by_length": hp.group_by_length}
+    return {**(runtime or resolve_runtime(hp)).attrs(), records.GROUP_BY_LENGTH: hp.group_by_length}
 
 
 def resolve_runtime(hp: TrainConfig, device: torch.device | None = None) -> Runtime:

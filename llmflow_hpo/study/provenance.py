@@ -94,14 +94,15 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def check_same_study(study: optuna.Study, cfg: StudyConfig, space_raw: dict[str, Any]) -> None:
     """Refuse to continue a stored study with a config that searches something else."""
-    stored = study.user_attrs.get(records.CONFIG)
+    attrs = study.user_attrs  # a storage query and a deep copy: read once
+    stored = attrs.get(records.CONFIG)
     if stored is None:
         raise StorageError(
             f"study {study.study_name!r} in {cfg.storage} was not made by llmflow-hpo; choose another study_name"
         )
     old, new = _flatten(with_settings_added_since(stored)), _flatten(json.loads(json.dumps(config_to_dict(cfg))))
     changed = [k for k in sorted(set(old) | set(new)) if not may_change(k) and old.get(k) != new.get(k)]
-    if study.user_attrs.get(records.SEARCH_SPACE) != space_raw:
+    if attrs.get(records.SEARCH_SPACE) != space_raw:
         changed.append("search_space (file contents)")
     if changed:
         shown = ", ".join(
@@ -116,8 +117,9 @@ def check_same_study(study: optuna.Study, cfg: StudyConfig, space_raw: dict[str,
 
 def stored_config(study: optuna.Study) -> tuple[StudyConfig, SearchSpace, dict[str, Any]]:
     """The config and search space a study was created with, validated again."""
-    raw = study.user_attrs.get(records.CONFIG)
-    space_raw = study.user_attrs.get(records.SEARCH_SPACE)
+    attrs = study.user_attrs  # a storage query and a deep copy: read once
+    raw = attrs.get(records.CONFIG)
+    space_raw = attrs.get(records.SEARCH_SPACE)
     if raw is None or space_raw is None:
         raise StorageError(f"study {study.study_name!r} holds no llmflow-hpo config; it was not made by llmflow-hpo")
     source = f"study {study.study_name!r} (stored config)"

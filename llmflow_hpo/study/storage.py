@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import optuna
-from optuna.trial import TrialState
 
 from llmflow_hpo.config.study import HeartbeatConfig, StudyConfig, config_to_dict
 from llmflow_hpo.errors import StorageError
@@ -31,6 +30,7 @@ from llmflow_hpo.study import records
 from llmflow_hpo.study.note import write_study_note
 from llmflow_hpo.study.provenance import check_same_study, library_versions
 from llmflow_hpo.study.urls import OPTUNA_TABLES, in_memory, is_optuna_sqlite, sqlite_path, sqlite_tables
+from llmflow_hpo.study.view import FINISHED_STATES
 
 __all__ = [
     "check_storage",
@@ -337,4 +337,4 @@ def require_study(storage: optuna.storages.BaseStorage, study_name: str, storage
 
 def finished_trials(study: optuna.Study) -> int:
     """Trials that count towards n_trials: complete or pruned."""
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    return len(study.get_trials(deepcopy=False, states=FINISHED_STATES))

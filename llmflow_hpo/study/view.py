@@ -17,6 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 __all__ = [
     "ALL_STATES",
+    "FINISHED_STATES",
     "StudyView",
     "best_trial",
     "complete_trials",
@@ -32,6 +33,9 @@ __all__ = [
 
 # Every trial state, lower-case, in optuna's order: running, complete, pruned, fail, waiting.
 ALL_STATES = tuple(state.name.lower() for state in TrialState)
+
+# The states of a finished trial, one that counts towards n_trials: complete or pruned.
+FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def _direction(direction: Any) -> str:
@@ -73,7 +77,6 @@ def best_trial(trials: Iterable[Any], direction: Any) -> Any | None:
 class StudyView:
     """A study's trials as read once: ``StudyView.of(study)``; the counts and the best trial follow."""
 
-    name: str
     direction: str  # "maximize" or "minimize"
     metric: str  # the objective's metric as the study stores it (``f1``), "value" for a foreign study
     trials: tuple[FrozenTrial, ...]
@@ -83,7 +86,6 @@ class StudyView:
         from llmflow_hpo.study import records
 
         return cls(
-            name=study.study_name,
             direction=_direction(study.direction),
             metric=study.user_attrs.get(records.METRIC, "value"),
             trials=tuple(study.get_trials(deepcopy=False)),
@@ -97,15 +99,11 @@ class StudyView:
     @property
     def finished(self) -> int:
         """Trials that count towards n_trials: complete or pruned."""
-        return self.counts["complete"] + self.counts["pruned"]
+        return sum(self.counts[state.name.lower()] for state in FINISHED_STATES)
 
     @cached_property
     def best(self) -> FrozenTrial | None:
         return best_trial(self.trials, self.direction)
-
-    @cached_property
-    def ranked(self) -> list[FrozenTrial]:
-        return ranked(self.trials, self.direction)
 
 
 # ---------------------------------------------------------------------------------------- formatting

@@ -24,8 +24,10 @@ import sys
 import time
 from typing import Any, Literal, TextIO
 
+from optuna.trial import TrialState
+
 from llmflow_hpo.study import records
-from llmflow_hpo.study.view import best_trial, format_duration, params_text, state_counts
+from llmflow_hpo.study.view import FINISHED_STATES, best_trial, duration_s, format_duration, params_text, state_counts
 
 __all__ = ["Mode", "Progress", "as_progress", "choose_mode"]
 
@@ -69,7 +71,6 @@ class Progress:
         self.target: int | None = None
         self.workers = 1
         self.counts = {"complete": 0, "pruned": 0, "fail": 0}
-        self.finished_at_start = 0
         self.best: tuple[int, float, dict[str, Any]] | None = None  # trial number, value, params
         self.durations: list[float] = []  # of the trials finished in this run (complete or pruned)
         # The running trial (the one of this process).
@@ -94,23 +95,18 @@ class Progress:
         workers: int = 1,
     ) -> None:
         """The search begins: what the study already holds counts, new trials add to it."""
-        from optuna.trial import TrialState
-
         self.target, self.metric, self.direction, self.workers = target, metric, direction, workers
         trials = study.get_trials(deepcopy=False)
-        self.counts = _counts(trials)
-        self.finished_at_start = self.counts["complete"] + self.counts["pruned"]
+        self.counts = state_counts(trials, _SHOWN_STATES)
         self.best = _best(trials, direction)
         # Earlier trials' durations seed the estimate of the time left.
         self.durations = [
-            t.duration.total_seconds()
-            for t in trials
-            if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.duration is not None
+            t.duration.total_seconds() for t in trials if t.state in FINISHED_STATES and t.duration is not None
         ]
 
     @property
     def finished(self) -> int:
-        return self.counts["complete"] + self.counts["pruned"]
+        return sum(self.counts[state.name.lower()] for state in FINISHED_STATES)
 
     def eta_seconds(self) -> float | None:
         """Time left: the running trial's rest (from its pace) plus the missing trials at the mean duration."""
@@ -202,12 +198,10 @@ class Progress:
 
     def trial_finished(self, study: Any, trial: Any) -> None:
         """A trial of the study ended (here or, for the counts, anywhere: the study is read again)."""
-        from optuna.trial import TrialState
-
         trials = study.get_trials(deepcopy=False)
-        self.counts = _counts(trials)
-        seconds = trial.duration.total_seconds() if trial.duration else 0.0
-        if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        self.counts = state_counts(trials, _SHOWN_STATES)
+        seconds = duration_s(trial) or 0.0
+        if trial.state in FINISHED_STATES:
             self.durations.append(seconds)
         before = self.best
         self.best = _best(trials, self.direction)
@@ -311,10 +305,6 @@ class Progress:
 
 
 _SHOWN_STATES = ("complete", "pruned", "fail")  # what the counts of the progress show
-
-
-def _counts(trials: list[Any]) -> dict[str, int]:
-    return state_counts(trials, _SHOWN_STATES)
 
 
 def _best(trials: list[Any], direction: str) -> tuple[int, float, dict[str, Any]] | None:

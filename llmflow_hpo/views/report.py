@@ -26,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 from llmflow_hpo import __version__
 from llmflow_hpo.errors import ConfigError, StorageError
 from llmflow_hpo.study import records
-from llmflow_hpo.study.view import complete_trials, format_seconds, format_value, ranked, state_counts
+from llmflow_hpo.study.view import complete_trials, duration_s, format_seconds, format_value, ranked, state_counts
 
 __all__ = ["IMPORTANCE_SEED", "PLOTS", "ReportSummary", "build_report", "default_report_dir"]
 
@@ -165,7 +165,8 @@ class _StudyInfo:
     def read(cls, study: optuna.Study, trials: list[FrozenTrial], storage: str | None) -> _StudyInfo:
         from llmflow_hpo.study.provenance import stored_config
 
-        config = stored_config(study)[0] if records.CONFIG in study.user_attrs else None
+        attrs = study.user_attrs  # a storage query and a deep copy: read once
+        config = stored_config(study)[0] if records.CONFIG in attrs else None
         names = study.metric_names
         metric = names[0] if names else (records.dev(config.metric) if config is not None else "value")
         counts = state_counts(trials, STATES)
@@ -192,7 +193,7 @@ class _StudyInfo:
             direction=study.direction.name.lower(),
             metric=metric,
             config=config,
-            versions=dict(study.user_attrs.get(records.VERSIONS) or {}),
+            versions=dict(attrs.get(records.VERSIONS) or {}),
             counts=counts,
             seconds=seconds,
             first_start=min(starts) if starts else None,
@@ -434,7 +435,7 @@ def _page(
         "<h2>Trials</h2>",
         _state_table(info),
         f"<h2>Best trials by {_e(info.metric)} ({_e(info.direction)})</h2>",
-        _best_table(best, info, trials),
+        _best_table(best, info),
         _failed(trials),
         "<h2>Plots</h2>",
     ]
@@ -521,7 +522,7 @@ def _metric_columns(trials: list[FrozenTrial]) -> list[str]:
     return records.report_columns({k for t in trials for k in t.user_attrs})
 
 
-def _best_table(best: list[FrozenTrial], info: _StudyInfo, trials: list[FrozenTrial]) -> str:
+def _best_table(best: list[FrozenTrial], info: _StudyInfo) -> str:
     if not best:
         return '<p class="note">No complete trial yet.</p>'
     shown = best[:TOP_TRIALS]
@@ -537,7 +538,7 @@ def _best_table(best: list[FrozenTrial], info: _StudyInfo, trials: list[FrozenTr
     )
     rows = []
     for i, t in enumerate(shown):
-        duration = format_seconds(t.duration.total_seconds()) if t.duration else "-"
+        duration = format_seconds(duration_s(t))
         cells = [
             f"<td>{t.number}</td>",
             f'<td title="{_e(repr(t.value))}">{t.value:.4f}</td>',

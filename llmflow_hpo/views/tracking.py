@@ -29,12 +29,9 @@ from llmflow_hpo.study import records
 from llmflow_hpo.study.urls import sqlite_path, sqlite_url
 from llmflow_hpo.study.view import best_trial
 
-__all__ = ["MLFLOW_ATTR", "Tracking", "open_tracking", "search_tracking", "track_retrain"]
+__all__ = ["Tracking", "open_tracking", "search_tracking", "track_retrain"]
 
 Log = Callable[[str], None]
-
-# The study's user attribute that names the MLflow run of the study: {"tracking_uri", "experiment_id", "run_id"}.
-MLFLOW_ATTR = records.MLFLOW
 
 # MLflow's end states for optuna's.
 _MLFLOW_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
@@ -148,14 +145,15 @@ def search_tracking(cfg: StudyConfig, study: Any, *, log: Log) -> Iterator[Track
         status = "KILLED"
         raise
     finally:
-        tracking.study_finished(best_trial(study.get_trials(deepcopy=False), study.direction), status)
+        if tracking.trackers:  # the trials are read only for a tracker to be told the best one
+            tracking.study_finished(best_trial(study.get_trials(deepcopy=False), study.direction), status)
         tracking.close()
 
 
 def mlflow_uri(cfg: StudyConfig, study: Any) -> str:
     """The tracking URI: the config's (resolved beside the study config by the loader), else, for a worker
     that turned tracking on with ``--set``, $MLFLOW_TRACKING_URI, the study's MLflow run's, or ./mlflow.db."""
-    stored = study.user_attrs.get(MLFLOW_ATTR) or {}
+    stored = study.user_attrs.get(records.MLFLOW) or {}
     return (
         cfg.tracking.mlflow_tracking_uri
         or os.environ.get("MLFLOW_TRACKING_URI")
@@ -249,7 +247,7 @@ class MlflowTracker(Tracker):
         """
         from mlflow.entities import RunStatus
 
-        stored = self.study.user_attrs.get(MLFLOW_ATTR) or {}
+        stored = self.study.user_attrs.get(records.MLFLOW) or {}
         if stored.get("tracking_uri") == self.where and stored.get("run_id"):
             try:
                 run = self.client.get_run(stored["run_id"])
@@ -286,7 +284,7 @@ class MlflowTracker(Tracker):
         self.client.log_dict(run_id, self.study.user_attrs.get(records.CONFIG) or {}, "study/config.json")
         self.client.log_dict(run_id, self.study.user_attrs.get(records.SEARCH_SPACE) or {}, "study/search_space.json")
         self.study.set_user_attr(
-            MLFLOW_ATTR, {"tracking_uri": self.where, "experiment_id": self.experiment_id, "run_id": run_id}
+            records.MLFLOW, {"tracking_uri": self.where, "experiment_id": self.experiment_id, "run_id": run_id}
         )
         if not self.owner:
             self.client.set_terminated(run_id, status="FINISHED")

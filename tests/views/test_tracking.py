@@ -15,7 +15,8 @@ import pytest
 from conftest import study_made
 from optuna.trial import TrialState
 
-from llmflow_hpo.views.tracking import MLFLOW_ATTR, Tracker, Tracking
+from llmflow_hpo.study import records
+from llmflow_hpo.views.tracking import Tracker, Tracking
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,7 +50,7 @@ def test_mlflow_and_tensorboard_record_every_trial_and_the_retrained_model(write
 
     study = load(tmp_path)
     trials = study.get_trials()
-    stored = study.user_attrs[MLFLOW_ATTR]
+    stored = study.user_attrs[records.MLFLOW]
     assert stored["tracking_uri"] == f"sqlite:///{tmp_path / 'mlflow.db'}"  # the default: beside the config
     client = MlflowClient(tracking_uri=stored["tracking_uri"])
     experiment = client.get_experiment_by_name("tiny-ner")
@@ -263,7 +264,7 @@ def test_mlflow_runs_end_once_and_only_the_search_reopens_the_study_run(tiny_cfg
     uri = cfg.tracking.mlflow_tracking_uri
     client = MlflowClient(tracking_uri=uri)
     study = optuna.create_study(study_name=cfg.study_name, direction="maximize")
-    status = lambda: client.get_run(study.user_attrs[MLFLOW_ATTR]["run_id"]).info.status  # noqa: E731
+    status = lambda: client.get_run(study.user_attrs[records.MLFLOW]["run_id"]).info.status  # noqa: E731
 
     lines: list[str] = []
     search = open_tracking(cfg, study, log=lines.append, owner=True)
@@ -279,7 +280,9 @@ def test_mlflow_runs_end_once_and_only_the_search_reopens_the_study_run(tiny_cfg
     search.close()
     assert status() == "FINISHED" and not lines
     (run,) = [
-        r for r in client.search_runs([study.user_attrs[MLFLOW_ATTR]["experiment_id"]]) if r.info.run_name == "trial-0"
+        r
+        for r in client.search_runs([study.user_attrs[records.MLFLOW]["experiment_id"]])
+        if r.info.run_name == "trial-0"
     ]
     assert run.info.status == "FINISHED" and run.data.tags["llmflow.retry_of"] == "7"
     assert run.data.metrics["best_dev_f1"] == 0.5 and run.data.metrics["best_step"] == 100
@@ -304,7 +307,9 @@ def test_mlflow_runs_end_once_and_only_the_search_reopens_the_study_run(tiny_cfg
     worker.trial_finished(frozen)  # its end fails half-way: reported once, the tracker is closed and switched off
     assert len(lines) == 1 and "OSError: disk full" in lines[0] and not worker.trackers
     (run,) = [
-        r for r in client.search_runs([study.user_attrs[MLFLOW_ATTR]["experiment_id"]]) if r.info.run_name == "trial-1"
+        r
+        for r in client.search_runs([study.user_attrs[records.MLFLOW]["experiment_id"]])
+        if r.info.run_name == "trial-1"
     ]
     assert run.info.status == "KILLED" and run.data.tags["llmflow.state"] == "INTERRUPTED"  # close() ended it
     assert status() == "FINISHED"
