@@ -171,9 +171,10 @@ def _train_step(run: _Run, batch: dict[str, torch.Tensor], step_number: int) -> 
     with runtime.autocast():
         logits = model(**batch).logits
     loss = loss_fn(logits, labels, hp, run.class_weights)
-    if not torch.isfinite(loss):
+    value = float(loss.detach())  # the step's one wait for the device: read once, before backward
+    if not math.isfinite(value):
         raise TrialFailure(
-            f"diverged: non-finite training loss ({float(loss.detach())}) at optimizer step {step_number} "
+            f"diverged: non-finite training loss ({value}) at optimizer step {step_number} "
             f"(learning_rate={hp.learning_rate:g})"
         )
     max_norm = run.max_norm
@@ -191,7 +192,7 @@ def _train_step(run: _Run, batch: dict[str, torch.Tensor], step_number: int) -> 
         scaler.update()
     run.scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach()), len(labels)
+    return value, len(labels)
 
 
 def _train(run: _Run, loop: LoopState, points: list[int], on_step: OnStep | None) -> Iterator[int]:
