@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 
 from llmflow_hpo.config.study import StudyConfig
 from llmflow_hpo.search.spaces import SearchSpace
+from llmflow_hpo.search.strategy import StudyGrid, build_pruner, build_sampler, study_target
 from llmflow_hpo.study.urls import sqlite_path
 
 __all__ = [
@@ -67,7 +68,7 @@ class SearchRun:
     say: Log  # the search's log as given (a Progress, or a function of one line)
     progress: Any  # views.progress.Progress over ``say``
     tracking: Any  # views.tracking.Tracking: the search's trackers, open while the run lasts
-    started: float = field(default_factory=time.perf_counter)
+    started: float  # time.perf_counter() when the trials began
 
     def took(self) -> str:
         """The line that ends a search: how long it took."""
@@ -104,7 +105,8 @@ class TrialRunner(Protocol):
         ...
 
 
-def _stderr(line: str) -> None:
+def say_on_stderr(line: str) -> None:
+    """Where a search's lines go when its caller gives no log: stderr (stdout keeps the result)."""
     print(line, file=sys.stderr)
 
 
@@ -121,8 +123,6 @@ def search_strategy(
     cfg: StudyConfig, space: SearchSpace, n_train: int
 ) -> tuple[optuna.samplers.BaseSampler, optuna.pruners.BasePruner]:
     """The study's sampler and pruner (both backends store the same study; Ray asks its sampler too)."""
-    from llmflow_hpo.search.strategy import build_pruner, build_sampler
-
     return build_sampler(cfg, space), build_pruner(cfg, n_train, space)
 
 
@@ -135,9 +135,7 @@ def checkpoint_root(cfg: StudyConfig) -> Path:
     return (path.parent if path is not None else Path.cwd()) / "checkpoints" / cfg.study_name
 
 
-def summarize(
-    study: optuna.Study, cfg: StudyConfig, ran: int, workers: int, target: int | None = None
-) -> SearchSummary:
+def summarize(study: optuna.Study, cfg: StudyConfig, ran: int, workers: int, target: int | None) -> SearchSummary:
     """The search's summary: trials by state and the best one (``study.view``), the checkpoints' size, the
     retries."""
     from llmflow_hpo.recipe.checkpoints import folder_size
@@ -158,7 +156,7 @@ def summarize(
         workers=workers,
         checkpoint_bytes=size,
         retried=len({t.user_attrs[records.RETRY_OF] for t in view.trials if records.RETRY_OF in t.user_attrs}),
-        target=cfg.n_trials if target is None else target,
+        target=target,
     )
 
 
@@ -168,7 +166,6 @@ def _nothing_to_run(
     """Whether the study is done already (the line that says so is said); the same rule for both backends:
     a grid whose every point has run (a point that failed for good is not run again), or ``n_trials``
     finished trials, with nothing of the backend's to continue."""
-    from llmflow_hpo.search.strategy import StudyGrid
 
     if isinstance(sampler, StudyGrid) and not unfinished:
         queued = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
@@ -194,12 +191,11 @@ def run_search(
 ) -> SearchSummary:
     """Tokenize once (``data``: the splits already read), open (or continue) the study, and let ``trials``
     run the missing trials."""
-    from llmflow_hpo.search.strategy import study_target
     from llmflow_hpo.study.storage import finished_trials, free_study_name, open_study
     from llmflow_hpo.views.progress import as_progress
     from llmflow_hpo.views.tracking import search_tracking
 
-    say = log or _stderr
+    say = log or say_on_stderr
     features = open_features(cfg, say, data)
     assert cfg.storage is not None
     if new_study:

@@ -36,6 +36,11 @@ _HEAD_PAIRS = (("hidden_size", "num_attention_heads"), ("dim", "n_heads"), ("d_m
 _OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer")
 
 
+def _local_name(name_or_path: str) -> bool:
+    """A folder or package name rather than a hub id: when it is missing, the CLI reports it."""
+    return name_or_path.startswith((".", "/", "~", "package:")) or Path(name_or_path).expanduser().exists()
+
+
 def _model_folder(name_or_path: str) -> Path | None:
     """The local folder of the model's files, or None when it is not on this machine."""
     if name_or_path.startswith("package:") and importlib.util.find_spec(name_or_path[len("package:") :]) is None:
@@ -43,7 +48,7 @@ def _model_folder(name_or_path: str) -> Path | None:
     path = Path(resolve_model_path(name_or_path)).expanduser()
     if path.is_dir():
         return path
-    if name_or_path.startswith((".", "/", "~", "package:")) or path.exists():
+    if _local_name(name_or_path):
         return None  # the CLI reports a missing folder or package
     try:  # a hub id: its snapshot in the local Hugging Face cache (no download, no transformers import)
         from huggingface_hub import try_to_load_from_cache
@@ -152,7 +157,7 @@ def check_model_config(cfg: StudyConfig, source: str) -> list[str]:
     except ConfigError as e:
         return [f"{source}: {e}"]
     if folder is None:
-        if name.startswith((".", "/", "~", "package:")) or Path(name).expanduser().exists():
+        if _local_name(name):
             return []  # a missing folder or package: the CLI reports it
         return [
             f"{source}: model.name_or_path: {name!r} is neither a folder nor a model in the local Hugging Face "

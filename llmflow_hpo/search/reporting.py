@@ -25,17 +25,11 @@ __all__ = [
     "TrialReporter",
     "check_finite",
     "fail_lost_trial",
-    "improves",
     "record_failure",
     "resume_attrs",
     "store_best",
     "store_result",
 ]
-
-
-def improves(value: float, best: Evaluation | None, metric: str, direction: str) -> bool:
-    """Whether ``value`` beats the best evaluation so far (any value beats none)."""
-    return better(value, best and best.metrics[metric], direction)
 
 
 def check_finite(value: float, metric: str, step: int) -> None:
@@ -63,7 +57,8 @@ class BestSoFar:
         self.best: Evaluation | None = None
 
     def _offer(self, evaluation: Evaluation) -> None:
-        if improves(evaluation.metrics[self.metric], self.best, self.metric, self.direction):
+        best = self.best and self.best.metrics[self.metric]  # any value beats none
+        if better(evaluation.metrics[self.metric], best, self.direction):
             self.best = evaluation
 
     def restore(self, history: list[Evaluation]) -> None:

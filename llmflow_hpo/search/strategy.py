@@ -30,8 +30,6 @@ __all__ = [
     "build_sampler",
     "check_strategy",
     "default_startup_trials",
-    "first_evaluation_step",
-    "longest_epochs",
     "study_target",
     "trial_seed",
 ]
@@ -221,11 +219,11 @@ class StudyGrid(optuna.samplers.GridSampler):
     def done_line(self, study_name: str) -> str:
         return f"study {study_name}: the grid is done, each of its {self.size} point(s) has run"
 
-    def points_left(self, study: optuna.Study) -> int:
-        """Grid points that no trial has taken yet (finished, running, or queued as a retry)."""
+    def points_left(self, trials: list[FrozenTrial]) -> int:
+        """Grid points that none of the study's ``trials`` has taken yet (finished, running, or queued)."""
         taken = {
             t.system_attrs["grid_id"]
-            for t in study.get_trials(deepcopy=False)
+            for t in trials
             if "grid_id" in t.system_attrs and self._same_search_space(t.system_attrs["search_space"])
         }
         return self.size - len(taken)

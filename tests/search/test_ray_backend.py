@@ -335,7 +335,7 @@ def test_a_trial_failure_on_ray_stores_the_reason_the_optuna_backend_stores() ->
     """A non-finite dev metric (or a diverged run) is FAIL with its reason on both backends, in the same words."""
     from types import SimpleNamespace
 
-    from llmflow_hpo.search.backends.ray_backend.recorder import error_line
+    from llmflow_hpo.search.backends.ray_backend.recorder import trial_error
 
     def trial(text: str) -> Any:
         return SimpleNamespace(get_pickled_error=lambda: None, get_error=lambda: text, error_file=None)
@@ -344,8 +344,8 @@ def test_a_trial_failure_on_ray_stores_the_reason_the_optuna_backend_stores() ->
     raised = (
         "Traceback (most recent call last):\n  File ...\nllmflow_hpo.errors.TrialFailure: dev f1 is nan at step 24\n"
     )
-    assert error_line(trial(raised)) == "dev f1 is nan at step 24"
-    assert error_line(trial("Traceback ...\nValueError: boom")) == "error: ValueError: boom"
+    assert trial_error(trial(raised))[0] == "dev f1 is nan at step 24"
+    assert trial_error(trial("Traceback ...\nValueError: boom"))[0] == "error: ValueError: boom"
 
 
 def test_pbt_mutates_choices_and_stepped_floats_within_their_values(tiny_cfg) -> None:

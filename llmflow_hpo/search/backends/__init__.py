@@ -17,7 +17,7 @@ from llmflow_hpo.errors import ConfigError
 from llmflow_hpo.search.backends.ray_backend import RAY_HINT, ray_environment, ray_missing
 from llmflow_hpo.search.driver import SearchSummary
 
-__all__ = ["RAY_HINT", "SearchSummary", "import_ray_backend", "ray_environment", "ray_missing", "run_search"]
+__all__ = ["RAY_HINT", "import_ray_backend", "ray_missing", "run_search"]
 
 
 def import_ray_backend(*, local: bool) -> ModuleType:

@@ -42,6 +42,7 @@ from llmflow_hpo.search.driver import (
     SearchSummary,
     checkpoint_root,
     open_features,
+    say_on_stderr,
     search_strategy,
     summarize,
 )
@@ -196,7 +197,7 @@ def _next_action(
         )
         return "stop", running
     slot = target is None or finished + running < target
-    point = grid is None or retry_transient(lambda: grid.points_left(study)) > 0
+    point = grid is None or grid.points_left(trials) > 0  # the trials read above, under the same lock
     return ("claim" if queued or (slot and point) else "wait"), running
 
 
@@ -248,7 +249,7 @@ def run_worker(
     queued again through ``retry`` and ``Interrupted`` (a KeyboardInterrupt) is raised. A study sampled by
     the grid (``strategy.StudyGrid``) ends when its grid is done, whatever ``target`` says.
     """
-    say = log or (lambda line: print(line, file=sys.stderr))
+    say = log or say_on_stderr
     lock = lock or StudyLock("", study.study_name)  # no storage URL: an unlocked no-op
     grid = study.sampler if isinstance(study.sampler, StudyGrid) else None
     start = time.monotonic()
@@ -378,7 +379,6 @@ def work_on_study(
     study: optuna.Study,
     *,
     log: Log,
-    poll_seconds: float | None = None,
     tracking: Tracking | None = None,
 ) -> int:
     """This process's share of the study: the real objective, checkpoints, heartbeat, lock, signals.
@@ -426,7 +426,7 @@ def work_on_study(
                 callbacks=[progress.trial_finished, lambda _study, trial: tracking.trial_finished(trial)],
                 after_trial=cleanup,
                 draw=lambda trial: suggest_params(trial, space),
-                poll_seconds=poll_seconds if poll_seconds is not None else min(2.0, cfg.heartbeat.interval),
+                poll_seconds=min(2.0, cfg.heartbeat.interval),
                 log=progress,
             )
             with lock.held():
@@ -444,7 +444,7 @@ def join_study(cfg: StudyConfig, space: SearchSpace, *, log: Log | None = None) 
 
     The caller has loaded the study already (its config comes from there), so the study exists.
     """
-    say = log or (lambda line: print(line, file=sys.stderr))
+    say = log or say_on_stderr
     assert cfg.storage is not None
     features = open_features(cfg, say)
     sampler, pruner = search_strategy(cfg, space, len(features.splits["train"]))

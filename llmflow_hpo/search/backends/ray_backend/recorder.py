@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from llmflow_hpo.errors import TrialFailure
 from llmflow_hpo.search.backends.ray_backend.schedulers import STEP
+from llmflow_hpo.search.driver import say_on_stderr
 from llmflow_hpo.search.reporting import record_failure
 from llmflow_hpo.search.spaces import SearchSpace
 from llmflow_hpo.study import records
@@ -29,15 +29,11 @@ from llmflow_hpo.study.optuna_private import create_trial, trial_id
 from llmflow_hpo.views.progress import Progress, as_progress
 from llmflow_hpo.views.tracking import Tracking
 
-__all__ = ["DRIVER", "StudyRecorder", "StudySearch", "drop_checkpoints", "error_line"]
+__all__ = ["DRIVER", "StudyRecorder", "StudySearch", "drop_checkpoints", "trial_error"]
 
 # The progress display and trackers of the searches this driver runs, by study name: the StudyRecorder
 # (a Ray callback in this process, pickled with the run's state and restored from it) finds them here.
 DRIVER: dict[str, tuple[Progress, Tracking]] = {}
-
-
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 class StudyRecorder(tune.Callback):
@@ -81,7 +77,7 @@ class StudyRecorder(tune.Callback):
         """The search's progress display (the Ray backend registers it), else lines on stderr."""
         if self._progress is None:
             driver = DRIVER.get(self.study_name)
-            self._progress = driver[0] if driver else as_progress(_stderr)
+            self._progress = driver[0] if driver else as_progress(say_on_stderr)
             self._progress.start(study=self.study, target=self.target, metric=self.metric, direction=self.direction)
         return self._progress
 
@@ -200,7 +196,7 @@ class StudyRecorder(tune.Callback):
     def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         number = self._number(trial)
         self.progress(
-            f"trial {number:3d} failed ({error_line(trial)}); Ray restarts it from its last checkpoint "
+            f"trial {number:3d} failed ({trial_error(trial)[0]}); Ray restarts it from its last checkpoint "
             f"(failure {trial.num_failures}, ray.max_failures={trial.max_failures})"
         )
 
@@ -234,11 +230,6 @@ def trial_error(trial: Any) -> tuple[str, bool]:
     if lines[-1].startswith(failure):
         return lines[-1][len(failure) :], True
     return f"error: {lines[-1]}", False
-
-
-def error_line(trial: Any) -> str:
-    """The ``fail_reason`` of a failed Ray trial (``trial_error``)."""
-    return trial_error(trial)[0]
 
 
 class StudySearch(OptunaSearch):

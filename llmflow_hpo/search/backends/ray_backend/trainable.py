@@ -72,19 +72,10 @@ class RayReporter:
         if self.checkpoint is not None and self.checkpoint.written > self._written:
             self._written = self.checkpoint.written
             checkpoint = tune.Checkpoint.from_directory(str(self.checkpoint.folder))
-        tune.report(
-            {
-                self.key: value,
-                STEP: evaluation.step,
-                EVALUATION: round(evaluation.step * self.points_per_example),
-                "best_value": self.best.metrics[self.metric],
-                "train_loss": evaluation.train_loss,
-                "metrics": dict(evaluation.metrics),  # every dev metric, for the trackers
-                "final": evaluation.last,  # a scheduler stopping the trial now stops a finished run
-                "attrs": self._attrs(),
-            },
-            checkpoint=checkpoint,
-        )
+        # "final": a scheduler stopping the trial at the last evaluation stops a finished run
+        report = self._report(evaluation, value, self.best.metrics[self.metric], evaluation.last, self._attrs())
+        report["metrics"] = dict(evaluation.metrics)  # every dev metric, for the trackers
+        tune.report(report, checkpoint=checkpoint)
         if checkpoint is not None:  # Ray has copied it to ray.dir: no second copy on the worker's disk
             (self.checkpoint.folder / RESUME).unlink(missing_ok=True)
 
@@ -93,17 +84,20 @@ class RayReporter:
         sink = _AttrSink()
         store_result(sink, result, seed)
         last = result.history[-1]
-        tune.report(
-            {
-                self.key: last.metrics[self.metric],
-                STEP: last.step,
-                EVALUATION: round(last.step * self.points_per_example),
-                "best_value": result.best.metrics[self.metric],
-                "train_loss": last.train_loss,
-                "final": True,
-                "attrs": {**sink.attrs, **self.extra},
-            }
-        )
+        best = result.best.metrics[self.metric]
+        tune.report(self._report(last, last.metrics[self.metric], best, True, {**sink.attrs, **self.extra}))
+
+    def _report(self, evaluation: Any, value: float, best_value: float, final: bool, attrs: dict) -> dict[str, Any]:
+        """One result for Ray: the value at the evaluation's step (examples seen and evaluation number)."""
+        return {
+            self.key: value,
+            STEP: evaluation.step,
+            EVALUATION: round(evaluation.step * self.points_per_example),
+            "best_value": best_value,
+            "train_loss": evaluation.train_loss,
+            "final": final,
+            "attrs": attrs,
+        }
 
 
 class RayTrialCheckpoint(TrialCheckpoint):
@@ -133,7 +127,8 @@ def ray_trial(config: dict[str, Any], *, cfg: StudyConfig, space: SearchSpace, f
     """
     import logging
 
-    from llmflow_hpo.recipe.train import runtime_attrs, train_and_evaluate
+    from llmflow_hpo.recipe.runtime import runtime_attrs
+    from llmflow_hpo.recipe.train import train_and_evaluate
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # "Checkpoint successfully created" per report
     params = {name: config[name] for name in space}
