@@ -113,10 +113,9 @@ def retrain_best(
     return retrained
 
 
-def _best_trial(study: Any, study_name: str) -> Any:
-    """The best trial of a study (or of its StudyView), refused when there is none or llmflow-hpo did not run it."""
-    view = study if isinstance(study, StudyView) else StudyView.of(study)
-    best = view.best  # the one rule for the best trial (study.view)
+def _best_trial(view: StudyView, study_name: str) -> Any:
+    """The study's best trial (the study view's rule), refused when there is none or llmflow-hpo did not run it."""
+    best = view.best
     if best is None:
         raise StorageError(f"study {study_name!r} has no complete trial yet; run `llmflow-hpo search` first")
     if records.BEST_STEP not in best.user_attrs:

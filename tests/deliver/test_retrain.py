@@ -127,11 +127,12 @@ def test_retrain_takes_the_best_trial_by_the_study_views_rule():
     from optuna.trial import TrialState, create_trial
 
     from llmflow_hpo.deliver.retrain import _best_trial
+    from llmflow_hpo.study.view import StudyView
 
     study = optuna.create_study(direction="maximize")
     study.add_trial(create_trial(state=TrialState.FAIL))
     with pytest.raises(StorageError, match="has no complete trial yet"):
-        _best_trial(study, "demo")
+        _best_trial(StudyView.of(study), "demo")
     for value in (0.5, 0.9, 0.9):
         study.add_trial(create_trial(value=value, user_attrs={"best_step": 10}))
-    assert _best_trial(study, "demo").number == 2 == study.best_trial.number
+    assert _best_trial(StudyView.of(study), "demo").number == 2 == study.best_trial.number
