@@ -46,7 +46,7 @@ class TrainResult:
     peak_memory_mb: float
     peak_memory_kind: str
     device: str
-    model: Any = None  # the trained model, on the CPU: retrain, or train_trial(keep_model=True)
+    model: Any = None  # the trained model, on the CPU: retrain, or train_and_evaluate(keep_model=True)
     test_metrics: dict[str, float] = field(default_factory=dict)
     final: Evaluation | None = None  # the evaluation at retrain's stop_at_examples
     checkpoints_written: int = 0

@@ -79,7 +79,7 @@ class Objective:
         reporter = TrialReporter(trial, self.cfg.metric, self.cfg.direction)
         checkpoint = self._checkpoint(trial, params)
         number, progress, tracking = trial.number, self.progress, self.tracking
-        epochs = params.get("epochs", self.cfg.train.epochs)
+        epochs = self.cfg.train.with_params(params).epochs
         if progress is not None:
             progress.trial_started(number, params, epochs * len(self.features.splits["train"]))
         if tracking is not None:
