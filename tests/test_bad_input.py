@@ -90,6 +90,11 @@ def text_study(fmt: str, data: str) -> str:
     return study({"task": "text-classification", "data": {"format": fmt, "train": data, "dev": data, "test": data}})
 
 
+def text_files(fmt: str, body: str) -> dict[str, str]:
+    """A text-classification study whose every split is ``data/train.FMT`` holding ``body``."""
+    return {f"data/train.{fmt}": body, "study.yaml": text_study(fmt, f"data/train.{fmt}")}
+
+
 def other_tool_db(path: Path, _folder: Path | None = None) -> None:
     with sqlite3.connect(path) as db:
         db.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT)")
@@ -574,37 +579,25 @@ DATA_CASES: list[tuple[str, dict[str, Content], list[str], tuple[str, ...]]] = [
     ),
     (
         "csv-broken-quote",
-        {
-            "data/train.csv": 'text,label\n"a fine film,1\nanother,0\n',
-            "study.yaml": text_study("csv", "data/train.csv"),
-        },
+        text_files("csv", 'text,label\n"a fine film,1\nanother,0\n'),
         ["validate", C],
         ("train.csv", "line 3", "never closed"),
     ),
     (
         "csv-text-after-quote",
-        {
-            "data/train.csv": 'text,label\n"good" film,1\nbad film,0\n',
-            "study.yaml": text_study("csv", "data/train.csv"),
-        },
+        text_files("csv", 'text,label\n"good" film,1\nbad film,0\n'),
         ["search", C],
         ("train.csv", "line 2", "not valid delimited text"),
     ),
     (
         "csv-no-label-column",
-        {
-            "data/train.csv": "text,sentiment\ngood,1\nbad,0\n",
-            "study.yaml": text_study("csv", "data/train.csv"),
-        },
+        text_files("csv", "text,sentiment\ngood,1\nbad,0\n"),
         ["validate", C],
         ("train.csv", "no column 'label'", "sentiment"),
     ),
     (
         "tsv-short-row",
-        {
-            "data/train.tsv": "text\tlabel\ngood\t1\nbad\n",
-            "study.yaml": text_study("tsv", "data/train.tsv"),
-        },
+        text_files("tsv", "text\tlabel\ngood\t1\nbad\n"),
         ["search", C],
         ("train.tsv", "line 3", "1 column(s)"),
     ),
@@ -720,7 +713,7 @@ def test_long_csv_field_is_read_and_validated(tmp_path: Path) -> None:
     """A 200,000-character text is a long example (truncated to data.max_length when tokenized), not an error."""
     long_text = "word " * 40_000
     rows = "text,label\n" + "".join(f"{long_text if i == 0 else 'short'} {i},{i % 2}\n" for i in range(20))
-    _write(tmp_path, {"data/train.csv": rows, "study.yaml": text_study("csv", "data/train.csv")})
+    _write(tmp_path, text_files("csv", rows))
     result = subprocess.run(
         [sys.executable, "-m", "llmflow_hpo", "validate", "study.yaml"],
         cwd=tmp_path,
