@@ -35,6 +35,7 @@ __all__ = [
     "combination_problems",
     "load_search_space",
     "parse_search_space",
+    "stepped_values",
     "suggest_params",
     "trial_params",
 ]
@@ -251,6 +252,13 @@ def load_search_space(path: str | Path) -> tuple[SearchSpace, dict[str, Any]]:
     """Read and validate a search-space file; returns the distributions and the raw mapping (stored in the study)."""
     raw = read_yaml(Path(path))
     return parse_search_space(raw, source=str(path)), raw
+
+
+def stepped_values(dist: FloatDistribution) -> list[float]:
+    """The values a float distribution with a step takes in optuna: low + k * step, up to high (the grid
+    sampler's points, and Ray's choices for it)."""
+    assert dist.step is not None
+    return [dist.low + k * dist.step for k in range(round((dist.high - dist.low) / dist.step) + 1)]
 
 
 def suggest_params(trial: Any, space: SearchSpace) -> dict[str, Any]:

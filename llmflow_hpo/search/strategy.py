@@ -21,7 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 from llmflow_hpo.config.study import StudyConfig
 from llmflow_hpo.errors import ConfigError
 from llmflow_hpo.search.schedule import first_evaluation_step, longest_epochs
-from llmflow_hpo.search.spaces import SearchSpace
+from llmflow_hpo.search.spaces import SearchSpace, stepped_values
 
 __all__ = [
     "PerTrialSeed",
@@ -172,8 +172,7 @@ def _grid(space: SearchSpace, where: str) -> dict[str, list[Any]]:
         elif isinstance(dist, IntDistribution) and not dist.log:
             grid[name] = list(range(dist.low, dist.high + 1, dist.step))
         elif isinstance(dist, FloatDistribution) and dist.step is not None:
-            count = round((dist.high - dist.low) / dist.step)
-            grid[name] = [dist.low + i * dist.step for i in range(count + 1)]
+            grid[name] = stepped_values(dist)
         else:
             problems.append(
                 f"{where}: grid sampling needs {name} to be categorical, a linear int, or a float with step; "

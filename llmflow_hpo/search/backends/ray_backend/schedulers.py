@@ -18,7 +18,7 @@ from llmflow_hpo.config.hyperparameters import HYPERPARAMETERS
 from llmflow_hpo.config.study import StudyConfig
 from llmflow_hpo.errors import ConfigError
 from llmflow_hpo.search.schedule import first_evaluation_step, longest_epochs
-from llmflow_hpo.search.spaces import SearchSpace
+from llmflow_hpo.search.spaces import SearchSpace, stepped_values
 
 __all__ = [
     "EVALUATION",
@@ -60,15 +60,9 @@ def tune_domain(dist: Any) -> Any:
     if isinstance(dist, FloatDistribution):
         if dist.step is not None:
             # optuna's points low + k * step (tune.quniform rounds to multiples of step instead), each as likely
-            return tune.choice(_float_grid(dist))
+            return tune.choice(stepped_values(dist))
         return tune.loguniform(dist.low, dist.high) if dist.log else tune.uniform(dist.low, dist.high)
     raise TypeError(f"unsupported distribution {dist!r}")  # pragma: no cover - spaces makes only these
-
-
-def _float_grid(dist: FloatDistribution) -> list[float]:
-    """The values a float distribution with a step takes in optuna: low + k * step up to high."""
-    assert dist.step is not None
-    return [dist.low + k * dist.step for k in range(round((dist.high - dist.low) / dist.step) + 1)]
 
 
 def _mutation(dist: Any) -> Any:
@@ -78,7 +72,7 @@ def _mutation(dist: Any) -> Any:
     if isinstance(dist, CategoricalDistribution):
         return list(dist.choices)
     if isinstance(dist, FloatDistribution) and dist.step is not None:
-        return _float_grid(dist)
+        return stepped_values(dist)
     return tune_domain(dist)
 
 
