@@ -79,7 +79,7 @@ def retrain_best(
     result = retrain(cfg, params, features, seed=seed, stop_at_examples=stop_at, train_split=split, evaluate_test=True)
     assert result.final is not None
     dev = result.final.metrics
-    weights = weights_digest(result.model)
+    weights = weights_digest(result.model.state_dict())
     trial_weights = best.user_attrs.get(records.BEST_WEIGHTS_SHA256)
     reproduced = None
     if train_on == "train":

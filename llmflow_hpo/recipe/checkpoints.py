@@ -246,9 +246,10 @@ class TrialCheckpoint:
         if self._on_write is not None:
             self._on_write(self._last_write_s)
 
-    def remember_best(self, model: Any) -> None:
-        """A copy of the weights on the CPU, written later (see the class)."""
+    def remember_best(self, model: Any) -> dict[str, Any] | None:
+        """A copy of the weights on the CPU, written later (see the class); returns the copy."""
         self._best = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+        return self._best
 
     def finish(self) -> None:
         """The trial completed: its best model goes to disk."""

@@ -7,6 +7,7 @@ and ``score``); the loss is the plain cross-entropy over the labelled positions.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -64,10 +65,10 @@ def evaluate(
     return metrics
 
 
-def weights_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of the model's state (names and exact bytes): two runs that reach the same weights agree."""
+def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a model's state dict (names and exact bytes): two runs that reach the same weights agree."""
     digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state.items():
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy())
     return digest.hexdigest()

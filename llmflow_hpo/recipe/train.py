@@ -266,9 +266,9 @@ def _evaluation_point(
     loop.since_best = 0 if patient else loop.since_best + 1
     if better(value, best_value, direction):
         loop.best = evaluation
-        evaluation.weights_sha256 = weights_digest(run.model)
-        if checkpoint is not None:
-            checkpoint.remember_best(run.model)
+        # the CPU copy the checkpoint keeps is hashed, rather than copying the weights off the device twice
+        kept = checkpoint.remember_best(run.model) if checkpoint is not None else None
+        evaluation.weights_sha256 = weights_digest(kept or run.model.state_dict())
     stop = hp.early_stopping_patience is not None and loop.since_best >= hp.early_stopping_patience
     more = loop.next_point < len(points)
     evaluation.last = stop or not more
