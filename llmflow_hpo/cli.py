@@ -28,6 +28,7 @@ examples:
   llmflow-hpo search studies/conll2003.yaml --backend ray --ray-address auto
   llmflow-hpo worker --study conll2003 --storage postgresql+psycopg://user@db-host/hpo
   llmflow-hpo trials --study quickstart --storage sqlite:///studies/quickstart.db
+  llmflow-hpo confirm studies/quickstart.yaml --top 3 --seeds 5
   llmflow-hpo retrain-best --study quickstart --output runs/quickstart/best-model
   llmflow-hpo report --study quickstart --output runs/quickstart/report
   llmflow-hpo dashboard --study quickstart
@@ -180,6 +181,57 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_confirm(args: argparse.Namespace) -> int:
+    overrides = list(args.set)
+    if args.top is not None:
+        overrides.append(f"confirm.top={args.top}")
+    if args.seeds is not None:
+        overrides.append(f"confirm.seeds={args.seeds}")
+    cfg, space, space_raw, data = _load(args.config, overrides)
+    _probe_storage(str(cfg.storage), args.config)
+    from llmflow_hpo.search.preflight import check_before_search
+
+    check_before_search(cfg, args.config, space)
+    _quiet_libraries()
+    from llmflow_hpo.search.confirm import run_confirmation
+
+    summary = run_confirmation(cfg, space, space_raw, source=args.config, log=_log, data=data)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        _print_confirmation(summary, cfg.metric)
+    return 0
+
+
+def _print_confirmation(summary: dict[str, Any], metric: str) -> None:
+    from llmflow_hpo.study.view import mean_std_text, params_text
+
+    if not summary.get("rows"):
+        print(f"study {summary['study']}: no configuration confirmed")
+        return
+    print(f"{'#':>4} {'confirms':>8} {'state':9} {'single':>7} {'mean':>7} {'std':>7} {'lcb':>7}  scores | params")
+    for r in summary["rows"]:
+        cells = [f"{r[k]:.4f}" if r[k] is not None else "-" for k in ("single_run_value", "mean", "std", "lcb")]
+        scores = " ".join(f"{s:.4f}" for s in r["scores"]) or "-"
+        mark = "  <- confirmed winner" if r["winner"] else ""
+        print(
+            f"{r['trial']:>4} {r['confirms']:>8} {r['state']:9} {' '.join(f'{c:>7}' for c in cells)}  {scores} | "
+            f"{params_text(r['params'])}{mark}"
+        )
+    won, single = summary["winner"], summary["single_run"]
+    if won is None:
+        print("no configuration confirmed completely yet")
+        return
+    print(
+        f"confirmed winner: trial {won['trial']} (configuration of search trial {won['confirms']}), "
+        f"{mean_std_text(won, metric)}, selected by {summary['select']}"
+    )
+    if single is not None:
+        same = "another configuration" if summary["differs"] else "the same configuration"
+        print(f"single-run winner: search trial {single['trial']} (dev {metric}={single['value']:.4f}): {same}")
+    print(f"next: llmflow-hpo retrain-best --study {summary['study']} --storage {summary['storage']}")
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from llmflow_hpo.config.study import apply_overrides, config_from_dict, config_to_dict
     from llmflow_hpo.study.provenance import MAY_CHANGE, may_change, stored_config
@@ -232,7 +284,9 @@ def _print_summary(summary: Any, cfg: Any, as_json: bool) -> None:
             + (f" ({summary.retried} of them retried)" if summary.retried else "")
             + "; "
             + (
-                f"best trial {summary.best_number} with dev {cfg.metric}={summary.best_value:.4f} {summary.best_params}"
+                f"best trial {summary.best_number} with dev {cfg.metric}={summary.best_value:.4f}"
+                + (f" {cfg.objective.cost}={summary.best_cost:.4g}" if summary.best_cost is not None else "")
+                + f" {summary.best_params}"
                 if summary.best_number is not None
                 else "no complete trial"
             )
@@ -276,12 +330,15 @@ def _storage(args: argparse.Namespace) -> str:
 
 def _trial_row(t: Any) -> dict[str, Any]:
     from llmflow_hpo.study import records
+    from llmflow_hpo.study.front import cost_value, metric_value
     from llmflow_hpo.study.view import duration_s
 
+    cost = cost_value(t)  # a quality-against-cost study's second value
     return {
         "number": t.number,
         "state": t.state.name.lower(),
-        "value": t.value,
+        "value": metric_value(t),
+        **({"cost": cost} if cost is not None else {}),
         "params": t.params,
         "best_step": t.user_attrs.get(records.BEST_STEP),
         "duration_s": duration_s(t),
@@ -306,15 +363,22 @@ def cmd_trials(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
-    print(f"{'#':>4} {'state':9} {view.metric:>9} {'step':>8} {'secs':>7}  params")
+    cost = view.objective.cost if view.objective else None
+    header = f"{view.metric:>9}" + (f" {cost:>14}" if cost else "")
+    print(f"{'#':>4} {'state':9} {header} {'step':>8} {'secs':>7}  params")
     for r in rows:
         value = f"{r['value']:.4f}" if r["value"] is not None else "-"
+        if cost:  # the cost column of a quality-against-cost study
+            value = f"{value:>9} " + (f"{r['cost']:>14.4g}" if r.get("cost") is not None else f"{'-':>14}")
         secs = f"{r['duration_s']:.1f}" if r["duration_s"] is not None else "-"
         extra = f"  ({r['fail_reason']})" if r["fail_reason"] else ""
         attrs = r["user_attrs"]
         if attrs.get(records.RETRY_OF) is not None:
             resumed = attrs.get(records.RESUMED_AT_STEP)
             extra += f"  (retry of {attrs[records.RETRY_OF]}" + (f", resumed at step {resumed})" if resumed else ")")
+        if attrs.get(records.CONFIRMS) is not None:  # a confirmation trial (llmflow-hpo confirm)
+            n = len(attrs.get(records.CONFIRM_SCORES) or [])
+            extra += f"  (confirms trial {attrs[records.CONFIRMS]}: {attrs.get(records.CONFIRM_SELECT)} of {n} seed(s))"
         params = params_text(r["params"])
         print(f"{r['number']:>4} {r['state']:9} {value:>9} {r['best_step'] or '-':>8} {secs:>7}  {params}{extra}")
     return 0
@@ -327,12 +391,14 @@ def cmd_best(args: argparse.Namespace) -> int:
     view = _study_view(args)
     best = view.best
     if best is None:
-        raise StorageError(f"study {args.study!r} has no complete trial yet")
+        raise StorageError(f"study {args.study!r} {view.why_no_best()}")
     row = _trial_row(best)
     if args.json:
         print(json.dumps(row, indent=2, default=str))
     else:
-        print(f"best trial {best.number}: dev {view.metric}={best.value:.4f} at step {row['best_step']}")
+        print(f"best trial {best.number}: dev {view.metric}={row['value']:.4f} at step {row['best_step']}")
+        if view.objective is not None:
+            print(view.objective.describe(best))
         for k, v in best.params.items():
             print(f"  {k}: {v}")
         prefix = records.DEV_PREFIX
@@ -389,6 +455,14 @@ def cmd_retrain_best(args: argparse.Namespace) -> int:
         return 0
     test = ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.test_metrics.items()) if not k.startswith("f1_"))
     print(f"retrained trial {result.trial_number} -> {result.output_dir}")
+    if result.confirmation is not None:
+        from llmflow_hpo.study.view import mean_std_text
+
+        c = result.confirmation
+        print(
+            f"confirmed winner: configuration of search trial {result.trial_number} (confirmation trial "
+            f"{c['trial']}, selected by {c['select']}): {mean_std_text(c, result.metric)}"
+        )
     print(f"test: {test}")
     if result.reproduced is not None:
         verdict = "reproduced exactly" if result.reproduced else "DIFFERS from the trial"
@@ -475,6 +549,22 @@ def _add_search(sub: Any) -> None:
         "--new-study",
         action="store_true",
         help="start a new study (NAME-2, NAME-3...) beside the stored one instead of continuing it",
+    )
+
+
+def _add_confirm(sub: Any) -> None:
+    p = _command(
+        sub,
+        "confirm",
+        cmd_confirm,
+        "Re-run the study's best configurations over several training seeds (trials of the same study) and pick "
+        "the confirmed winner by mean or lower confidence bound; retrain-best then trains it.",
+        "llmflow-hpo confirm studies/conll2003.yaml --top 3 --seeds 5",
+    )
+    _config_args(p)
+    p.add_argument("--top", type=int, metavar="N", help="configurations to confirm (default: confirm.top, 3)")
+    p.add_argument(
+        "--seeds", type=int, metavar="K", help="training seeds per configuration (default: confirm.seeds, 5)"
     )
 
 
@@ -595,7 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"llmflow-hpo {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of known errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_search, _add_validate, _add_retrain_best, _add_worker, _add_readers):
+    for add in (_add_search, _add_validate, _add_confirm, _add_retrain_best, _add_worker, _add_readers):
         add(sub)
     return parser
 
@@ -619,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llmflow-hpo: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
-        if args.command in ("search", "worker"):
+        if args.command in ("search", "worker", "confirm"):
             print(
                 "llmflow-hpo: interrupted; the running trials were recorded and will resume, rerun the command to "
                 "continue",

@@ -178,6 +178,17 @@ class TrainConfig:
         default=None,
         metadata=searchable("Attention dropout; null keeps the model's own.", "model config", FRACTION, mutable=True),
     )
+    num_layers: int | None = field(
+        default=None,
+        metadata=searchable(
+            "Keep only the first N transformer layers of the encoder (its pretrained weights for them; the others "
+            "are dropped): a smaller, faster model, the knob a cost study (objective.cost) trades quality for; "
+            "null keeps them all. At most the model's own number of layers.",
+            "model config",
+            at_least(1),
+            null="null (all of them)",
+        ),
+    )
     label_smoothing: float = field(
         default=0.0, metadata=searchable("Label smoothing of the cross-entropy loss.", "loss", FRACTION, mutable=True)
     )

@@ -27,6 +27,7 @@ from llmflow_hpo.tasks import TASK_NAMES, get_task
 
 __all__ = [
     "CheckpointConfig",
+    "ConfirmConfig",
     "DataConfig",
     "HeartbeatConfig",
     "ModelConfig",
@@ -36,10 +37,12 @@ __all__ = [
     "SamplerConfig",
     "StudyConfig",
     "TrainConfig",
+    "WarmStartConfig",
     "apply_overrides",
     "clip_norm",
     "config_from_dict",
     "config_to_dict",
+    "duration_seconds",
     "load_study_config",
 ]
 
@@ -110,6 +113,29 @@ class ObjectiveConfig:
     direction: Literal["maximize", "minimize"] | None = _help(
         "maximize or minimize; default: minimize for loss, maximize otherwise.", default=None
     )
+    cost: Literal["latency_ms", "params", "peak_memory_mb"] | None = _help(
+        "A second objective, minimised against the metric (a multi-objective study: its Pareto front is in the "
+        "report and the dashboard): latency_ms (inference latency per dev example, batch size 1), params (the "
+        "model's parameter count) or peak_memory_mb (peak GPU memory of the run); null: the metric alone.",
+        default=None,
+    )
+    max_cost: float | None = _help(
+        "A constraint on the cost (e.g. latency under 5 ms): a trial above it is infeasible; tpe and gp are told "
+        "(optuna's constraints_func) and retrain-best never picks it; null: no constraint.",
+        default=None,
+    )
+    select: Literal["best-metric", "cheapest-within", "knee"] = _help(
+        "How retrain-best and `best` pick one trial of the front, among the trials within max_cost: best-metric "
+        "(the best metric; ties: the cheaper), cheapest-within (the cheapest trial whose metric is within "
+        "`tolerance` of the best), knee (the front's knee: the trial farthest from the line that joins the "
+        "front's two ends, both objectives scaled to [0, 1]).",
+        default="best-metric",
+    )
+    tolerance: float = _help(
+        "select: cheapest-within: how far from the best metric a trial may be, in the metric's units "
+        "(0.01: one F1 point).",
+        default=0.01,
+    )
 
 
 def _best_direction(metric: str) -> Literal["maximize", "minimize"]:
@@ -121,9 +147,24 @@ def _best_direction(metric: str) -> Literal["maximize", "minimize"]:
 class SamplerConfig:
     name: Literal["tpe", "random", "cmaes", "gp", "grid", "qmc"] = _help("Optuna sampler.", default="tpe")
     options: dict[str, Any] = _help(
-        "Keyword arguments of the optuna sampler (e.g. n_startup_trials for tpe). tpe's n_startup_trials "
-        "defaults to a quarter of n_trials (at least 2, at most 10), not optuna's fixed 10.",
+        "Keyword arguments of the optuna sampler (e.g. multivariate for tpe). tpe/gp's n_startup_trials "
+        "defaults to the start-up design's length (startup: design), else a quarter of n_trials (2 to 10).",
         default_factory=dict,
+    )
+    defaults_first: bool = _help(
+        "The first trial of a new study is the recipe's defaults (the train: section's values) projected into "
+        "the search space, so the study's best is at least what not searching gives; false opts out.",
+        default=True,
+    )
+    startup: Literal["design", "random"] = _help(
+        "tpe/gp/cmaes start-up trials: design = a Latin hypercube over every searched dimension (categorical "
+        "choices included, each drawn about equally often), its length d+1 for d dimensions (at least the "
+        "largest number of choices, at most a third of the planned trials); random = the sampler's own "
+        "independent random draws.",
+        default="design",
+    )
+    startup_trials: int | None = _help(
+        "Length of the start-up design (startup: design); null: d+1 as above.", default=None
     )
 
 
@@ -139,6 +180,23 @@ class PrunerConfig:
         "n_startup_trials to n_trials/5 (2 to 5).",
         default_factory=dict,
     )
+    patience: int | None = _help(
+        "Wrap the pruner in optuna's PatientPruner: a trial is judged only after this many evaluations without "
+        "improving, so a trial that is still climbing (out of predicting the majority class) is not pruned for "
+        "being behind; null: the pruner alone.",
+        default=1,
+    )
+
+
+@dataclass
+class WarmStartConfig:
+    study: str | None = _help(
+        "An earlier study of the same task whose best configurations become this new study's first trials "
+        "(projected into this search space); null: no warm start.",
+        default=None,
+    )
+    storage: str | None = _help("Storage URL of that study; null: this study's storage.", default=None)
+    top: int = _help("How many of its best distinct complete configurations to take.", default=3)
 
 
 @dataclass
@@ -208,6 +266,32 @@ class RayConfig:
 
 
 @dataclass
+class ConfirmConfig:
+    top: int = _help(
+        "llmflow-hpo confirm: how many distinct configurations to confirm, the best complete search trials by "
+        "value (--top overrides it).",
+        default=3,
+    )
+    seeds: int = _help(
+        "Training seeds each configuration is trained with (seed+1 ... seed+K; the search's own seed is left "
+        "out: its score is the one the configuration was picked for). --seeds overrides it.",
+        default=5,
+    )
+    select: Literal["mean", "lcb"] = _help(
+        "How the confirmed winner is picked: mean = the mean over the seeds; lcb = the one-sided confidence "
+        "bound of the mean on the losing side, mean - t(confidence, K-1) * sd / sqrt(K) (+ when minimizing).",
+        default="mean",
+    )
+    confidence: float = _help("Confidence level of select: lcb (the t quantile above).", default=0.9)
+    prune: bool = _help(
+        "Stop confirming a configuration once optuna's WilcoxonPruner (step = seed) finds it worse than the "
+        "best confirmed one, seed by seed.",
+        default=True,
+    )
+    p_threshold: float = _help("WilcoxonPruner's p-value threshold (larger prunes sooner).", default=0.1)
+
+
+@dataclass
 class TrackingConfig:
     mlflow: bool = _help(
         "Log one MLflow run per trial (params, every evaluation's metrics by step, state), nested under a run "
@@ -245,9 +329,19 @@ class StudyConfig:
         "Finished trials (complete or pruned) the study should hold; a rerun only adds the missing ones.", default=20
     )
     timeout: float | None = _help("Stop starting new trials after this many seconds.", default=None)
+    budget: str | float | None = _help(
+        "Wall-clock budget of a search run, e.g. 30m, 2h, 90s (or seconds): a new trial starts only while "
+        "half a typical trial still fits, and a running trial stops at the evaluation after which the next "
+        "would end past the budget, keeping its best so far (complete). Without n_trials, the run goes "
+        "until the budget is spent.",
+        default=None,
+    )
     objective: ObjectiveConfig = _help("Metric and direction.", default_factory=ObjectiveConfig)
     sampler: SamplerConfig = _help("How parameters are proposed.", default_factory=SamplerConfig)
     pruner: PrunerConfig = _help("How bad trials are stopped early.", default_factory=PrunerConfig)
+    warm_start: WarmStartConfig = _help(
+        "Start a new study from the best configurations of an earlier one.", default_factory=WarmStartConfig
+    )
     train: TrainConfig = _help("Fixed training settings and hyperparameter defaults.", default_factory=TrainConfig)
     cache_dir: str | None = _help(
         "Where tokenized data is cached; default: $XDG_CACHE_HOME/llmflow-hpo (~/.cache/llmflow-hpo).", default=None
@@ -269,6 +363,10 @@ class StudyConfig:
         "Optional: a tracker that fails is reported once and the search goes on without it.",
         default_factory=TrackingConfig,
     )
+    confirm: ConfirmConfig = _help(
+        "The confirmation stage (llmflow-hpo confirm): the best configurations re-run over several seeds.",
+        default_factory=ConfirmConfig,
+    )
 
     @property
     def metric(self) -> str:
@@ -279,6 +377,30 @@ class StudyConfig:
     def direction(self) -> str:
         assert self.objective.direction is not None
         return self.objective.direction
+
+    @property
+    def directions(self) -> list[str]:
+        """The study's directions: the metric's, then ``minimize`` for the cost when there is one."""
+        return [self.direction, *(["minimize"] if self.objective.cost is not None else [])]
+
+    @property
+    def budget_s(self) -> float | None:
+        """The budget in seconds (validated by the loader)."""
+        return None if self.budget is None else duration_seconds(self.budget)
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def duration_seconds(value: str | float) -> float:
+    """``30m``, ``2h``, ``90s``, ``1.5h`` or a number of seconds, in seconds; ValueError for anything else."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = value.strip().lower()
+    unit = _UNITS.get(text[-1:]) if text else None
+    return float(text[:-1] if unit else text) * (unit or 1.0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -296,7 +418,19 @@ def _check_ranges(cfg: StudyConfig, problems: Problems) -> None:
         problems.add(path, message)
     need(cfg.n_trials is None or cfg.n_trials >= 1, "n_trials", "must be >= 1 or null")
     need(cfg.timeout is None or cfg.timeout > 0, "timeout", "must be > 0 seconds or null")
-    need(cfg.n_trials is not None or cfg.timeout is not None, "n_trials", "set n_trials or timeout (or both)")
+    budget_s = _budget_problem(cfg, problems)
+    need(
+        cfg.n_trials is not None or cfg.timeout is not None or budget_s is not None,
+        "n_trials",
+        "set n_trials, budget or timeout",
+    )
+    need(
+        cfg.sampler.startup_trials is None or cfg.sampler.startup_trials >= 1,
+        "sampler.startup_trials",
+        "must be >= 1 or null",
+    )
+    need(cfg.pruner.patience is None or cfg.pruner.patience >= 0, "pruner.patience", "must be >= 0 or null")
+    need(cfg.warm_start.top >= 1, "warm_start.top", "must be >= 1")
     need(bool(cfg.study_name.strip()), "study_name", "must not be empty")
     need(cfg.checkpoint.every_evals >= 1, "checkpoint.every_evals", "must be >= 1")
     need(cfg.checkpoint.keep_best >= 0, "checkpoint.keep_best", "must be >= 0")
@@ -309,6 +443,10 @@ def _check_ranges(cfg: StudyConfig, problems: Problems) -> None:
         "must be longer than heartbeat.interval (or null for 3 x interval)",
     )
     need(cfg.heartbeat.max_retries >= 0, "heartbeat.max_retries", "must be >= 0")
+    need(cfg.confirm.top >= 1, "confirm.top", "must be >= 1")
+    need(cfg.confirm.seeds >= 2, "confirm.seeds", "must be >= 2 (a spread needs two runs)")
+    need(0.5 <= cfg.confirm.confidence < 1, "confirm.confidence", "must be in [0.5, 1)")
+    need(0 < cfg.confirm.p_threshold < 1, "confirm.p_threshold", "must be in (0, 1)")
     need(cfg.ray.cpus_per_trial > 0, "ray.cpus_per_trial", "must be > 0")
     need(cfg.ray.gpus_per_trial is None or cfg.ray.gpus_per_trial >= 0, "ray.gpus_per_trial", "must be >= 0 or null")
     need(
@@ -344,6 +482,67 @@ def _check_ranges(cfg: StudyConfig, problems: Problems) -> None:
     if cfg.objective.metric is not None and cfg.objective.metric not in metrics:
         problems.add(
             "objective.metric", f"{cfg.objective.metric!r} is not a {cfg.task} metric; use one of {', '.join(metrics)}"
+        )
+
+
+def _budget_problem(cfg: StudyConfig, problems: Problems) -> float | None:
+    """The budget in seconds, or None (none given, or a problem reported)."""
+    if cfg.budget is None:
+        return None
+    try:
+        seconds = duration_seconds(cfg.budget)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        problems.add("budget", f"got {cfg.budget!r}; give a duration such as 30m, 2h, 90s, or seconds > 0")
+        return None
+    return seconds
+
+
+def _check_cost(cfg: StudyConfig, problems: Problems) -> None:
+    """A quality-against-cost study (``objective.cost``): what runs two objectives, and what needs a cost."""
+    o = cfg.objective
+    if o.cost is None:
+        given = [
+            name
+            for name, value, default in (
+                ("max_cost", o.max_cost, None),
+                ("select", o.select, "best-metric"),
+                ("tolerance", o.tolerance, 0.01),
+            )
+            if value != default
+        ]
+        for name in given:
+            problems.add(
+                f"objective.{name}",
+                "applies to a quality-against-cost study only; set objective.cost too "
+                "(latency_ms, params or peak_memory_mb) or remove it",
+            )
+        return
+    if o.max_cost is not None and not o.max_cost > 0:
+        problems.add("objective.max_cost", f"got {o.max_cost}; must be > 0 (or null for no constraint)")
+    if not o.tolerance >= 0:
+        problems.add("objective.tolerance", f"got {o.tolerance}; must be >= 0 (in the metric's units)")
+    if cfg.backend == "ray":
+        problems.add(
+            "objective.cost",
+            "backend ray runs single-objective studies only; use backend: optuna (or remove objective.cost)",
+        )
+    if cfg.pruner.name == "hyperband":
+        problems.add(
+            "pruner.name",
+            "hyperband cannot prune a quality-against-cost study (its brackets read the "
+            "study's single direction); use median, percentile, successive-halving or none",
+        )
+    if cfg.sampler.name == "cmaes":
+        problems.add(
+            "sampler.name", "cmaes searches one objective only; with objective.cost use tpe, gp, random, qmc or grid"
+        )
+    if o.cost == "peak_memory_mb" and cfg.train.device == "cpu":
+        problems.add(
+            "objective.cost",
+            "peak_memory_mb is measured on a GPU only (on CPU the process's peak RSS "
+            "only grows from trial to trial); use latency_ms or params, or train.device: cuda",
         )
 
 
@@ -501,9 +700,12 @@ def config_from_dict(raw: Any, *, source: str, base: Path | None = None, stored:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of config keys at the top level")
     raw = _tracking_shorthand(raw, problems)
+    if raw.get("budget") is not None and "n_trials" not in raw:
+        raw = {**raw, "n_trials": None}  # a budget alone: trials until it is spent, not the default 20
     cfg = build(StudyConfig, raw, "", problems)
     if cfg is not MISSING:
         _check_ranges(cfg, problems)
+        _check_cost(cfg, problems)
         if not stored:
             _check_new_study(cfg, problems)
         _check_path_names(cfg, problems)

@@ -15,6 +15,7 @@ from llmflow_hpo.config.study import StudyConfig, config_to_dict
 from llmflow_hpo.errors import LlmflowError
 from llmflow_hpo.recipe.models import load_tokenizer
 from llmflow_hpo.study import records
+from llmflow_hpo.study.front import cost_value, metric_value
 from llmflow_hpo.study.provenance import library_versions
 from llmflow_hpo.tasks import get_task
 
@@ -35,6 +36,7 @@ def _card(
     dev: dict,
     test: dict,
     reproduced: bool | None,
+    confirmation: dict[str, Any] | None = None,
 ) -> str:
     rows = "\n".join(f"| {name} | {value!r} |" for name, value in sorted(params.items()))
     fixed = {k: v for k, v in config_to_dict(cfg)["train"].items() if k not in params}
@@ -51,8 +53,8 @@ def _card(
 Fine-tuned `{cfg.model.name_or_path}` for **{cfg.task}** by llmflow-hpo {__version__}.
 
 - Study: `{study.study_name}` ({n_trials} trials), objective dev `{cfg.metric}` ({cfg.direction})
-- Best trial: {trial.number}, dev {cfg.metric} = {trial.value:.4f} at {trial.user_attrs.get(records.BEST_STEP)} training examples seen
-- Retrained on: {train_on}; reproduced the trial: {repro}
+- Best trial: {trial.number}, dev {cfg.metric} = {metric_value(trial):.4f} at {trial.user_attrs.get(records.BEST_STEP)} training examples seen
+{_cost_line(cfg, trial)}{_confirmed_line(confirmation)}- Retrained on: {train_on}; reproduced the trial: {repro}
 - Data: format {data.format}; train `{data.train}`; dev `{data.dev or "held out of train"}`; test `{data.test or "held out of train"}`
   (limits: train {data.limit_train}, dev {data.limit_dev}, test {data.limit_test}; max_length {data.max_length})
 
@@ -94,6 +96,33 @@ tokenizer = AutoTokenizer.from_pretrained("PATH/TO/THIS/FOLDER")
 """
 
 
+def _confirmed_line(confirmation: dict[str, Any] | None) -> str:
+    """The model card's line on the confirmation stage: the configuration's mean +- std over seeds."""
+    if confirmation is None:
+        return ""
+    from llmflow_hpo.study.view import mean_std_text
+
+    return (
+        f"- Confirmed winner (`llmflow-hpo confirm`, selected by {confirmation['select']}): {mean_std_text(confirmation, confirmation['metric'])}; "
+        f"confirmation trial {confirmation['trial']} of this configuration (the best trial's single run above "
+        "is one optimistic draw)\n"
+    )
+
+
+def _cost_line(cfg: StudyConfig, trial: Any) -> str:
+    """The model card's line on a quality-against-cost study: the trial's cost and the rule that picked it."""
+    o = cfg.objective
+    if o.cost is None:
+        return ""
+    rule = f"{o.select} (tolerance {o.tolerance:g})" if o.select == "cheapest-within" else o.select
+    limit = f", among the trials within max_cost {o.max_cost:g}" if o.max_cost is not None else ""
+    where = f" on {trial.user_attrs.get(records.DEVICE)}" if o.cost != "params" else ""
+    return (
+        f"- Cost: {o.cost} = {cost_value(trial):.4g}{where}; the trial was picked from the Pareto front of dev "
+        f"{cfg.metric} against {o.cost} by objective.select {rule}{limit}\n"
+    )
+
+
 def check_output_dir(out: Path) -> None:
     """Refuse to replace a folder that is not an earlier llmflow-hpo model (nothing of the user's is lost)."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "metrics.json").exists())):
@@ -117,6 +146,7 @@ def save_model(
     reproduced: bool | None,
     examples_seen: int,
     weights_sha256: dict[str, str | None] | None = None,
+    confirmation: dict[str, Any] | None = None,
 ) -> None:
     """Write the folder next to ``out`` first, then move it in place: a failed export leaves no half folder."""
     check_output_dir(out)
@@ -134,7 +164,7 @@ def save_model(
         "trial": trial.number,
         "metric": cfg.metric,
         "direction": cfg.direction,
-        "trial_dev_value": trial.value,
+        "trial_dev_value": metric_value(trial),
         "trained_on": train_on,
         "reproduced_trial": reproduced,
         "weights_sha256": weights_sha256 or {},  # the model's, and the trial's best evaluation's
@@ -145,6 +175,10 @@ def save_model(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": library_versions(),
     }
+    if cfg.objective.cost is not None:  # a quality-against-cost study: the trial's cost and how it was picked
+        metrics["cost"] = {"name": cfg.objective.cost, "value": cost_value(trial), "select": cfg.objective.select}
+    if confirmation is not None:  # the confirmed winner (llmflow-hpo confirm): its scores over seeds
+        metrics["confirmation"] = confirmation
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
     resolved = {
         "config": config_to_dict(cfg),
@@ -154,7 +188,7 @@ def save_model(
     }
     (staging / "study_config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     (staging / "README.md").write_text(
-        _card(cfg, study, n_trials, trial, params, train_on, dev_metrics, test_metrics, reproduced)
+        _card(cfg, study, n_trials, trial, params, train_on, dev_metrics, test_metrics, reproduced, confirmation)
     )
     if out.exists():
         shutil.rmtree(out)

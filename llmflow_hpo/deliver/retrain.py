@@ -1,6 +1,8 @@
 """retrain-best: the best trial's parameters, read from the storage alone, trained into a finished model.
 
-``--train-on train`` repeats the best trial's run with its seed and its torch thread count, and stops at
+When the study holds confirmation trials (``llmflow-hpo confirm``), the trial retrained is the search trial
+whose configuration was confirmed best (by its mean or lcb over seeds), and the model card reports that mean
++- std. ``--train-on train`` repeats the best trial's run with its seed and its torch thread count, and stops at
 the step of its best evaluation: the same weights (their SHA-256 is compared with the one the trial
 stored), so the same dev score (checked and reported). ``train+dev`` trains on
 both for the same number of epochs; its dev score is then no estimate, and only test counts.
@@ -23,9 +25,10 @@ from llmflow_hpo.data.features import Features, prepare_features
 from llmflow_hpo.errors import StorageError
 from llmflow_hpo.search.spaces import trial_params
 from llmflow_hpo.study import records
+from llmflow_hpo.study.front import cost_value, metric_value
 from llmflow_hpo.study.provenance import stored_config
 from llmflow_hpo.study.storage import load_study
-from llmflow_hpo.study.view import StudyView
+from llmflow_hpo.study.view import StudyView, confirmation_summary, mean_std_text
 
 if TYPE_CHECKING:
     import optuna
@@ -44,6 +47,7 @@ class RetrainResult:
     reproduced: bool | None  # None when trained on train+dev (dev was seen)
     metric: str = "f1"  # the study's objective metric (the dev value compared)
     mlflow_run_id: str | None = None  # tracking.mlflow: the run that holds the model as an artifact
+    confirmation: dict[str, Any] | None = None  # the confirmed winner's row (study.view.confirmation_summary)
 
 
 def retrain_best(
@@ -67,13 +71,15 @@ def retrain_best(
         study = load_study(study_name, storage)
     cfg, space, space_raw = stored_config(study)
     view = StudyView.of(study)
-    best = _best_trial(view, study_name)
+    best, confirmation = _confirmed_or_best(view, study_name, cfg.metric, say)
     params = trial_params(best, space)
     _say_if_pbt(best, say)
     seed = int(best.user_attrs.get(records.SEED, cfg.seed))
     if train_on == "train":
         _take_the_trials_threads(cfg, best, say)
-    say(f"retrain-best: study {study_name}, trial {best.number} (dev {cfg.metric}={best.value:.4f}), params {params}")
+    value = metric_value(best)
+    cost = f" {cfg.objective.cost}={cost_value(best):.4g}" if view.objective else ""  # a cost study's pick
+    say(f"retrain-best: study {study_name}, trial {best.number} (dev {cfg.metric}={value:.4f}{cost}), params {params}")
     features = prepare_features(cfg, log=say)
     split, stop_at = _training_split(features, int(best.user_attrs[records.BEST_STEP]), train_on, say)
     result = retrain(cfg, params, features, seed=seed, stop_at_examples=stop_at, train_split=split, evaluate_test=True)
@@ -84,7 +90,7 @@ def retrain_best(
     reproduced = None
     if train_on == "train":
         # The same weights, when the trial stored their digest (studies before it: the same dev score).
-        same_score = math.isclose(dev[cfg.metric], best.value, abs_tol=1e-9)
+        same_score = math.isclose(dev[cfg.metric], value, abs_tol=1e-9)
         reproduced = same_score and (trial_weights is None or trial_weights == weights)
     save_model(
         out,
@@ -102,10 +108,10 @@ def retrain_best(
         reproduced=reproduced,
         examples_seen=result.final.examples_seen,
         weights_sha256={"model": weights, "trial": trial_weights},
+        confirmation=confirmation,
     )
-    retrained = RetrainResult(
-        out, best.number, params, dev, result.test_metrics, float(best.value), reproduced, metric=cfg.metric
-    )
+    retrained = RetrainResult(out, best.number, params, dev, result.test_metrics, value, reproduced, metric=cfg.metric)
+    retrained.confirmation = confirmation
     if cfg.tracking.mlflow:
         from llmflow_hpo.views.tracking import track_retrain
 
@@ -113,11 +119,33 @@ def retrain_best(
     return retrained
 
 
+def _confirmed_or_best(
+    view: StudyView, study_name: str, metric: str, say: Callable[[str], None]
+) -> tuple[Any, dict[str, Any] | None]:
+    """The trial to retrain: the search trial whose configuration the confirmation stage picked (its mean or
+    lcb over seeds, ``llmflow-hpo confirm``), with that confirmation's row; else the best search trial."""
+    summary = confirmation_summary(view)
+    won = summary["winner"] if summary is not None else None
+    if won is None:
+        return _best_trial(view, study_name), None
+    source = next((t for t in view.trials if t.number == won["confirms"]), None)
+    if source is None or records.BEST_STEP not in source.user_attrs:
+        raise StorageError(
+            f"study {study_name!r}: the confirmed configuration's search trial {won['confirms']} is gone"
+        )
+    row = {**won, "select": summary["select"], "confidence": summary["confidence"], "metric": metric}
+    say(
+        f"retrain-best: the confirmed winner, trial {won['trial']}: configuration of search trial {source.number}, "
+        f"{mean_std_text(won, metric)} (selected by {summary['select']})"
+    )
+    return source, row
+
+
 def _best_trial(view: StudyView, study_name: str) -> Any:
     """The study's best trial (the study view's rule), refused when there is none or llmflow-hpo did not run it."""
     best = view.best
     if best is None:
-        raise StorageError(f"study {study_name!r} has no complete trial yet; run `llmflow-hpo search` first")
+        raise StorageError(f"study {study_name!r} {view.why_no_best()}")
     if records.BEST_STEP not in best.user_attrs:
         raise StorageError(
             f"trial {best.number} of study {study_name!r} has no best_step; it was not run by llmflow-hpo"

@@ -1,4 +1,5 @@
-"""The evaluation of a model on a dev or test split (its metrics and loss), and the digest of its weights.
+"""The evaluation of a model on a dev or test split (its metrics and loss), its inference latency, and the
+digest of its weights.
 
 The task decodes each batch's predictions and scores the split (``tasks.BaseTask.batch_predictions``
 and ``score``); the loss is the plain cross-entropy over the labelled positions.
@@ -7,6 +8,8 @@ and ``score``); the loss is the plain cross-entropy over the labelled positions.
 from __future__ import annotations
 
 import hashlib
+import math
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,7 +21,12 @@ from llmflow_hpo.data.features import Features
 from llmflow_hpo.recipe.runtime import Runtime
 from llmflow_hpo.tasks import IGNORE_INDEX, get_task
 
-__all__ = ["evaluate", "weights_digest"]
+__all__ = ["LATENCY_EXAMPLES", "evaluate", "latency_ms", "weights_digest"]
+
+# The latency of a cost study (objective.cost: latency_ms): the first dev examples, one at a time.
+LATENCY_EXAMPLES = 100
+_LATENCY_WARMUP = 5  # forward passes before timing (kernels chosen, caches warm)
+_LATENCY_REPEATS = 3  # timed passes over the examples; the fastest counts
 
 
 @torch.inference_mode()
@@ -63,6 +71,36 @@ def evaluate(
     metrics = task.score(features, split, predictions)
     metrics["loss"] = total_loss / max(total_count, 1)
     return metrics
+
+
+@torch.inference_mode()
+def latency_ms(model: torch.nn.Module, loader: DataLoader, runtime: Runtime) -> float:
+    """Inference latency per example in milliseconds: the model's forward pass over the loader's batches (one
+    example each), in eval mode under the run's autocast, the inputs already on the device (the copy and the
+    decoding are not timed). After a few warm-up passes, every batch is run ``_LATENCY_REPEATS`` times over, each
+    pass timed with ``time.perf_counter`` (on a GPU between two ``torch.cuda.synchronize``); the fastest pass
+    counts, as ``timeit`` advises (the slower ones measured the machine's other work), divided by its batches.
+
+    It depends on the model's shape and the inputs, not on its weights' values: a run measures it once, before
+    it trains."""
+    device = runtime.device
+    batches = [{k: v.to(device) for k, v in batch.items() if k != "labels"} for batch in loader]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    model.eval()
+    for batch in batches[:_LATENCY_WARMUP]:
+        with runtime.autocast():
+            model(**batch)
+    fastest = math.inf
+    for _ in range(_LATENCY_REPEATS):
+        sync()
+        tick = time.perf_counter()
+        for batch in batches:
+            with runtime.autocast():
+                model(**batch)
+        sync()
+        fastest = min(fastest, time.perf_counter() - tick)
+    model.train()
+    return fastest / max(len(batches), 1) * 1000
 
 
 def weights_digest(state: Mapping[str, torch.Tensor]) -> str:

@@ -14,6 +14,7 @@ from llmflow_hpo.tasks import get_task
 
 __all__ = [
     "DROPOUT_ATTRIBUTES",
+    "LAYER_ATTRIBUTES",
     "build_model",
     "load_tokenizer",
     "model_config",
@@ -26,6 +27,8 @@ DROPOUT_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "hidden_dropout": ("hidden_dropout_prob", "dropout", "hidden_dropout", "resid_pdrop"),
     "attention_dropout": ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop"),
 }
+# Config attributes that hold the number of transformer layers (train.num_layers keeps the first N).
+LAYER_ATTRIBUTES = ("num_hidden_layers", "n_layers", "num_layers", "n_layer")
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -64,9 +67,14 @@ def model_config(
     labels: list[str],
     hidden_dropout: float | None,
     attention_dropout: float | None,
+    num_layers: int | None = None,
 ) -> Any:
     """The transformers config of the model a trial trains: a head for ``labels``, ``model.config_overrides``
-    and the trial's dropout applied. Raises ConfigError naming the field (search's pre-flight uses it too)."""
+    and the trial's dropout and ``num_layers`` applied. Raises ConfigError naming the field (search's pre-flight
+    uses it too).
+
+    ``num_layers`` lowers the config's layer count: ``from_pretrained`` then builds that many layers and loads
+    the pretrained weights of the first ones (``encoder.layer.0`` ...; the others' are left unused)."""
     from transformers import AutoConfig
 
     path = resolve_model_path(model_cfg.name_or_path)
@@ -104,7 +112,26 @@ def model_config(
             )
         for name in names:
             setattr(config, name, value)
+    if num_layers is not None:
+        _keep_layers(config, num_layers)
     return config
+
+
+def _keep_layers(config: Any, num_layers: int) -> None:
+    """Set the config's layer count to ``num_layers``, at most the model's own (ConfigError otherwise)."""
+    name = next((a for a in LAYER_ATTRIBUTES if isinstance(getattr(config, a, None), int)), None)
+    if name is None:
+        raise ConfigError(
+            f"train.num_layers: {type(config).__name__} has no layer count ({', '.join(LAYER_ATTRIBUTES)}); "
+            "leave it null (and out of the search space)"
+        )
+    layers = getattr(config, name)
+    if num_layers > layers:
+        raise ConfigError(
+            f"train.num_layers: {num_layers} is more than the model's {layers} layers ({name}); "
+            f"use at most {layers} (in the search space too)"
+        )
+    setattr(config, name, num_layers)
 
 
 def build_model(
@@ -114,9 +141,17 @@ def build_model(
     labels: list[str],
     hidden_dropout: float | None,
     attention_dropout: float | None,
+    num_layers: int | None = None,
 ) -> Any:
-    """A freshly loaded (or randomly initialised) model with a head for ``labels`` and the trial's dropout."""
-    config = model_config(model_cfg, labels=labels, hidden_dropout=hidden_dropout, attention_dropout=attention_dropout)
+    """A freshly loaded (or randomly initialised) model with a head for ``labels``, the trial's dropout and
+    its first ``num_layers`` layers (all when None)."""
+    config = model_config(
+        model_cfg,
+        labels=labels,
+        hidden_dropout=hidden_dropout,
+        attention_dropout=attention_dropout,
+        num_layers=num_layers,
+    )
     auto = get_task(task).model_class()
     if model_cfg.random_init:
         return auto.from_config(config)

@@ -10,15 +10,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Evaluation", "OnEval", "OnResume", "OnStep", "TrainResult", "better"]
+__all__ = ["Evaluation", "OnCosts", "OnEval", "OnResume", "OnStep", "TrainResult", "better"]
 
 # After each dev evaluation of a search trial; it may raise optuna.TrialPruned.
-OnEval = Callable[["Evaluation"], None]
+OnEval = Callable[["Evaluation"], "bool | None"]  # True: end the run after this evaluation (a budget spent)
 # Once, when a trial resumes from a checkpoint: the evaluations the saved state had made.
 OnResume = Callable[[list["Evaluation"]], None]
 # After each optimizer step: (examples seen, examples the run will see at most, mean training loss since the
 # last evaluation). For progress displays; it must be cheap.
 OnStep = Callable[[int, int, float], None]
+# Once, after set-up and before the first batch: what the run's model costs, by trial attribute
+# (n_params; latency_ms in a study whose objective.cost is latency_ms). Pruned trials have them too.
+OnCosts = Callable[[dict[str, float]], None]
 
 
 @dataclass
@@ -56,6 +59,7 @@ class TrainResult:
     train_seconds: float = 0.0  # the training steps
     eval_seconds: float = 0.0  # the dev evaluations
     runtime: dict[str, Any] = field(default_factory=dict)  # Runtime.attrs()
+    latency_ms: float | None = None  # inference latency per dev example (objective.cost: latency_ms), else None
 
 
 def better(value: float, best: float | None, direction: str, min_delta: float = 0.0) -> bool:

@@ -18,6 +18,7 @@ batches and dropout masks an uninterrupted run would have taken.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -34,12 +35,13 @@ from llmflow_hpo.data.features import Features
 from llmflow_hpo.errors import TrialFailure
 from llmflow_hpo.recipe.batches import eval_loader, train_loader
 from llmflow_hpo.recipe.checkpoints import LoopState, TrialCheckpoint, checkpoint_state, restore_state
-from llmflow_hpo.recipe.evaluation import evaluate, weights_digest
+from llmflow_hpo.recipe.evaluation import LATENCY_EXAMPLES, evaluate, latency_ms, weights_digest
 from llmflow_hpo.recipe.loss import balanced_class_weights, loss_fn
 from llmflow_hpo.recipe.models import build_model, load_tokenizer
 from llmflow_hpo.recipe.optim import adopt_hyperparameters, build_optimizer, build_scheduler
-from llmflow_hpo.recipe.results import Evaluation, OnEval, OnResume, OnStep, TrainResult, better
+from llmflow_hpo.recipe.results import Evaluation, OnCosts, OnEval, OnResume, OnStep, TrainResult, better
 from llmflow_hpo.recipe.runtime import Runtime, device_settings, peak_memory, resolve_runtime, runtime_attrs
+from llmflow_hpo.study import records
 from llmflow_hpo.tasks import get_task
 
 __all__ = ["retrain", "train_and_evaluate"]
@@ -89,6 +91,7 @@ def _set_up(cfg: StudyConfig, hp: TrainConfig, features: Features, runtime: Runt
         labels=features.labels,
         hidden_dropout=hp.hidden_dropout,
         attention_dropout=hp.attention_dropout,
+        num_layers=hp.num_layers,
     ).to(runtime.device)
     model.train()
     collate = get_task(cfg.task).collator(tokenizer)
@@ -157,6 +160,20 @@ def _resume(
     if on_resume is not None:
         on_resume(loop.history)
     return loop
+
+
+def _costs(run: _Run) -> dict[str, float]:
+    """What the run's model costs (``OnCosts``): its parameter count, and in a study whose cost is latency its
+    inference latency on the first ``LATENCY_EXAMPLES`` dev examples, one at a time (``latency_ms``). It draws
+    from no RNG the training uses (eval mode, the eval loader's own generator): a retrain that skips it reaches
+    the same weights."""
+    costs: dict[str, float] = {records.N_PARAMS: sum(p.numel() for p in run.model.parameters())}
+    if run.cfg.objective.cost == "latency_ms":
+        dev = run.features.splits["dev"]
+        one = dataclasses.replace(run.hp, eval_batch_size=1)
+        loader = eval_loader(dev.select(range(min(LATENCY_EXAMPLES, len(dev)))), one, run.runtime, run.collate)
+        costs[records.LATENCY_MS] = round(latency_ms(run.model, loader, run.runtime), 4)
+    return costs
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -286,8 +303,8 @@ def _evaluation_point(
                 device=run.runtime.device,
             )
         )
-    if on_eval is not None:
-        on_eval(evaluation)  # may raise optuna.TrialPruned
+    if on_eval is not None and on_eval(evaluation):  # may raise optuna.TrialPruned; True: stop here
+        stop = True
     loop.stopped_early = stop
     return stop
 
@@ -326,26 +343,32 @@ def train_and_evaluate(
     on_resume: OnResume | None = None,
     on_step: OnStep | None = None,
     keep_model: bool = False,
+    on_costs: OnCosts | None = None,
 ) -> TrainResult:
     """A search trial: train with ``params`` (searched values over cfg.train's fixed ones), evaluate dev.
 
     It evaluates ``evals_per_epoch`` times an epoch, calls ``on_eval`` after each evaluation (it may raise
-    optuna.TrialPruned) and stops early after ``early_stopping_patience`` evaluations without improvement.
+    optuna.TrialPruned, or return True to end the run there: the search's budget is spent) and stops early after ``early_stopping_patience`` evaluations without improvement.
     ``checkpoint``: resume from its saved state when it has one (``on_resume`` then receives the evaluations
     that state had made), save the state after evaluations that do not end the run when it says one is due,
     and keep the best model (written with the next checkpoint, or when the run completes). ``on_step`` is
-    called after every optimizer step (progress displays); ``keep_model`` hands the trained model back.
+    called after every optimizer step (progress displays); ``keep_model`` hands the trained model back;
+    ``on_costs`` receives what the model costs (``_costs``) before the first batch.
     """
     entered = time.perf_counter()
     hp = cfg.train.with_params(params)  # the searched values over the fixed ones (config/hyperparameters.py)
     with _running(cfg, hp, features, seed, "train") as run:
         setup_seconds = time.perf_counter() - entered
         loop = _resume(run, checkpoint, params, on_resume)
+        costs = _costs(run)
+        if on_costs is not None:
+            on_costs(costs)
         points = hp.evaluation_points(run.n_train)
         for step in _train(run, loop, points, on_step):
             if _evaluation_point(run, loop, step, points, checkpoint, on_eval):
                 break
         result = _result(run, loop, params, setup_seconds)
+        result.latency_ms = costs.get(records.LATENCY_MS)
         if checkpoint is not None:
             checkpoint.finish()
             result.checkpoints_written, result.checkpoint_seconds = checkpoint.written, checkpoint.seconds

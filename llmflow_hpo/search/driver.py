@@ -51,6 +51,7 @@ class SearchSummary:
     checkpoint_bytes: int = 0
     retried: int = 0  # failed trials (killed, interrupted) that a later trial repeated
     target: int | None = None  # finished trials the study aims at: n_trials, at most the grid's size
+    best_cost: float | None = None  # a quality-against-cost study: the picked trial's cost (objective.select)
 
 
 @dataclass
@@ -69,6 +70,7 @@ class SearchRun:
     progress: Any  # views.progress.Progress over ``say``
     tracking: Any  # views.tracking.Tracking: the search's trackers, open while the run lasts
     started: float  # time.perf_counter() when the trials began
+    budget: Any = None  # search.budget.Budget of this run, or None (no budget)
 
     def took(self) -> str:
         """The line that ends a search: how long it took."""
@@ -140,6 +142,7 @@ def summarize(study: optuna.Study, cfg: StudyConfig, ran: int, workers: int, tar
     retries."""
     from llmflow_hpo.recipe.checkpoints import folder_size
     from llmflow_hpo.study import records
+    from llmflow_hpo.study.front import cost_value, metric_value
     from llmflow_hpo.study.view import StudyView
 
     view = StudyView.of(study)
@@ -151,7 +154,8 @@ def summarize(study: optuna.Study, cfg: StudyConfig, ran: int, workers: int, tar
         ran=ran,
         counts=dict(view.counts),
         best_number=best.number if best else None,
-        best_value=best.value if best else None,
+        best_value=metric_value(best) if best else None,
+        best_cost=cost_value(best) if best else None,
         best_params=dict(best.params) if best else {},
         workers=workers,
         checkpoint_bytes=size,
@@ -191,10 +195,13 @@ def run_search(
 ) -> SearchSummary:
     """Tokenize once (``data``: the splits already read), open (or continue) the study, and let ``trials``
     run the missing trials."""
+    from llmflow_hpo.search.budget import Budget
+    from llmflow_hpo.search.first_trials import queue_first_trials
     from llmflow_hpo.study.storage import finished_trials, free_study_name, open_study
     from llmflow_hpo.views.progress import as_progress
     from llmflow_hpo.views.tracking import search_tracking
 
+    budget = Budget(cfg.budget_s) if cfg.budget_s is not None else None  # tokenizing counts
     say = log or say_on_stderr
     features = open_features(cfg, say, data)
     assert cfg.storage is not None
@@ -206,6 +213,7 @@ def run_search(
     sampler, pruner = search_strategy(cfg, space, n_train)
     heartbeat = cfg.heartbeat if trials.heartbeat else None
     study = open_study(cfg, space_raw, sampler=sampler, pruner=pruner, data_report=features.report, heartbeat=heartbeat)
+    queue_first_trials(study, cfg, space, say)
     done = finished_trials(study)
     target = study_target(cfg, space)
     remaining = None if target is None else max(target - done, 0)
@@ -224,7 +232,7 @@ def run_search(
     # The study's trackers (and its MLflow run) are opened here, before any trial starts.
     with search_tracking(cfg, study, log=progress.warn) as tracking:
         run = SearchRun(
-            cfg, space, features, study, sampler, target, remaining, source, say, progress, tracking, started
+            cfg, space, features, study, sampler, target, remaining, source, say, progress, tracking, started, budget
         )
         trials.run(run)
     say(run.took())

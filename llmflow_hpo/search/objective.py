@@ -6,6 +6,7 @@ stored, a pruned run as PRUNED. Torch is imported when a trial runs (``recipe.tr
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from collections.abc import Callable
@@ -18,9 +19,11 @@ from llmflow_hpo.data.features import Features
 from llmflow_hpo.errors import TrialFailure
 from llmflow_hpo.recipe.checkpoints import CheckpointStore, TrialCheckpoint
 from llmflow_hpo.recipe.results import Evaluation
+from llmflow_hpo.search.budget import Budget
 from llmflow_hpo.search.reporting import TrialReporter, record_failure, store_result
 from llmflow_hpo.search.spaces import SearchSpace, suggest_params
 from llmflow_hpo.study import records
+from llmflow_hpo.study.front import COST_ATTRIBUTES
 from llmflow_hpo.views.progress import Progress
 from llmflow_hpo.views.tracking import Tracking
 
@@ -39,8 +42,10 @@ class Objective:
         log: Callable[[str], None] | None = None,
         progress: Progress | None = None,
         tracking: Tracking | None = None,
+        budget: Budget | None = None,
     ) -> None:
         self.cfg = cfg
+        self.budget = budget
         self.space = space
         self.features = features
         self.checkpoints = checkpoints
@@ -67,7 +72,7 @@ class Objective:
         trial.set_user_attr(records.CHECKPOINT_TRIAL, trial.number)
         return self.checkpoints.trial(trial.number, params)
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         from llmflow_hpo.recipe.runtime import runtime_attrs
         from llmflow_hpo.recipe.train import train_and_evaluate
 
@@ -76,7 +81,9 @@ class Objective:
         for key, value in runtime_attrs(self.cfg, params).items():  # precision, TF32, ...: pruned trials too
             trial.set_user_attr(key, value)
         seed = self.cfg.seed
-        reporter = TrialReporter(trial, self.cfg.metric, self.cfg.direction)
+        reporter = TrialReporter(
+            trial, self.cfg.metric, self.cfg.direction, multi_objective=self.cfg.objective.cost is not None
+        )
         checkpoint = self._checkpoint(trial, params)
         number, progress, tracking = trial.number, self.progress, self.tracking
         epochs = self.cfg.train.with_params(params).epochs
@@ -85,13 +92,19 @@ class Objective:
         if tracking is not None:
             tracking.trial_started(number, params)
 
-        def on_eval(evaluation: Evaluation) -> None:
+        clock = self.budget.clock() if self.budget is not None else None
+
+        def on_eval(evaluation: Evaluation) -> bool:
             # Shown and tracked before the report, which may prune the trial.
             if progress is not None:
                 progress.evaluation(number, evaluation.step, evaluation.metrics, evaluation.train_loss)
             if tracking is not None:
                 tracking.evaluation(number, evaluation.step, evaluation.metrics, evaluation.train_loss)
             reporter(evaluation)
+            if clock is None or evaluation.last or not clock.spent_after():
+                return False
+            trial.set_user_attr(records.STOPPED_BY_BUDGET, True)  # the run ends here, keeping its best
+            return True
 
         def on_resume(restored: list[Evaluation]) -> None:
             reporter.restore(restored)
@@ -113,6 +126,7 @@ class Objective:
                 checkpoint=checkpoint,
                 on_resume=on_resume,
                 on_step=on_step if progress is not None and progress.mode == "live" else None,
+                on_costs=lambda costs: _set_attrs(trial, costs),  # before it trains: pruned trials have them
             )
         except TrialFailure as e:
             record_failure(trial, str(e), for_good=True)
@@ -122,4 +136,21 @@ class Objective:
             reason = "the run ended before its first evaluation"
             record_failure(trial, reason, for_good=True)
             raise TrialFailure(reason)
-        return result.best.metrics[self.cfg.metric]
+        return self._values(trial, result.best.metrics[self.cfg.metric])
+
+    def _values(self, trial: optuna.Trial, metric: float) -> float | tuple[float, float]:
+        """The trial's value: its best dev metric; in a quality-against-cost study, (metric, cost), the cost as
+        its trial attribute holds it."""
+        if self.cfg.objective.cost is None:
+            return metric
+        cost = trial.user_attrs.get(COST_ATTRIBUTES[self.cfg.objective.cost])
+        if cost is None or not math.isfinite(cost):
+            reason = f"no finite {self.cfg.objective.cost} was measured ({cost})"
+            record_failure(trial, reason, for_good=True)
+            raise TrialFailure(reason)
+        return metric, float(cost)
+
+
+def _set_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)

@@ -18,7 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 from llmflow_hpo.errors import TrialFailure
 from llmflow_hpo.recipe.results import Evaluation, TrainResult, better
 from llmflow_hpo.study import records
-from llmflow_hpo.study.optuna_private import set_trial_user_attr
+from llmflow_hpo.study.optuna_private import FirstObjective, report_intermediate, set_trial_user_attr
 
 __all__ = [
     "BestSoFar",
@@ -79,12 +79,18 @@ class TrialReporter:
     Called by the training loop after each evaluation. Raises ``optuna.TrialPruned`` when the pruner
     says so, after storing the best evaluation reached, so a pruned trial still shows what it found, and
     ``TrialFailure`` (the trial fails with the metric and its value as reason) for a non-finite metric.
+
+    ``multi_objective`` (a quality-against-cost study, where ``trial.report`` and ``should_prune`` raise): the
+    metric is stored as the intermediate value all the same and the study's pruner judges the trial on it,
+    as in a single-objective study of the metric (``optuna_private.FirstObjective``). The cost is not
+    judged: it is known before the trial trains, and only the metric is what an evaluation point tells.
     """
 
-    def __init__(self, trial: optuna.Trial, metric: str, direction: str) -> None:
+    def __init__(self, trial: optuna.Trial, metric: str, direction: str, *, multi_objective: bool = False) -> None:
         self.trial = trial
         self.metric = metric
         self._best = BestSoFar(metric, direction)
+        self._first = FirstObjective(trial.study, direction) if multi_objective else None
 
     @property
     def best(self) -> Evaluation | None:
@@ -99,8 +105,13 @@ class TrialReporter:
 
     def __call__(self, evaluation: Evaluation) -> None:
         value = self._best.add(evaluation)
-        self.trial.report(value, evaluation.step)
-        if self.trial.should_prune():
+        if self._first is not None:
+            report_intermediate(self.trial, evaluation.step, value)
+            prune = self._first.should_prune(self.trial)
+        else:
+            self.trial.report(value, evaluation.step)
+            prune = self.trial.should_prune()
+        if prune:
             store_best(self.trial, self.best)
             self.trial.set_user_attr(records.PRUNED_AT_STEP, evaluation.step)
             raise optuna.TrialPruned(f"pruned at step {evaluation.step} (dev {self.metric}={value:.4f})")
@@ -144,6 +155,8 @@ def store_result(trial: Any, result: TrainResult, seed: int) -> None:
     trial.set_user_attr(records.TRAIN_TIME_S, round(result.train_time_s, 3))
     trial.set_user_attr(records.EXAMPLES_PER_SECOND, round(result.examples_per_second, 2))
     trial.set_user_attr(records.N_PARAMS, result.n_params)
+    if result.latency_ms is not None:
+        trial.set_user_attr(records.LATENCY_MS, result.latency_ms)
     trial.set_user_attr(records.PEAK_MEMORY_MB, round(result.peak_memory_mb, 1))
     trial.set_user_attr(records.PEAK_MEMORY_KIND, result.peak_memory_kind)
     trial.set_user_attr(records.DEVICE, result.device)

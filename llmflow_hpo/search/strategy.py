@@ -22,6 +22,8 @@ from llmflow_hpo.config.study import StudyConfig
 from llmflow_hpo.errors import ConfigError
 from llmflow_hpo.search.schedule import first_evaluation_step, longest_epochs
 from llmflow_hpo.search.spaces import SearchSpace, stepped_values
+from llmflow_hpo.search.startup import StartupDesign
+from llmflow_hpo.study.front import COST_ATTRIBUTES, CostConstraint
 
 __all__ = [
     "PerTrialSeed",
@@ -49,6 +51,8 @@ _PRUNERS: dict[str, str] = {
     "hyperband": "HyperbandPruner",
     "none": "NopPruner",
 }
+# The samplers that model the trials so far, after a start-up phase (search.startup's design).
+_MODEL_BASED = ("tpe", "gp", "cmaes")
 # Set by llmflow-hpo itself, not by the user.
 _RESERVED = {"seed", "search_space"}
 
@@ -331,17 +335,37 @@ def build_sampler(cfg: StudyConfig, space: SearchSpace) -> optuna.samplers.BaseS
     name, options = cfg.sampler.name, dict(cfg.sampler.options)
     cls = getattr(optuna.samplers, _SAMPLERS[name])
     if name in ("tpe", "gp"):
-        options.setdefault("n_startup_trials", default_startup_trials(cfg.n_trials))
+        # After the design, the sampler models at once; without it, its own random start-up trials.
+        options.setdefault("n_startup_trials", 0 if _designed(cfg) else default_startup_trials(cfg.n_trials))
     if name == "grid":
         options["search_space"] = _grid(space, "sampler")
+    cost = cfg.objective.cost
+    if cost is not None and cfg.objective.max_cost is not None and name in ("tpe", "gp"):
+        # max_cost as optuna's constraint: the sampler models feasibility; optuna stores each trial's value.
+        options["constraints_func"] = CostConstraint(COST_ATTRIBUTES[cost], cfg.objective.max_cost)
 
     make = _SamplerFactory(StudyGrid if name == "grid" else cls, options)
     try:
         # QMC and grid number their points by the seed and find the next unvisited one from the storage:
         # one seed for the whole study, and no replay.
-        return make(cfg.seed) if name in ("qmc", "grid") else PerTrialSeed(make, cfg.seed)
+        sampler = make(cfg.seed) if name in ("qmc", "grid") else PerTrialSeed(make, cfg.seed)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"sampler.options: optuna's {cls.__name__} refused them: {e}") from None
+    if not _designed(cfg):
+        return sampler
+    return StartupDesign(
+        sampler,
+        space,
+        seed=cfg.seed,
+        length=cfg.sampler.startup_trials,
+        n_trials=cfg.n_trials,
+        budget_s=cfg.budget_s,
+    )
+
+
+def _designed(cfg: StudyConfig) -> bool:
+    """Whether the sampler starts with the start-up design (``search.startup``): a model-based sampler's."""
+    return cfg.sampler.startup == "design" and cfg.sampler.name in _MODEL_BASED
 
 
 def build_pruner(
@@ -356,6 +380,10 @@ def build_pruner(
     successive-halving and hyperband: ``min_resource`` defaults to the first evaluation point (optuna's
     1, or SH's "auto" estimate of 1% of a run, lies below it: every rung under the first evaluation would
     be judged at once there); hyperband's ``max_resource`` to the longest run the space allows.
+
+    ``pruner.patience``: wrapped in optuna's PatientPruner, which asks the pruner only about a trial whose
+    last ``patience`` evaluations did not improve on its earlier best: a trial still climbing (out of the
+    phase where every trial predicts the majority class) is not pruned for being behind.
     """
     name, options = cfg.pruner.name, dict(cfg.pruner.options)
     cls = getattr(optuna.pruners, _PRUNERS[name])
@@ -369,6 +397,11 @@ def build_pruner(
         if name == "hyperband":
             options.setdefault("max_resource", longest_epochs(cfg, space) * n_train)
     try:
-        return cls(**options)
+        pruner = cls(**options)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"pruner.options: optuna's {cls.__name__} refused them: {e}") from None
+    if cfg.pruner.patience is None or name == "none":
+        return pruner
+    with warnings.catch_warnings():  # "experimental" in optuna since 2.8
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.pruners.PatientPruner(pruner, patience=cfg.pruner.patience)

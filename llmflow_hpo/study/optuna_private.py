@@ -12,11 +12,14 @@ from __future__ import annotations
 from typing import Any
 
 import optuna
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial
 
 __all__ = [
+    "FirstObjective",
     "create_trial",
     "record_heartbeat",
+    "report_intermediate",
     "set_trial_user_attr",
     "storage_of",
     "stored_trial",
@@ -54,3 +57,35 @@ def create_trial(study: optuna.Study, template: FrozenTrial) -> tuple[int, int]:
     storage = storage_of(study)
     new_id = storage.create_new_trial(study._study_id, template_trial=template)
     return storage.get_trial_number_from_id(new_id), new_id
+
+
+def report_intermediate(trial: optuna.Trial, step: int, value: float) -> None:
+    """Store an intermediate value of a trial of a two-objective study, where ``trial.report`` refuses
+    (optuna issue #3450): the storage takes it as from a single-objective trial, so the learning curves, the
+    retry of a dead trial (which inherits them) and ``FirstObjective``'s pruner read it the same way."""
+    trial.study._storage.set_trial_intermediate_value(trial._trial_id, step, value)
+
+
+class FirstObjective:
+    """A two-objective study seen as the single-objective study of its first value, for its pruner.
+
+    optuna's pruners read a study's ``direction`` (which raises on a two-objective study), its trials'
+    intermediate values and, for successive halving, the storage (rung attributes); this view answers
+    ``direction`` with the first objective's and hands everything else to the study. Hyperband builds
+    studies of its own from the storage and cannot run on it (config/study.py refuses it).
+    """
+
+    def __init__(self, study: optuna.Study, direction: str) -> None:
+        self._study = study
+        self.direction = StudyDirection[direction.upper()]
+
+    @property
+    def directions(self) -> list[StudyDirection]:
+        return [self.direction]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def should_prune(self, trial: optuna.Trial) -> bool:
+        """The study's pruner on the trial as stored now (what ``Trial.should_prune`` does)."""
+        return self._study.pruner.prune(self, stored_trial(self._study, trial))  # type: ignore[arg-type]

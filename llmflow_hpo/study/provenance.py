@@ -34,6 +34,7 @@ __all__ = [
 MAY_CHANGE = (
     "n_trials",
     "timeout",
+    "budget",
     "storage",
     "cache_dir",
     "train.device",
@@ -44,6 +45,8 @@ MAY_CHANGE = (
     "ray.",
     "tracking",
     "tracking.",
+    "confirm.",  # how the confirmation stage runs (llmflow-hpo confirm), not what the search searches
+    "warm_start.",
 )
 
 
@@ -59,6 +62,15 @@ SINCE_ADDED = {
     ("train", "group_by_length"): False,  # batches were drawn uniformly at random
     ("train", "precision"): "fp32",  # fp32 on every device
     ("train", "fused_optimizer"): False,  # AdamW's foreach kernel
+    ("sampler", "defaults_first"): False,  # every trial was sampled
+    ("sampler", "startup"): "random",  # the sampler's own random start-up trials
+    ("sampler", "startup_trials"): None,
+    ("pruner", "patience"): None,  # the pruner alone
+    ("objective", "cost"): None,  # the metric alone (a single-objective study)
+    ("objective", "max_cost"): None,
+    ("objective", "select"): "best-metric",
+    ("objective", "tolerance"): 0.01,
+    ("train", "num_layers"): None,  # every layer of the model
 }
 
 

@@ -57,6 +57,7 @@ TRAIN_S = "train_s"
 EVAL_S = "eval_s"
 EXAMPLES_PER_SECOND = "examples_per_second"
 N_PARAMS = "n_params"
+LATENCY_MS = "latency_ms"
 PEAK_MEMORY_MB = "peak_memory_mb"
 PEAK_MEMORY_KIND = "peak_memory_kind"
 DEVICE = "device"
@@ -83,6 +84,21 @@ RAY_RUN = "ray_run"
 RAY_FAILURES = "ray_failures"
 STOPPED_BY = "stopped_by"
 PBT_SCHEDULE = "pbt_schedule"
+# The confirmation stage (search/confirm.py): a confirmation trial re-runs one search trial's configuration.
+CONFIRMS = "confirms"
+CONFIRM_SEEDS = "confirm_seeds"
+CONFIRM_SCORES = "confirm_scores"
+CONFIRM_MEAN = "confirm_mean"
+CONFIRM_STD = "confirm_std"
+CONFIRM_LCB = "confirm_lcb"
+CONFIRM_SELECT = "confirm_select"
+CONFIRM_CONFIDENCE = "confirm_confidence"
+
+# Where a trial's parameters came from (search/first_trials.py, search/startup.py) and how a budget ended it.
+ORIGIN = "origin"
+DESIGN_POINT = "design_point"
+WARM_START_FROM = "warm_start_from"
+STOPPED_BY_BUDGET = "stopped_by_budget"
 
 # The study's own user attributes.
 CONFIG = "config"
@@ -195,8 +211,14 @@ TRIAL_GROUPS: tuple[Group, ...] = (
         (
             Attr(EXAMPLES_PER_SECOND, "metric", "training throughput", column=True),
             Attr(N_PARAMS, "metric", "the model's parameter count"),
+            Attr(
+                LATENCY_MS,
+                "metric",
+                "studies with `objective.cost: latency_ms`: inference latency per dev example, ms (batch size 1)",
+                column=True,
+            ),
         ),
-        "training throughput; the model's parameter count",
+        "training throughput; the model's parameter count; its inference latency per example (cost studies)",
     ),
     Group(
         (
@@ -258,6 +280,22 @@ TRIAL_GROUPS: tuple[Group, ...] = (
     ),
     Group(
         (
+            Attr(
+                ORIGIN,
+                "tag",
+                "where the parameters came from: `defaults` (the recipe's, projected into the space), `warm-start` "
+                "(an earlier study's), `design` (the start-up design); none: the sampler",
+                column=True,
+            ),
+            Attr(DESIGN_POINT, "run", "a start-up design trial: its point's index in the Latin hypercube"),
+            Attr(WARM_START_FROM, "run", "a warm-start trial: the earlier study and trial it repeats (`study#N`)"),
+            Attr(STOPPED_BY_BUDGET, "tag", "the search's budget ran out: the trial stopped there, keeping its best"),
+        ),
+        "where the parameters came from (`defaults`, `warm-start`, `design`, or the sampler); the design point, the "
+        "earlier study's trial; whether the budget stopped the trial",
+    ),
+    Group(
+        (
             Attr(BACKEND, "run", "`ray` on trials Ray Tune ran"),
             Attr(RAY_TRIAL_ID, "run", "Ray Tune's trial id"),
             Attr(RAY_RUN, "run", "the Ray Tune run the trial belongs to"),
@@ -267,6 +305,35 @@ TRIAL_GROUPS: tuple[Group, ...] = (
         ),
         "backend ray: Ray Tune's trial id and run, its failures, the scheduler that stopped it, PBT's changes",
         ray_only=True,
+    ),
+    Group(
+        (
+            Attr(
+                CONFIRMS,
+                "tag",
+                "a confirmation trial (`llmflow-hpo confirm`): the search trial whose configuration it re-runs; "
+                "its intermediate value at step i is seed i's score",
+            ),
+            Attr(CONFIRM_SEEDS, "run", "confirmation: the training seeds, in order (step i = seed i)"),
+            Attr(
+                CONFIRM_SCORES,
+                "run",
+                "confirmation: each seed's score, the dev metric of its best evaluation, for the seeds run",
+            ),
+            Attr(CONFIRM_MEAN, "metric", "confirmation: the mean of the scores"),
+            Attr(CONFIRM_STD, "metric", "confirmation: their sample standard deviation"),
+            Attr(
+                CONFIRM_LCB,
+                "metric",
+                "confirmation: the one-sided confidence bound of the mean on the losing side, "
+                "mean - t(confidence, K-1) sd / sqrt(K) (+ when minimizing)",
+            ),
+            Attr(CONFIRM_SELECT, "run", "confirmation: the trial's value, `mean` or `lcb` (the selection rule)"),
+            Attr(CONFIRM_CONFIDENCE, "run", "confirmation: the confidence level of the bound"),
+        ),
+        "confirmation trials (`llmflow-hpo confirm`): the search trial whose configuration it re-runs, the seeds "
+        "(step i = seed i), each seed's best dev score, their mean, standard deviation and pessimistic confidence "
+        "bound, which of them is the trial's value (the selection rule) and the bound's level",
     ),
 )
 TRIAL_ATTRS: tuple[Attr, ...] = tuple(a for g in TRIAL_GROUPS for a in g.attrs)

@@ -27,10 +27,11 @@ from llmflow_hpo.config.study import HeartbeatConfig, StudyConfig, config_to_dic
 from llmflow_hpo.errors import StorageError
 from llmflow_hpo.paths import probe_folder, writable_problem
 from llmflow_hpo.study import records
+from llmflow_hpo.study.front import COST_ATTRIBUTES
 from llmflow_hpo.study.note import write_study_note
 from llmflow_hpo.study.provenance import check_same_study, library_versions
 from llmflow_hpo.study.urls import OPTUNA_TABLES, in_memory, is_optuna_sqlite, sqlite_path, sqlite_tables
-from llmflow_hpo.study.view import FINISHED_STATES
+from llmflow_hpo.study.view import FINISHED_STATES, search_trials
 
 __all__ = [
     "check_storage",
@@ -277,16 +278,17 @@ def open_study(
     study = optuna.create_study(
         storage=storage,
         study_name=cfg.study_name,
-        direction=cfg.direction,
+        directions=cfg.directions,  # the metric's; a cost study's second is the cost's (minimize)
         sampler=sampler,
         pruner=pruner,
         load_if_exists=True,
     )
     if exists:
-        if study.direction.name.lower() != cfg.direction:
+        stored_directions = [d.name.lower() for d in study.directions]
+        if stored_directions != cfg.directions:
             raise StorageError(
-                f"study {cfg.study_name!r} in {cfg.storage} has direction {study.direction.name.lower()}; "
-                f"the config says {cfg.direction}"
+                f"study {cfg.study_name!r} in {cfg.storage} has direction {', '.join(stored_directions)}; "
+                f"the config says {', '.join(cfg.directions)} (objective.direction, objective.cost)"
             )
         check_same_study(study, cfg, space_raw)
         write_study_note(study, cfg, space_raw, data_report)  # a study made before the note had none
@@ -303,9 +305,14 @@ def open_study(
     study.set_user_attr(records.METRIC, cfg.metric)
     with warnings.catch_warnings():  # experimental in optuna, but it is what names the objective in the dashboard
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names([records.dev(cfg.metric)])
+        study.set_metric_names([records.dev(cfg.metric), *_cost_names(cfg)])
     write_study_note(study, cfg, space_raw, data_report)
     return study
+
+
+def _cost_names(cfg: StudyConfig) -> list[str]:
+    """The cost objective's name in the dashboard (``latency_ms``, ``n_params``, ``peak_memory_mb``), if any."""
+    return [] if cfg.objective.cost is None else [COST_ATTRIBUTES[cfg.objective.cost]]
 
 
 def free_study_name(storage_url: str, study_name: str) -> str:
@@ -336,5 +343,5 @@ def require_study(storage: optuna.storages.BaseStorage, study_name: str, storage
 
 
 def finished_trials(study: optuna.Study) -> int:
-    """Trials that count towards n_trials: complete or pruned."""
-    return len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+    """Trials that count towards n_trials: complete or pruned search trials (confirmation trials do not)."""
+    return len(search_trials(study.get_trials(deepcopy=False, states=FINISHED_STATES)))

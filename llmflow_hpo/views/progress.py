@@ -27,7 +27,16 @@ from typing import Any, Literal, TextIO
 from optuna.trial import TrialState
 
 from llmflow_hpo.study import records
-from llmflow_hpo.study.view import FINISHED_STATES, best_trial, duration_s, format_duration, params_text, state_counts
+from llmflow_hpo.study.front import cost_value, metric_value
+from llmflow_hpo.study.view import (
+    FINISHED_STATES,
+    best_trial,
+    duration_s,
+    format_duration,
+    params_text,
+    search_trials,
+    state_counts,
+)
 
 __all__ = ["Mode", "Progress", "as_progress", "choose_mode"]
 
@@ -96,7 +105,7 @@ class Progress:
     ) -> None:
         """The search begins: what the study already holds counts, new trials add to it."""
         self.target, self.metric, self.direction, self.workers = target, metric, direction, workers
-        trials = study.get_trials(deepcopy=False)
+        trials = search_trials(study.get_trials(deepcopy=False))  # confirmation trials are not the search's
         self.counts = state_counts(trials, _SHOWN_STATES)
         self.best = _best(trials, direction)
         # Earlier trials' durations seed the estimate of the time left.
@@ -198,7 +207,7 @@ class Progress:
 
     def trial_finished(self, study: Any, trial: Any) -> None:
         """A trial of the study ended (here or, for the counts, anywhere: the study is read again)."""
-        trials = study.get_trials(deepcopy=False)
+        trials = search_trials(study.get_trials(deepcopy=False))  # confirmation trials are not the search's
         self.counts = state_counts(trials, _SHOWN_STATES)
         seconds = duration_s(trial) or 0.0
         if trial.state in FINISHED_STATES:
@@ -219,7 +228,7 @@ class Progress:
                     "event": "trial_finished",
                     "trial": trial.number,
                     "state": trial.state.name,
-                    "value": trial.value,
+                    "value": metric_value(trial),
                     "seconds": round(seconds, 3),
                     "fail_reason": trial.user_attrs.get(records.FAIL_REASON),
                     "counts": self.counts,
@@ -232,7 +241,8 @@ class Progress:
             )
             return
         if trial.state == TrialState.COMPLETE:
-            outcome = f"complete  dev {self.metric}={trial.value:.4f} at step {trial.user_attrs.get(records.BEST_STEP)}"
+            step = trial.user_attrs.get(records.BEST_STEP)
+            outcome = f"complete  dev {self.metric}={metric_value(trial):.4f}{_cost_text(study, trial)} at step {step}"
         elif trial.state == TrialState.PRUNED:
             outcome = f"pruned    at step {trial.user_attrs.get(records.PRUNED_AT_STEP, trial.last_step)}"
         else:
@@ -310,7 +320,16 @@ _SHOWN_STATES = ("complete", "pruned", "fail")  # what the counts of the progres
 def _best(trials: list[Any], direction: str) -> tuple[int, float, dict[str, Any]] | None:
     """The best complete trial (``view.best_trial``) as (number, value, params)."""
     best = best_trial(trials, direction)
-    return None if best is None else (best.number, float(best.value), dict(best.params))
+    return None if best is None else (best.number, metric_value(best), dict(best.params))
+
+
+def _cost_text(study: Any, trial: Any) -> str:
+    """`` latency_ms=3.21`` for a trial of a quality-against-cost study (its second value), else nothing."""
+    cost = cost_value(trial)
+    if cost is None:
+        return ""
+    names = study.metric_names
+    return f" {names[1] if names and len(names) > 1 else 'cost'}={cost:.4g}"
 
 
 def as_progress(log: Any) -> Progress:

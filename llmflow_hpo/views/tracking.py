@@ -26,8 +26,9 @@ from typing import Any
 
 from llmflow_hpo.config.study import StudyConfig
 from llmflow_hpo.study import records
+from llmflow_hpo.study.front import metric_value
 from llmflow_hpo.study.urls import sqlite_path, sqlite_url
-from llmflow_hpo.study.view import best_trial
+from llmflow_hpo.study.view import StudyView
 
 __all__ = ["Tracking", "open_tracking", "search_tracking", "track_retrain"]
 
@@ -146,7 +147,7 @@ def search_tracking(cfg: StudyConfig, study: Any, *, log: Log) -> Iterator[Track
         raise
     finally:
         if tracking.trackers:  # the trials are read only for a tracker to be told the best one
-            tracking.study_finished(best_trial(study.get_trials(deepcopy=False), study.direction), status)
+            tracking.study_finished(StudyView.of(study).best, status)  # a cost study's: objective.select's pick
         tracking.close()
 
 
@@ -341,15 +342,15 @@ class MlflowTracker(Tracker):
             for k, v in trial.user_attrs.items()
             if records.tracked_as_metric(k, v)
         ]
-        if trial.value is not None:
-            summary.append(Metric("objective", float(trial.value), now, 0))
+        if metric_value(trial) is not None:
+            summary.append(Metric("objective", metric_value(trial), now, 0))
         self.client.log_batch(run_id, metrics=summary, tags=tags)
         self.client.set_terminated(run_id, status=_MLFLOW_STATUS.get(state, "FAILED"))
         del self.runs[trial.number]  # only now: close() ends a run whose end failed half-way
 
     def study_finished(self, best: Any, status: str) -> None:
         if best is not None:
-            self.client.log_metric(self.parent_run_id, f"best_dev_{self.cfg.metric}", float(best.value))
+            self.client.log_metric(self.parent_run_id, f"best_dev_{self.cfg.metric}", metric_value(best))
             self.client.set_tag(self.parent_run_id, "llmflow.best_trial", str(best.number))
             self.client.log_dict(self.parent_run_id, dict(best.params), "study/best_params.json")
         self.client.set_terminated(self.parent_run_id, status=status)
@@ -454,8 +455,8 @@ class TensorBoardTracker(Tracker):
             return
         reason = trial.user_attrs.get(records.FAIL_REASON)
         text = trial.state.name + (f": {reason}" if reason else "")
-        if trial.value is not None:
-            text += f" (objective {trial.value:.6g})"
+        if metric_value(trial) is not None:
+            text += f" (objective {metric_value(trial):.6g})"
         writer.add_text("state", text, 0)
         writer.close()
         del self.writers[trial.number]
