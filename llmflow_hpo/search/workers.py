@@ -75,11 +75,13 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(count)]
 
 
-def worker_overrides(cfg: StudyConfig, plan: WorkerPlan) -> list[str]:
-    """``--set`` values that carry this run's settings (those a rerun may change) to a worker."""
+def worker_overrides(cfg: StudyConfig, plan: WorkerPlan, budget_left: float | None = None) -> list[str]:
+    """``--set`` values that carry this run's settings (those a rerun may change) to a worker; the budget
+    as the seconds it has left."""
     values: dict[str, Any] = {
         "n_trials": cfg.n_trials,
         "timeout": cfg.timeout,
+        "budget": None if budget_left is None else max(budget_left, 1e-3),
         "cache_dir": cfg.cache_dir,
         "train.device": cfg.train.device,
         "train.num_threads": plan.threads,
@@ -95,7 +97,7 @@ def _pump(stream: Any, prefix: str, log: Log) -> None:
         log(prefix + line.rstrip("\n"))
 
 
-def run_worker_processes(cfg: StudyConfig, n: int, *, log: Log) -> None:
+def run_worker_processes(cfg: StudyConfig, n: int, *, log: Log, budget: Any = None) -> None:
     """Start ``n`` workers on the (already created) study, wait for them, forward SIGINT/SIGTERM."""
     assert cfg.storage is not None
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
@@ -113,7 +115,7 @@ def run_worker_processes(cfg: StudyConfig, n: int, *, log: Log) -> None:
             env["CUDA_VISIBLE_DEVICES"] = plan.cuda_visible_devices
         command = [sys.executable, "-m", "llmflow_hpo", "worker", "--spawned"]
         command += ["--study", cfg.study_name, "--storage", cfg.storage]
-        for item in worker_overrides(cfg, plan):
+        for item in worker_overrides(cfg, plan, None if budget is None else budget.left()):
             command += ["--set", item]
         proc = subprocess.Popen(
             command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1

@@ -37,6 +37,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from llmflow_hpo.config.study import StudyConfig
 from llmflow_hpo.errors import Interrupted, TrialFailure
+from llmflow_hpo.search.budget import Budget
 from llmflow_hpo.search.driver import (
     SearchRun,
     SearchSummary,
@@ -53,6 +54,7 @@ from llmflow_hpo.study import records
 from llmflow_hpo.study.lock import StudyLock
 from llmflow_hpo.study.optuna_private import record_heartbeat, stored_trial, trial_id
 from llmflow_hpo.study.storage import finished_trials, open_storage, retry_callback, retry_transient
+from llmflow_hpo.study.view import search_trials
 from llmflow_hpo.views.progress import as_progress
 from llmflow_hpo.views.tracking import Tracking
 
@@ -180,7 +182,7 @@ def _next_action(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             retry_transient(lambda: optuna.storages.fail_stale_trials(study))
-    trials = retry_transient(lambda: study.get_trials(deepcopy=False))
+    trials = search_trials(retry_transient(lambda: study.get_trials(deepcopy=False)))  # confirmations hold no slot
     states = [t.state for t in trials]
     finished = sum(1 for s in states if s in (TrialState.COMPLETE, TrialState.PRUNED))
     running, queued = states.count(TrialState.RUNNING), states.count(TrialState.WAITING)
@@ -239,6 +241,7 @@ def run_worker(
     draw: Callable[[optuna.Trial], object] | None = None,
     poll_seconds: float = 2.0,
     log: Log | None = None,
+    budget: Budget | None = None,
 ) -> int:
     """Claim and run trials of ``study`` until it holds ``target`` finished trials; returns how many ran here.
 
@@ -247,13 +250,14 @@ def run_worker(
     right after the claim (the objective then gets the same values back). ``after_trial`` runs under the
     lock after each trial (the checkpoint cleanup). Ctrl-C / SIGTERM: the running trial is told FAIL,
     queued again through ``retry`` and ``Interrupted`` (a KeyboardInterrupt) is raised. A study sampled by
-    the grid (``strategy.StudyGrid``) ends when its grid is done, whatever ``target`` says.
+    the grid (``strategy.StudyGrid``) ends when its grid is done, whatever ``target`` says. ``budget``:
+    no trial starts once it is spent, or when half a typical trial no longer fits (``search.budget``).
     """
     say = log or say_on_stderr
     lock = lock or StudyLock("", study.study_name)  # no storage URL: an unlocked no-op
     grid = study.sampler if isinstance(study.sampler, StudyGrid) else None
     start = time.monotonic()
-    trials = retry_transient(lambda: study.get_trials(deepcopy=False))
+    trials = search_trials(retry_transient(lambda: study.get_trials(deepcopy=False)))  # confirmations hold no slot
     failed_at_start = _failed_for_good(trials)
     finished_at_start = sum(1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED))
     # As many failures as trials still missing are tolerated (the same budget again); one more stops the run.
@@ -263,6 +267,9 @@ def run_worker(
     while True:
         if timeout is not None and time.monotonic() - start >= timeout:
             say(f"study {study.study_name}: timeout of {timeout:g}s reached; no new trial started")
+            break
+        if budget is not None and not budget.fits_a_trial(retry_transient(lambda: study.get_trials(deepcopy=False))):
+            say(f"study {study.study_name}: the budget of {budget.seconds:g}s is spent; no new trial started")
             break
         trial = None
         try:
@@ -380,6 +387,7 @@ def work_on_study(
     *,
     log: Log,
     tracking: Tracking | None = None,
+    budget: Budget | None = None,
 ) -> int:
     """This process's share of the study: the real objective, checkpoints, heartbeat, lock, signals.
 
@@ -417,7 +425,9 @@ def work_on_study(
         with _Signals.installed():
             ran = run_worker(
                 study,
-                TrialObjective(cfg, space, features, checkpoints, log=progress, progress=progress, tracking=tracking),
+                TrialObjective(
+                    cfg, space, features, checkpoints, log=progress, progress=progress, tracking=tracking, budget=budget
+                ),
                 target=target,
                 timeout=cfg.timeout,
                 lock=lock,
@@ -428,6 +438,7 @@ def work_on_study(
                 draw=lambda trial: suggest_params(trial, space),
                 poll_seconds=min(2.0, cfg.heartbeat.interval),
                 log=progress,
+                budget=budget,
             )
             with lock.held():
                 cleanup(study)
@@ -452,7 +463,8 @@ def join_study(cfg: StudyConfig, space: SearchSpace, *, log: Log | None = None) 
         study_name=cfg.study_name, storage=open_storage(cfg.storage, cfg.heartbeat), sampler=sampler, pruner=pruner
     )
     done = finished_trials(study)
-    ran = work_on_study(cfg, space, features, study, log=say)
+    budget = Budget(cfg.budget_s) if cfg.budget_s is not None else None  # a worker process: the seconds left
+    ran = work_on_study(cfg, space, features, study, log=say, budget=budget)
     return summarize(study, cfg, finished_trials(study) - done if ran else 0, 1, study_target(cfg, space))
 
 
@@ -480,9 +492,11 @@ class OptunaTrials:
 
     def run(self, run: SearchRun) -> None:
         if self.workers == 1:
-            work_on_study(run.cfg, run.space, run.features, run.study, log=run.progress, tracking=run.tracking)
+            work_on_study(
+                run.cfg, run.space, run.features, run.study, log=run.progress, tracking=run.tracking, budget=run.budget
+            )
             return
         from llmflow_hpo.search.workers import run_worker_processes
 
         run.progress.workers = self.workers
-        run_worker_processes(run.cfg, self.workers, log=run.progress)
+        run_worker_processes(run.cfg, self.workers, log=run.progress, budget=run.budget)

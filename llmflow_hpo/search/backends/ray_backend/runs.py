@@ -113,7 +113,7 @@ def _new_tuner(run: SearchRun, trainable: Any, *, name: str, samples: int) -> An
             scheduler=build_scheduler(cfg, space, n_train, run.source),
             num_samples=samples,
             max_concurrent_trials=cfg.ray.max_concurrent_trials,
-            time_budget_s=cfg.timeout,
+            time_budget_s=cfg.budget_s or cfg.timeout,  # Ray stops its trials when the budget is spent
             reuse_actors=True,
         ),
         run_config=tune.RunConfig(

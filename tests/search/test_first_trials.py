@@ -1,0 +1,168 @@
+"""The trials a study starts with: the recipe's defaults, the start-up design, a warm start; and the budget."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from conftest import NER_CONFIG, deep_update
+from optuna.trial import TrialState
+
+from llmflow_hpo.config.study import config_from_dict, duration_seconds
+from llmflow_hpo.errors import ConfigError
+from llmflow_hpo.search.budget import Budget
+from llmflow_hpo.search.first_trials import default_params, project
+from llmflow_hpo.search.spaces import parse_search_space
+from llmflow_hpo.search.startup import design_length, design_points
+from llmflow_hpo.study import records
+
+SPACE = parse_search_space(
+    {
+        "learning_rate": {"type": "float", "low": 1e-5, "high": 3e-4, "log": True},
+        "batch_size": {"type": "categorical", "choices": [8, 16, 32]},
+        "warmup_ratio": {"type": "float", "low": 0.0, "high": 0.2, "step": 0.05},
+        "epochs": {"type": "int", "low": 2, "high": 4},
+        "scheduler": {"type": "categorical", "choices": ["cosine", "constant_with_warmup"]},
+    },
+    source="space.yaml",
+)
+
+
+def test_a_default_is_projected_into_the_space() -> None:
+    assert project(5e-5, SPACE["learning_rate"]) == 5e-5
+    assert project(1e-3, SPACE["learning_rate"]) == 3e-4  # clipped
+    assert project(24, SPACE["batch_size"]) == 16  # nearest choice; a tie takes the smaller
+    assert project(64, SPACE["batch_size"]) == 32
+    assert project(0.07, SPACE["warmup_ratio"]) == pytest.approx(0.05)  # on the step
+    assert project(1, SPACE["epochs"]) == 2
+    assert project("linear", SPACE["scheduler"]) == "cosine"  # not a choice, not a number: the first
+
+
+def test_the_defaults_trial_is_the_train_sections_values() -> None:
+    cfg = config_from_dict(deep_update(NER_CONFIG, {"train": {"learning_rate": 1e-4, "batch_size": 32}}), source="x")
+    params = default_params(cfg, SPACE)
+    assert params == {"learning_rate": 1e-4, "batch_size": 32, "warmup_ratio": 0.0, "epochs": 2, "scheduler": "cosine"}
+
+
+def test_the_design_covers_every_choice_and_is_seeded() -> None:
+    assert design_length(SPACE, None) == 6  # 5 dimensions + 1
+    assert design_length(SPACE, 9) == 3  # a third of the planned trials
+    assert design_length(SPACE, 3) == 2
+    points = design_points(SPACE, 6, seed=3)
+    assert sorted(p["batch_size"] for p in points) == [8, 8, 16, 16, 32, 32]
+    assert sorted(p["scheduler"] for p in points) == ["constant_with_warmup"] * 3 + ["cosine"] * 3
+    assert sorted(p["epochs"] for p in points) == [2, 2, 3, 3, 4, 4]
+    strata = sorted(int(6 * (p["warmup_ratio"] / 0.2)) for p in points if p["warmup_ratio"] < 0.2)
+    assert len(set(strata)) >= 4  # spread over the range, not bunched
+    assert points == design_points(SPACE, 6, seed=3)
+    assert points != design_points(SPACE, 6, seed=4)
+
+
+def test_budget_durations_and_refusals() -> None:
+    assert duration_seconds("30m") == 1800
+    assert duration_seconds("1.5h") == 5400
+    assert duration_seconds("90s") == 90
+    assert duration_seconds(45) == 45
+    cfg = config_from_dict({**NER_CONFIG, "budget": "2m"}, source="x")
+    assert cfg.budget_s == 120 and cfg.n_trials == 3  # n_trials given: kept as an upper bound
+    alone = {k: v for k, v in NER_CONFIG.items() if k != "n_trials"}
+    assert config_from_dict({**alone, "budget": "2m"}, source="x").n_trials is None
+    for bad in ("soon", "-5m", 0, "inf"):
+        with pytest.raises(ConfigError, match=r"x: budget: got .*; give a duration such as 30m"):
+            config_from_dict({**NER_CONFIG, "budget": bad}, source="x")
+
+
+def test_a_spent_budget_starts_no_trial_and_stops_a_running_one() -> None:
+    spent = Budget(10.0, ends_at=time.time() - 1)
+    assert not spent.fits_a_trial([]) and spent.clock().spent_after()
+    fresh = Budget(3600.0)
+    assert fresh.fits_a_trial([]) and not fresh.clock().spent_after()
+
+
+def _search(tmp_path: Path, changes: dict, name: str = "study.yaml", space: dict | None = None) -> subprocess.CompletedProcess:
+    cfg = deep_update(NER_CONFIG, {"storage": f"sqlite:///{tmp_path / 's.db'}", "cache_dir": str(tmp_path / "cache")})
+    cfg = deep_update(cfg, {"checkpoint": {"dir": str(tmp_path / "ckpt")}, **changes})
+    (tmp_path / "space.yaml").write_text(
+        yaml.safe_dump(
+            space
+            or {
+                "learning_rate": {"type": "float", "low": 5e-4, "high": 5e-3, "log": True},
+                "batch_size": {"type": "categorical", "choices": [4, 8, 16]},
+            }
+        )
+    )
+    (tmp_path / name).write_text(yaml.safe_dump(cfg))
+    return subprocess.run(
+        [sys.executable, "-m", "llmflow_hpo", "search", str(tmp_path / name)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def _trials(tmp_path: Path, study: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=study, storage=f"sqlite:///{tmp_path / 's.db'}").get_trials()
+
+
+def test_a_new_study_starts_with_the_defaults_then_the_design_then_warm_starts_another(tmp_path: Path) -> None:
+    tpe = {"sampler": {"name": "tpe", "startup_trials": 3}, "n_trials": 4, "train": {"epochs": 1}}
+    result = _search(tmp_path, tpe)
+    assert result.returncode == 0, result.stderr
+    assert "the first trial runs the recipe's defaults (batch_size=8, learning_rate=0.001)" in result.stderr
+    trials = _trials(tmp_path, "tiny-ner")
+    assert trials[0].params == {"learning_rate": 1e-3, "batch_size": 8}
+    assert trials[0].user_attrs[records.ORIGIN] == "defaults"
+    design = trials[1:]
+    assert [t.user_attrs.get(records.ORIGIN) for t in design] == ["design"] * 3
+    assert sorted(t.user_attrs[records.DESIGN_POINT] for t in design) == [0, 1, 2]
+    assert sorted(t.params["batch_size"] for t in design) == [4, 8, 16]  # every choice once
+    again = _search(tmp_path, {**tpe, "n_trials": 5})  # a rerun queues no second defaults trial
+    assert again.returncode == 0, again.stderr
+    rerun = _trials(tmp_path, "tiny-ner")
+    assert len(rerun) == 5 and sum(t.user_attrs.get(records.ORIGIN) == "defaults" for t in rerun) == 1
+    assert records.ORIGIN not in rerun[4].user_attrs  # the sampler's own
+
+    best = sorted((t for t in rerun if t.state == TrialState.COMPLETE), key=lambda t: -t.value)
+    warm = {"study_name": "warm", "n_trials": 3, "sampler": {"name": "tpe", "defaults_first": False}}
+    warm |= {"warm_start": {"study": "tiny-ner", "top": 2}, "train": {"epochs": 1}}
+    result = _search(tmp_path, warm, name="warm.yaml")
+    assert result.returncode == 0, result.stderr
+    started = _trials(tmp_path, "warm")
+    assert [t.user_attrs.get(records.ORIGIN) for t in started[:2]] == ["warm-start"] * 2
+    assert [t.params for t in started[:2]] == [t.params for t in best[:2]]
+    assert started[0].user_attrs[records.WARM_START_FROM] == f"tiny-ner#{best[0].number}"
+
+
+def test_a_warm_start_from_a_missing_study_is_refused(tmp_path: Path) -> None:
+    result = _search(tmp_path, {"warm_start": {"study": "nope"}})
+    assert result.returncode == 1
+    assert "warm_start.study: no study 'nope' in sqlite:///" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_budget_stops_a_long_trial_keeping_its_best_and_starts_no_other(tmp_path: Path) -> None:
+    alone = {k: v for k, v in NER_CONFIG.items() if k != "n_trials"}
+    changes = {"budget": "4s", "train": {"epochs": 200, "evals_per_epoch": 2}}
+    started = time.monotonic()
+    cfg = deep_update(alone, {"storage": f"sqlite:///{tmp_path / 's.db'}", "cache_dir": str(tmp_path / "cache")})
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"learning_rate": {"type": "float", "low": 5e-4, "high": 5e-3}}))
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(deep_update(cfg, changes)))
+    result = subprocess.run(
+        [sys.executable, "-m", "llmflow_hpo", "search", str(tmp_path / "study.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "the budget of 4s is spent; no new trial started" in result.stderr
+    trials = _trials(tmp_path, "tiny-ner")
+    assert [t.state for t in trials] == [TrialState.COMPLETE]  # nothing left running, nothing queued
+    trial = trials[0]
+    assert trial.user_attrs[records.STOPPED_BY_BUDGET] is True
+    assert 1 <= trial.user_attrs[records.EVALUATIONS] < 400  # stopped long before its 200 epochs
+    assert time.monotonic() - started < 120
