@@ -26,11 +26,24 @@ from optuna.trial import FrozenTrial, TrialState
 from llmflow_hpo import __version__
 from llmflow_hpo.errors import ConfigError, StorageError
 from llmflow_hpo.study import records
-from llmflow_hpo.study.view import complete_trials, duration_s, format_seconds, format_value, ranked, state_counts
+from llmflow_hpo.study.front import CostObjective, cost_value, metric_value
+from llmflow_hpo.study.view import (
+    StudyView,
+    complete_trials,
+    confirmation_summary,
+    duration_s,
+    format_seconds,
+    format_value,
+    mean_std_text,
+    ranked,
+    search_trials,
+    state_counts,
+)
 
 __all__ = ["IMPORTANCE_SEED", "PLOTS", "ReportSummary", "build_report", "default_report_dir"]
 
 PLOTS = ("optimization_history", "intermediate_values", "param_importances", "parallel_coordinate", "slice")
+FRONT_PLOT = "pareto_front"  # drawn for a quality-against-cost study only
 IMPORTANCE_SEED = 0  # fANOVA's random forest: a fixed seed makes the importances (and the report) reproducible
 TOP_TRIALS = 10
 MAX_LEGEND = 20  # more curves than this: optuna's legend (one entry per trial) would dwarf the plot
@@ -59,6 +72,8 @@ class ReportSummary:
     skipped: dict[str, str]  # plot name -> why it was not drawn
     files: list[str] = field(default_factory=list)
     llmflow_hpo_version: str = __version__
+    confirmation: dict[str, Any] | None = None  # study.view.confirmation_summary; None without confirmation trials
+    front: list[dict[str, Any]] | None = None  # a quality-against-cost study's Pareto front (_front_rows), else None
 
 
 def default_report_dir(study_name: str) -> Path:
@@ -79,16 +94,24 @@ def build_report(
     ``storage`` is only shown (without its password).
     """
     say = log or (lambda line: print(line, file=sys.stderr))
-    if len(study.directions) != 1:
-        raise StorageError(f"study {study.study_name!r} has {len(study.directions)} objectives; reports show one")
+    if len(study.directions) > 2:
+        raise StorageError(
+            f"study {study.study_name!r} has {len(study.directions)} objectives; reports show one, or a metric "
+            "against a cost"
+        )
     out = Path(output_dir) if output_dir is not None else default_report_dir(study.study_name)
     _prepare_dir(out)
-    trials = study.get_trials(deepcopy=False)
+    every = study.get_trials(deepcopy=False)
+    trials = search_trials(every)  # the search's own; confirmation trials (llmflow-hpo confirm) have their table
     info = _StudyInfo.read(study, trials, storage)
-    plots, skipped, curves, importances = _draw_plots(study, trials, info, out)
+    info.confirmation = confirmation_summary(StudyView(info.direction, info.metric, tuple(every)))
+    plots, skipped, curves, importances = _draw_plots(_search_only(study, trials, every), trials, info, out)
     for name, reason in skipped.items():
         say(f"report: {name} not drawn: {reason}")
     best = ranked(trials, info.direction)
+    view = StudyView(info.direction, info.metric, tuple(every), objective=info.objective)
+    chosen = view.best if info.objective is not None else (best[0] if best else None)  # a cost study: its pick
+    info.front = _front_rows(view) if info.objective is not None else None
     summary = ReportSummary(
         study_name=study.study_name,
         storage=info.storage,
@@ -98,14 +121,16 @@ def build_report(
         index_html=str((out / "index.html").resolve()),
         counts=info.counts,
         seconds=info.seconds,
-        best_number=best[0].number if best else None,
-        best_value=best[0].value if best else None,
-        best_params=dict(best[0].params) if best else {},
+        best_number=chosen.number if chosen else None,
+        best_value=metric_value(chosen) if chosen else None,
+        best_params=dict(chosen.params) if chosen else {},
         importances=importances,
         curves=curves,
         plots={name: f"{name}.png" for name in plots},
         skipped=skipped,
         files=["index.html", *(f"{name}.png" for name in plots), "summary.json"],
+        confirmation=info.confirmation,
+        front=info.front,
     )
     page = _page(study.study_name, info, trials, best, plots, skipped, curves, out)
     _write(out / "index.html", page)
@@ -130,7 +155,7 @@ def _prepare_dir(out: Path) -> None:
         raise ConfigError(f"--output {out}: exists and is not an llmflow-hpo report folder; choose another folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        for name in PLOTS:  # an earlier report's plot that this one cannot draw must not stay behind
+        for name in (*PLOTS, FRONT_PLOT):  # an earlier report's plot that this one cannot draw must not stay behind
             (out / f"{name}.png").unlink(missing_ok=True)
     except OSError as e:
         raise ConfigError(f"--output {out}: cannot write there ({e.strerror}); choose a writable folder") from None
@@ -160,6 +185,15 @@ class _StudyInfo:
     seconds: dict[str, dict[str, float | int | None]]
     first_start: datetime | None
     last_complete: datetime | None
+    confirmation: dict[str, Any] | None = None  # study.view.confirmation_summary
+    objective: CostObjective | None = None  # a quality-against-cost study's cost (study.front)
+    cost_name: str = "cost"  # the cost objective's name in the study (latency_ms, n_params, peak_memory_mb)
+    front: list[dict[str, Any]] | None = None  # _front_rows
+
+    @property
+    def plot_names(self) -> tuple[str, ...]:
+        """The plots this study's report draws: PLOTS, and the Pareto front of a quality-against-cost study."""
+        return (*PLOTS, FRONT_PLOT) if self.objective is not None else PLOTS
 
     @classmethod
     def read(cls, study: optuna.Study, trials: list[FrozenTrial], storage: str | None) -> _StudyInfo:
@@ -190,7 +224,7 @@ class _StudyInfo:
         ends = [t.datetime_complete for t in trials if t.datetime_complete is not None]
         return cls(
             storage=_hide_password(storage) if storage else None,
-            direction=study.direction.name.lower(),
+            direction=study.directions[0].name.lower(),  # the metric's (a cost study's second is the cost's)
             metric=metric,
             config=config,
             versions=dict(attrs.get(records.VERSIONS) or {}),
@@ -198,7 +232,24 @@ class _StudyInfo:
             seconds=seconds,
             first_start=min(starts) if starts else None,
             last_complete=max(ends) if ends else None,
+            objective=CostObjective.of((attrs.get(records.CONFIG) or {}).get("objective")),
+            cost_name=names[1] if len(names or []) > 1 else "cost",
         )
+
+
+def _search_only(study: optuna.Study, trials: list[FrozenTrial], every: list[FrozenTrial]) -> optuna.Study:
+    """The study the plots draw: the stored one, or, when it holds confirmation trials (their steps are seeds,
+    not examples seen), an in-memory copy of its search trials."""
+    if len(trials) == len(every):
+        return study
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created in memory" line
+    try:
+        copy = optuna.create_study(directions=study.directions)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    copy.add_trials(trials)
+    return copy
 
 
 def _hide_password(url: str) -> str:
@@ -223,7 +274,7 @@ def _why_not(name: str, trials: list[FrozenTrial]) -> str | None:
         return None if curved else "no trial has reported an evaluation during training yet"
     if not complete:
         return "no complete trial yet"
-    if name == "optimization_history":
+    if name in ("optimization_history", FRONT_PLOT):
         return None
     what = {
         "param_importances": "parameter importances need",
@@ -245,7 +296,7 @@ def _why_not(name: str, trials: list[FrozenTrial]) -> str | None:
             "parameter importances need at least 2 parameters that vary across the complete trials; "
             f"varying: {', '.join(varying) or 'none'}"
         )
-    if len({t.value for t in complete}) < 2:
+    if len({metric_value(t) for t in complete}) < 2:
         return "every complete trial has the same value: there is nothing to attribute to the parameters"
     return None
 
@@ -274,7 +325,9 @@ def _draw_plots(
     curves = {"total": 0, **{state: 0 for state in ("complete", "pruned", "running")}}
     importances: dict[str, float] = {}
     target = info.metric
-    for name in PLOTS:
+    # A quality-against-cost study: the plots of one objective draw the metric (optuna asks which).
+    metric = _first_value if info.objective is not None else None
+    for name in info.plot_names:
         reason = _why_not(name, trials)
         if reason is not None:
             skipped[name] = reason
@@ -285,7 +338,7 @@ def _draw_plots(
             warnings.filterwarnings("ignore", "Attempting to set identical", UserWarning)
             try:
                 if name == "optimization_history":
-                    axes = vis.plot_optimization_history(study, target_name=target)
+                    axes = vis.plot_optimization_history(study, target=metric, target_name=target)
                 elif name == "intermediate_values":
                     axes = vis.plot_intermediate_values(study)
                     curves = _mark_curves(axes, trials, target)
@@ -293,14 +346,18 @@ def _draw_plots(
                     # The plot computes the importances itself and does not return them: fANOVA runs twice
                     # (a fraction of a second for hundreds of trials), so summary.json holds the same numbers.
                     evaluator = optuna.importance.FanovaImportanceEvaluator(seed=IMPORTANCE_SEED)
-                    axes = vis.plot_param_importances(study, evaluator=evaluator, target_name=target)
+                    axes = vis.plot_param_importances(study, evaluator=evaluator, target=metric, target_name=target)
                     importances = optuna.importance.get_param_importances(
-                        study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=IMPORTANCE_SEED)
+                        study,
+                        evaluator=optuna.importance.FanovaImportanceEvaluator(seed=IMPORTANCE_SEED),
+                        target=metric,
                     )
                 elif name == "parallel_coordinate":
-                    axes = vis.plot_parallel_coordinate(study, target_name=target)
+                    axes = vis.plot_parallel_coordinate(study, target=metric, target_name=target)
+                elif name == FRONT_PLOT:
+                    axes = _pareto_plot(vis, study, info)
                 else:
-                    axes = vis.plot_slice(study, target_name=target)
+                    axes = vis.plot_slice(study, target=metric, target_name=target)
             except (ValueError, RuntimeError) as e:  # optuna refuses this study's data: say so, keep the report
                 skipped[name] = f"optuna could not draw it ({type(e).__name__}: {e})"
                 plt.close("all")
@@ -317,6 +374,36 @@ def _draw_plots(
                 plt.close(fig)
         drawn.append(name)
     return drawn, skipped, curves, {k: float(v) for k, v in importances.items()}
+
+
+def _first_value(trial: FrozenTrial) -> float:
+    """A quality-against-cost trial's metric (what the one-objective plots draw)."""
+    return float(trial.values[0])
+
+
+def _pareto_plot(vis: Any, study: optuna.Study, info: _StudyInfo) -> Any:
+    """optuna's Pareto-front plot of metric against cost. Where the sampler was given max_cost (tpe, gp), optuna
+    stored each trial's constraint and the plot draws the trials above it as infeasible."""
+    return vis.plot_pareto_front(study, target_names=[info.metric, info.cost_name])
+
+
+def _front_rows(view: StudyView) -> list[dict[str, Any]]:
+    """A quality-against-cost study's Pareto front as data (the page's table, summary.json), cheapest first:
+    each trial's metric, cost, parameter count, whether it is within max_cost and whether select picked it."""
+    o, picked = view.objective, view.best
+    assert o is not None
+    return [
+        {
+            "trial": t.number,
+            "metric": metric_value(t),
+            "cost": cost_value(t),
+            records.N_PARAMS: t.user_attrs.get(records.N_PARAMS),
+            "feasible": o.feasible(t),
+            "picked": picked is not None and t.number == picked.number,
+            "params": dict(t.params),
+        }
+        for t in view.front
+    ]
 
 
 def _polish(name: str, axes: Any, fig: Any) -> None:
@@ -396,6 +483,11 @@ CAPTIONS = {
     ),
     "parallel_coordinate": "Parallel coordinates: each complete trial is one line through its parameters, coloured by {metric}.",
     "slice": "Slice plot: {metric} against each parameter, one point per complete trial (colour: trial number).",
+    FRONT_PLOT: (
+        "Pareto front: {metric} against the cost of each complete trial; the front is the trials no other beats "
+        "on both (optuna's plot; where tpe or gp were given max_cost, the trials above it are drawn as infeasible; "
+        "the table above says which are within it for any sampler)."
+    ),
 }
 TITLES = {
     "optimization_history": "Optimization history",
@@ -403,6 +495,7 @@ TITLES = {
     "param_importances": "Parameter importances",
     "parallel_coordinate": "Parallel coordinates",
     "slice": "Slice plot",
+    FRONT_PLOT: "Pareto front (metric against cost)",
 }
 
 
@@ -434,13 +527,15 @@ def _page(
         _header(info),
         "<h2>Trials</h2>",
         _state_table(info),
+        _front_table(info),
         f"<h2>Best trials by {_e(info.metric)} ({_e(info.direction)})</h2>",
         _best_table(best, info),
+        _confirmation_table(info),
         _failed(trials),
         "<h2>Plots</h2>",
     ]
     pruned = sorted(t.number for t in trials if t.state == TrialState.PRUNED and t.intermediate_values)
-    for plot in PLOTS:
+    for plot in info.plot_names:
         parts.append(f"<h3>{_e(TITLES[plot])}</h3>")
         if plot in skipped:
             parts.append(f'<p class="skipped">Not drawn: {_e(skipped[plot])}.</p>')
@@ -472,6 +567,11 @@ def _header(info: _StudyInfo) -> str:
         ("storage", info.storage or "-"),
         ("objective", f"{info.direction} {info.metric}"),
     ]
+    if info.objective is not None:  # a quality-against-cost study
+        o = info.objective
+        rule = f"{o.select} (tolerance {o.tolerance:g})" if o.select == "cheapest-within" else o.select
+        limit = f"max_cost {o.max_cost:g}" if o.max_cost is not None else "no max_cost"
+        rows.append(("cost", f"minimize {info.cost_name} ({limit}); retrain-best's trial: select {rule}"))
     cfg = info.config
     if cfg is not None:
         stopping = f"Ray {cfg.ray.scheduler} scheduler" if cfg.backend == "ray" else f"{cfg.pruner.name} pruner"
@@ -495,6 +595,45 @@ def _header(info: _StudyInfo) -> str:
     if info.versions:
         rows.append(("versions", ", ".join(f"{k} {v}" for k, v in info.versions.items())))
     return '<dl class="meta">' + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in rows) + "</dl>"
+
+
+def _front_table(info: _StudyInfo) -> str:
+    """A quality-against-cost study's Pareto front, cheapest first: trial, metric, cost, parameter count, whether
+    it is within max_cost, which one ``objective.select`` picks (retrain-best's), and the parameters."""
+    if info.front is None:
+        return ""
+    o = info.objective
+    assert o is not None
+    title = f"<h2>Pareto front: {_e(info.metric)} against {_e(info.cost_name)}</h2>"
+    if not info.front:
+        return title + '<p class="note">No complete trial yet.</p>'
+    params = list(dict.fromkeys(p for r in info.front for p in r["params"]))
+    head = (
+        f"<tr><th>#</th><th>{_e(info.metric)}</th><th>{_e(info.cost_name)}</th><th>{records.N_PARAMS}</th>"
+        '<th class="text">within max_cost</th><th class="text">picked</th>'
+        + "".join(f"<th>{_e(p)}</th>" for p in params)
+        + "</tr>"
+    )
+    rows = []
+    for r in info.front:
+        cells = [
+            f"<td>{r['trial']}</td>",
+            f"<td>{r['metric']:.4f}</td>",
+            f"<td>{r['cost']:.4g}</td>",
+            f"<td>{_e(r[records.N_PARAMS] if r[records.N_PARAMS] is not None else '-')}</td>",
+            f'<td class="text">{"yes" if r["feasible"] else "no"}</td>',
+            f'<td class="text">{"picked" if r["picked"] else ""}</td>',
+            *(f"<td>{_e(format_value(r['params'][p]) if p in r['params'] else '-')}</td>" for p in params),
+        ]
+        rows.append(f"<tr{' class=best' if r['picked'] else ''}>" + "".join(cells) + "</tr>")
+    picked = next((r["trial"] for r in info.front if r["picked"]), None)
+    rule = f"{o.select} (tolerance {o.tolerance:g})" if o.select == "cheapest-within" else o.select
+    note = (
+        f"Picked by objective.select {_e(rule)}"
+        + (f" among the trials within max_cost {o.max_cost:g}" if o.max_cost is not None else "")
+        + (f": trial {picked}, the one retrain-best trains." if picked is not None else ": none is within max_cost.")
+    )
+    return f'{title}<div class="scroll"><table>{head}{"".join(rows)}</table></div><p class="note">{note}</p>'
 
 
 def _state_table(info: _StudyInfo) -> str:
@@ -541,7 +680,7 @@ def _best_table(best: list[FrozenTrial], info: _StudyInfo) -> str:
         duration = format_seconds(duration_s(t))
         cells = [
             f"<td>{t.number}</td>",
-            f'<td title="{_e(repr(t.value))}">{t.value:.4f}</td>',
+            f'<td title="{_e(repr(metric_value(t)))}">{metric_value(t):.4f}</td>',
             f'<td class="text">{_e(t.state.name.lower())}</td>',
             f"<td>{_e(duration)}</td>",
             *(f"<td>{_e(format_value(t.params[p]) if p in t.params else '-')}</td>" for p in params),
@@ -568,3 +707,58 @@ def _failed(trials: list[FrozenTrial]) -> str:
     )
     more = f"<p class='note'>and {len(failed) - TOP_TRIALS} more.</p>" if len(failed) > TOP_TRIALS else ""
     return f"<h2>Failed trials</h2><ul>{items}</ul>{more}"
+
+
+def _confirmation_table(info: _StudyInfo) -> str:
+    """The confirmation stage (llmflow-hpo confirm): each configuration's per-seed scores, mean +- std, lcb,
+    whether it was pruned, the confirmed winner and whether it differs from the single-run winner."""
+    c = info.confirmation
+    if c is None:
+        return ""
+    metric = info.config.metric if info.config is not None else info.metric
+    params = list(dict.fromkeys(p for r in c["rows"] for p in r["params"]))
+    head = (
+        '<tr><th>#</th><th>confirms</th><th>single run</th><th class="text">state</th>'
+        '<th class="text">scores (by seed)</th><th>mean</th><th>std</th><th>lcb</th>'
+        + "".join(f"<th>{_e(p)}</th>" for p in params)
+        + "</tr>"
+    )
+    rows = []
+    for r in c["rows"]:
+        scores = ", ".join(f"{seed}: {score:.4f}" for seed, score in zip(r["seeds"], r["scores"], strict=False)) or "-"
+        state = r["state"] + (f" ({r['fail_reason']})" if r["fail_reason"] else "")
+        cells = [
+            f"<td>{r['trial']}</td>",
+            f"<td>{r['confirms']}</td>",
+            f"<td>{format_value(r['single_run_value']) if r['single_run_value'] is not None else '-'}</td>",
+            f'<td class="text">{_e(state)}</td>',
+            f'<td class="text">{_e(scores)}</td>',
+            *(f"<td>{format_value(r[k]) if r[k] is not None else '-'}</td>" for k in ("mean", "std", "lcb")),
+            *(f"<td>{_e(format_value(r['params'][p]) if p in r['params'] else '-')}</td>" for p in params),
+        ]
+        rows.append(f"<tr{' class=best' if r['winner'] else ''}>" + "".join(cells) + "</tr>")
+    won, single = c["winner"], c["single_run"]
+    if won is None:
+        verdict = "No configuration is confirmed completely yet."
+    else:
+        verdict = (
+            f"Confirmed winner: trial {won['trial']}, the configuration of search trial {won['confirms']}, "
+            f"{mean_std_text(won, metric)}, selected by {c['select']}"
+            + (f" (one-sided {c['confidence']:g} bound)" if c["select"] == "lcb" else "")
+            + "."
+        )
+        if single is not None:
+            verdict += (
+                f" The single-run winner, search trial {single['trial']} ({format_value(single['value'])}), is "
+                + ("another configuration." if c["differs"] else "the same configuration.")
+            )
+    note = (
+        f"Each configuration trained with seeds {', '.join(map(str, c['seeds']))} (the search's own seed left out); "
+        "a seed's score is its best dev evaluation; lcb: the mean's one-sided confidence bound on the losing side; "
+        "pruned: dropped by optuna's WilcoxonPruner as clearly worse than the best confirmed configuration."
+    )
+    return (
+        "<h2>Confirmation over seeds</h2>"
+        f'<div class="scroll"><table>{head}{"".join(rows)}</table></div>'
+        f'<p class="note">{_e(verdict)}</p><p class="note">{_e(note)}</p>'
+    )
