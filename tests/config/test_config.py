@@ -269,7 +269,7 @@ def test_dropout_null_is_allowed() -> None:
 
 def test_neither_n_trials_nor_timeout() -> None:
     message = only_problem(raw(n_trials=None))
-    assert message == "study.yaml: n_trials: set n_trials or timeout (or both)"
+    assert message == "study.yaml: n_trials: set n_trials, budget or timeout"
 
 
 def test_timeout_alone_is_enough() -> None:

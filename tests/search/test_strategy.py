@@ -16,6 +16,8 @@ from conftest import MINIMAL_STUDY as MINIMAL
 from llmflow_hpo.config.study import StudyConfig, config_from_dict
 from llmflow_hpo.errors import ConfigError
 from llmflow_hpo.search.spaces import SearchSpace, parse_search_space, suggest_params
+from llmflow_hpo.search.startup import StartupDesign, design_points
+from llmflow_hpo.study import records
 from llmflow_hpo.search.strategy import (
     PerTrialSeed,
     build_pruner,
@@ -76,8 +78,15 @@ def space_for(name: str) -> SearchSpace:
 
 
 def inner(sampler: optuna.samplers.BaseSampler) -> optuna.samplers.BaseSampler:
-    """The optuna sampler itself (build_sampler wraps it to seed it per trial)."""
+    """The optuna sampler itself (build_sampler wraps it in the start-up design, and to seed it per trial)."""
+    if isinstance(sampler, StartupDesign):
+        sampler = sampler.inner
     return sampler.inner if isinstance(sampler, PerTrialSeed) else sampler
+
+
+def core(pruner: optuna.pruners.BasePruner) -> optuna.pruners.BasePruner:
+    """The configured pruner itself (pruner.patience wraps it in optuna's PatientPruner)."""
+    return pruner._wrapped_pruner if isinstance(pruner, optuna.pruners.PatientPruner) else pruner  # type: ignore[attr-defined]
 
 
 def first_params(sampler: optuna.samplers.BaseSampler, space: SearchSpace, n: int = 3) -> list[dict[str, Any]]:
@@ -144,9 +153,32 @@ def test_default_startup_trials(n_trials: int | None, expected: int) -> None:
 
 
 @pytest.mark.parametrize(("name", "n_trials", "expected"), [("tpe", 10, 2), ("tpe", 100, 10), ("gp", 20, 5)])
-def test_startup_trials_follow_the_budget(name: str, n_trials: int, expected: int) -> None:
-    sampler = build_sampler(config(sampler={"name": name}, n_trials=n_trials), SPACE)
+def test_random_startup_trials_follow_the_budget(name: str, n_trials: int, expected: int) -> None:
+    sampler = build_sampler(config(sampler={"name": name, "startup": "random"}, n_trials=n_trials), SPACE)
+    assert not isinstance(sampler, StartupDesign)
     assert inner(sampler)._n_startup_trials == expected  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("name", ["tpe", "gp"])
+def test_after_the_design_the_sampler_models_at_once(name: str) -> None:
+    sampler = build_sampler(config(sampler={"name": name}, n_trials=30), SPACE)
+    assert isinstance(sampler, StartupDesign) and sampler.length([]) == 4  # 3 dimensions + 1
+    assert inner(sampler)._n_startup_trials == 0  # type: ignore[attr-defined]
+    assert not isinstance(build_sampler(config(sampler={"name": "random"}), SPACE), StartupDesign)
+
+
+def test_the_design_trials_come_first_then_the_sampler() -> None:
+    cfg = config(sampler={"name": "tpe", "startup_trials": 3}, n_trials=30)
+    study = optuna.create_study(sampler=build_sampler(cfg, SPACE), direction="maximize")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        study.enqueue_trial({"learning_rate": 5e-5, "weight_decay": 0.0, "epochs": 3})  # fixed: not a design point
+        for _ in range(6):
+            trial = study.ask()
+            study.tell(trial, sum(suggest_params(trial, SPACE).values()))
+    origins = [t.user_attrs.get(records.ORIGIN) for t in study.trials]
+    assert origins == [None, "design", "design", "design", None, None]
+    assert [t.params for t in study.trials[1:4]] == design_points(SPACE, 3, seed=cfg.seed)  # in order
 
 
 def test_user_startup_trials_are_kept() -> None:
@@ -301,18 +333,20 @@ def test_cmaes_without_its_package_is_refused_at_validation() -> None:
 def test_each_pruner_builds_its_optuna_class(name: str, options: dict[str, Any], cls: type) -> None:
     cfg = config(pruner={"name": name, "options": options})
     check_strategy(cfg, SPACE, "study.yaml")
-    assert type(build_pruner(cfg)) is cls
+    assert type(core(build_pruner(cfg))) is cls
+    assert type(build_pruner(cfg)) is (cls if name == "none" else optuna.pruners.PatientPruner)  # patience 1
+    assert type(build_pruner(config(pruner={"name": name, "options": options, "patience": None}))) is cls
 
 
 def test_median_startup_trials_follow_the_budget_and_user_values_are_kept() -> None:
-    assert build_pruner(config(n_trials=20))._n_startup_trials == 4  # type: ignore[attr-defined]
-    assert build_pruner(config(n_trials=100))._n_startup_trials == 5  # type: ignore[attr-defined]
-    assert build_pruner(config(n_trials=None, timeout=60))._n_startup_trials == 5  # type: ignore[attr-defined]
-    kept = build_pruner(config(pruner={"options": {"n_startup_trials": 1, "n_warmup_steps": 500}}))
+    assert core(build_pruner(config(n_trials=20)))._n_startup_trials == 4  # type: ignore[attr-defined]
+    assert core(build_pruner(config(n_trials=100)))._n_startup_trials == 5  # type: ignore[attr-defined]
+    assert core(build_pruner(config(n_trials=None, timeout=60)))._n_startup_trials == 5  # type: ignore[attr-defined]
+    kept = core(build_pruner(config(pruner={"options": {"n_startup_trials": 1, "n_warmup_steps": 500}})))
     assert kept._n_startup_trials == 1  # type: ignore[attr-defined]
     assert kept._n_warmup_steps == 500  # type: ignore[attr-defined]
-    assert build_pruner(config(), n_train=48)._n_warmup_steps == 48  # type: ignore[attr-defined]  # one epoch
-    kept = build_pruner(config(pruner={"options": {"n_warmup_steps": 0}}), n_train=48)
+    assert core(build_pruner(config(), n_train=48))._n_warmup_steps == 48  # type: ignore[attr-defined]  # one epoch
+    kept = core(build_pruner(config(pruner={"options": {"n_warmup_steps": 0}}), n_train=48))
     assert kept._n_warmup_steps == 0  # type: ignore[attr-defined]
 
 
@@ -338,13 +372,13 @@ def test_halving_pruners_count_their_rungs_in_examples_seen(name: str) -> None:
     """Steps are examples seen: with optuna's min_resource (1, or SH's 1% of a run) every rung below the first
     evaluation was judged at that evaluation at once, so a trial had to be the top 1/reduction_factor**k there."""
     cfg = config(pruner={"name": name}, train={"epochs": 3, "evals_per_epoch": 2})
-    pruner = build_pruner(cfg, n_train=1000)
+    pruner = core(build_pruner(cfg, n_train=1000))
     assert pruner._min_resource == 500  # type: ignore[attr-defined]  # the first evaluation: 1000 examples / 2
     if name == "hyperband":
         assert pruner._max_resource == 3000  # type: ignore[attr-defined]  # the longest run: 3 epochs
-        longer = build_pruner(cfg, n_train=1000, space=SPACE)  # epochs searched up to 4
+        longer = core(build_pruner(cfg, n_train=1000, space=SPACE))  # epochs searched up to 4
         assert longer._max_resource == 4000  # type: ignore[attr-defined]
-    kept = build_pruner(config(pruner={"name": name, "options": {"min_resource": 7}}), n_train=1000)
+    kept = core(build_pruner(config(pruner={"name": name, "options": {"min_resource": 7}}), n_train=1000))
     assert kept._min_resource == 7  # type: ignore[attr-defined]
     study = _synthetic_study(pruner, steps=[500 * k for k in range(1, 7)])
     # One rung (or none, in hyperband's later brackets) is judged at the first evaluation, never several.

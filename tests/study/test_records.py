@@ -82,6 +82,9 @@ def test_what_follows_from_the_declaration() -> None:
         "resumed_at_step",
         "worker",
         "device",
+        "confirms",  # a confirmation trial: the search trial it re-runs (llmflow-hpo confirm)
+        "origin",  # defaults, warm-start, design: where the parameters came from
+        "stopped_by_budget",
     }
     assert records.tracked_as_metric("dev_f1", 0.5) and records.tracked_as_metric("train_time_s", 3)
     assert records.tracked_as_metric("added_by_a_later_version", 1.0)
