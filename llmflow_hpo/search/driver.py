@@ -235,5 +235,10 @@ def run_search(
             cfg, space, features, study, sampler, target, remaining, source, say, progress, tracking, started, budget
         )
         trials.run(run)
+    if cfg.objective.cost is not None:  # a quality-against-cost study: its dashboard note shows the front now
+        from llmflow_hpo.study.note import write_front_note
+        from llmflow_hpo.study.view import StudyView
+
+        write_front_note(study, StudyView.of(study))
     say(run.took())
     return summarize(study, cfg, finished_trials(study) - done, trials.workers, target)

@@ -17,7 +17,7 @@ import importlib.util
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from llmflow_hpo.config.study import StudyConfig
@@ -218,6 +218,7 @@ def check_model_build(cfg: StudyConfig, source: str, searched: Iterable[str] = (
 
     from llmflow_hpo.recipe.models import model_config
 
+    layers = _most_layers(cfg, searched)
     searched = set(searched)
     # A searched dropout is drawn per trial: any value shows whether the model has a field for it.
     dropout = {
@@ -225,7 +226,7 @@ def check_model_build(cfg: StudyConfig, source: str, searched: Iterable[str] = (
         for knob in ("hidden_dropout", "attention_dropout")
     }
     try:
-        config = model_config(cfg.model, labels=["0", "1"], **dropout)
+        config = model_config(cfg.model, labels=["0", "1"], **dropout, num_layers=layers)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     try:
@@ -246,6 +247,16 @@ def check_model_build(cfg: StudyConfig, source: str, searched: Iterable[str] = (
             f"{source}: model.config_overrides: transformers cannot build a {type(config).__name__} model with "
             f"them ({message})"
         ) from None
+
+
+def _most_layers(cfg: StudyConfig, searched: Iterable[str]) -> int | None:
+    """The most layers a trial may keep (``train.num_layers``: the fixed value, or the top of its searched range:
+    the search space as ``search`` passes it), to check against the model's own number."""
+    dist = searched.get("num_layers") if isinstance(searched, Mapping) else None
+    if dist is None:
+        return cfg.train.num_layers
+    tops = [v for v in getattr(dist, "choices", ()) if isinstance(v, int)] + [getattr(dist, "high", None)]
+    return max((v for v in tops if isinstance(v, int)), default=None)
 
 
 # A GPU that torch can use as "cuda" has one of these: NVIDIA's driver, ROCm's kernel driver, WSL's GPU.
@@ -277,9 +288,14 @@ def check_device(cfg: StudyConfig, source: str) -> None:
     from llmflow_hpo.recipe.runtime import resolve_runtime
 
     try:
-        resolve_runtime(cfg.train)
+        runtime = resolve_runtime(cfg.train)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+    if cfg.objective.cost == "peak_memory_mb" and runtime.device.type != "cuda":
+        raise ConfigError(
+            f"{source}: objective.cost: peak_memory_mb is measured on a GPU only and this run is on "
+            f"{runtime.device} (the process's peak RSS only grows from trial to trial); use latency_ms or params"
+        )
     device = cfg.train.device
     if device.startswith("cuda:"):
         index, count = device[len("cuda:") :], torch.cuda.device_count()

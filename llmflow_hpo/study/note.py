@@ -3,6 +3,9 @@
 Written by ``storage.open_study`` where a study has none: what the study searches (task, model, data,
 objective, sampler and pruner or scheduler, the search space, the fixed settings), the unit of its
 curves and what each user attribute holds (from ``records``). A note the user edited stays.
+``write_confirmation_note`` (``llmflow-hpo confirm``) adds or replaces the note's last section, the
+confirmation table; the rest of the note stays as it is. ``write_front_note`` (after each ``search`` of a
+quality-against-cost study) adds or replaces the section of its Pareto front in the same way.
 """
 
 from __future__ import annotations
@@ -17,7 +20,21 @@ from llmflow_hpo.config.study import StudyConfig, config_to_dict
 from llmflow_hpo.study import records
 from llmflow_hpo.study.provenance import library_versions
 
-__all__ = ["study_note", "write_study_note"]
+__all__ = [
+    "CONFIRMATION_HEADING",
+    "FRONT_HEADING",
+    "confirmation_note",
+    "front_note",
+    "study_note",
+    "write_confirmation_note",
+    "write_front_note",
+    "write_study_note",
+]
+
+# The heading of the confirmation section: everything from it to the end of the note is rewritten by each confirm.
+CONFIRMATION_HEADING = "### Confirmation over seeds (llmflow-hpo confirm)"
+# The heading of a quality-against-cost study's front section, rewritten after each search.
+FRONT_HEADING = "### Pareto front (metric against cost)"
 
 
 def _num(value: Any) -> str:
@@ -117,6 +134,7 @@ def study_note(cfg: StudyConfig, space_raw: dict[str, Any], data_report: list[st
         f"## {cfg.study_name}: {cfg.task}",
         "",
         f"**Objective**: {cfg.direction} the dev `{cfg.metric}` of each trial's best evaluation.  ",
+        *_cost_lines(cfg),
         f"**Model**: {_model_line(cfg)}.  ",
         _search_line(cfg),
         "",
@@ -152,9 +170,113 @@ def study_note(cfg: StudyConfig, space_raw: dict[str, Any], data_report: list[st
     return "\n".join(lines) + "\n"
 
 
+def _cost_lines(cfg: StudyConfig) -> list[str]:
+    """A quality-against-cost study's second objective, its constraint and its select rule (none otherwise)."""
+    o = cfg.objective
+    if o.cost is None:
+        return []
+    rule = f"{o.select} (tolerance {o.tolerance:g})" if o.select == "cheapest-within" else o.select
+    limit = f"at most {o.max_cost:g} (a trial above it is infeasible)" if o.max_cost is not None else "no constraint"
+    return [
+        f"**Cost**: minimize `{o.cost}` against it, {limit}; each trial's second value. The dashboard's Pareto-front "
+        f"plot shows both; `retrain-best` trains the trial objective.select `{rule}` picks (see the front below, "
+        "written after each search).  "
+    ]
+
+
+def front_note(view: Any) -> str:
+    """The front section of the note (Markdown; ``view``: a ``study.view.StudyView`` of a cost study)."""
+    from llmflow_hpo.study.front import cost_value, metric_value
+    from llmflow_hpo.study.view import params_text
+
+    o, picked = view.objective, view.best
+    lines = [
+        FRONT_HEADING,
+        "",
+        f"The complete trials no other beats on both dev `{view.metric}` and `{o.cost}`, cheapest first.",
+        "",
+        f"| trial | {view.metric} | {o.cost} | n_params | within max_cost | parameters |",
+        "|---|---|---|---|---|---|",
+    ]
+    for t in view.front:
+        mark = " **(picked)**" if picked is not None and t.number == picked.number else ""
+        lines.append(
+            f"| {t.number}{mark} | {metric_value(t):.4f} | {cost_value(t):.4g} | "
+            f"{t.user_attrs.get(records.N_PARAMS, '-')} | {'yes' if o.feasible(t) else 'no'} | {params_text(t.params)} |"
+        )
+    lines.append("")
+    lines.append(
+        f"Picked by objective.select `{o.select}`: trial {picked.number}, the one `llmflow-hpo retrain-best` trains."
+        if picked is not None
+        else "No complete trial is within max_cost yet."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def write_front_note(study: optuna.Study, view: Any) -> None:
+    """Add or replace the front section of the study's note, in place (before the confirmation section)."""
+    from optuna_dashboard import get_note, save_note
+
+    note, section = get_note(study), front_note(view)
+    if FRONT_HEADING in note:
+        before, rest = note.split(FRONT_HEADING, 1)
+        after = rest.split("\n### ", 1)
+        note = before + section.rstrip("\n") + ("\n\n### " + after[1] if len(after) > 1 else "\n")
+    elif CONFIRMATION_HEADING in note:
+        before, rest = note.split(CONFIRMATION_HEADING, 1)
+        note = before + section + "\n" + CONFIRMATION_HEADING + rest
+    else:
+        note = note.rstrip("\n") + "\n\n" + section
+    save_note(study, note)
+
+
 def write_study_note(study: optuna.Study, cfg: StudyConfig, space_raw: dict[str, Any], data_report: list[str]) -> None:
     """Write the study note unless the study has one (a note the user edited in the dashboard stays)."""
     from optuna_dashboard import get_note, save_note
 
     if not get_note(study).strip():
         save_note(study, study_note(cfg, space_raw, data_report))
+
+
+def confirmation_note(summary: dict[str, Any], metric: str) -> str:
+    """The confirmation section of the note (Markdown; ``summary``: ``study.view.confirmation_summary``)."""
+    from llmflow_hpo.study.view import format_value, mean_std_text, params_text
+
+    def num(value: Any) -> str:
+        return format_value(value) if value is not None else "-"
+
+    lines = [
+        CONFIRMATION_HEADING,
+        "",
+        f"Seeds {', '.join(map(str, summary['seeds']))} per configuration (the search's own seed left out); a seed's "
+        f"score is its best dev `{metric}`; value = `{summary['select']}`.",
+        "",
+        "| trial | confirms | single run | state | scores by seed | mean | std | lcb | parameters |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in summary["rows"]:
+        scores = ", ".join(f"{score:.4f}" for score in r["scores"]) or "-"
+        mark = " **(winner)**" if r["winner"] else ""
+        lines.append(
+            f"| {r['trial']}{mark} | {r['confirms']} | {num(r['single_run_value'])} | {r['state']} | {scores} | "
+            f"{num(r['mean'])} | {num(r['std'])} | {num(r['lcb'])} | {params_text(r['params'])} |"
+        )
+    won, single = summary["winner"], summary["single_run"]
+    lines.append("")
+    if won is None:
+        lines.append("No configuration is confirmed completely yet.")
+    else:
+        line = f"**Confirmed winner**: trial {won['trial']} (search trial {won['confirms']}), {mean_std_text(won, metric)}."
+        if single is not None:
+            other = "another configuration" if summary["differs"] else "the same configuration"
+            line += f" The single-run winner, search trial {single['trial']}, is {other}."
+        lines.append(line + " `llmflow-hpo retrain-best` trains the confirmed winner.")
+    return "\n".join(lines) + "\n"
+
+
+def write_confirmation_note(study: optuna.Study, summary: dict[str, Any], metric: str) -> None:
+    """Add (or replace) the confirmation section at the end of the study's note; what comes before it stays."""
+    from optuna_dashboard import get_note, save_note
+
+    kept = get_note(study).split(CONFIRMATION_HEADING, 1)[0].rstrip("\n")
+    save_note(study, (kept + "\n\n" if kept else "") + confirmation_note(summary, metric))
