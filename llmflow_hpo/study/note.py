@@ -102,6 +102,8 @@ def _search_line(cfg: StudyConfig) -> str:
     budget = f"{cfg.n_trials} finished (complete or pruned) trials" if cfg.n_trials is not None else "no trial limit"
     if cfg.timeout is not None:
         budget += f", no new trial after {cfg.timeout:g} s"
+    if cfg.budget is not None:
+        budget += f", within a budget of {cfg.budget} per search run"
     return f"**Search**: {sampler} sampler (seed {cfg.seed}), stopping by {stopping} (backend {cfg.backend}); {budget}."
 
 

@@ -484,8 +484,11 @@ class OptunaTrials:
         return False  # an interrupted trial was queued again: it counts as a missing trial
 
     def announce(self, cfg: StudyConfig, remaining: int | None) -> str | None:
+        what = f"{remaining if remaining is not None else 'unbounded'} trial(s)"
+        if cfg.budget is not None:
+            what = f"{'up to ' + what if remaining is not None else 'trials'} within the budget of {cfg.budget}"
         return (
-            f"study {cfg.study_name}: running {remaining if remaining is not None else 'unbounded'} trial(s) "
+            f"study {cfg.study_name}: running {what} "
             f"in {self.workers} worker(s) ({cfg.sampler.name} sampler, {cfg.pruner.name} pruner, "
             f"dev {cfg.metric} {cfg.direction}), storage {cfg.storage}"
         )
