@@ -195,7 +195,8 @@ def cmd_confirm(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from llmflow_hpo.search.confirm import run_confirmation
 
-    summary = run_confirmation(cfg, space, space_raw, source=args.config, log=_log, data=data)
+    log = (lambda line: None) if args.quiet else _log
+    summary = run_confirmation(cfg, space, space_raw, source=args.config, log=log, data=data)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
@@ -289,6 +290,7 @@ def _print_summary(summary: Any, cfg: Any, as_json: bool) -> None:
                 + f" {summary.best_params}"
                 if summary.best_number is not None
                 else "no complete trial"
+                + (" within objective.max_cost" if c["complete"] and cfg.objective.max_cost is not None else "")
             )
         )
         if summary.checkpoint_bytes:
@@ -363,7 +365,7 @@ def cmd_trials(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
-    cost = view.objective.cost if view.objective else None
+    cost = view.objective.attribute if view.objective else None  # latency_ms, n_params, peak_memory_mb
     header = f"{view.metric:>9}" + (f" {cost:>14}" if cost else "")
     print(f"{'#':>4} {'state':9} {header} {'step':>8} {'secs':>7}  params")
     for r in rows:
@@ -566,6 +568,7 @@ def _add_confirm(sub: Any) -> None:
     p.add_argument(
         "--seeds", type=int, metavar="K", help="training seeds per configuration (default: confirm.seeds, 5)"
     )
+    p.add_argument("--quiet", action="store_true", help="no progress: only errors and the result")
 
 
 def _add_validate(sub: Any) -> None:
