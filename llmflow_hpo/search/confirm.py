@@ -1,0 +1,383 @@
+"""The confirmation stage (``llmflow-hpo confirm``): the best search configurations re-run over several seeds.
+
+A search trial's value is the best of its dev evaluations, and the study's best trial the best of its
+trials: an optimistic estimate. ``run_confirmation`` takes the ``confirm.top`` best distinct configurations
+of the complete search trials and trains each with ``confirm.seeds`` other training seeds (``seed+1`` ...
+``seed+K``), as the search trains a trial (early stopping included; a seed's score is its best evaluation).
+Each configuration is one trial of the same study, created RUNNING with the search trial's parameters and
+tagged ``records.CONFIRMS``; seed i's score is its intermediate value at step i, so that optuna's
+``WilcoxonPruner`` (``ConfirmationPruner``: compared with the best *confirmation* trial, not the study's best
+search trial) drops a configuration that is clearly worse. Its value is the selection statistic (the mean, or
+the pessimistic confidence bound ``lcb``); ``study.view.confirmed_winner`` picks the best.
+
+A rerun continues: configurations already confirmed (complete, pruned, failed for good) are not run again,
+an interrupted one resumes after its last finished seed. Ctrl-C / SIGTERM record the running trial as FAIL
+(``interrupted``) with the seeds it finished. Confirmation trials carry no heartbeat, so search workers never
+retry them; they hold no slot of ``n_trials`` and do not count in the search's rankings (``study.view``).
+Torch is imported when a seed trains (``recipe.train``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import socket
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from llmflow_hpo.config.study import StudyConfig
+from llmflow_hpo.errors import ConfigError, Interrupted, StorageError, TrialFailure
+from llmflow_hpo.search.reporting import BestSoFar, record_failure
+from llmflow_hpo.search.spaces import SearchSpace, trial_params
+from llmflow_hpo.study import records
+from llmflow_hpo.study.optuna_private import create_trial, trial_id
+from llmflow_hpo.study.view import StudyView, confirmation_trials, confirmed_winner, params_text, ranked
+
+__all__ = [
+    "ConfirmationPruner",
+    "confirmation_seeds",
+    "run_confirmation",
+    "seed_stats",
+    "top_configurations",
+]
+
+Log = Callable[[str], None]
+
+
+def confirmation_seeds(cfg: StudyConfig, k: int) -> list[int]:
+    """The training seeds of the confirmation: ``seed+1`` ... ``seed+k``. The search's own seed is left out:
+    its score is the one the configuration was picked for, the optimistic one."""
+    return [cfg.seed + i for i in range(1, k + 1)]
+
+
+def seed_stats(scores: list[float], direction: str, confidence: float) -> dict[str, float | None]:
+    """Mean, sample standard deviation and the one-sided confidence bound of the mean on the losing side
+    (``mean - t(confidence, n-1) * sd / sqrt(n)`` when maximizing, ``+`` when minimizing); the std and the
+    bound need two scores."""
+    from scipy import stats
+
+    n = len(scores)
+    if n == 0:
+        return {records.CONFIRM_MEAN: None, records.CONFIRM_STD: None, records.CONFIRM_LCB: None}
+    mean = math.fsum(scores) / n
+    if n < 2:
+        return {records.CONFIRM_MEAN: mean, records.CONFIRM_STD: None, records.CONFIRM_LCB: None}
+    std = math.sqrt(math.fsum((s - mean) ** 2 for s in scores) / (n - 1))
+    half = float(stats.t.ppf(confidence, n - 1)) * std / math.sqrt(n)
+    bound = mean - half if direction == "maximize" else mean + half
+    return {records.CONFIRM_MEAN: mean, records.CONFIRM_STD: std, records.CONFIRM_LCB: bound}
+
+
+def top_configurations(trials: list[FrozenTrial], direction: str, top: int) -> list[FrozenTrial]:
+    """The best ``top`` complete search trials with distinct parameters, best first (``study.view.ranked``)."""
+    seen: set[str] = set()
+    picked: list[FrozenTrial] = []
+    for t in ranked(trials, direction):
+        key = json.dumps(t.params, sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            picked.append(t)
+        if len(picked) == top:
+            break
+    return picked
+
+
+class _ConfirmationsOnly:
+    """What ``WilcoxonPruner`` reads of a study (``direction``, ``best_trial``), restricted to the
+    confirmation trials: the study's own ``best_trial`` is a search trial, whose steps are examples seen."""
+
+    def __init__(self, direction: optuna.study.StudyDirection, best: FrozenTrial | None) -> None:
+        self.direction = direction
+        self._best = best
+
+    @property
+    def best_trial(self) -> FrozenTrial:
+        if self._best is None:
+            raise ValueError("no confirmation trial is complete yet")
+        return self._best
+
+
+class ConfirmationPruner(optuna.pruners.BasePruner):
+    """optuna's ``WilcoxonPruner`` (step = seed: the same seeds pair up across configurations) against the
+    best complete confirmation trial other than the one asked about. Called by ``trial.should_prune()`` after
+    each seed; never prunes while no other configuration is confirmed."""
+
+    def __init__(self, p_threshold: float, n_startup_steps: int = 2) -> None:
+        with warnings.catch_warnings():  # experimental since optuna 3.6
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self._wilcoxon = optuna.pruners.WilcoxonPruner(p_threshold=p_threshold, n_startup_steps=n_startup_steps)
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        others = [
+            t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.number != trial.number
+        ]
+        best = confirmed_winner(others, study.direction.name.lower())
+        return self._wilcoxon.prune(_ConfirmationsOnly(study.direction, best), trial)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------------------
+# What the study holds already.
+
+
+@dataclass
+class _Todo:
+    source: FrozenTrial  # the search trial whose configuration is confirmed
+    resume: FrozenTrial | None  # an interrupted attempt whose finished seeds are taken over
+
+
+def _alive(worker: Any) -> bool:
+    """Whether the ``host:pid`` that runs a trial may still be running it (another host: assume it is)."""
+    host, _, pid = str(worker).rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _check_same_settings(done: list[FrozenTrial], seeds: list[int], cfg: StudyConfig, source: str) -> None:
+    """A rerun continues the confirmation with its settings: mixing seeds or selection rules would compare
+    configurations unfairly."""
+    if not done:
+        return
+    attrs = done[0].user_attrs
+    held = (attrs.get(records.CONFIRM_SEEDS), attrs.get(records.CONFIRM_SELECT), attrs.get(records.CONFIRM_CONFIDENCE))
+    if held != (seeds, cfg.confirm.select, cfg.confirm.confidence):
+        raise ConfigError(
+            f"{source}: confirm: the study was confirmed with seeds {held[0]}, select {held[1]}, confidence "
+            f"{held[2]} (now seeds {seeds}, select {cfg.confirm.select}, confidence {cfg.confirm.confidence}); "
+            f"set confirm.seeds: {len(held[0] or [])}, confirm.select: {held[1]} and confirm.confidence: {held[2]} "
+            "to continue it"
+        )
+
+
+def _plan(study: optuna.Study, sources: list[FrozenTrial], say: Log) -> list[_Todo]:
+    """Which configurations still need confirming, and which interrupted attempt each continues."""
+    todo = []
+    confirmations = confirmation_trials(study.get_trials(deepcopy=False))
+    for source in sources:
+        attempts = [t for t in confirmations if t.user_attrs[records.CONFIRMS] == source.number]
+        finished = [
+            t
+            for t in attempts
+            if t.state in (TrialState.COMPLETE, TrialState.PRUNED) or t.user_attrs.get(records.FAILED_FOR_GOOD)
+        ]
+        if finished:
+            continue
+        running = [t for t in attempts if t.state == TrialState.RUNNING]
+        if any(_alive(t.user_attrs.get(records.WORKER)) for t in running):
+            say(f"confirm: configuration of trial {source.number} is being confirmed by another process; skipped")
+            continue
+        for t in running:  # its process died (SIGKILL): what it finished is kept, the attempt failed
+            record = optuna.Trial(study, trial_id(t))
+            record_failure(record, "its confirm process died", for_good=False)
+            study.tell(record, state=TrialState.FAIL, skip_if_finished=True)
+        resumable = [t for t in attempts if t.user_attrs.get(records.CONFIRM_SCORES)]
+        todo.append(_Todo(source, max(resumable, key=lambda t: t.number) if resumable else None))
+    return todo
+
+
+# ----------------------------------------------------------------------------------------------------
+# Running one configuration.
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises ``Interrupted`` like Ctrl-C raises KeyboardInterrupt, so the running trial is recorded."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        raise Interrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _train_seed(cfg: StudyConfig, params: dict[str, Any], features: Any, seed: int, say: Log, label: str) -> float:
+    """One seed's run: the search's trial training (early stopping included); its score is its best dev
+    evaluation. A non-finite metric or a run without evaluation is a ``TrialFailure``."""
+    from llmflow_hpo.recipe.train import train_and_evaluate
+
+    best = BestSoFar(cfg.metric, cfg.direction)
+
+    def on_eval(evaluation: Any) -> None:
+        value = best.add(evaluation)
+        say(f"{label} step {evaluation.step}: dev {cfg.metric} {value:.4f}")
+
+    result = train_and_evaluate(cfg, params, features, seed=seed, on_eval=on_eval)
+    if best.best is None or result.best is None:
+        raise TrialFailure(f"seed {seed}: the run ended before its first evaluation")
+    return float(best.best.metrics[cfg.metric])
+
+
+def _store_scores(trial: optuna.Trial, scores: list[float], cfg: StudyConfig) -> dict[str, float | None]:
+    stats = seed_stats(scores, cfg.direction, cfg.confirm.confidence)
+    trial.set_user_attr(records.CONFIRM_SCORES, list(scores))
+    for key, value in stats.items():
+        trial.set_user_attr(key, value)
+    return stats
+
+
+def _start_trial(study: optuna.Study, todo: _Todo, seeds: list[int], cfg: StudyConfig) -> tuple[optuna.Trial, list]:
+    """The confirmation trial, created RUNNING with the source's parameters (not enqueued and asked: ``ask``
+    takes the oldest WAITING trial, which may be a search retry); an interrupted attempt's scores reported."""
+    from llmflow_hpo.recipe.runtime import runtime_attrs
+
+    source = todo.source
+    attrs: dict[str, Any] = {
+        records.CONFIRMS: source.number,
+        records.CONFIRM_SEEDS: seeds,
+        records.CONFIRM_SELECT: cfg.confirm.select,
+        records.CONFIRM_CONFIDENCE: cfg.confirm.confidence,
+        records.WORKER: f"{socket.gethostname()}:{os.getpid()}",
+    }
+    if todo.resume is not None:
+        attrs[records.RETRY_OF] = todo.resume.number
+    frozen = optuna.trial.create_trial(
+        state=TrialState.RUNNING, params=source.params, distributions=source.distributions, user_attrs=attrs
+    )
+    _, new_id = create_trial(study, frozen)
+    trial = optuna.Trial(study, new_id)
+    scores = list(todo.resume.user_attrs[records.CONFIRM_SCORES]) if todo.resume is not None else []
+    for key, value in runtime_attrs(cfg, source.params).items():
+        trial.set_user_attr(key, value)
+    for step, score in enumerate(scores):
+        trial.report(score, step)
+    _store_scores(trial, scores, cfg)
+    return trial, scores
+
+
+def _confirm_one(
+    study: optuna.Study, todo: _Todo, seeds: list[int], cfg: StudyConfig, space: SearchSpace, features: Any, say: Log
+) -> None:
+    """Train the configuration's remaining seeds, report each, and tell the trial's end."""
+    params = trial_params(todo.source, space)
+    trial, scores = _start_trial(study, todo, seeds, cfg)
+    head = f"confirm: trial {trial.number} (configuration of trial {todo.source.number}: {params_text(params)})"
+    say(head + (f", resuming after {len(scores)} seed(s) of trial {todo.resume.number}" if todo.resume else ""))
+    state = TrialState.COMPLETE
+    try:
+        for step in range(len(scores), len(seeds)):
+            label = f"confirm: trial {trial.number} seed {seeds[step]} ({step + 1}/{len(seeds)})"
+            scores.append(_train_seed(cfg, params, features, seeds[step], say, label))
+            trial.report(scores[-1], step)
+            stats = _store_scores(trial, scores, cfg)
+            std = stats[records.CONFIRM_STD]
+            say(
+                f"{label}: dev {cfg.metric}={scores[-1]:.4f}; mean {stats[records.CONFIRM_MEAN]:.4f}"
+                + (f" +- {std:.4f}" if std is not None else "")
+                + f" over {len(scores)} seed(s)"
+            )
+            if step + 1 < len(seeds) and trial.should_prune():
+                trial.set_user_attr(records.PRUNED_AT_STEP, step)
+                say(f"confirm: trial {trial.number} pruned after {len(scores)} seeds (Wilcoxon: clearly worse)")
+                state = TrialState.PRUNED
+                break
+    except TrialFailure as e:
+        record_failure(trial, str(e), for_good=True)
+        study.tell(trial, state=TrialState.FAIL)
+        say(f"confirm: trial {trial.number} failed: {e}")
+        return
+    except KeyboardInterrupt as e:
+        how = signal.Signals(e.signum).name if isinstance(e, Interrupted) else "SIGINT"
+        record_failure(trial, f"interrupted ({how})", for_good=False)
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        raise
+    except BaseException as e:
+        with contextlib.suppress(Exception):
+            record_failure(trial, f"error: {type(e).__name__}: {e}", for_good=False)
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        raise
+    stats = seed_stats(scores, cfg.direction, cfg.confirm.confidence)
+    value = stats[records.CONFIRM_MEAN] if cfg.confirm.select == "mean" else stats[records.CONFIRM_LCB]
+    study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The stage.
+
+
+def open_confirmation_study(cfg: StudyConfig, space_raw: dict[str, Any], source: str) -> optuna.Study:
+    """The stored study of ``cfg`` (it must exist and be the same study), with the confirmation's pruner."""
+    from llmflow_hpo.study.provenance import check_same_study
+    from llmflow_hpo.study.storage import open_storage, require_study
+
+    assert cfg.storage is not None
+    storage = open_storage(cfg.storage, existing=True)
+    require_study(storage, cfg.study_name, cfg.storage)
+    pruner = ConfirmationPruner(cfg.confirm.p_threshold) if cfg.confirm.prune else optuna.pruners.NopPruner()
+    study = optuna.load_study(
+        study_name=cfg.study_name, storage=storage, pruner=pruner, sampler=optuna.samplers.RandomSampler(cfg.seed)
+    )
+    if len(study.directions) != 1 or study.direction.name.lower() != cfg.direction:
+        raise StorageError(
+            f"{source}: study {cfg.study_name!r} in {cfg.storage} does not optimise {cfg.direction} dev {cfg.metric}"
+        )
+    check_same_study(study, cfg, space_raw)
+    return study
+
+
+def run_confirmation(
+    cfg: StudyConfig,
+    space: SearchSpace,
+    space_raw: dict[str, Any],
+    *,
+    source: str,
+    log: Log,
+    data: Any = None,
+) -> dict[str, Any]:
+    """Confirm the study's top ``cfg.confirm.top`` configurations over ``cfg.confirm.seeds`` seeds; returns
+    ``study.view.confirmation_summary`` of the study afterwards, with ``ran`` (configurations run here)."""
+    from llmflow_hpo.search.driver import open_features
+    from llmflow_hpo.study.view import confirmation_summary
+
+    study = open_confirmation_study(cfg, space_raw, source)
+    trials = study.get_trials(deepcopy=False)
+    sources = top_configurations(trials, cfg.direction, cfg.confirm.top)
+    if not sources:
+        raise StorageError(
+            f"study {cfg.study_name!r} has no complete search trial to confirm; run `llmflow-hpo search` first"
+        )
+    seeds = confirmation_seeds(cfg, cfg.confirm.seeds)
+    _check_same_settings(confirmation_trials(trials), seeds, cfg, source)
+    todo = _plan(study, sources, log)
+    log(
+        f"confirm: study {cfg.study_name}: top {len(sources)} configuration(s) (trials "
+        f"{', '.join(str(t.number) for t in sources)}) x {len(seeds)} seeds {seeds}, selected by {cfg.confirm.select}"
+        f"; {len(todo)} to run"
+    )
+    if todo:
+        features = open_features(cfg, log, data)
+        with _sigterm_interrupts():
+            for item in todo:
+                _confirm_one(study, item, seeds, cfg, space, features, log)
+    summary = confirmation_summary(StudyView.of(study))
+    if summary is not None and todo:
+        from llmflow_hpo.study.note import write_confirmation_note
+
+        write_confirmation_note(study, summary, cfg.metric)  # the dashboard's Note panel shows the table
+    return {
+        **(summary or {}),
+        "ran": len(todo),
+        "study": cfg.study_name,
+        "storage": str(cfg.storage),
+        "metric": cfg.metric,
+    }
