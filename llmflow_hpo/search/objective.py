@@ -81,8 +81,9 @@ class Objective:
         for key, value in runtime_attrs(self.cfg, params).items():  # precision, TF32, ...: pruned trials too
             trial.set_user_attr(key, value)
         seed = self.cfg.seed
+        cost = self.cfg.objective.cost  # a quality-against-cost study prunes among trials that cost no more
         reporter = TrialReporter(
-            trial, self.cfg.metric, self.cfg.direction, multi_objective=self.cfg.objective.cost is not None
+            trial, self.cfg.metric, self.cfg.direction, cost_attribute=COST_ATTRIBUTES[cost] if cost else None
         )
         checkpoint = self._checkpoint(trial, params)
         number, progress, tracking = trial.number, self.progress, self.tracking

@@ -80,17 +80,18 @@ class TrialReporter:
     says so, after storing the best evaluation reached, so a pruned trial still shows what it found, and
     ``TrialFailure`` (the trial fails with the metric and its value as reason) for a non-finite metric.
 
-    ``multi_objective`` (a quality-against-cost study, where ``trial.report`` and ``should_prune`` raise): the
-    metric is stored as the intermediate value all the same and the study's pruner judges the trial on it,
-    as in a single-objective study of the metric (``optuna_private.FirstObjective``). The cost is not
-    judged: it is known before the trial trains, and only the metric is what an evaluation point tells.
+    ``cost_attribute`` (a quality-against-cost study, where ``trial.report`` and ``should_prune`` raise): the
+    metric is stored as the intermediate value all the same and the study's pruner judges the trial on it, as
+    in a single-objective study of the metric, against the trials that cost no more than it
+    (``optuna_private.FirstObjective``). The cost itself is not judged: it is known before the trial trains,
+    and what an evaluation point tells is the metric.
     """
 
-    def __init__(self, trial: optuna.Trial, metric: str, direction: str, *, multi_objective: bool = False) -> None:
+    def __init__(self, trial: optuna.Trial, metric: str, direction: str, *, cost_attribute: str | None = None) -> None:
         self.trial = trial
         self.metric = metric
         self._best = BestSoFar(metric, direction)
-        self._first = FirstObjective(trial.study, direction) if multi_objective else None
+        self._first = FirstObjective(trial.study, direction, cost_attribute) if cost_attribute else None
 
     @property
     def best(self) -> Evaluation | None:

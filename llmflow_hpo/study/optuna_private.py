@@ -67,17 +67,22 @@ def report_intermediate(trial: optuna.Trial, step: int, value: float) -> None:
 
 
 class FirstObjective:
-    """A two-objective study seen as the single-objective study of its first value, for its pruner.
+    """A quality-against-cost study seen as the single-objective study of its metric, for its pruner, among
+    the trials that cost no more than the one judged.
 
-    optuna's pruners read a study's ``direction`` (which raises on a two-objective study), its trials'
-    intermediate values and, for successive halving, the storage (rung attributes); this view answers
-    ``direction`` with the first objective's and hands everything else to the study. Hyperband builds
-    studies of its own from the storage and cannot run on it (config/study.py refuses it).
+    optuna's pruners read a study's ``direction`` (which raises on a two-objective study), its trials and
+    their intermediate values and, for successive halving, the storage (rung attributes); this view answers
+    ``direction`` with the metric's, hands the pruner only the trials whose ``cost_attribute`` is at most the
+    judged trial's (those that could dominate it: a cheap trial is not pruned for being behind costlier
+    ones), and everything else to the study. A trial whose cost is not known yet (peak memory, known at the
+    end) is judged against all. Hyperband builds studies of its own from the storage and cannot run on it
+    (config/study.py refuses it).
     """
 
-    def __init__(self, study: optuna.Study, direction: str) -> None:
-        self._study = study
+    def __init__(self, study: optuna.Study, direction: str, cost_attribute: str) -> None:
+        self._study, self._attribute = study, cost_attribute
         self.direction = StudyDirection[direction.upper()]
+        self._cap: float | None = None  # the judged trial's cost
 
     @property
     def directions(self) -> list[StudyDirection]:
@@ -86,6 +91,15 @@ class FirstObjective:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._study, name)
 
+    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[FrozenTrial]:
+        trials = self._study.get_trials(deepcopy=deepcopy, states=states)
+        if self._cap is None:
+            return trials
+        cap, key = self._cap, self._attribute
+        return [t for t in trials if t.user_attrs.get(key) is not None and t.user_attrs[key] <= cap]
+
     def should_prune(self, trial: optuna.Trial) -> bool:
-        """The study's pruner on the trial as stored now (what ``Trial.should_prune`` does)."""
-        return self._study.pruner.prune(self, stored_trial(self._study, trial))  # type: ignore[arg-type]
+        """The study's pruner on the trial as stored now (what ``Trial.should_prune`` does), among its peers."""
+        frozen = stored_trial(self._study, trial)
+        self._cap = frozen.user_attrs.get(self._attribute)
+        return self._study.pruner.prune(self, frozen)  # type: ignore[arg-type]

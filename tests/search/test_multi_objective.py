@@ -152,21 +152,33 @@ def test_a_latency_study_measures_the_latency_before_the_trial_trains(tiny_cfg) 
 # ---------------------------------------------------------------------------------------- pruning on the metric
 
 
-def test_a_trial_of_a_two_objective_study_is_pruned_on_its_metric() -> None:
+def test_a_trial_of_a_two_objective_study_is_pruned_on_its_metric_among_trials_no_cheaper() -> None:
     pruner = optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0)
     study = optuna.create_study(directions=["maximize", "minimize"], pruner=pruner)
-    study.add_trial(create_trial(values=[0.8, 5.0], intermediate_values={24: 0.7, 48: 0.8}))
+    done = create_trial(values=[0.8, 5.0], intermediate_values={24: 0.7, 48: 0.8})
+    done.set_user_attr(records.LATENCY_MS, 5.0)
+    study.add_trial(done)
 
-    def evaluation(f1: float) -> Evaluation:
-        return Evaluation(step=24, examples_seen=24, optimizer_step=3, epoch=0.5, metrics={"f1": f1}, train_loss=1.0)
+    def report(latency: float, f1: float) -> optuna.Trial:
+        trial = study.ask()
+        trial.set_user_attr(records.LATENCY_MS, latency)  # as the objective does before the trial trains
+        evaluation = Evaluation(
+            step=24, examples_seen=24, optimizer_step=3, epoch=0.5, metrics={"f1": f1}, train_loss=1
+        )
+        TrialReporter(trial, "f1", "maximize", cost_attribute=records.LATENCY_MS)(evaluation)
+        return trial
 
-    good, bad = study.ask(), study.ask()
-    TrialReporter(good, "f1", "maximize", multi_objective=True)(evaluation(0.75))  # above the median: goes on
+    good = report(6.0, 0.75)  # above the completed trial's 0.7 at step 24: goes on
     with pytest.raises(optuna.TrialPruned):
-        TrialReporter(bad, "f1", "maximize", multi_objective=True)(evaluation(0.2))
+        report(6.0, 0.2)  # behind a trial that costs less: pruned
+    cheap = report(1.0, 0.2)  # as far behind, but no trial costs as little: it may be on the front, goes on
     stored = {t.number: t for t in study.get_trials()}
     assert stored[good.number].intermediate_values == {24: 0.75}  # stored as in a single-objective study
-    assert stored[bad.number].user_attrs[records.PRUNED_AT_STEP] == 24
+    assert stored[good.number + 1].user_attrs[records.PRUNED_AT_STEP] == 24
+    assert (
+        stored[cheap.number].state == TrialState.RUNNING
+        and records.PRUNED_AT_STEP not in stored[cheap.number].user_attrs
+    )
 
 
 # ---------------------------------------------------------------------------------------- end to end
