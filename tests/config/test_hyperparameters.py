@@ -40,6 +40,7 @@ def test_the_searchable_names_are_the_declared_ones_in_order() -> None:
         "weight_decay",
         "hidden_dropout",
         "attention_dropout",
+        "num_layers",
         "label_smoothing",
         "max_grad_norm",
         "loss",
