@@ -167,7 +167,8 @@ def _peer_setup(protocol: dict[str, Any], workdir: Path, name: str) -> dict[str,
     }
 
 
-def _trainer(setup: dict[str, Any], workdir: Path, protocol: dict[str, Any], **args: Any) -> Any:
+def _trainer(setup: dict[str, Any], workdir: Path, protocol: dict[str, Any], seed: int = SEED, **args: Any) -> Any:
+    """A Trainer on the protocol's inputs with the usual defaults (``benchmarks/policy.py`` reuses it per seed)."""
     from transformers import Trainer, TrainingArguments
 
     arguments = TrainingArguments(
@@ -177,9 +178,9 @@ def _trainer(setup: dict[str, Any], workdir: Path, protocol: dict[str, Any], **a
         save_strategy="no",  # no checkpoints on disk (they would only slow the peers down)
         report_to="none",
         disable_tqdm=True,
-        seed=SEED,
-        warmup_steps=0.0,  # a float: a ratio of the run's steps (hyperparameter_search casts to this type)
-        **args,
+        seed=seed,
+        # warmup_steps a float: a ratio of the run's steps (hyperparameter_search casts to this type)
+        **{"warmup_steps": 0.0, **args},
     )
     return Trainer(
         args=arguments,
@@ -191,14 +192,10 @@ def _trainer(setup: dict[str, Any], workdir: Path, protocol: dict[str, Any], **a
     )
 
 
-def run_hf_optuna(protocol: dict[str, Any], workdir: Path) -> None:
-    import optuna
+def hf_space(space: dict[str, Any]) -> Any:
+    """The protocol's search space as ``hyperparameter_search``'s ``hp_space`` (Trainer argument names)."""
 
-    setup = _peer_setup(protocol, workdir, "hf-optuna")
-    trainer = _trainer(setup, workdir, protocol)
-    space = protocol["space"]
-
-    def hp_space(trial: optuna.Trial) -> dict[str, Any]:
+    def hp_space(trial: Any) -> dict[str, Any]:
         lr = space["learning_rate"]
         return {
             "learning_rate": trial.suggest_float("learning_rate", lr["low"], lr["high"], log=True),
@@ -207,10 +204,28 @@ def run_hf_optuna(protocol: dict[str, Any], workdir: Path) -> None:
             "warmup_steps": trial.suggest_float("warmup_ratio", 0.0, 0.2),
         }
 
+    return hp_space
+
+
+def hf_arguments(params: dict[str, Any]) -> dict[str, Any]:
+    """A hyperparameter_search trial's parameters (``hf_space``'s names) as Trainer arguments, to retrain it."""
+    return {
+        "learning_rate": params["learning_rate"],
+        "per_device_train_batch_size": params["batch_size"],
+        "weight_decay": params["weight_decay"],
+        "warmup_steps": float(params["warmup_ratio"]),
+    }
+
+
+def run_hf_optuna(protocol: dict[str, Any], workdir: Path) -> None:
+    import optuna
+
+    setup = _peer_setup(protocol, workdir, "hf-optuna")
+    trainer = _trainer(setup, workdir, protocol)
     trainer.hyperparameter_search(
         direction="maximize",
         backend="optuna",
-        hp_space=hp_space,
+        hp_space=hf_space(protocol["space"]),
         n_trials=protocol["n_trials"],
         compute_objective=lambda metrics: metrics["eval_f1"],
         sampler=optuna.samplers.TPESampler(seed=SEED),
@@ -313,13 +328,19 @@ def run_contender(name: str, protocol: dict[str, Any], workdir: Path, smoke: boo
         if "started" in t:
             t["started_s"] = round(t["started"] - start, 2)
     trials.sort(key=lambda t: t["finished_s"])
+    curve, best = best_so_far(trials)
+    say(f"{name}: best dev F1 {best:.4f} in {wall:.0f} s ({len(trials)} runs)")
+    return {"wall_s": round(wall, 2), "best": best, "curve": curve, "trials": trials}
+
+
+def best_so_far(trials: list[dict[str, Any]]) -> tuple[list[list[float]], float]:
+    """The [finished_s, best] points where the best complete value grew (trials in finishing order), and the best."""
     curve, best = [], -math.inf
     for t in trials:
         if t["state"] == "COMPLETE" and t["value"] is not None and t["value"] > best:
             best = t["value"]
             curve.append([t["finished_s"], best])
-    say(f"{name}: best dev F1 {best:.4f} in {wall:.0f} s ({len(trials)} runs)")
-    return {"wall_s": round(wall, 2), "best": best, "curve": curve, "trials": trials}
+    return curve, best
 
 
 def reach_time(result: dict[str, Any], target: float) -> float | None:
