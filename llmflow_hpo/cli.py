@@ -406,6 +406,15 @@ def cmd_best(args: argparse.Namespace) -> int:
         prefix = records.DEV_PREFIX
         dev = {k[len(prefix) :]: v for k, v in best.user_attrs.items() if k.startswith(prefix)}
         print("  dev metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(dev.items())))
+        won = view.confirmed  # llmflow-hpo confirm: the configuration that held up over seeds
+        if won is not None:
+            from llmflow_hpo.study.view import confirmation_summary, mean_std_text
+
+            row = confirmation_summary(view)["winner"]
+            print(
+                f"confirmed winner: trial {won.number} (configuration of search trial {row['confirms']}), "
+                f"{mean_std_text(row, view.metric)}; retrain-best trains it"
+            )
     return 0
 
 

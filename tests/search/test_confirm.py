@@ -106,8 +106,11 @@ def _fabricated_study(tiny_cfg, monkeypatch, scores):
 
 
 def test_wilcoxon_prunes_a_clearly_worse_configuration_and_an_interrupted_one_resumes(tiny_cfg, monkeypatch):
+    from optuna_dashboard import get_note
+
     from llmflow_hpo.deliver.retrain import _confirmed_or_best
     from llmflow_hpo.search.confirm import run_confirmation
+    from llmflow_hpo.study.note import CONFIRMATION_HEADING
     from llmflow_hpo.study.view import StudyView
 
     scores = {
@@ -134,6 +137,11 @@ def test_wilcoxon_prunes_a_clearly_worse_configuration_and_an_interrupted_one_re
     assert rows[2]["state"] == "pruned" and len(rows[2]["scores"]) == 4  # 4 pairs: p = 1/16 < 0.1
     assert summary["winner"]["confirms"] == 1 and summary["single_run"]["trial"] == 0 and summary["differs"]
 
+    note = get_note(study)  # the dashboard's Note panel: the study's note, then the confirmation table
+    assert note.startswith(f"## {cfg.study_name}:") and note.count(CONFIRMATION_HEADING) == 1
+    assert f"| {rows[2]['trial']} | 2 | 0.8500 | pruned | 0.5000, 0.5200, 0.5100, 0.4900 |" in note
+    assert f"**Confirmed winner**: trial {rows[1]['trial']} (search trial 1), dev f1 0.9040 +- 0.0114" in note
+    assert "The single-run winner, search trial 0, is another configuration." in note
     view = StudyView.of(study)
     assert view.best.number == 0 and view.counts["complete"] == 3  # the search's ranking is unchanged
     source, row = _confirmed_or_best(view, cfg.study_name, cfg.metric, QUIET["log"])
@@ -201,3 +209,37 @@ def test_confirm_refuses_bad_seeds_in_one_line(write_study, tmp_path):
     assert run.stderr.strip().splitlines() == [
         f"llmflow-hpo: error: {tmp_path / 'study.yaml'}: confirm.seeds: must be >= 2 (a spread needs two runs)"
     ]
+
+
+def test_a_killed_confirm_leaves_a_trial_the_next_one_fails_and_continues(tiny_cfg, monkeypatch):
+    """SIGKILL: the confirmation trial stays RUNNING; its process is gone, so the next confirm fails it and
+    continues the configuration from the seeds it finished."""
+    import socket
+
+    from llmflow_hpo.search.confirm import run_confirmation
+    from llmflow_hpo.study.optuna_private import create_trial as store
+
+    scores = {lr: [0.8, 0.8, 0.81, 0.79, 0.8] for lr in (1e-3, 2e-3, 3e-3)}
+    cfg, space, raw, study, calls = _fabricated_study(tiny_cfg, monkeypatch, scores)
+    cfg.confirm.top = 1
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    attrs = {
+        records.CONFIRMS: 0,
+        records.CONFIRM_SEEDS: [cfg.seed + i for i in range(1, 6)],
+        records.CONFIRM_SCORES: [0.8, 0.8],
+        records.CONFIRM_SELECT: "mean",
+        records.CONFIRM_CONFIDENCE: 0.9,
+        records.WORKER: f"{socket.gethostname()}:{gone.stdout.strip()}",
+    }
+    source = study.trials[0]
+    killed, _ = store(
+        study,
+        create_trial(
+            state=TrialState.RUNNING, params=source.params, distributions=source.distributions, user_attrs=attrs
+        ),
+    )
+    summary = run_confirmation(cfg, space, raw, source="test", **QUIET)
+    dead = study.trials[killed]
+    assert dead.state == TrialState.FAIL and dead.user_attrs[records.FAIL_REASON] == "its confirm process died"
+    assert [seed - cfg.seed for _, seed in calls] == [3, 4, 5]
+    assert summary["rows"][0]["state"] == "complete" and study.trials[-1].user_attrs[records.RETRY_OF] == killed
