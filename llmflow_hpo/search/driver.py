@@ -143,7 +143,7 @@ def summarize(study: optuna.Study, cfg: StudyConfig, ran: int, workers: int, tar
     from llmflow_hpo.recipe.checkpoints import folder_size
     from llmflow_hpo.study import records
     from llmflow_hpo.study.front import cost_value, metric_value
-    from llmflow_hpo.study.view import StudyView
+    from llmflow_hpo.study.view import StudyView, search_trials
 
     view = StudyView.of(study)
     best = view.best
@@ -159,7 +159,9 @@ def summarize(study: optuna.Study, cfg: StudyConfig, ran: int, workers: int, tar
         best_params=dict(best.params) if best else {},
         workers=workers,
         checkpoint_bytes=size,
-        retried=len({t.user_attrs[records.RETRY_OF] for t in view.trials if records.RETRY_OF in t.user_attrs}),
+        retried=len(
+            {t.user_attrs[records.RETRY_OF] for t in search_trials(view.trials) if records.RETRY_OF in t.user_attrs}
+        ),
         target=target,
     )
 
