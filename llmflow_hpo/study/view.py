@@ -130,11 +130,12 @@ class StudyView:
     def of(cls, study: Any) -> StudyView:
         from llmflow_hpo.study import records
 
+        attrs = study.user_attrs  # a storage query and a deep copy: read once
         return cls(
             direction=_direction(study.directions[0]),  # the metric's (a cost study's second is the cost's)
-            metric=study.user_attrs.get(records.METRIC, "value"),
+            metric=attrs.get(records.METRIC, "value"),
             trials=tuple(study.get_trials(deepcopy=False)),
-            objective=CostObjective.of(study.user_attrs.get(records.CONFIG, {}).get("objective")),
+            objective=CostObjective.of((attrs.get(records.CONFIG) or {}).get("objective")),
         )
 
     @cached_property
