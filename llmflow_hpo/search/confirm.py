@@ -327,7 +327,12 @@ def open_confirmation_study(cfg: StudyConfig, space_raw: dict[str, Any], source:
     study = optuna.load_study(
         study_name=cfg.study_name, storage=storage, pruner=pruner, sampler=optuna.samplers.RandomSampler(cfg.seed)
     )
-    if len(study.directions) != 1 or study.direction.name.lower() != cfg.direction:
+    if len(study.directions) != 1:
+        raise StorageError(
+            f"{source}: study {cfg.study_name!r} has {len(study.directions)} objectives; confirm re-runs the "
+            "configurations of a study of one objective (its dev metric)"
+        )
+    if study.direction.name.lower() != cfg.direction:
         raise StorageError(
             f"{source}: study {cfg.study_name!r} in {cfg.storage} does not optimise {cfg.direction} dev {cfg.metric}"
         )
