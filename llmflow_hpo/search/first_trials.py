@@ -26,6 +26,7 @@ from llmflow_hpo.errors import ConfigError, StorageError
 from llmflow_hpo.search.spaces import SearchSpace
 from llmflow_hpo.study import records
 from llmflow_hpo.study.lock import StudyLock
+from llmflow_hpo.tasks import get_task
 
 __all__ = ["default_params", "project", "queue_first_trials", "warm_start_params"]
 
@@ -89,7 +90,7 @@ def warm_start_params(cfg: StudyConfig, space: SearchSpace) -> list[tuple[str, d
         earlier_cfg, _, _ = stored_config(earlier)
     except StorageError as e:
         raise ConfigError(f"warm_start.study: {e}") from None
-    if earlier_cfg.task != cfg.task:
+    if get_task(earlier_cfg.task) is not get_task(cfg.task):
         raise ConfigError(
             f"warm_start.study: {warm.study!r} is a {earlier_cfg.task} study, this one {cfg.task}; "
             "warm-start from a study of the same task"

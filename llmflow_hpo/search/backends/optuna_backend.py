@@ -227,6 +227,19 @@ def _draw(
         retry_transient(lambda: record_heartbeat(study, trial))
 
 
+def _out_of_time(study: optuna.Study, timeout: float | None, start: float, budget: Budget | None, say: Log) -> bool:
+    """Whether the timeout is reached or the budget spent (said why): no new trial starts."""
+    if timeout is not None and time.monotonic() - start >= timeout:
+        say(f"study {study.study_name}: timeout of {timeout:g}s reached; no new trial started")
+        return True
+    if budget is not None and not budget.fits_a_trial(
+        search_trials(retry_transient(lambda: study.get_trials(deepcopy=False)))
+    ):
+        say(f"study {study.study_name}: the budget of {budget.seconds:g}s is spent; no new trial started")
+        return True
+    return False
+
+
 def run_worker(
     study: optuna.Study,
     objective: Objective,
@@ -265,11 +278,7 @@ def run_worker(
     ran = 0
     waiting_said = False
     while True:
-        if timeout is not None and time.monotonic() - start >= timeout:
-            say(f"study {study.study_name}: timeout of {timeout:g}s reached; no new trial started")
-            break
-        if budget is not None and not budget.fits_a_trial(retry_transient(lambda: study.get_trials(deepcopy=False))):
-            say(f"study {study.study_name}: the budget of {budget.seconds:g}s is spent; no new trial started")
+        if _out_of_time(study, timeout, start, budget, say):
             break
         trial = None
         try:
