@@ -13,6 +13,7 @@ import pytest
 import yaml
 from conftest import NER_CONFIG, TINY_MODEL, deep_update
 from optuna.trial import TrialState, create_trial
+from optuna_dashboard import get_note
 
 from llmflow_hpo.config.study import ModelConfig, config_from_dict
 from llmflow_hpo.errors import ConfigError
@@ -20,6 +21,7 @@ from llmflow_hpo.recipe.results import Evaluation
 from llmflow_hpo.search.reporting import TrialReporter
 from llmflow_hpo.study import records
 from llmflow_hpo.study.front import CostObjective, pareto_front
+from llmflow_hpo.study.note import FRONT_HEADING
 from llmflow_hpo.study.view import StudyView
 
 # ---------------------------------------------------------------------------------------- the front and the pick
@@ -232,6 +234,8 @@ def test_a_cost_study_end_to_end(tmp_path: Path) -> None:
 
     best = json.loads(_cli("best", "--study", "tiny-ner", "--storage", storage, "--json", cwd=tmp_path).stdout)
     assert best["number"] == expected and best["cost"] <= max_cost
+    note = get_note(study)  # the dashboard's note: the cost line, and the front written after the search
+    assert "**Cost**: minimize `params`" in note and f"| {expected} **(picked)** |" in note.split(FRONT_HEADING)[1]
 
     _cli("report", "--study", "tiny-ner", "--storage", storage, "--output", "report", cwd=tmp_path)
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
