@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from datetime import datetime, timezone
@@ -15,7 +16,7 @@ from llmflow_hpo.config.study import StudyConfig, config_to_dict
 from llmflow_hpo.errors import LlmflowError
 from llmflow_hpo.recipe.models import load_tokenizer
 from llmflow_hpo.study import records
-from llmflow_hpo.study.front import cost_value, metric_value
+from llmflow_hpo.study.front import CostObjective, cost_value, metric_value
 from llmflow_hpo.study.provenance import library_versions
 from llmflow_hpo.tasks import get_task
 
@@ -111,15 +112,14 @@ def _confirmed_line(confirmation: dict[str, Any] | None) -> str:
 
 def _cost_line(cfg: StudyConfig, trial: Any) -> str:
     """The model card's line on a quality-against-cost study: the trial's cost and the rule that picked it."""
-    o = cfg.objective
-    if o.cost is None:
+    o = CostObjective.of(dataclasses.asdict(cfg.objective))
+    if o is None:
         return ""
-    rule = f"{o.select} (tolerance {o.tolerance:g})" if o.select == "cheapest-within" else o.select
     limit = f", among the trials within max_cost {o.max_cost:g}" if o.max_cost is not None else ""
     where = f" on {trial.user_attrs.get(records.DEVICE)}" if o.cost != "params" else ""
     return (
         f"- Cost: {o.cost} = {cost_value(trial):.4g}{where}; the trial was picked from the Pareto front of dev "
-        f"{cfg.metric} against {o.cost} by objective.select {rule}{limit}\n"
+        f"{cfg.metric} against {o.cost} by objective.select {o.rule}{limit}\n"
     )
 
 

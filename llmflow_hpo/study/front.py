@@ -92,6 +92,11 @@ class CostObjective:
         )
 
     @property
+    def rule(self) -> str:
+        """The select rule as the report, the note and the model card name it: ``cheapest-within (tolerance 0.01)``."""
+        return f"{self.select} (tolerance {self.tolerance:g})" if self.select == "cheapest-within" else self.select
+
+    @property
     def attribute(self) -> str:
         """The trial attribute that holds the cost."""
         return COST_ATTRIBUTES[self.cost]
@@ -104,10 +109,7 @@ class CostObjective:
     def describe(self, trial: Any) -> str:
         """The trial's cost and the rule that picked it, one indented line (``best``)."""
         limit = f", within max_cost {self.max_cost:g}" if self.max_cost is not None else ""
-        rule = f"{self.select} (tolerance {self.tolerance:g})" if self.select == "cheapest-within" else self.select
-        return (
-            f"  {self.cost}: {cost_value(trial):.4g}; picked from the Pareto front by objective.select: {rule}{limit}"
-        )
+        return f"  {self.cost}: {cost_value(trial):.4g}; picked from the Pareto front by objective.select: {self.rule}{limit}"
 
     def pick(self, trials: Iterable[Any], direction: str) -> Any | None:
         """The trial ``select`` picks among the complete ``trials`` within ``max_cost``; None when none is."""

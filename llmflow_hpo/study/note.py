@@ -174,14 +174,15 @@ def study_note(cfg: StudyConfig, space_raw: dict[str, Any], data_report: list[st
 
 def _cost_lines(cfg: StudyConfig) -> list[str]:
     """A quality-against-cost study's second objective, its constraint and its select rule (none otherwise)."""
-    o = cfg.objective
-    if o.cost is None:
+    from llmflow_hpo.study.front import CostObjective
+
+    o = CostObjective.of(config_to_dict(cfg)["objective"])
+    if o is None:
         return []
-    rule = f"{o.select} (tolerance {o.tolerance:g})" if o.select == "cheapest-within" else o.select
     limit = f"at most {o.max_cost:g} (a trial above it is infeasible)" if o.max_cost is not None else "no constraint"
     return [
         f"**Cost**: minimize `{o.cost}` against it, {limit}; each trial's second value. The dashboard's Pareto-front "
-        f"plot shows both; `retrain-best` trains the trial objective.select `{rule}` picks (see the front below, "
+        f"plot shows both; `retrain-best` trains the trial objective.select `{o.rule}` picks (see the front below, "
         "written after each search).  "
     ]
 
@@ -208,7 +209,7 @@ def front_note(view: Any) -> str:
         )
     lines.append("")
     lines.append(
-        f"Picked by objective.select `{o.select}`: trial {picked.number}, the one `llmflow-hpo retrain-best` trains."
+        f"Picked by objective.select `{o.rule}`: trial {picked.number}, the one `llmflow-hpo retrain-best` trains."
         if picked is not None
         else "No complete trial is within max_cost yet."
     )

@@ -569,9 +569,8 @@ def _header(info: _StudyInfo) -> str:
     ]
     if info.objective is not None:  # a quality-against-cost study
         o = info.objective
-        rule = f"{o.select} (tolerance {o.tolerance:g})" if o.select == "cheapest-within" else o.select
         limit = f"max_cost {o.max_cost:g}" if o.max_cost is not None else "no max_cost"
-        rows.append(("cost", f"minimize {info.cost_name} ({limit}); retrain-best's trial: select {rule}"))
+        rows.append(("cost", f"minimize {info.cost_name} ({limit}); retrain-best's trial: select {o.rule}"))
     cfg = info.config
     if cfg is not None:
         stopping = f"Ray {cfg.ray.scheduler} scheduler" if cfg.backend == "ray" else f"{cfg.pruner.name} pruner"
@@ -627,9 +626,8 @@ def _front_table(info: _StudyInfo) -> str:
         ]
         rows.append(f"<tr{' class=best' if r['picked'] else ''}>" + "".join(cells) + "</tr>")
     picked = next((r["trial"] for r in info.front if r["picked"]), None)
-    rule = f"{o.select} (tolerance {o.tolerance:g})" if o.select == "cheapest-within" else o.select
     note = (
-        f"Picked by objective.select {_e(rule)}"
+        f"Picked by objective.select {_e(o.rule)}"
         + (f" among the trials within max_cost {o.max_cost:g}" if o.max_cost is not None else "")
         + (f": trial {picked}, the one retrain-best trains." if picked is not None else ": none is within max_cost.")
     )
