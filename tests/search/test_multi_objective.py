@@ -110,6 +110,17 @@ def test_validate_refuses_a_bad_cost_setting_in_one_line(tmp_path: Path) -> None
     assert len(lines) == 1 and "must be > 0" in lines[0]
 
 
+def test_confirm_refuses_a_cost_study_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"num_layers": {"type": "int", "low": 1, "high": 2}}))
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(deep_update(NER_CONFIG, {"objective": {"cost": "params"}})))
+    out = subprocess.run(
+        [sys.executable, "-m", "llmflow_hpo", "confirm", str(tmp_path / "study.yaml")], capture_output=True, text=True
+    )
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "objective.cost: confirm re-runs single-objective studies only" in out.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "tiny-ner.db").exists()
+
+
 # ---------------------------------------------------------------------------------------- the recipe
 
 
