@@ -663,6 +663,7 @@ def _best_table(best: list[FrozenTrial], info: _StudyInfo) -> str:
     if not best:
         return '<p class="note">No complete trial yet.</p>'
     shown = best[:TOP_TRIALS]
+    picked = next((r["trial"] for r in info.front or [] if r["picked"]), None)
     params = list(dict.fromkeys(p for t in shown for p in t.params))
     metrics = [m for m in _metric_columns(shown) if m != info.metric]  # the value column already shows it
     head = (
@@ -684,7 +685,9 @@ def _best_table(best: list[FrozenTrial], info: _StudyInfo) -> str:
             *(f"<td>{_e(format_value(t.params[p]) if p in t.params else '-')}</td>" for p in params),
             *(f"<td>{_e(format_value(t.user_attrs[m]) if m in t.user_attrs else '-')}</td>" for m in metrics),
         ]
-        rows.append(f"<tr{' class=best' if i == 0 else ''}>" + "".join(cells) + "</tr>")
+        # a cost study's highlighted trial is the one its select rule picks, not the best metric
+        marked = t.number == picked if info.front is not None else i == 0
+        rows.append(f"<tr{' class=best' if marked else ''}>" + "".join(cells) + "</tr>")
     others = len(best) - len(shown)
     n_pruned, n_failed = info.counts["pruned"], info.counts["fail"]
     note = (
