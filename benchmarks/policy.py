@@ -47,6 +47,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -81,8 +82,8 @@ TASKS: dict[str, dict[str, Any]] = {
         "metric": "f1",
         "read": CONLL_COLUMNS,
         "slices": {
-            "train": ("conll2003/train.txt", 0, 400),
-            "dev": ("conll2003/valid.txt", 0, 200),
+            "train": ("conll2003/train.txt", 0, 150),
+            "dev": ("conll2003/valid.txt", 0, 100),
             "test": ("conll2003/test.txt", 0, 1000),
         },
         "model": {"name_or_path": MINILM},
@@ -92,8 +93,8 @@ TASKS: dict[str, dict[str, Any]] = {
         "metric": "accuracy",
         "read": SST2_COLUMNS,
         "slices": {
-            "train": ("sst2/train.tsv", 0, 800),
-            "dev": ("sst2/train.tsv", 40000, 400),  # far from train: SST-2's phrases repeat their neighbours'
+            "train": ("sst2/train.tsv", 0, 100),
+            "dev": ("sst2/train.tsv", 40000, 100),  # far from train: SST-2's phrases repeat their neighbours'
             "test": ("sst2/dev.tsv", 0, 872),  # the labelled dev set (SST-2's test set has no labels)
         },
         "model": {"name_or_path": MINILM},
@@ -103,8 +104,8 @@ TASKS: dict[str, dict[str, Any]] = {
         "metric": "f1",
         "read": CONLL_COLUMNS,
         "slices": {
-            "train": ("conll2003/train.txt", 0, 700),
-            "dev": ("conll2003/valid.txt", 0, 200),
+            "train": ("conll2003/train.txt", 0, 300),
+            "dev": ("conll2003/valid.txt", 0, 100),
             "test": ("conll2003/test.txt", 0, 1000),
         },
         "model": {"name_or_path": MINILM, "config_overrides": {"num_hidden_layers": 3}},
@@ -252,17 +253,23 @@ def child_env(threads: int) -> dict[str, str]:
     }
 
 
-def timed(command: list[str], log: Path, threads: int, cwd: Path) -> tuple[float, float, str]:
-    """Run ``command`` (its stderr to ``log``); its start time, wall seconds and stdout. Exit != 0 raises."""
+def timed(command: list[str], log: Path, threads: int, cwd: Path) -> dict[str, Any]:
+    """Run ``command`` (its stderr to ``log``): its ``start`` time, ``wall_s``, ``cpu_s`` and ``stdout``.
+
+    Exit != 0 raises RuntimeError. CPU seconds: with one thread, about the wall time on a quiet core.
+    """
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.time()
     with log.open("a") as err:
         done = subprocess.run(command, stdout=subprocess.PIPE, stderr=err, text=True, env=child_env(threads), cwd=cwd)
     wall = time.time() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - used.ru_utime - used.ru_stime
     with log.open("a") as err:
-        err.write(done.stdout)
+        err.write(f"{done.stdout}\ncpu_s {cpu:.2f} wall_s {wall:.2f}\n")
     if done.returncode != 0:
         raise RuntimeError(f"exit {done.returncode}: {' '.join(command[1:4])}...; {log}:\n{log.read_text()[-2000:]}")
-    return start, wall, done.stdout
+    return {"start": start, "wall_s": wall, "cpu_s": cpu, "stdout": done.stdout}
 
 
 # ---------------------------------------------------------------------------------------------------- the peers' side
@@ -279,6 +286,7 @@ def _setup(spec: dict[str, Any]) -> dict[str, Any]:
     from llmflow_hpo.tasks import get_task
 
     torch.set_num_threads(spec["threads"])
+    print(f"torch threads {torch.get_num_threads()}, cores {sorted(os.sched_getaffinity(0))}", file=sys.stderr)
     cfg = config_from_dict(spec["study"], source="benchmarks/policy.py")
     features = prepare_features(cfg, log=lambda _: None)
     task = get_task(cfg.task)
@@ -397,42 +405,33 @@ def _on_clock(trials: list[dict[str, Any]], start: float) -> dict[str, Any]:
 def run_llmflow(name: str, spec: dict[str, Any], rundir: Path) -> dict[str, Any]:
     import yaml
 
-    threads = spec["threads"]
+    threads, storage = spec["threads"], spec["study"]["storage"]
     (rundir / "study.yaml").write_text(yaml.safe_dump(spec["study"], sort_keys=False))
-    start, wall, _ = timed(
-        [sys.executable, "-m", "llmflow_hpo", "search", "study.yaml"], rundir / "search.log", threads, rundir
-    )
-    search = {"wall_s": round(wall, 2), **_on_clock(_optuna_trials(spec["study"]["storage"], name), start)}
-    command = [
-        sys.executable,
-        "-m",
-        "llmflow_hpo",
-        "retrain-best",
-        "--study",
-        name,
-        "--storage",
-        spec["study"]["storage"],
-    ]
-    _, wall, out = timed([*command, "--output", "best-model", "--json"], rundir / "retrain.log", threads, rundir)
-    got = json.loads(out)
+    ran = timed([sys.executable, "-m", "llmflow_hpo", "search", "study.yaml"], rundir / "search.log", threads, rundir)
+    search = {**_costs(ran), **_on_clock(_optuna_trials(storage, name), ran["start"])}
+    command = [sys.executable, "-m", "llmflow_hpo", "retrain-best", "--study", name, "--storage", storage]
+    ran = timed([*command, "--output", "best-model", "--json"], rundir / "retrain.log", threads, rundir)
+    got = json.loads(ran["stdout"])
     keep = ("trial_number", "params", "trial_dev_value", "dev_metrics", "test_metrics", "reproduced")
-    return {"search": search, "retrain": {"wall_s": round(wall, 2), **{k: got[k] for k in keep}}}
+    return {"search": search, "retrain": {**_costs(ran), **{k: got[k] for k in keep}}}
 
 
 def run_peer(kind: str, spec: dict[str, Any], rundir: Path) -> dict[str, Any]:
     threads = spec["threads"]
     child = [sys.executable, str(Path(__file__).resolve()), "--rundir", str(rundir), "--child"]
-    start, wall, _ = timed([*child, kind], rundir / "search.log", threads, rundir)
+    ran = timed([*child, kind], rundir / "search.log", threads, rundir)
     if kind == "plain":  # its own model is the winner: scored on test in the same process (timed apart)
         got = json.loads((rundir / "plain.json").read_text())
-        search = {"wall_s": round(wall - got["scoring_s"], 2), **_on_clock([got["trial"]], start)}
+        ran["wall_s"] -= got["scoring_s"]
+        search = {**_costs(ran), **_on_clock([got["trial"]], ran["start"])}
         return {"search": search, "retrain": {"wall_s": 0.0, "trial_dev_value": got["trial"]["value"], **got}}
-    search = {"wall_s": round(wall, 2), **_on_clock(_optuna_trials(spec["study"]["storage"], PEER), start)}
-    _, wall, _ = timed([*child, "hf-retrain"], rundir / "retrain.log", threads, rundir)
-    return {
-        "search": search,
-        "retrain": {"wall_s": round(wall, 2), **json.loads((rundir / "hf-retrain.json").read_text())},
-    }
+    search = {**_costs(ran), **_on_clock(_optuna_trials(spec["study"]["storage"], PEER), ran["start"])}
+    ran = timed([*child, "hf-retrain"], rundir / "retrain.log", threads, rundir)
+    return {"search": search, "retrain": {**_costs(ran), **json.loads((rundir / "hf-retrain.json").read_text())}}
+
+
+def _costs(ran: dict[str, Any]) -> dict[str, float]:
+    return {"wall_s": round(ran["wall_s"], 2), "cpu_s": round(ran["cpu_s"], 2)}
 
 
 def run_one(
@@ -495,7 +494,14 @@ def records_dir(args: argparse.Namespace) -> Path:
 
 
 def record_path(args: argparse.Namespace, task: str, contender: str, seed: int) -> Path:
-    return records_dir(args) / f"{task}__{contender}__seed{seed}.json"
+    """A run's record: another budget is another run (the summary keeps budgets apart)."""
+    return records_dir(args) / f"{task}__{contender}__seed{seed}__{args.budget:g}s.json"
+
+
+def group(record: dict[str, Any], budgets: dict[str, set[float]]) -> str:
+    """The summary's name of the record's task: the task, and its budget where the task ran with several."""
+    task = record["task"]
+    return task if len(budgets[task]) == 1 else f"{task} @ {record['budget_s']:g} s"
 
 
 def load_records(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -525,8 +531,11 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
     import numpy as np
 
     out: dict[str, Any] = {}
-    for task in sorted({r["task"] for r in records}):
-        runs = [r for r in records if r["task"] == task]
+    budgets: dict[str, set[float]] = {}
+    for r in records:
+        budgets.setdefault(r["task"], set()).add(r["budget_s"])
+    for task in sorted({group(r, budgets) for r in records}):
+        runs = [r for r in records if group(r, budgets) == task]
         horizon = max(r["search"]["wall_s"] for r in runs)
         grid = np.linspace(0.0, horizon, 400)
         plain = {r["seed"]: r["retrain"]["test"] for r in runs if r["contender"] == "plain"}
@@ -550,6 +559,7 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
                 "curve_std": curves.std(axis=0).tolist(),
             }  # fmt: skip
         out[task] = {"grid_s": grid.tolist(), "contenders": contenders, "metric": runs[0]["metric"]}
+        out[task]["budget_s"] = runs[0]["budget_s"]
         out[task]["goals"] = goals(out[task])
     return out
 
@@ -593,7 +603,7 @@ def markdown(summary: dict[str, Any], records: list[dict[str, Any]]) -> str:
     for task, entry in summary.items():
         metric = entry["metric"]
         lines += [
-            f"### {task} (dev/test {metric})",
+            f"### {task} (dev/test {metric}, budget {entry['budget_s']:g} s per study)",
             "",
             f"| contender | seeds | best dev {metric} | retrained test {metric} | beats plain (test, same seed) | "
             "mean wall | trials (complete / pruned / failed) | reaches hf-optuna's mean best dev at |",
@@ -699,18 +709,26 @@ def calibrate(args: argparse.Namespace, names: list[str]) -> None:
         spec = {"task": task, "seed": 0, "budget": args.budget, "threads": args.threads, "study": study}
         write_json(rundir / "spec.json", spec)
         (rundir / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
-        start, wall, _ = timed(
+        ran = timed(
             [sys.executable, "-m", "llmflow_hpo", "search", "study.yaml"], rundir / "search.log", args.threads, rundir
         )
-        t = _on_clock(_optuna_trials(study["storage"], "calibrate"), start)["trials"][0]
+        trial = _on_clock(_optuna_trials(study["storage"], "calibrate"), ran["start"])["trials"][0]
         plain = run_peer("plain", spec, rundir)["search"]
-        p = plain["trials"][0]
-        say(
-            f"calibrate {name}: llmflow-hpo trial {t['finished_s'] - t['started_s']:.1f} s (setup {t['setup_s']:.1f}, "
-            f"train {t['train_s']:.1f}, {t['evaluations']} dev evaluations {t['eval_s']:.1f}), process {wall:.1f} s, "
-            f"dev {task['metric']} {t['value']:.4f}; Trainer.train() {p['finished_s'] - p['started_s']:.1f} s, "
-            f"process {plain['wall_s']:.1f} s, dev {task['metric']} {p['value']:.4f}"
-        )
+        busy = ran["cpu_s"] / ran["wall_s"]  # < 1: the core was shared; the quiet figures are wall x this
+        seconds = trial["finished_s"] - trial["started_s"]
+        figures = {
+            "llmflow_trial_s": round(seconds, 1),
+            "llmflow_trial_quiet_s": round(seconds * min(1.0, busy), 1),
+            "setup_s": round(trial["setup_s"], 1), "train_s": round(trial["train_s"], 1),
+            "eval_s": round(trial["eval_s"], 1), "evaluations": trial["evaluations"],
+            "llmflow_process_s": round(ran["wall_s"], 1), "llmflow_process_cpu_s": round(ran["cpu_s"], 1),
+            "llmflow_dev": trial["value"],
+            "trainer_train_s": round(plain["trials"][0]["finished_s"] - plain["trials"][0]["started_s"], 1),
+            "trainer_process_s": plain["wall_s"], "trainer_process_cpu_s": plain["cpu_s"],
+            "trainer_dev": plain["trials"][0]["value"],
+        }  # fmt: skip
+        write_json(rundir / "calibration.json", figures)
+        say(f"calibrate {name} ({len(task['slices'])} slices {[n for *_, n in task['slices'].values()]}): {figures}")
 
 
 def main() -> None:

@@ -69,3 +69,68 @@ def test_padding_smoke_compares_the_three_batchings(tmp_path: Path) -> None:
     for r in results.values():
         assert r["examples_per_second"] > 0 and len(r["evaluations"]) == 1
     assert [r["settings"]["group_by_length"] for r in results.values()] == [False, False, True]
+
+
+# One contender of each kind (the other llmflow-hpo contenders differ only in their study overrides).
+POLICY_SMOKE = ("llmflow-hpo", "hf-optuna", "plain")
+
+
+@pytest.mark.slow
+def test_policy_smoke_records_each_run_once_retrains_the_winners_and_summarizes(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    args = ("--smoke", "--contenders", ",".join(POLICY_SMOKE), "--budget", "6", "--workdir", str(tmp_path / "work"),
+            "--results", str(results))  # fmt: skip
+    result = run("policy.py", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    paths = sorted((results / "policy" / "records").glob("*.json"))
+    assert [p.name for p in paths] == sorted(f"smoke__{name}__seed0__6s.json" for name in POLICY_SMOKE)
+    records = {r["contender"]: r for r in (json.loads(p.read_text()) for p in paths)}
+    for name, r in records.items():
+        search, retrain = r["search"], r["retrain"]
+        assert all(0 < t["finished_s"] <= search["wall_s"] + 0.01 for t in search["trials"]), name
+        bests = [b for _, b in search["curve"]]
+        assert bests == sorted(bests) and bests[-1] == search["best"], name  # best so far only grows
+        assert search["best"] == max(t["value"] for t in search["trials"] if t["state"] == "COMPLETE"), name
+        assert sum(search["counts"].values()) == len(search["trials"]) >= 1, name
+        assert retrain["test"] == retrain["test_metrics"]["f1"] and 0 <= retrain["test"] <= 1, name
+        # The winner retrained is the search's best, and it scores on dev what its trial did.
+        assert retrain["trial_dev_value"] == search["best"], name
+        assert retrain["dev_metrics"]["f1"] == pytest.approx(search["best"], abs=1e-9), name
+    assert records["llmflow-hpo"]["retrain"]["reproduced"] is True
+    assert records["hf-optuna"]["search"]["counts"]["COMPLETE"] >= 2  # trials until the budget, not one
+    summary = json.loads((results / "policy.json").read_text())["smoke"]
+    assert list(summary["contenders"]) == list(POLICY_SMOKE)
+    ours = summary["contenders"]["llmflow-hpo"]
+    assert ours["test"]["mean"] == records["llmflow-hpo"]["retrain"]["test"]
+    assert ours["beats_plain"] == (records["llmflow-hpo"]["retrain"]["test"] > records["plain"]["retrain"]["test"])
+    table = (results / "policy.md").read_text()
+    assert result.stdout == table + "\n" and table.count("\n| ") == 1 + len(POLICY_SMOKE)  # header, one row each
+    assert (results / "policy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A second invocation runs nothing that has its record: it only summarizes again.
+    stamps = [p.stat().st_mtime_ns for p in paths]
+    again = run("policy.py", *args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("recorded already") == len(POLICY_SMOKE)
+    assert [p.stat().st_mtime_ns for p in paths] == stamps and again.stdout == result.stdout
+
+
+def test_policy_contenders_are_settings_this_version_has_and_their_studies_validate(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import policy
+
+    from llmflow_hpo.config.study import config_from_dict
+
+    data = {
+        split: str(REPO / "studies" / "data" / "quickstart-ner" / f"{split}.txt") for split in ("train", "dev", "test")
+    }
+    for name, contender in policy.CONTENDERS.items():
+        if contender["kind"] != "llmflow":
+            continue
+        assert policy.missing_settings(contender["study"]) == [], name
+        study = policy.study_dict(policy.TASKS["conll-tiny"], data, 3, 100.0, 1, tmp_path, name)
+        cfg = config_from_dict(policy.deep_update(study, contender["study"]), source=name)
+        assert (cfg.seed, cfg.budget_s, cfg.n_trials, cfg.train.num_threads, cfg.train.epochs) == (3, 100.0, None, 1, 3)
+    assert policy.missing_settings({"sampler": {"no_such_knob": 1}, "nor_this": 2}) == [
+        "sampler.no_such_knob",
+        "nor_this",
+    ]
