@@ -2,16 +2,16 @@
 
     .venv/bin/python benchmarks/policy.py --smoke                                   # CI: tiny model, ~1 min
     .venv/bin/python benchmarks/policy.py --calibrate --tasks conll-tiny            # one default trial, timed
-    taskset -c 0 .venv/bin/python benchmarks/policy.py --tasks conll-tiny,conll-l3 &
-    taskset -c 1 .venv/bin/python benchmarks/policy.py --tasks sst2-slice &         # the full run, 2 cores
+    taskset -c 0 .venv/bin/python benchmarks/policy.py --tasks conll-tiny &          # two invocations side by
+    taskset -c 1 .venv/bin/python benchmarks/policy.py --tasks conll-l3 &            # side (README: all 3 tasks)
     .venv/bin/python benchmarks/policy.py --summarize                                # the tables and plot again
 
 Every (task, contender, seed) is one run: the search, in its own process, on a clock that runs from that
 process's start to its exit (imports, model loads and tokenizing count), with a wall-clock budget of
 ``--budget`` seconds; then the winner is retrained on train (another process, timed apart) and scored
 on test. A run's record is one JSON file under ``benchmarks/results/policy/records/``; a run that has one
-is skipped, so later invocations add seeds, tasks or contenders, and invocations on different tasks can
-run side by side (each pinned to a core: ``--threads 1``, the default, gives every child process one
+is skipped, so later invocations add seeds, tasks or contenders, and invocations on disjoint runs (other
+tasks, or other seeds of a task) can run side by side (each pinned to a core: ``--threads 1``, the default, gives every child process one
 torch thread). Every invocation ends by aggregating all records into ``benchmarks/results/policy.md``,
 ``policy.json`` and ``policy.png`` (``--summarize`` does only that).
 
