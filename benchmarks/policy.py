@@ -555,6 +555,7 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
                 "retrain_s": float(np.mean([r["retrain"]["wall_s"] for r in mine])),
                 "trials": {s: float(np.mean([r["search"]["counts"][s] for r in mine])) for s in ("COMPLETE", "PRUNED", "FAIL")},
                 "missing_settings": sorted({m for r in mine for m in r.get("missing_settings", [])}),
+                "curve_until_s": max(r["search"]["wall_s"] for r in mine),  # its longest run's end
                 "curve_mean": curves.mean(axis=0).tolist(),  # NaN until every seed has a complete trial
                 "curve_std": curves.std(axis=0).tolist(),
             }  # fmt: skip
@@ -658,6 +659,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         grid = np.array(entry["grid_s"])
         for name, c in entry["contenders"].items():
             mean, std = np.array(c["curve_mean"], dtype=float), np.array(c["curve_std"], dtype=float)
+            mean[grid > c["curve_until_s"]] = np.nan  # drawn until its runs ended
             (line,) = ax.step(grid, mean, where="post", label=f"{name} (n={len(c['seeds'])})", linewidth=2)
             ax.fill_between(grid, mean - std, mean + std, step="post", alpha=0.15, color=line.get_color())
         peer = entry["contenders"].get(PEER)
@@ -665,10 +667,11 @@ def plot(summary: dict[str, Any], path: Path) -> None:
             ax.axhline(peer["best_dev"]["mean"], color="grey", linestyle=":", linewidth=1)
             ax.axvline(peer["wall_s"] / 3, color="grey", linestyle="--", linewidth=1, label="1/3 of hf-optuna's wall")
         ax.set_title(f"{task}: mean best-so-far dev {entry['metric']} (± std over seeds)")
+        ax.set_xlim(left=0)
         ax.set_xlabel("wall time of the search (s)")
         ax.set_ylabel(f"best dev {entry['metric']} so far")
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
