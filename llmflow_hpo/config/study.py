@@ -181,9 +181,9 @@ class PrunerConfig:
         default_factory=dict,
     )
     patience: int | None = _help(
-        "Wrap the pruner in optuna's PatientPruner: a trial is judged only after this many evaluations without "
-        "improving, so a trial that is still climbing (out of predicting the majority class) is not pruned for "
-        "being behind; null: the pruner alone.",
+        "Wrap the pruner in optuna's PatientPruner: it judges a trial only once the best of its last patience+1 "
+        "evaluations is below its best before them (it stopped improving), so a trial that is behind but still "
+        "climbing (out of predicting the majority class) runs on; null: the pruner alone.",
         default=1,
     )
 

@@ -382,7 +382,7 @@ def build_pruner(
     be judged at once there); hyperband's ``max_resource`` to the longest run the space allows.
 
     ``pruner.patience``: wrapped in optuna's PatientPruner, which asks the pruner only about a trial whose
-    last ``patience`` evaluations did not improve on its earlier best: a trial still climbing (out of the
+    last ``patience + 1`` evaluations are all below its best before them: a trial still climbing (out of the
     phase where every trial predicts the majority class) is not pruned for being behind.
     """
     name, options = cfg.pruner.name, dict(cfg.pruner.options)

@@ -43,7 +43,8 @@ def test_study_stores_config_versions_and_trial_metrics(tiny_cfg):
 
 def test_median_pruner_stops_a_worse_trial_at_the_same_amount_of_training(tiny_cfg, monkeypatch):
     options = {"n_startup_trials": 1, "n_warmup_steps": 0}
-    cfg, space, raw = tiny_cfg({"n_trials": 3, "pruner": {"name": "median", "options": options}})
+    pruner = {"name": "median", "options": options, "patience": None}  # the median pruner alone
+    cfg, space, raw = tiny_cfg({"n_trials": 3, "pruner": pruner})
     scores = iter([0.5, 0.6, 0.7, 0.8, 0.1, 0.9, 0.9, 0.9, 0.9])
     monkeypatch.setattr("llmflow_hpo.recipe.train.evaluate", lambda *a, **k: {"f1": next(scores), "loss": 1.0})
     run_search(cfg, space, raw, **QUIET)
@@ -64,13 +65,32 @@ def test_median_pruner_stops_a_worse_trial_at_the_same_amount_of_training(tiny_c
 
 
 def test_by_default_the_median_pruner_waits_for_the_first_epoch(tiny_cfg, monkeypatch):
-    cfg, space, raw = tiny_cfg({"n_trials": 2, "pruner": {"name": "median", "options": {"n_startup_trials": 1}}})
+    pruner = {"name": "median", "options": {"n_startup_trials": 1}, "patience": None}
+    cfg, space, raw = tiny_cfg({"n_trials": 2, "pruner": pruner})
     scores = iter([0.5, 0.6, 0.7, 0.8, 0.1, 0.05, 0.9, 0.9])
     monkeypatch.setattr("llmflow_hpo.recipe.train.evaluate", lambda *a, **k: {"f1": next(scores), "loss": 1.0})
     run_search(cfg, space, raw, **QUIET)
     second = load_study(cfg.study_name, cfg.storage).trials[1]
     # 48 training examples: worse than the median at 24 (half an epoch) is not pruned yet, at 48 it is.
     assert second.state == TrialState.PRUNED and second.intermediate_values == {24: 0.1, 48: 0.05}
+
+
+@pytest.mark.parametrize(
+    ("second", "evaluations", "state"),
+    [([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], 6, "COMPLETE"), ([0.1, 0.3, 0.2, 0.2, 0.9, 0.9], 4, "PRUNED")],
+)
+def test_by_default_a_trial_still_improving_is_not_pruned_for_being_behind(
+    tiny_cfg, monkeypatch, second, evaluations, state
+):
+    """pruner.patience 1 (optuna's PatientPruner): behind the median at every evaluation but climbing, the trial
+    runs on; once its last two evaluations are both below its earlier best, the median pruner judges it."""
+    pruner = {"name": "median", "options": {"n_startup_trials": 1}}
+    cfg, space, raw = tiny_cfg({"n_trials": 2, "pruner": pruner, "train": {"epochs": 3}})
+    scores = iter([0.5, 0.6, 0.7, 0.8, 0.9, 1.0, *second])
+    monkeypatch.setattr("llmflow_hpo.recipe.train.evaluate", lambda *a, **k: {"f1": next(scores), "loss": 1.0})
+    run_search(cfg, space, raw, **QUIET)
+    trial = load_study(cfg.study_name, cfg.storage).trials[1]
+    assert (trial.state.name, len(trial.intermediate_values)) == (state, evaluations)
 
 
 def test_diverged_trial_fails_with_its_reason_and_the_study_goes_on(tiny_cfg, monkeypatch):
@@ -132,7 +152,8 @@ def test_each_trial_draws_its_point_under_the_study_lock(tiny_cfg, monkeypatch):
             return _real(self, *args)
 
         monkeypatch.setattr(optuna.samplers.QMCSampler, method, recorded)
-    cfg, space, raw = tiny_cfg({"n_trials": 3, "sampler": {"name": "qmc"}, "train": {"epochs": 1}})
+    sampler = {"name": "qmc", "defaults_first": False}  # QMC's own first trial draws independently
+    cfg, space, raw = tiny_cfg({"n_trials": 3, "sampler": sampler, "train": {"epochs": 1}})
     run_search(cfg, space, raw, **QUIET)
     trials = load_study(cfg.study_name, cfg.storage).trials
     assert len({(t.params["learning_rate"], t.params["batch_size"]) for t in trials}) == 3
