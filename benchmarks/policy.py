@@ -423,6 +423,7 @@ def run_peer(kind: str, spec: dict[str, Any], rundir: Path) -> dict[str, Any]:
     if kind == "plain":  # its own model is the winner: scored on test in the same process (timed apart)
         got = json.loads((rundir / "plain.json").read_text())
         ran["wall_s"] -= got["scoring_s"]
+        ran["cpu_s"] -= got["scoring_s"]  # one thread: scoring's CPU seconds are about its wall seconds
         search = {**_costs(ran), **_on_clock([got["trial"]], ran["start"])}
         return {"search": search, "retrain": {"wall_s": 0.0, "trial_dev_value": got["trial"]["value"], **got}}
     search = {**_costs(ran), **_on_clock(_optuna_trials(spec["study"]["storage"], PEER), ran["start"])}
