@@ -82,7 +82,7 @@ TASKS: dict[str, dict[str, Any]] = {
         "metric": "f1",
         "read": CONLL_COLUMNS,
         "slices": {
-            "train": ("conll2003/train.txt", 0, 150),
+            "train": ("conll2003/train.txt", 0, 200),
             "dev": ("conll2003/valid.txt", 0, 100),
             "test": ("conll2003/test.txt", 0, 1000),
         },
@@ -93,8 +93,8 @@ TASKS: dict[str, dict[str, Any]] = {
         "metric": "accuracy",
         "read": SST2_COLUMNS,
         "slices": {
-            "train": ("sst2/train.tsv", 0, 100),
-            "dev": ("sst2/train.tsv", 40000, 100),  # far from train: SST-2's phrases repeat their neighbours'
+            "train": ("sst2/train.tsv", 0, 150),
+            "dev": ("sst2/train.tsv", 40000, 150),  # far from train: SST-2's phrases repeat their neighbours'
             "test": ("sst2/dev.tsv", 0, 872),  # the labelled dev set (SST-2's test set has no labels)
         },
         "model": {"name_or_path": MINILM},
@@ -104,7 +104,7 @@ TASKS: dict[str, dict[str, Any]] = {
         "metric": "f1",
         "read": CONLL_COLUMNS,
         "slices": {
-            "train": ("conll2003/train.txt", 0, 300),
+            "train": ("conll2003/train.txt", 0, 400),
             "dev": ("conll2003/valid.txt", 0, 100),
             "test": ("conll2003/test.txt", 0, 1000),
         },
@@ -139,6 +139,7 @@ CONTENDERS: dict[str, dict[str, Any]] = {
     },
     "random": {"kind": "llmflow", "study": {"sampler": {"name": "random", "defaults_first": False}}},
     "tpe-multivariate": {"kind": "llmflow", "study": {"sampler": {"options": {"multivariate": True, "group": True}}}},
+    "no-patience": {"kind": "llmflow", "study": {"pruner": {"patience": None}}},
     "hf-optuna": {"kind": "hf-optuna"},
     "plain": {"kind": "plain"},
 }
