@@ -127,8 +127,8 @@ class ObjectiveConfig:
     select: Literal["best-metric", "cheapest-within", "knee"] = _help(
         "How retrain-best and `best` pick one trial of the front, among the trials within max_cost: best-metric "
         "(the best metric; ties: the cheaper), cheapest-within (the cheapest trial whose metric is within "
-        "`tolerance` of the best), knee (the front's knee: the trial farthest from the line that joins the "
-        "front's two ends, both objectives scaled to [0, 1]).",
+        "`tolerance` of the best), knee (the front's knee: the trial farthest above the line that joins the "
+        "front's two ends, both objectives scaled to [0, 1]; a front with none above it: best-metric).",
         default="best-metric",
     )
     tolerance: float = _help(

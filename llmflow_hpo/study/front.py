@@ -7,8 +7,8 @@ the rule (``objective.select``) that picks the one trial retrain-best trains and
   best metric among those trials (ties: the better metric, then the earlier).
 - ``knee``: on the front of the trials within ``max_cost``, both objectives scaled to [0, 1] over the front,
   the trial farthest from the straight line between the front's two ends (the cheapest and the best): the
-  point where paying more cost stops buying much metric. A front of one or two trials has no knee:
-  best-metric then.
+  point where paying more cost stops buying much metric. A front of one or two trials, or one with no trial
+  above that line (each step up in cost buys as much metric as the last, or more), has no knee: best-metric then.
 
 The functions take the trials already filtered (``study.view`` hands them the complete search trials);
 nothing here reads a storage or imports torch.
@@ -129,7 +129,8 @@ class CostObjective:
 
 
 def _knee(front: list[Any], sign: float) -> Any | None:
-    """The front's knee (see the module docstring), or None for a front of fewer than three trials."""
+    """The front's knee (see the module docstring), or None: a front of fewer than three trials, or none of
+    whose trials lies above the line between its ends (the ends themselves lie on it)."""
     if len(front) < 3:
         return None
     qs, cs = [_q(t, sign) for t in front], [_c(t) for t in front]
@@ -139,7 +140,7 @@ def _knee(front: list[Any], sign: float) -> Any | None:
     # Scaled, the ends are (0, 0) (the cheapest) and (1, 1) (the best); a point's distance from the line
     # between them is (q - c) / sqrt(2): the largest q - c is the knee, the cheaper one on ties.
     gaps = [(q - min(qs)) / q_span - (c - min(cs)) / c_span for q, c in zip(qs, cs, strict=True)]
-    return front[gaps.index(max(gaps))]
+    return front[gaps.index(max(gaps))] if max(gaps) > 0 else None
 
 
 class CostConstraint:

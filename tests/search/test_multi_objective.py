@@ -67,6 +67,12 @@ def test_the_select_rule_picks_among_the_trials_within_max_cost(objective: CostO
     assert (trial.number if trial is not None else None) == picked
 
 
+def test_a_front_with_no_trial_above_the_line_between_its_ends_has_no_knee() -> None:
+    # scaled, trial 1 lies below the line from trial 0 (the cheapest) to trial 2 (the best): more cost buys more
+    points = [(0.50, 1.0), (0.55, 5.0), (0.90, 6.0)]
+    assert _objective("knee").pick(_trials(points), "maximize").number == 2  # best-metric, not the cheapest end
+
+
 def test_a_study_with_no_trial_within_max_cost_says_so() -> None:
     view = StudyView("maximize", "f1", tuple(_trials(POINTS)), objective=_objective(max_cost=0.5))
     assert view.best is None
