@@ -63,7 +63,7 @@ def report_intermediate(trial: optuna.Trial, step: int, value: float) -> None:
     """Store an intermediate value of a trial of a two-objective study, where ``trial.report`` refuses
     (optuna issue #3450): the storage takes it as from a single-objective trial, so the learning curves, the
     retry of a dead trial (which inherits them) and ``FirstObjective``'s pruner read it the same way."""
-    trial.study._storage.set_trial_intermediate_value(trial._trial_id, step, value)
+    storage_of(trial.study).set_trial_intermediate_value(trial_id(trial), step, value)
 
 
 class FirstObjective:
