@@ -188,11 +188,6 @@ def cmd_confirm(args: argparse.Namespace) -> int:
     if args.seeds is not None:
         overrides.append(f"confirm.seeds={args.seeds}")
     cfg, space, space_raw, data = _load(args.config, overrides)
-    if cfg.objective.cost is not None:  # confirmation trials carry one value; a cost study's take two
-        raise ConfigError(
-            f"{args.config}: objective.cost: confirm re-runs single-objective studies only; "
-            "a quality-against-cost study's pick is retrain-best's (objective.select)"
-        )
     _probe_storage(str(cfg.storage), args.config)
     from llmflow_hpo.search.preflight import check_before_search
 

@@ -316,10 +316,16 @@ def _confirm_one(
 
 
 def open_confirmation_study(cfg: StudyConfig, space_raw: dict[str, Any], source: str) -> optuna.Study:
-    """The stored study of ``cfg`` (it must exist and be the same study), with the confirmation's pruner."""
+    """The stored study of ``cfg`` (it must exist and be the same study), with the confirmation's pruner. A
+    quality-against-cost study is refused before the storage is opened: a confirmation trial carries one value."""
     from llmflow_hpo.study.provenance import check_same_study
     from llmflow_hpo.study.storage import open_storage, require_study
 
+    if cfg.objective.cost is not None:
+        raise ConfigError(
+            f"{source}: objective.cost: confirm re-runs single-objective studies only; "
+            "a quality-against-cost study's pick is retrain-best's (objective.select)"
+        )
     assert cfg.storage is not None
     storage = open_storage(cfg.storage, existing=True)
     require_study(storage, cfg.study_name, cfg.storage)
@@ -327,14 +333,11 @@ def open_confirmation_study(cfg: StudyConfig, space_raw: dict[str, Any], source:
     study = optuna.load_study(
         study_name=cfg.study_name, storage=storage, pruner=pruner, sampler=optuna.samplers.RandomSampler(cfg.seed)
     )
-    if len(study.directions) != 1:
+    stored = [d.name.lower() for d in study.directions]  # a stored quality-against-cost study has two
+    if stored != cfg.directions:
         raise StorageError(
-            f"{source}: study {cfg.study_name!r} has {len(study.directions)} objectives; confirm re-runs the "
-            "configurations of a study of one objective (its dev metric)"
-        )
-    if study.direction.name.lower() != cfg.direction:
-        raise StorageError(
-            f"{source}: study {cfg.study_name!r} in {cfg.storage} does not optimise {cfg.direction} dev {cfg.metric}"
+            f"{source}: study {cfg.study_name!r} in {cfg.storage} has direction {', '.join(stored)}; the config "
+            f"says {cfg.direction} dev {cfg.metric} (objective.direction, objective.cost)"
         )
     check_same_study(study, cfg, space_raw)
     return study

@@ -243,3 +243,17 @@ def test_a_killed_confirm_leaves_a_trial_the_next_one_fails_and_continues(tiny_c
     assert dead.state == TrialState.FAIL and dead.user_attrs[records.FAIL_REASON] == "its confirm process died"
     assert [seed - cfg.seed for _, seed in calls] == [3, 4, 5]
     assert summary["rows"][0]["state"] == "complete" and study.trials[-1].user_attrs[records.RETRY_OF] == killed
+
+
+def test_confirm_refuses_a_cost_config_before_the_storage_and_a_stored_cost_study_in_one_line(tiny_cfg):
+    from llmflow_hpo.errors import StorageError
+    from llmflow_hpo.search.confirm import run_confirmation
+
+    cfg, space, raw = tiny_cfg({"objective": {"cost": "params"}})
+    with pytest.raises(ConfigError, match="objective.cost: confirm re-runs single-objective studies only"):
+        run_confirmation(cfg, space, raw, source="s.yaml", **QUIET)
+    assert not Path(str(cfg.storage).removeprefix("sqlite:///")).exists()  # refused before the storage opened
+    cfg, space, raw = tiny_cfg()
+    optuna.create_study(study_name=cfg.study_name, storage=cfg.storage, directions=["maximize", "minimize"])
+    with pytest.raises(StorageError, match="has direction maximize, minimize; the config says maximize dev f1"):
+        run_confirmation(cfg, space, raw, source="s.yaml", **QUIET)
