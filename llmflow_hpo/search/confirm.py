@@ -20,7 +20,6 @@ Torch is imported when a seed trains (``recipe.train``).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import signal
@@ -40,7 +39,14 @@ from llmflow_hpo.search.reporting import BestSoFar, record_failure
 from llmflow_hpo.search.spaces import SearchSpace, trial_params
 from llmflow_hpo.study import records
 from llmflow_hpo.study.optuna_private import create_trial, trial_id
-from llmflow_hpo.study.view import StudyView, confirmation_trials, confirmed_winner, params_text, ranked
+from llmflow_hpo.study.view import (
+    StudyView,
+    config_key,
+    confirmation_trials,
+    confirmed_winner,
+    params_text,
+    ranked,
+)
 
 __all__ = [
     "ConfirmationPruner",
@@ -82,7 +88,7 @@ def top_configurations(trials: list[FrozenTrial], direction: str, top: int) -> l
     seen: set[str] = set()
     picked: list[FrozenTrial] = []
     for t in ranked(trials, direction):
-        key = json.dumps(t.params, sort_keys=True, default=str)
+        key = config_key(t)
         if key not in seen:
             seen.add(key)
             picked.append(t)
@@ -164,12 +170,13 @@ def _check_same_settings(done: list[FrozenTrial], seeds: list[int], cfg: StudyCo
         )
 
 
-def _plan(study: optuna.Study, sources: list[FrozenTrial], say: Log) -> list[_Todo]:
-    """Which configurations still need confirming, and which interrupted attempt each continues."""
+def _plan(study: optuna.Study, trials: list[FrozenTrial], sources: list[FrozenTrial], say: Log) -> list[_Todo]:
+    """Which configurations still need confirming, and which interrupted attempt each continues (an attempt
+    is the same configuration's whichever search trial it confirmed: a configuration may be drawn twice)."""
     todo = []
-    confirmations = confirmation_trials(study.get_trials(deepcopy=False))
+    confirmations = confirmation_trials(trials)
     for source in sources:
-        attempts = [t for t in confirmations if t.user_attrs[records.CONFIRMS] == source.number]
+        attempts = [t for t in confirmations if config_key(t) == config_key(source)]
         finished = [
             t
             for t in attempts
@@ -366,7 +373,7 @@ def run_confirmation(
         )
     seeds = confirmation_seeds(cfg, cfg.confirm.seeds)
     _check_same_settings(confirmation_trials(trials), seeds, cfg, source)
-    todo = _plan(study, sources, log)
+    todo = _plan(study, trials, sources, log)
     log(
         f"confirm: study {cfg.study_name}: top {len(sources)} configuration(s) (trials "
         f"{', '.join(str(t.number) for t in sources)}) x {len(seeds)} seeds {seeds}, selected by {cfg.confirm.select}"

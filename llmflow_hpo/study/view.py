@@ -11,6 +11,7 @@ rankings and the best trial are the search trials'; ``confirmed_winner`` is the 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ __all__ = [
     "StudyView",
     "best_trial",
     "complete_trials",
+    "config_key",
     "confirmation_summary",
     "confirmation_trials",
     "confirmed_winner",
@@ -80,6 +82,12 @@ def search_trials(trials: Iterable[Any]) -> list[Any]:
 def confirmation_trials(trials: Iterable[Any]) -> list[Any]:
     """The confirmation trials, in their order."""
     return [t for t in trials if is_confirmation(t)]
+
+
+def config_key(trial: Any) -> str:
+    """A trial's configuration as a key: two trials with the same parameters are one configuration (a
+    categorical space draws some twice), confirmed once."""
+    return json.dumps(trial.params, sort_keys=True, default=str)
 
 
 def _finite_complete(trials: Iterable[Any]) -> list[Any]:
@@ -204,7 +212,7 @@ def confirmation_summary(view: StudyView) -> dict[str, Any] | None:
     if not view.confirmations:
         return None
     by_number = {t.number: t for t in view.trials}
-    latest = {t.user_attrs[records.CONFIRMS]: t for t in view.confirmations}  # later attempts replace earlier
+    latest = {config_key(t): t for t in view.confirmations}  # later attempts replace earlier
     winner, best = view.confirmed, view.best
     rows = []
     for t in sorted(latest.values(), key=lambda t: t.number):

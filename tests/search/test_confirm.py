@@ -250,10 +250,26 @@ def test_confirm_refuses_a_cost_config_before_the_storage_and_a_stored_cost_stud
     from llmflow_hpo.search.confirm import run_confirmation
 
     cfg, space, raw = tiny_cfg({"objective": {"cost": "params"}})
-    with pytest.raises(ConfigError, match="objective.cost: confirm re-runs single-objective studies only"):
+    with pytest.raises(ConfigError, match=r"objective\.cost: confirm re-runs single-objective studies only"):
         run_confirmation(cfg, space, raw, source="s.yaml", **QUIET)
     assert not Path(str(cfg.storage).removeprefix("sqlite:///")).exists()  # refused before the storage opened
     cfg, space, raw = tiny_cfg()
     optuna.create_study(study_name=cfg.study_name, storage=cfg.storage, directions=["maximize", "minimize"])
     with pytest.raises(StorageError, match="has direction maximize, minimize; the config says maximize dev f1"):
         run_confirmation(cfg, space, raw, source="s.yaml", **QUIET)
+
+
+def test_a_rerun_does_not_confirm_a_configuration_again_when_a_later_search_trial_found_it_again(tiny_cfg, monkeypatch):
+    """A categorical space draws the same configuration twice: the later, luckier draw ranks first on the next
+    confirm, and the configuration confirmed under the earlier trial is not run again."""
+    from llmflow_hpo.search.confirm import run_confirmation
+
+    scores = {lr: [0.8, 0.8, 0.81, 0.79, 0.8] for lr in (1e-3, 2e-3, 3e-3)}
+    cfg, space, raw, study, calls = _fabricated_study(tiny_cfg, monkeypatch, scores)
+    cfg.confirm.top = 1
+    assert run_confirmation(cfg, space, raw, source="test", **QUIET)["ran"] == 1
+    again = study.trials[0]  # the same configuration, searched again with a better single run
+    study.add_trial(create_trial(value=0.97, params=again.params, distributions=again.distributions))
+    calls.clear()
+    summary = run_confirmation(cfg, space, raw, source="test", **QUIET)
+    assert summary["ran"] == 0 and not calls and len(summary["rows"]) == 1
