@@ -303,9 +303,9 @@ def _evaluation_point(
                 device=run.runtime.device,
             )
         )
+    loop.stopped_early = stop  # by early stopping; a run on_eval ends (a budget spent) did not stop early
     if on_eval is not None and on_eval(evaluation):  # may raise optuna.TrialPruned; True: stop here
-        stop = True
-    loop.stopped_early = stop
+        return True
     return stop
 
 
@@ -348,7 +348,8 @@ def train_and_evaluate(
     """A search trial: train with ``params`` (searched values over cfg.train's fixed ones), evaluate dev.
 
     It evaluates ``evals_per_epoch`` times an epoch, calls ``on_eval`` after each evaluation (it may raise
-    optuna.TrialPruned, or return True to end the run there: the search's budget is spent) and stops early after ``early_stopping_patience`` evaluations without improvement.
+    optuna.TrialPruned, or return True to end the run there: the search's budget is spent) and stops early
+    after ``early_stopping_patience`` evaluations without improvement.
     ``checkpoint``: resume from its saved state when it has one (``on_resume`` then receives the evaluations
     that state had made), save the state after evaluations that do not end the run when it says one is due,
     and keep the best model (written with the next checkpoint, or when the run completes). ``on_step`` is

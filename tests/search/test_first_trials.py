@@ -147,7 +147,7 @@ def test_a_warm_start_from_a_missing_study_is_refused(tmp_path: Path) -> None:
 
 def test_the_budget_stops_a_long_trial_keeping_its_best_and_starts_no_other(tmp_path: Path) -> None:
     alone = {k: v for k, v in NER_CONFIG.items() if k != "n_trials"}
-    changes = {"budget": "4s", "train": {"epochs": 200, "evals_per_epoch": 2}}
+    changes = {"budget": "8s", "train": {"epochs": 200, "evals_per_epoch": 2}}
     started = time.monotonic()
     cfg = deep_update(alone, {"storage": f"sqlite:///{tmp_path / 's.db'}", "cache_dir": str(tmp_path / "cache")})
     (tmp_path / "space.yaml").write_text(yaml.safe_dump({"learning_rate": {"type": "float", "low": 5e-4, "high": 5e-3}}))
@@ -159,10 +159,11 @@ def test_the_budget_stops_a_long_trial_keeping_its_best_and_starts_no_other(tmp_
         timeout=600,
     )
     assert result.returncode == 0, result.stderr
-    assert "the budget of 4s is spent; no new trial started" in result.stderr
+    assert "the budget of 8s is spent; no new trial started" in result.stderr
     trials = _trials(tmp_path, "tiny-ner")
     assert [t.state for t in trials] == [TrialState.COMPLETE]  # nothing left running, nothing queued
     trial = trials[0]
     assert trial.user_attrs[records.STOPPED_BY_BUDGET] is True
+    assert trial.user_attrs[records.STOPPED_EARLY] is False  # the budget ended it, not early stopping
     assert 1 <= trial.user_attrs[records.EVALUATIONS] < 400  # stopped long before its 200 epochs
     assert time.monotonic() - started < 120
