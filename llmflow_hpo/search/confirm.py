@@ -114,19 +114,16 @@ class _ConfirmationsOnly:
 
 class ConfirmationPruner(optuna.pruners.BasePruner):
     """optuna's ``WilcoxonPruner`` (step = seed: the same seeds pair up across configurations) against the
-    best complete confirmation trial other than the one asked about. Called by ``trial.should_prune()`` after
-    each seed; never prunes while no other configuration is confirmed."""
+    best complete confirmation trial (the one asked about is running). Called by ``trial.should_prune()``
+    after each seed; never prunes while no other configuration is confirmed, nor before two seeds pair up."""
 
-    def __init__(self, p_threshold: float, n_startup_steps: int = 2) -> None:
+    def __init__(self, p_threshold: float) -> None:
         with warnings.catch_warnings():  # experimental since optuna 3.6
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            self._wilcoxon = optuna.pruners.WilcoxonPruner(p_threshold=p_threshold, n_startup_steps=n_startup_steps)
+            self._wilcoxon = optuna.pruners.WilcoxonPruner(p_threshold=p_threshold)
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
-        others = [
-            t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.number != trial.number
-        ]
-        best = confirmed_winner(others, study.direction.name.lower())
+        best = confirmed_winner(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), study.direction)
         return self._wilcoxon.prune(_ConfirmationsOnly(study.direction, best), trial)  # type: ignore[arg-type]
 
 
@@ -249,27 +246,28 @@ def _start_trial(study: optuna.Study, todo: _Todo, seeds: list[int], cfg: StudyC
     from llmflow_hpo.recipe.runtime import runtime_attrs
 
     source = todo.source
+    scores = list(todo.resume.user_attrs[records.CONFIRM_SCORES]) if todo.resume is not None else []
     attrs: dict[str, Any] = {
+        **runtime_attrs(cfg, source.params),
         records.CONFIRMS: source.number,
         records.CONFIRM_SEEDS: seeds,
         records.CONFIRM_SELECT: cfg.confirm.select,
         records.CONFIRM_CONFIDENCE: cfg.confirm.confidence,
         records.WORKER: f"{socket.gethostname()}:{os.getpid()}",
+        records.CONFIRM_SCORES: scores,
+        **seed_stats(scores, cfg.direction, cfg.confirm.confidence),
     }
     if todo.resume is not None:
         attrs[records.RETRY_OF] = todo.resume.number
     frozen = optuna.trial.create_trial(
-        state=TrialState.RUNNING, params=source.params, distributions=source.distributions, user_attrs=attrs
+        state=TrialState.RUNNING,
+        params=source.params,
+        distributions=source.distributions,
+        user_attrs=attrs,
+        intermediate_values=dict(enumerate(scores)),  # step i = seed i
     )
-    _, new_id = create_trial(study, frozen)
-    trial = optuna.Trial(study, new_id)
-    scores = list(todo.resume.user_attrs[records.CONFIRM_SCORES]) if todo.resume is not None else []
-    for key, value in runtime_attrs(cfg, source.params).items():
-        trial.set_user_attr(key, value)
-    for step, score in enumerate(scores):
-        trial.report(score, step)
-    _store_scores(trial, scores, cfg)
-    return trial, scores
+    _, new_id = create_trial(study, frozen)  # one write: a trial and all it starts with
+    return optuna.Trial(study, new_id), scores
 
 
 def _confirm_one(
