@@ -110,8 +110,17 @@ def retrain_best(
         weights_sha256={"model": weights, "trial": trial_weights},
         confirmation=confirmation,
     )
-    retrained = RetrainResult(out, best.number, params, dev, result.test_metrics, value, reproduced, metric=cfg.metric)
-    retrained.confirmation = confirmation
+    retrained = RetrainResult(
+        out,
+        best.number,
+        params,
+        dev,
+        result.test_metrics,
+        value,
+        reproduced,
+        metric=cfg.metric,
+        confirmation=confirmation,
+    )
     if cfg.tracking.mlflow:
         from llmflow_hpo.views.tracking import track_retrain
 
