@@ -558,3 +558,35 @@ def test_validate_checks_the_scheduler_options_without_torch(write_study, tmp_pa
     )
     result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.stdout.strip().splitlines()[-1] == "PROBE 0 False False True", result.stderr
+
+
+def test_the_budget_on_ray_starts_no_trial_that_does_not_fit_and_ends_a_run_at_an_evaluation(
+    tiny_cfg, monkeypatch
+) -> None:
+    """Ray's time_budget_s would kill the running trials (FAIL, lost): the budget is the searcher's and the
+    trainable's, as on the optuna backend."""
+    from ray.tune.search import Searcher
+
+    from llmflow_hpo.recipe.results import Evaluation
+    from llmflow_hpo.search.backends.ray_backend import trainable
+    from llmflow_hpo.search.backends.ray_backend.recorder import StudySearch
+    from llmflow_hpo.search.budget import Budget
+    from llmflow_hpo.study import records
+
+    spent, fresh = Budget(10.0, ends_at=time.time() - 1), Budget(3600.0)
+    space = {"learning_rate": FloatDistribution(1e-4, 1e-2, log=True)}
+
+    def search(budget: Budget) -> StudySearch:
+        return StudySearch(run="b-run1", space=dict(space), metric="dev_f1", mode="max", budget=budget)
+
+    assert search(spent).suggest("t1") == Searcher.FINISHED
+    assert set(search(fresh).suggest("t1")) == {"learning_rate"}
+
+    cfg, _, _ = tiny_cfg({"backend": "ray"})
+    sent: list[dict[str, Any]] = []
+    monkeypatch.setattr(trainable.tune, "report", lambda report, checkpoint=None: sent.append(report))
+    evaluation = Evaluation(step=24, examples_seen=24, optimizer_step=3, epoch=0.5, metrics={"f1": 0.5}, train_loss=1.0)
+    assert trainable.RayReporter(cfg, None, 48, fresh)(evaluation) is False
+    reporter = trainable.RayReporter(cfg, None, 48, spent)
+    assert reporter(evaluation) is True  # the run ends here
+    assert reporter.extra[records.STOPPED_BY_BUDGET] is True and len(sent) == 2

@@ -17,15 +17,18 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 from ray import tune
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from llmflow_hpo.errors import TrialFailure
 from llmflow_hpo.search.backends.ray_backend.schedulers import STEP
+from llmflow_hpo.search.budget import Budget
 from llmflow_hpo.search.driver import say_on_stderr
 from llmflow_hpo.search.reporting import record_failure
 from llmflow_hpo.search.spaces import SearchSpace
 from llmflow_hpo.study import records
 from llmflow_hpo.study.optuna_private import create_trial, trial_id
+from llmflow_hpo.study.view import search_trials
 from llmflow_hpo.views.progress import Progress, as_progress
 from llmflow_hpo.views.tracking import Tracking
 
@@ -239,14 +242,19 @@ class StudySearch(OptunaSearch):
     seen, not Ray's iteration count), its value is its best evaluation (not the last one), and a trial the
     scheduler stopped is PRUNED (OptunaSearch would record it COMPLETE with its last value). Its two
     private attributes of ``OptunaSearch`` (the trials it asked, the ones it counts as completed) are read
-    and written here only.
+    and written here only. ``budget``: once half a typical trial no longer fits, it suggests nothing more
+    (``Searcher.FINISHED``: Ray ends the run when its running trials end), as the optuna backend's workers.
     """
 
-    def __init__(self, *, run: str, **kwargs: Any) -> None:
+    def __init__(self, *, run: str, budget: Budget | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._run = run
+        self._run, self._budget = run, budget
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if self._budget is not None and not self._budget.fits_a_trial(
+            search_trials(self._ot_study.get_trials(deepcopy=False))
+        ):
+            return Searcher.FINISHED
         config = super().suggest(trial_id)
         if config is not None:
             trial = self._ot_trials[trial_id]

@@ -100,6 +100,7 @@ def _new_tuner(run: SearchRun, trainable: Any, *, name: str, samples: int) -> An
             sampler=run.sampler,
             study_name=cfg.study_name,
             storage=storage_of(run.study),
+            budget=run.budget,
         )
         param_space = {}
     n_train = len(run.features.splits["train"])
@@ -113,7 +114,9 @@ def _new_tuner(run: SearchRun, trainable: Any, *, name: str, samples: int) -> An
             scheduler=build_scheduler(cfg, space, n_train, run.source),
             num_samples=samples,
             max_concurrent_trials=cfg.ray.max_concurrent_trials,
-            time_budget_s=cfg.budget_s or cfg.timeout,  # Ray stops its trials when the budget is spent
+            # Ray's time budget kills the running trials (they end FAIL, lost): the search's budget is kept by
+            # StudySearch (no trial starts that does not fit) and the trainable (stops at an evaluation) instead.
+            time_budget_s=cfg.timeout,
             reuse_actors=True,
         ),
         run_config=tune.RunConfig(
@@ -180,7 +183,12 @@ class RayTrials:
                 every_eval = cfg.ray.scheduler in ("pbt", "hyperband")
                 trainable = tune.with_resources(
                     tune.with_parameters(
-                        ray_trial, cfg=cfg, space=run.space, features=_in_memory(run.features), every_eval=every_eval
+                        ray_trial,
+                        cfg=cfg,
+                        space=run.space,
+                        features=_in_memory(run.features),
+                        every_eval=every_eval,
+                        budget=run.budget,
                     ),
                     {"cpu": cfg.ray.cpus_per_trial, "gpu": gpus},
                 )

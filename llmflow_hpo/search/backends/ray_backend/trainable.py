@@ -22,6 +22,7 @@ from llmflow_hpo.config.study import StudyConfig
 from llmflow_hpo.errors import TrialFailure
 from llmflow_hpo.recipe.checkpoints import RESUME, TrialCheckpoint
 from llmflow_hpo.search.backends.ray_backend.schedulers import EVALUATION, STEP, metric_key
+from llmflow_hpo.search.budget import Budget
 from llmflow_hpo.search.reporting import BestSoFar, resume_attrs, store_best, store_result
 from llmflow_hpo.search.spaces import SearchSpace
 from llmflow_hpo.study import records
@@ -41,15 +42,18 @@ class _AttrSink:
 
 class RayReporter:
     """The training loop's ``on_eval`` under Ray: each evaluation goes to ``tune.report`` with the step,
-    the best value so far and its metrics, and the checkpoint when the loop has just written one."""
+    the best value so far and its metrics, and the checkpoint when the loop has just written one. With the
+    search's ``budget``, it ends the run at the evaluation after which the next would end past it (as the
+    optuna backend's objective does): the trial completes with its best, tagged ``stopped_by_budget``."""
 
-    def __init__(self, cfg: StudyConfig, checkpoint: Any, n_train: int) -> None:
+    def __init__(self, cfg: StudyConfig, checkpoint: Any, n_train: int, budget: Budget | None = None) -> None:
         self.metric, self.key = cfg.metric, metric_key(cfg)
         self.points_per_example = cfg.train.evals_per_epoch / n_train
         self.checkpoint = checkpoint
         self._best = BestSoFar(cfg.metric, cfg.direction)
         self.extra: dict[str, Any] = {records.WORKER: f"{socket.gethostname()}:{os.getpid()}", records.SEED: cfg.seed}
         self._written = 0
+        self._clock = budget.clock() if budget is not None else None
 
     @property
     def best(self) -> Any:
@@ -66,7 +70,8 @@ class RayReporter:
         store_best(sink, self.best)
         return {**sink.attrs, **self.extra}
 
-    def __call__(self, evaluation: Any) -> None:
+    def __call__(self, evaluation: Any) -> bool:
+        """Report the evaluation; True when the budget ends the run here."""
         value = self._best.add(evaluation)
         checkpoint = None
         if self.checkpoint is not None and self.checkpoint.written > self._written:
@@ -78,6 +83,10 @@ class RayReporter:
         tune.report(report, checkpoint=checkpoint)
         if checkpoint is not None:  # Ray has copied it to ray.dir: no second copy on the worker's disk
             (self.checkpoint.folder / RESUME).unlink(missing_ok=True)
+        if self._clock is None or evaluation.last or not self._clock.spent_after():
+            return False
+        self.extra[records.STOPPED_BY_BUDGET] = True  # sent with the final report
+        return True
 
     def final(self, result: Any, seed: int) -> None:
         """The run ended by itself (all epochs, or early stopping): the run's costs, at the last step again."""
@@ -119,11 +128,20 @@ def staging_folder(pid: int) -> Path:
     return Path(tempfile.gettempdir()) / f"llmflow-ray-trial-{pid}"
 
 
-def ray_trial(config: dict[str, Any], *, cfg: StudyConfig, space: SearchSpace, features: Any, every_eval: bool) -> None:
+def ray_trial(
+    config: dict[str, Any],
+    *,
+    cfg: StudyConfig,
+    space: SearchSpace,
+    features: Any,
+    every_eval: bool,
+    budget: Budget | None = None,
+) -> None:
     """The Ray Tune trainable: train one configuration, reporting every dev evaluation to Ray.
 
     ``every_eval``: checkpoint after every evaluation (PBT clones them, HyperBand pauses on them);
     otherwise the study's checkpoint policy (at most ``checkpoint.max_overhead`` of the trial's time).
+    ``budget``: the search's (its end on the wall clock), which ends the run at an evaluation.
     """
     import logging
 
@@ -153,7 +171,7 @@ def ray_trial(config: dict[str, Any], *, cfg: StudyConfig, space: SearchSpace, f
                 max_overhead=1.0 if every_eval else cfg.checkpoint.max_overhead,
                 accept_other_params=cfg.ray.scheduler == "pbt",
             )
-        reporter = RayReporter(cfg, checkpoint, len(features.splits["train"]))
+        reporter = RayReporter(cfg, checkpoint, len(features.splits["train"]), budget)
         reporter.extra.update(runtime_attrs(cfg, params))
         result = train_and_evaluate(
             cfg, params, features, seed=cfg.seed, on_eval=reporter, checkpoint=checkpoint, on_resume=reporter.restore
