@@ -217,7 +217,8 @@ def front_note(view: Any) -> str:
 
 
 def write_front_note(study: optuna.Study, view: Any) -> None:
-    """Add or replace the front section of the study's note, in place (before the confirmation section)."""
+    """Add or replace the front section of the study's note, in place (a cost study has no confirmation
+    section: ``llmflow-hpo confirm`` refuses it)."""
     from optuna_dashboard import get_note, save_note
 
     note, section = get_note(study), front_note(view)
@@ -225,9 +226,6 @@ def write_front_note(study: optuna.Study, view: Any) -> None:
         before, rest = note.split(FRONT_HEADING, 1)
         after = rest.split("\n### ", 1)
         note = before + section.rstrip("\n") + ("\n\n### " + after[1] if len(after) > 1 else "\n")
-    elif CONFIRMATION_HEADING in note:
-        before, rest = note.split(CONFIRMATION_HEADING, 1)
-        note = before + section + "\n" + CONFIRMATION_HEADING + rest
     else:
         note = note.rstrip("\n") + "\n\n" + section
     save_note(study, note)
