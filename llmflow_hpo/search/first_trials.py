@@ -9,7 +9,8 @@
 
 They are optuna's enqueued trials (``study.enqueue_trial``), tagged with ``records.ORIGIN``, queued once,
 while the study holds no trial at all (under the study lock, so two searches starting together queue
-them once). Nothing here imports torch.
+them once). Not under Ray's PBT scheduler: its population is Ray's own random variants, which never ask
+the study, so a queued trial would wait for ever. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -118,6 +119,9 @@ def queue_first_trials(study: optuna.Study, cfg: StudyConfig, space: SearchSpace
     try:
         with lock.held():
             if study.get_trials(deepcopy=False):
+                return
+            if cfg.backend == "ray" and cfg.ray.scheduler == "pbt":
+                say(f"study {cfg.study_name}: Ray's PBT draws its own population; no defaults or warm-start trial")
                 return
             warm = warm_start_params(cfg, space) if cfg.warm_start.study is not None else []
             if wanted:

@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 from llmflow_hpo.config.study import config_from_dict, duration_seconds
 from llmflow_hpo.errors import ConfigError
 from llmflow_hpo.search.budget import Budget
-from llmflow_hpo.search.first_trials import default_params, project
+from llmflow_hpo.search.first_trials import default_params, project, queue_first_trials
 from llmflow_hpo.search.spaces import parse_search_space
 from llmflow_hpo.search.startup import design_length, design_points
 from llmflow_hpo.study import records
@@ -82,6 +82,18 @@ def test_a_spent_budget_starts_no_trial_and_stops_a_running_one() -> None:
     assert not spent.fits_a_trial([]) and spent.clock().spent_after()
     fresh = Budget(3600.0)
     assert fresh.fits_a_trial([]) and not fresh.clock().spent_after()
+
+
+def test_rays_pbt_gets_no_queued_trial_it_would_never_run(tiny_cfg, tmp_path: Path) -> None:
+    cfg, space, _ = tiny_cfg({"backend": "ray", "storage": f"sqlite:///{tmp_path / 's.db'}"})
+    cfg.ray.scheduler = "pbt"  # Ray's random variants: the study is never asked
+    study = optuna.create_study(study_name=cfg.study_name, storage=cfg.storage)
+    said: list[str] = []
+    queue_first_trials(study, cfg, space, said.append)
+    assert study.get_trials() == [] and "Ray's PBT draws its own population" in said[0]
+    cfg.ray.scheduler = "asha"  # StudySearch asks the study: it runs the queued trial first
+    queue_first_trials(study, cfg, space, said.append)
+    assert [t.user_attrs[records.ORIGIN] for t in study.get_trials()] == ["defaults"]
 
 
 def _search(tmp_path: Path, changes: dict, name: str = "study.yaml", space: dict | None = None) -> subprocess.CompletedProcess:
