@@ -234,16 +234,17 @@ def confirmation_summary(view: StudyView) -> dict[str, Any] | None:
                 "fail_reason": attrs.get(records.FAIL_REASON) if t.state == TrialState.FAIL else None,
             }
         )
-    first = view.confirmations[-1].user_attrs
+    settings = view.confirmations[-1].user_attrs  # every confirmation trial's (a rerun keeps them)
     won = next((r for r in rows if r["winner"]), None)
     return {
-        "select": first.get(records.CONFIRM_SELECT),
-        "confidence": first.get(records.CONFIRM_CONFIDENCE),
-        "seeds": list(first.get(records.CONFIRM_SEEDS) or []),
+        "select": settings.get(records.CONFIRM_SELECT),
+        "confidence": settings.get(records.CONFIRM_CONFIDENCE),
+        "seeds": list(settings.get(records.CONFIRM_SEEDS) or []),
         "rows": rows,
         "winner": won,
         "single_run": {"trial": best.number, "value": best.value, "params": dict(best.params)} if best else None,
-        "differs": None if won is None or best is None else won["confirms"] != best.number,
+        # by configuration: the single-run winner may be a later draw of the confirmed one
+        "differs": None if won is None or best is None else config_key(winner) != config_key(best),
     }
 
 

@@ -273,3 +273,4 @@ def test_a_rerun_does_not_confirm_a_configuration_again_when_a_later_search_tria
     calls.clear()
     summary = run_confirmation(cfg, space, raw, source="test", **QUIET)
     assert summary["ran"] == 0 and not calls and len(summary["rows"]) == 1
+    assert summary["single_run"]["trial"] == study.trials[-1].number and summary["differs"] is False  # the same one
