@@ -2,7 +2,8 @@
 when a running trial stops.
 
 The clock starts when ``search`` starts (tokenizing counts; imports do not) and every worker of the run
-shares its end (a worker process is given the seconds left). A new trial starts only while half a
+shares its end: a worker process of ``search --workers N`` is given the seconds left (``--set budget=``)
+and the end itself (``ENDS_AT`` in its environment), so its own start-up is spent from the same budget. A new trial starts only while half a
 typical trial (the median complete trial so far) still fits: a trial with less than that left would
 stop before it learned much. A running trial stops at the evaluation after which the next one would end
 past the budget (the time since its previous evaluation is the estimate), and keeps its best so far: it
@@ -11,6 +12,7 @@ is a complete trial, tagged ``records.STOPPED_BY_BUDGET``, that retrain-best rep
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -18,7 +20,10 @@ from optuna.trial import FrozenTrial
 
 from llmflow_hpo.search.startup import typical_trial_seconds
 
-__all__ = ["Budget", "TrialClock"]
+__all__ = ["ENDS_AT", "Budget", "TrialClock"]
+
+# The environment variable that hands a worker process its search's budget end (``time.time()``).
+ENDS_AT = "LLMFLOW_HPO_BUDGET_ENDS_AT"
 
 
 @dataclass
@@ -31,6 +36,12 @@ class Budget:
     def __post_init__(self) -> None:
         if not self.ends_at:
             self.ends_at = time.time() + self.seconds
+
+    @classmethod
+    def joined(cls, seconds: float) -> Budget:
+        """A worker's budget: it ends when its search's does (``ENDS_AT``), else ``seconds`` from now."""
+        shared = os.environ.get(ENDS_AT)
+        return cls(seconds, ends_at=float(shared)) if shared else cls(seconds)
 
     def left(self) -> float:
         return self.ends_at - time.time()

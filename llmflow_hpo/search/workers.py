@@ -20,8 +20,16 @@ from typing import Any
 
 from llmflow_hpo.config.study import StudyConfig
 from llmflow_hpo.errors import Interrupted, WorkerError
+from llmflow_hpo.search.budget import ENDS_AT, Budget
 
-__all__ = ["WorkerPlan", "plan_workers", "run_worker_processes", "visible_gpus", "worker_overrides"]
+__all__ = [
+    "WorkerPlan",
+    "plan_workers",
+    "run_worker_processes",
+    "visible_gpus",
+    "worker_command",
+    "worker_overrides",
+]
 
 Log = Callable[[str], None]
 
@@ -97,7 +105,21 @@ def _pump(stream: Any, prefix: str, log: Log) -> None:
         log(prefix + line.rstrip("\n"))
 
 
-def run_worker_processes(cfg: StudyConfig, n: int, *, log: Log, budget: Any = None) -> None:
+def worker_command(cfg: StudyConfig, plan: WorkerPlan, budget: Budget | None) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of one worker process (``plan``); with a budget, its end."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(plan.threads), MKL_NUM_THREADS=str(plan.threads))
+    if plan.cuda_visible_devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = plan.cuda_visible_devices
+    if budget is not None:
+        env[ENDS_AT] = repr(budget.ends_at)  # search.budget.Budget.joined: the worker's start-up counts
+    command = [sys.executable, "-m", "llmflow_hpo", "worker", "--spawned"]
+    command += ["--study", cfg.study_name, "--storage", str(cfg.storage)]
+    for item in worker_overrides(cfg, plan, None if budget is None else budget.left()):
+        command += ["--set", item]
+    return command, env
+
+
+def run_worker_processes(cfg: StudyConfig, n: int, *, log: Log, budget: Budget | None = None) -> None:
     """Start ``n`` workers on the (already created) study, wait for them, forward SIGINT/SIGTERM."""
     assert cfg.storage is not None
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
@@ -110,13 +132,7 @@ def run_worker_processes(cfg: StudyConfig, n: int, *, log: Log, budget: Any = No
     pumps = []
     for plan in plans:
         log(plan.describe())
-        env = dict(os.environ, OMP_NUM_THREADS=str(plan.threads), MKL_NUM_THREADS=str(plan.threads))
-        if plan.cuda_visible_devices is not None:
-            env["CUDA_VISIBLE_DEVICES"] = plan.cuda_visible_devices
-        command = [sys.executable, "-m", "llmflow_hpo", "worker", "--spawned"]
-        command += ["--study", cfg.study_name, "--storage", cfg.storage]
-        for item in worker_overrides(cfg, plan, None if budget is None else budget.left()):
-            command += ["--set", item]
+        command, env = worker_command(cfg, plan, budget)
         proc = subprocess.Popen(
             command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
         )

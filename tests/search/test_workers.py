@@ -55,6 +55,24 @@ def test_an_explicit_device_is_left_alone():
         assert all(p.cuda_visible_devices is None for p in plans)
 
 
+def test_a_spawned_worker_spends_its_start_up_from_the_searchs_budget(tiny_cfg, monkeypatch):
+    from llmflow_hpo.search.budget import ENDS_AT, Budget
+    from llmflow_hpo.search.workers import worker_command
+
+    cfg, _, _ = tiny_cfg({"budget": "30m"})
+    plan = plan_workers(1, cores=[0], gpus=[], device="auto", num_threads=None)[0]
+    budget = Budget(1800.0, ends_at=time.time() + 100)
+    command, env = worker_command(cfg, plan, budget)
+    assert float(env[ENDS_AT]) == budget.ends_at
+    given = [command[i + 1] for i, a in enumerate(command) if a == "--set" and command[i + 1].startswith("budget=")]
+    assert 99 < float(given[0].partition("=")[2]) <= 100  # the seconds left
+    monkeypatch.setenv(ENDS_AT, env[ENDS_AT])
+    assert Budget.joined(97.0).ends_at == budget.ends_at  # not 97 s after the worker's own start-up
+    monkeypatch.delenv(ENDS_AT)
+    assert Budget.joined(60.0).left() > 59  # a worker started by hand: the budget from its start
+    assert ENDS_AT not in worker_command(cfg, plan, None)[1]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Storages
 

@@ -472,7 +472,7 @@ def join_study(cfg: StudyConfig, space: SearchSpace, *, log: Log | None = None) 
         study_name=cfg.study_name, storage=open_storage(cfg.storage, cfg.heartbeat), sampler=sampler, pruner=pruner
     )
     done = finished_trials(study)
-    budget = Budget(cfg.budget_s) if cfg.budget_s is not None else None  # a worker process: the seconds left
+    budget = Budget.joined(cfg.budget_s) if cfg.budget_s is not None else None  # the search's end, if spawned
     ran = work_on_study(cfg, space, features, study, log=say, budget=budget)
     return summarize(study, cfg, finished_trials(study) - done if ran else 0, 1, study_target(cfg, space))
 
