@@ -104,13 +104,13 @@ def build_report(
     every = study.get_trials(deepcopy=False)
     trials = search_trials(every)  # the search's own; confirmation trials (llmflow-hpo confirm) have their table
     info = _StudyInfo.read(study, trials, storage)
-    info.confirmation = confirmation_summary(StudyView(info.direction, info.metric, tuple(every)))
+    view = StudyView(info.direction, info.metric, tuple(every), objective=info.objective)
+    info.confirmation = confirmation_summary(view)
     plots, skipped, curves, importances = _draw_plots(_search_only(study, trials, every), trials, info, out)
     for name, reason in skipped.items():
         say(f"report: {name} not drawn: {reason}")
     best = ranked(trials, info.direction)
-    view = StudyView(info.direction, info.metric, tuple(every), objective=info.objective)
-    chosen = view.best if info.objective is not None else (best[0] if best else None)  # a cost study: its pick
+    chosen = view.best  # the best trial; a cost study's: the one its select rule picks
     info.front = _front_rows(view) if info.objective is not None else None
     summary = ReportSummary(
         study_name=study.study_name,
@@ -326,7 +326,7 @@ def _draw_plots(
     importances: dict[str, float] = {}
     target = info.metric
     # A quality-against-cost study: the plots of one objective draw the metric (optuna asks which).
-    metric = _first_value if info.objective is not None else None
+    metric = metric_value if info.objective is not None else None
     for name in info.plot_names:
         reason = _why_not(name, trials)
         if reason is not None:
@@ -354,8 +354,8 @@ def _draw_plots(
                     )
                 elif name == "parallel_coordinate":
                     axes = vis.plot_parallel_coordinate(study, target=metric, target_name=target)
-                elif name == FRONT_PLOT:
-                    axes = _pareto_plot(vis, study, info)
+                elif name == FRONT_PLOT:  # infeasible trials drawn apart where tpe/gp stored their constraint
+                    axes = vis.plot_pareto_front(study, target_names=[info.metric, info.cost_name])
                 else:
                     axes = vis.plot_slice(study, target=metric, target_name=target)
             except (ValueError, RuntimeError) as e:  # optuna refuses this study's data: say so, keep the report
@@ -374,17 +374,6 @@ def _draw_plots(
                 plt.close(fig)
         drawn.append(name)
     return drawn, skipped, curves, {k: float(v) for k, v in importances.items()}
-
-
-def _first_value(trial: FrozenTrial) -> float:
-    """A quality-against-cost trial's metric (what the one-objective plots draw)."""
-    return float(trial.values[0])
-
-
-def _pareto_plot(vis: Any, study: optuna.Study, info: _StudyInfo) -> Any:
-    """optuna's Pareto-front plot of metric against cost. Where the sampler was given max_cost (tpe, gp), optuna
-    stored each trial's constraint and the plot draws the trials above it as infeasible."""
-    return vis.plot_pareto_front(study, target_names=[info.metric, info.cost_name])
 
 
 def _front_rows(view: StudyView) -> list[dict[str, Any]]:
