@@ -11,9 +11,10 @@ search trial) drops a configuration that is clearly worse. Its value is the sele
 the pessimistic confidence bound ``lcb``); ``study.view.confirmed_winner`` picks the best.
 
 A rerun continues: configurations already confirmed (complete, pruned, failed for good) are not run again,
-an interrupted one resumes after its last finished seed. Ctrl-C / SIGTERM record the running trial as FAIL
-(``interrupted``) with the seeds it finished. Confirmation trials carry no heartbeat, so search workers never
-retry them; they hold no slot of ``n_trials`` and do not count in the search's rankings (``study.view``).
+an interrupted one resumes after its last finished seed. Each configuration's turn is decided when it comes
+(``_todo``), so two confirm processes at once share the configurations: one another process is running is
+skipped. Ctrl-C / SIGTERM record the running trial as FAIL (``interrupted``) with the seeds it finished.
+Confirmation trials carry no heartbeat, so search workers never retry them; they hold no slot of ``n_trials`` and do not count in the search's rankings (``study.view``).
 Torch is imported when a seed trains (``recipe.train``).
 """
 
@@ -40,6 +41,7 @@ from llmflow_hpo.search.spaces import SearchSpace, trial_params
 from llmflow_hpo.study import records
 from llmflow_hpo.study.optuna_private import create_trial, trial_id
 from llmflow_hpo.study.view import (
+    FINISHED_STATES,
     StudyView,
     config_key,
     confirmation_trials,
@@ -167,31 +169,23 @@ def _check_same_settings(done: list[FrozenTrial], seeds: list[int], cfg: StudyCo
         )
 
 
-def _plan(study: optuna.Study, trials: list[FrozenTrial], sources: list[FrozenTrial], say: Log) -> list[_Todo]:
-    """Which configurations still need confirming, and which interrupted attempt each continues (an attempt
-    is the same configuration's whichever search trial it confirmed: a configuration may be drawn twice)."""
-    todo = []
-    confirmations = confirmation_trials(trials)
-    for source in sources:
-        attempts = [t for t in confirmations if config_key(t) == config_key(source)]
-        finished = [
-            t
-            for t in attempts
-            if t.state in (TrialState.COMPLETE, TrialState.PRUNED) or t.user_attrs.get(records.FAILED_FOR_GOOD)
-        ]
-        if finished:
-            continue
-        running = [t for t in attempts if t.state == TrialState.RUNNING]
-        if any(_alive(t.user_attrs.get(records.WORKER)) for t in running):
-            say(f"confirm: configuration of trial {source.number} is being confirmed by another process; skipped")
-            continue
-        for t in running:  # its process died (SIGKILL): what it finished is kept, the attempt failed
-            record = optuna.Trial(study, trial_id(t))
-            record_failure(record, "its confirm process died", for_good=False)
-            study.tell(record, state=TrialState.FAIL, skip_if_finished=True)
-        resumable = [t for t in attempts if t.user_attrs.get(records.CONFIRM_SCORES)]
-        todo.append(_Todo(source, max(resumable, key=lambda t: t.number) if resumable else None))
-    return todo
+def _todo(study: optuna.Study, trials: list[FrozenTrial], source: FrozenTrial, say: Log) -> _Todo | None:
+    """Whether ``source``'s configuration still needs confirming, and which interrupted attempt it continues;
+    asked just before it would run, as another confirm process may have taken it meanwhile. An attempt is
+    the configuration's whichever search trial it confirmed (a configuration may be drawn twice)."""
+    attempts = [t for t in confirmation_trials(trials) if config_key(t) == config_key(source)]
+    if any(t.state in FINISHED_STATES or t.user_attrs.get(records.FAILED_FOR_GOOD) for t in attempts):
+        return None
+    running = [t for t in attempts if t.state == TrialState.RUNNING]
+    if any(_alive(t.user_attrs.get(records.WORKER)) for t in running):
+        say(f"confirm: configuration of trial {source.number} is being confirmed by another process; skipped")
+        return None
+    for t in running:  # its process died (SIGKILL): what it finished is kept, the attempt failed
+        record = optuna.Trial(study, trial_id(t))
+        record_failure(record, "its confirm process died", for_good=False)
+        study.tell(record, state=TrialState.FAIL, skip_if_finished=True)
+    resumable = [t for t in attempts if t.user_attrs.get(records.CONFIRM_SCORES)]
+    return _Todo(source, max(resumable, key=lambda t: t.number) if resumable else None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -371,25 +365,31 @@ def run_confirmation(
         )
     seeds = confirmation_seeds(cfg, cfg.confirm.seeds)
     _check_same_settings(confirmation_trials(trials), seeds, cfg, source)
-    todo = _plan(study, trials, sources, log)
     log(
         f"confirm: study {cfg.study_name}: top {len(sources)} configuration(s) (trials "
         f"{', '.join(str(t.number) for t in sources)}) x {len(seeds)} seeds {seeds}, selected by {cfg.confirm.select}"
-        f"; {len(todo)} to run"
     )
-    if todo:
-        features = open_features(cfg, log, data)
-        with _sigterm_interrupts():
-            for item in todo:
-                _confirm_one(study, item, seeds, cfg, space, features, log)
+    ran, features = 0, None
+    with _sigterm_interrupts():
+        for config in sources:
+            todo = _todo(study, trials, config, log)
+            if todo is None:
+                continue
+            if features is None:  # tokenized once, when the first configuration runs
+                features = open_features(cfg, log, data)
+            _confirm_one(study, todo, seeds, cfg, space, features, log)
+            ran += 1
+            trials = study.get_trials(deepcopy=False)  # what other confirm processes did meanwhile
+    if not ran:
+        log("confirm: every configuration is confirmed already (or another process confirms it); nothing to run")
     summary = confirmation_summary(StudyView.of(study))
-    if summary is not None and todo:
+    if summary is not None and ran:
         from llmflow_hpo.study.note import write_confirmation_note
 
         write_confirmation_note(study, summary, cfg.metric)  # the dashboard's Note panel shows the table
     return {
         **(summary or {}),
-        "ran": len(todo),
+        "ran": ran,
         "study": cfg.study_name,
         "storage": str(cfg.storage),
         "metric": cfg.metric,

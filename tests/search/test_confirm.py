@@ -274,3 +274,39 @@ def test_a_rerun_does_not_confirm_a_configuration_again_when_a_later_search_tria
     summary = run_confirmation(cfg, space, raw, source="test", **QUIET)
     assert summary["ran"] == 0 and not calls and len(summary["rows"]) == 1
     assert summary["single_run"]["trial"] == study.trials[-1].number and summary["differs"] is False  # the same one
+
+
+def test_a_configuration_another_confirm_started_meanwhile_is_left_to_it(tiny_cfg, monkeypatch):
+    """Two confirm processes at once: what each runs is decided configuration by configuration, so a
+    configuration the other one started while this one trained is skipped, not run twice."""
+    import os
+    import socket
+
+    from llmflow_hpo.search import confirm
+    from llmflow_hpo.search.confirm import run_confirmation
+    from llmflow_hpo.study.optuna_private import create_trial as store
+
+    scores = {lr: [0.8, 0.8, 0.81, 0.79, 0.8] for lr in (1e-3, 2e-3, 3e-3)}
+    cfg, space, raw, study, calls = _fabricated_study(tiny_cfg, monkeypatch, scores)
+    cfg.confirm.top = 2
+    scripted = confirm._train_seed
+
+    def train_seed(cfg, params, features, seed, say, label):
+        if not calls:  # while this one trains its first configuration, another process starts the second
+            other = study.trials[1]
+            attrs = {
+                records.CONFIRMS: 1,
+                records.CONFIRM_SEEDS: [cfg.seed + i for i in range(1, 6)],
+                records.CONFIRM_SELECT: "mean",
+                records.CONFIRM_CONFIDENCE: 0.9,
+                records.WORKER: f"{socket.gethostname()}:{os.getpid()}",  # alive
+            }
+            template = create_trial(
+                state=TrialState.RUNNING, params=other.params, distributions=other.distributions, user_attrs=attrs
+            )
+            store(study, template)
+        return scripted(cfg, params, features, seed, say, label)
+
+    monkeypatch.setattr(confirm, "_train_seed", train_seed)
+    summary = run_confirmation(cfg, space, raw, source="test", **QUIET)
+    assert summary["ran"] == 1 and {lr for lr, _ in calls} == {1e-3}
