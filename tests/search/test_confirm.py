@@ -310,3 +310,17 @@ def test_a_configuration_another_confirm_started_meanwhile_is_left_to_it(tiny_cf
     monkeypatch.setattr(confirm, "_train_seed", train_seed)
     summary = run_confirmation(cfg, space, raw, source="test", **QUIET)
     assert summary["ran"] == 1 and {lr for lr, _ in calls} == {1e-3}
+
+
+def test_the_adapter_prunes_the_higher_loss_of_a_minimized_study_and_spares_the_lower():
+    from llmflow_hpo.search.confirm import ConfirmationPruner
+
+    study = optuna.create_study(direction="minimize")
+    confirmed = dict(enumerate([0.30, 0.31, 0.29, 0.30]))
+    study.add_trial(create_trial(value=0.3, intermediate_values=confirmed, user_attrs={records.CONFIRMS: 0}))
+    for losses, pruned in (([0.50, 0.52, 0.51, 0.49], True), ([0.20, 0.21, 0.19, 0.20], False)):
+        trial = study.ask()
+        for step, loss in enumerate(losses):
+            trial.report(loss, step)
+        assert ConfirmationPruner(p_threshold=0.1).prune(study, study.trials[-1]) is pruned
+        study.tell(trial, state=TrialState.FAIL)
