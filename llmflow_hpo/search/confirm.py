@@ -61,10 +61,10 @@ __all__ = [
 Log = Callable[[str], None]
 
 
-def confirmation_seeds(cfg: StudyConfig, k: int) -> list[int]:
-    """The training seeds of the confirmation: ``seed+1`` ... ``seed+k``. The search's own seed is left out:
-    its score is the one the configuration was picked for, the optimistic one."""
-    return [cfg.seed + i for i in range(1, k + 1)]
+def confirmation_seeds(cfg: StudyConfig) -> list[int]:
+    """The training seeds of the confirmation: ``seed+1`` ... ``seed+K`` (K: ``confirm.seeds``). The search's
+    own seed is left out: its score is the one the configuration was picked for, the optimistic one."""
+    return [cfg.seed + i for i in range(1, cfg.confirm.seeds + 1)]
 
 
 def seed_stats(scores: list[float], direction: str, confidence: float) -> dict[str, float | None]:
@@ -363,7 +363,7 @@ def run_confirmation(
         raise StorageError(
             f"study {cfg.study_name!r} has no complete search trial to confirm; run `llmflow-hpo search` first"
         )
-    seeds = confirmation_seeds(cfg, cfg.confirm.seeds)
+    seeds = confirmation_seeds(cfg)
     _check_same_settings(confirmation_trials(trials), seeds, cfg, source)
     log(
         f"confirm: study {cfg.study_name}: top {len(sources)} configuration(s) (trials "
