@@ -172,11 +172,12 @@ def _next_action(
     failed_at_start: int,
     heartbeat_interval: int | None,
     say: Log,
+    budget: Budget | None = None,
 ) -> tuple[Action, int]:
     """Under the study lock: fail the trials whose worker died, then decide what this worker does next, with
-    the number of trials running. ``stop``: the study is done (its target, its grid) or too many trials failed
-    during this run (said why); ``claim``: a slot is free or a retry is queued; ``wait``: running trials
-    elsewhere hold the last slots."""
+    the number of trials running. ``stop``: the study is done (its target, its grid), too many trials failed
+    during this run or the budget no longer fits a trial (said why); ``claim``: a slot is free or a retry is
+    queued; ``wait``: running trials elsewhere hold the last slots."""
     if heartbeat_interval is not None:
         _fail_orphans(study, heartbeat_interval)
         with warnings.catch_warnings():
@@ -190,6 +191,9 @@ def _next_action(
         say(f"{grid.done_line(study.study_name)}; no new trial started")
         return "stop", running
     if target is not None and finished >= target:
+        return "stop", running
+    if budget is not None and not budget.fits_a_trial(trials):  # the trials read above, under the same lock
+        say(f"study {study.study_name}: the budget of {budget.seconds:g}s is spent; no new trial started")
         return "stop", running
     failed = _failed_for_good(trials) - failed_at_start
     if max_failures is not None and failed > max_failures:
@@ -227,15 +231,10 @@ def _draw(
         retry_transient(lambda: record_heartbeat(study, trial))
 
 
-def _out_of_time(study: optuna.Study, timeout: float | None, start: float, budget: Budget | None, say: Log) -> bool:
-    """Whether the timeout is reached or the budget spent (said why): no new trial starts."""
+def _timed_out(study: optuna.Study, timeout: float | None, start: float, say: Log) -> bool:
+    """Whether the timeout is reached (said so): no new trial starts. (The budget is ``_next_action``'s.)"""
     if timeout is not None and time.monotonic() - start >= timeout:
         say(f"study {study.study_name}: timeout of {timeout:g}s reached; no new trial started")
-        return True
-    if budget is not None and not budget.fits_a_trial(
-        search_trials(retry_transient(lambda: study.get_trials(deepcopy=False)))
-    ):
-        say(f"study {study.study_name}: the budget of {budget.seconds:g}s is spent; no new trial started")
         return True
     return False
 
@@ -278,7 +277,7 @@ def run_worker(
     ran = 0
     waiting_said = False
     while True:
-        if _out_of_time(study, timeout, start, budget, say):
+        if _timed_out(study, timeout, start, say):
             break
         trial = None
         try:
@@ -291,6 +290,7 @@ def run_worker(
                     failed_at_start=failed_at_start,
                     heartbeat_interval=heartbeat_interval,
                     say=say,
+                    budget=budget,
                 )
                 if action == "claim":
                     trial = _ask(study, heartbeat_interval)
