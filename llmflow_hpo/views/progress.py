@@ -27,10 +27,10 @@ from typing import Any, Literal, TextIO
 from optuna.trial import TrialState
 
 from llmflow_hpo.study import records
-from llmflow_hpo.study.front import cost_value, metric_value
+from llmflow_hpo.study.front import CostObjective, cost_value, metric_value
 from llmflow_hpo.study.view import (
     FINISHED_STATES,
-    best_trial,
+    StudyView,
     duration_s,
     format_duration,
     params_text,
@@ -81,6 +81,7 @@ class Progress:
         self.workers = 1
         self.counts = {"complete": 0, "pruned": 0, "fail": 0}
         self.best: tuple[int, float, dict[str, Any]] | None = None  # trial number, value, params
+        self.objective: CostObjective | None = None  # a quality-against-cost study's (its best: select's pick)
         self.durations: list[float] = []  # of the trials finished in this run (complete or pruned)
         # The running trial (the one of this process).
         self.trial: int | None = None
@@ -105,9 +106,11 @@ class Progress:
     ) -> None:
         """The search begins: what the study already holds counts, new trials add to it."""
         self.target, self.metric, self.direction, self.workers = target, metric, direction, workers
-        trials = search_trials(study.get_trials(deepcopy=False))  # confirmation trials are not the search's
+        view = StudyView.of(study)  # its trials, and its cost objective (read once)
+        self.objective = view.objective
+        trials = search_trials(view.trials)  # confirmation trials are not the search's
         self.counts = state_counts(trials, _SHOWN_STATES)
-        self.best = _best(trials, direction)
+        self.best = self._best(trials)
         # Earlier trials' durations seed the estimate of the time left.
         self.durations = [
             t.duration.total_seconds() for t in trials if t.state in FINISHED_STATES and t.duration is not None
@@ -213,7 +216,7 @@ class Progress:
         if trial.state in FINISHED_STATES:
             self.durations.append(seconds)
         before = self.best
-        self.best = _best(trials, self.direction)
+        self.best = self._best(trials)
         new_best = (
             self.best is not None and self.best[0] == trial.number and (before is None or before[0] != trial.number)
         )
@@ -242,7 +245,7 @@ class Progress:
             return
         if trial.state == TrialState.COMPLETE:
             step = trial.user_attrs.get(records.BEST_STEP)
-            outcome = f"complete  dev {self.metric}={metric_value(trial):.4f}{_cost_text(study, trial)} at step {step}"
+            outcome = f"complete  dev {self.metric}={metric_value(trial):.4f}{self._cost_text(trial)} at step {step}"
         elif trial.state == TrialState.PRUNED:
             outcome = f"pruned    at step {trial.user_attrs.get(records.PRUNED_AT_STEP, trial.last_step)}"
         else:
@@ -259,6 +262,17 @@ class Progress:
             self._print(
                 f"new best: trial {self.best[0]} dev {self.metric}={self.best[1]:.4f} with {params_text(self.best[2])}"
             )
+
+    def _best(self, trials: list[Any]) -> tuple[int, float, dict[str, Any]] | None:
+        """The best complete trial (``StudyView.best``: a cost study's is the one its select rule picks) as
+        (number, value, params)."""
+        best = StudyView(self.direction, self.metric, tuple(trials), objective=self.objective).best
+        return None if best is None else (best.number, metric_value(best), dict(best.params))
+
+    def _cost_text(self, trial: Any) -> str:
+        """`` latency_ms=3.21`` for a trial of a quality-against-cost study (its second value), else nothing."""
+        cost = cost_value(trial)
+        return "" if cost is None or self.objective is None else f" {self.objective.attribute}={cost:.4g}"
 
     # -- the status line (live) ------------------------------------------------------------------
 
@@ -315,21 +329,6 @@ class Progress:
 
 
 _SHOWN_STATES = ("complete", "pruned", "fail")  # what the counts of the progress show
-
-
-def _best(trials: list[Any], direction: str) -> tuple[int, float, dict[str, Any]] | None:
-    """The best complete trial (``view.best_trial``) as (number, value, params)."""
-    best = best_trial(trials, direction)
-    return None if best is None else (best.number, metric_value(best), dict(best.params))
-
-
-def _cost_text(study: Any, trial: Any) -> str:
-    """`` latency_ms=3.21`` for a trial of a quality-against-cost study (its second value), else nothing."""
-    cost = cost_value(trial)
-    if cost is None:
-        return ""
-    names = study.metric_names
-    return f" {names[1] if names and len(names) > 1 else 'cost'}={cost:.4g}"
 
 
 def as_progress(log: Any) -> Progress:

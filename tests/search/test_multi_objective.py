@@ -80,6 +80,23 @@ def test_a_study_with_no_trial_within_max_cost_says_so() -> None:
     assert [t.number for t in view.front] == [0, 1, 2, 3]
 
 
+def test_the_search_progress_of_a_cost_study_shows_the_trial_its_select_rule_picks_as_best() -> None:
+    import io
+
+    from llmflow_hpo.views.progress import Progress
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.set_user_attr(records.CONFIG, {"objective": {"cost": "latency_ms", "max_cost": 5.0}})
+    for metric, cost in POINTS:
+        study.add_trial(create_trial(values=[metric, cost], user_attrs={records.BEST_STEP: 10}))
+    out = io.StringIO()
+    progress = Progress("lines", stream=out)
+    progress.start(study=study, target=5, metric="f1", direction="maximize")
+    assert progress.best is not None and progress.best[0] == 2  # not trial 3, the best f1 but above max_cost
+    progress.trial_finished(study, study.trials[3])
+    assert "dev f1=0.8000 latency_ms=9 at step 10" in out.getvalue() and "best 0.7200 (trial 2)" in out.getvalue()
+
+
 # ---------------------------------------------------------------------------------------- the config
 
 
