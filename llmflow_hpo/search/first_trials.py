@@ -71,12 +71,16 @@ def default_params(cfg: StudyConfig, space: SearchSpace) -> dict[str, Any]:
     return params
 
 
-def warm_start_params(cfg: StudyConfig, space: SearchSpace) -> list[tuple[str, dict[str, Any]]]:
+def warm_start_params(
+    cfg: StudyConfig, space: SearchSpace, queued: list[dict[str, Any]] | None = None
+) -> list[tuple[str, dict[str, Any]]]:
     """The earlier study's best distinct complete configurations, projected into ``space``, best first, each
-    with where it came from (``study#N``). Refused when that study is missing or of another task."""
+    with where it came from (``study#N``); none that is among ``queued`` already (the defaults trial: the
+    earlier study's own defaults trial is often among its best). Refused when that study is missing or of
+    another task."""
     from llmflow_hpo.study.provenance import stored_config
     from llmflow_hpo.study.storage import open_storage
-    from llmflow_hpo.study.view import StudyView, ranked
+    from llmflow_hpo.study.view import ranked
 
     warm = cfg.warm_start
     assert warm.study is not None
@@ -97,9 +101,9 @@ def warm_start_params(cfg: StudyConfig, space: SearchSpace) -> list[tuple[str, d
             "warm-start from a study of the same task"
         )
     picked: list[tuple[str, dict[str, Any]]] = []
-    seen: list[dict[str, Any]] = []
+    seen: list[dict[str, Any]] = list(queued or [])
     defaults = default_params(cfg, space)
-    for trial in ranked(StudyView.of(earlier).trials, earlier_cfg.direction):
+    for trial in ranked(earlier.get_trials(deepcopy=False), earlier_cfg.direction):
         params = {**defaults, **{n: project(v, space[n]) for n, v in trial.params.items() if n in space}}
         if params not in seen:
             seen.append(params)
@@ -123,9 +127,9 @@ def queue_first_trials(study: optuna.Study, cfg: StudyConfig, space: SearchSpace
             if cfg.backend == "ray" and cfg.ray.scheduler == "pbt":
                 say(f"study {cfg.study_name}: Ray's PBT draws its own population; no defaults or warm-start trial")
                 return
-            warm = warm_start_params(cfg, space) if cfg.warm_start.study is not None else []
+            params = default_params(cfg, space)
+            warm = warm_start_params(cfg, space, [params] if wanted else []) if cfg.warm_start.study else []
             if wanted:
-                params = default_params(cfg, space)
                 study.enqueue_trial(params, user_attrs={records.ORIGIN: DEFAULTS})
                 shown = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
                 say(f"study {cfg.study_name}: the first trial runs the recipe's defaults ({shown})")

@@ -96,6 +96,35 @@ def test_rays_pbt_gets_no_queued_trial_it_would_never_run(tiny_cfg, tmp_path: Pa
     assert [t.user_attrs[records.ORIGIN] for t in study.get_trials()] == ["defaults"]
 
 
+def _earlier_study(cfg, space_raw: dict, trials: list[tuple[float, dict]]) -> None:
+    """A stored study named ``earlier`` of cfg's config, holding complete ``(value, params)`` trials."""
+    from llmflow_hpo.config.study import config_to_dict
+    from llmflow_hpo.search.spaces import parse_search_space
+
+    earlier = optuna.create_study(study_name="earlier", storage=cfg.storage, direction="maximize")
+    earlier.set_user_attr(records.CONFIG, config_to_dict(cfg))
+    earlier.set_user_attr(records.SEARCH_SPACE, space_raw)
+    distributions = dict(parse_search_space(space_raw, source="space"))
+    for value, params in trials:
+        earlier.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=value))
+
+
+def test_a_warm_start_takes_no_configuration_the_defaults_trial_runs_already(tiny_cfg, tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    cfg, space, space_raw = tiny_cfg({"storage": storage, "warm_start": {"study": "earlier", "top": 2}})
+    defaults = default_params(cfg, space)
+    other, third = {"learning_rate": 2e-3, "batch_size": 16}, {"learning_rate": 3e-3, "batch_size": 8}
+    _earlier_study(cfg, space_raw, [(0.9, defaults), (0.8, other), (0.7, third)])  # its best: its defaults trial
+    study = optuna.create_study(study_name=cfg.study_name, storage=storage)
+    said: list[str] = []
+    queue_first_trials(study, cfg, space, said.append)
+    trials = study.get_trials()
+    assert [t.system_attrs["fixed_params"] for t in trials] == [defaults, other, third]  # the defaults once
+    assert [t.user_attrs[records.ORIGIN] for t in trials] == ["defaults", "warm-start", "warm-start"]
+    assert [t.user_attrs[records.WARM_START_FROM] for t in trials[1:]] == ["earlier#1", "earlier#2"]
+    assert said[-1] == "study tiny-ner: 2 trial(s) warm-started from earlier#1, earlier#2"
+
+
 def _search(tmp_path: Path, changes: dict, name: str = "study.yaml", space: dict | None = None) -> subprocess.CompletedProcess:
     cfg = deep_update(NER_CONFIG, {"storage": f"sqlite:///{tmp_path / 's.db'}", "cache_dir": str(tmp_path / "cache")})
     cfg = deep_update(cfg, {"checkpoint": {"dir": str(tmp_path / "ckpt")}, **changes})
