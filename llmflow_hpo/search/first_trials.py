@@ -128,6 +128,8 @@ def queue_first_trials(study: optuna.Study, cfg: StudyConfig, space: SearchSpace
                 say(f"study {cfg.study_name}: Ray's PBT draws its own population; no defaults or warm-start trial")
                 return
             params = default_params(cfg, space)
+            if not params:  # every searched value's default is null (the model's own dropout): no such trial
+                wanted = False
             warm = warm_start_params(cfg, space, [params] if wanted else []) if cfg.warm_start.study else []
             if wanted:
                 study.enqueue_trial(params, user_attrs={records.ORIGIN: DEFAULTS})

@@ -49,6 +49,16 @@ def test_the_defaults_trial_is_the_train_sections_values() -> None:
     assert params == {"learning_rate": 1e-4, "batch_size": 32, "warmup_ratio": 0.0, "epochs": 2, "scheduler": "cosine"}
 
 
+def test_no_defaults_trial_when_every_searched_default_is_null(tiny_cfg, tmp_path: Path) -> None:
+    space_raw = {"hidden_dropout": {"type": "float", "low": 0.0, "high": 0.3}}
+    cfg, space, _ = tiny_cfg({"storage": f"sqlite:///{tmp_path / 's.db'}"}, space_raw)
+    assert cfg.train.hidden_dropout is None and default_params(cfg, space) == {}
+    study = optuna.create_study(study_name=cfg.study_name, storage=cfg.storage)
+    said: list[str] = []
+    queue_first_trials(study, cfg, space, said.append)
+    assert study.get_trials() == [] and said == []  # not a sampled trial tagged "defaults"
+
+
 def test_the_design_covers_every_choice_and_is_seeded() -> None:
     assert design_length(SPACE, None) == 6  # 5 dimensions + 1
     assert design_length(SPACE, 9) == 3  # a third of the planned trials
