@@ -59,7 +59,6 @@ class TrainResult:
     train_seconds: float = 0.0  # the training steps
     eval_seconds: float = 0.0  # the dev evaluations
     runtime: dict[str, Any] = field(default_factory=dict)  # Runtime.attrs()
-    latency_ms: float | None = None  # inference latency per dev example (objective.cost: latency_ms), else None
 
 
 def better(value: float, best: float | None, direction: str, min_delta: float = 0.0) -> bool:

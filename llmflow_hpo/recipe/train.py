@@ -361,15 +361,13 @@ def train_and_evaluate(
     with _running(cfg, hp, features, seed, "train") as run:
         setup_seconds = time.perf_counter() - entered
         loop = _resume(run, checkpoint, params, on_resume)
-        costs = _costs(run)
         if on_costs is not None:
-            on_costs(costs)
+            on_costs(_costs(run))
         points = hp.evaluation_points(run.n_train)
         for step in _train(run, loop, points, on_step):
             if _evaluation_point(run, loop, step, points, checkpoint, on_eval):
                 break
         result = _result(run, loop, params, setup_seconds)
-        result.latency_ms = costs.get(records.LATENCY_MS)
         if checkpoint is not None:
             checkpoint.finish()
             result.checkpoints_written, result.checkpoint_seconds = checkpoint.written, checkpoint.seconds

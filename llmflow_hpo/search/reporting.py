@@ -156,8 +156,6 @@ def store_result(trial: Any, result: TrainResult, seed: int) -> None:
     trial.set_user_attr(records.TRAIN_TIME_S, round(result.train_time_s, 3))
     trial.set_user_attr(records.EXAMPLES_PER_SECOND, round(result.examples_per_second, 2))
     trial.set_user_attr(records.N_PARAMS, result.n_params)
-    if result.latency_ms is not None:
-        trial.set_user_attr(records.LATENCY_MS, result.latency_ms)
     trial.set_user_attr(records.PEAK_MEMORY_MB, round(result.peak_memory_mb, 1))
     trial.set_user_attr(records.PEAK_MEMORY_KIND, result.peak_memory_kind)
     trial.set_user_attr(records.DEVICE, result.device)
