@@ -24,8 +24,10 @@ from llmflow_hpo.search.schedule import first_evaluation_step, longest_epochs
 from llmflow_hpo.search.spaces import SearchSpace, stepped_values
 from llmflow_hpo.search.startup import StartupDesign
 from llmflow_hpo.study.front import COST_ATTRIBUTES, CostConstraint
+from llmflow_hpo.study.optuna_private import MetricDirection
 
 __all__ = [
+    "MetricFirst",
     "PerTrialSeed",
     "StudyGrid",
     "build_pruner",
@@ -318,6 +320,38 @@ class PerTrialSeed(optuna.samplers.BaseSampler):
         self._inner.reseed_rng()
 
 
+class MetricFirst(optuna.samplers.BaseSampler):
+    """A quality-against-cost study's TPE, handed the study as ``optuna_private.MetricDirection``: its pruned
+    trials, ranked by their metric (their intermediate values), in the metric's direction."""
+
+    def __init__(self, inner: optuna.samplers.BaseSampler) -> None:
+        self._inner = inner
+
+    @property
+    def inner(self) -> optuna.samplers.BaseSampler:
+        return self._inner
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._inner.before_trial(MetricDirection(study), trial)  # type: ignore[arg-type]
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+        return self._inner.infer_relative_search_space(MetricDirection(study), trial)  # type: ignore[arg-type]
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, Any]) -> dict[str, Any]:
+        return self._inner.sample_relative(MetricDirection(study), trial, search_space)  # type: ignore[arg-type]
+
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: Any
+    ) -> Any:
+        return self._inner.sample_independent(MetricDirection(study), trial, param_name, param_distribution)  # type: ignore[arg-type]
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: Any, values: Any) -> None:
+        self._inner.after_trial(MetricDirection(study), trial, state, values)  # type: ignore[arg-type]
+
+    def reseed_rng(self) -> None:
+        self._inner.reseed_rng()
+
+
 class _SamplerFactory:
     """Builds the configured sampler for a seed; a class, not a closure, so a sampler pickles (Ray saves it)."""
 
@@ -351,6 +385,8 @@ def build_sampler(cfg: StudyConfig, space: SearchSpace) -> optuna.samplers.BaseS
         sampler = make(cfg.seed) if name in ("qmc", "grid") else PerTrialSeed(make, cfg.seed)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"sampler.options: optuna's {cls.__name__} refused them: {e}") from None
+    if cost is not None and name == "tpe":
+        sampler = MetricFirst(sampler)  # it ranks pruned trials in study.direction, which a cost study refuses
     if not _designed(cfg):
         return sampler
     return StartupDesign(

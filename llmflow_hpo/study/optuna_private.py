@@ -17,6 +17,7 @@ from optuna.trial import FrozenTrial
 
 __all__ = [
     "FirstObjective",
+    "MetricDirection",
     "create_trial",
     "record_heartbeat",
     "report_intermediate",
@@ -64,6 +65,23 @@ def report_intermediate(trial: optuna.Trial, step: int, value: float) -> None:
     (optuna issue #3450): the storage takes it as from a single-objective trial, so the learning curves, the
     retry of a dead trial (which inherits them) and ``FirstObjective``'s pruner read it the same way."""
     storage_of(trial.study).set_trial_intermediate_value(trial_id(trial), step, value)
+
+
+class MetricDirection:
+    """A quality-against-cost study as its sampler sees it: both directions, and ``direction`` (which a
+    two-objective study refuses) answered with the metric's. optuna's TPE ranks the pruned trials it learns
+    from by their last intermediate value in ``study.direction``: optuna's own two-objective trials have none,
+    a cost study's do (``report_intermediate``)."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self._study = study
+
+    @property
+    def direction(self) -> StudyDirection:
+        return self._study.directions[0]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
 
 
 class FirstObjective:

@@ -221,6 +221,32 @@ def test_a_trial_of_a_two_objective_study_is_pruned_on_its_metric_among_trials_n
     )
 
 
+def test_tpe_samples_a_cost_study_whose_pruned_trials_have_their_metric_as_intermediate_values() -> None:
+    # optuna's TPE ranks pruned trials by their last intermediate value in study.direction, which a
+    # two-objective study refuses: optuna's own two-objective trials have none, a cost study's do
+    from optuna.distributions import FloatDistribution
+
+    from llmflow_hpo.search.strategy import build_sampler
+
+    sampler = {"name": "tpe", "startup": "random", "options": {"n_startup_trials": 2}}
+    cfg = config_from_dict(deep_update(NER_CONFIG, {"objective": {"cost": "params"}, "sampler": sampler}), source="s")
+    space = {"learning_rate": FloatDistribution(1e-5, 1e-2, log=True)}
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=build_sampler(cfg, space))
+    for i, state in enumerate([TrialState.COMPLETE] * 3 + [TrialState.PRUNED] * 2):
+        done = state == TrialState.COMPLETE
+        study.add_trial(
+            create_trial(
+                state=state,
+                values=[0.5 + i / 10, 1000.0 + i] if done else None,
+                params={"learning_rate": 1e-4 * (i + 1)},
+                distributions=space,
+                intermediate_values={24: 0.1 * i},
+            )
+        )
+    trial = study.ask(space)
+    assert 1e-5 <= trial.params["learning_rate"] <= 1e-2
+
+
 # ---------------------------------------------------------------------------------------- end to end
 
 
