@@ -581,6 +581,9 @@ def test_the_budget_on_ray_starts_no_trial_that_does_not_fit_and_ends_a_run_at_a
 
     assert search(spent).suggest("t1") == Searcher.FINISHED
     assert set(search(fresh).suggest("t1")) == {"learning_rate"}
+    earlier = StudySearch.__new__(StudySearch)  # as restored from the state an earlier version pickled
+    earlier.__dict__.update({k: v for k, v in search(fresh).__dict__.items() if k != "_budget"})
+    assert set(earlier.suggest("t2")) == {"learning_rate"}
 
     cfg, _, _ = tiny_cfg({"backend": "ray"})
     sent: list[dict[str, Any]] = []

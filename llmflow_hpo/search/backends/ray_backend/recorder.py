@@ -246,6 +246,8 @@ class StudySearch(OptunaSearch):
     (``Searcher.FINISHED``: Ray ends the run when its running trials end), as the optuna backend's workers.
     """
 
+    _budget: Budget | None = None  # a searcher pickled by an earlier version, restored, has none
+
     def __init__(self, *, run: str, budget: Budget | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._run, self._budget = run, budget
