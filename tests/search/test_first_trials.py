@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 from llmflow_hpo.config.study import config_from_dict, duration_seconds
 from llmflow_hpo.errors import ConfigError
 from llmflow_hpo.search.budget import Budget
-from llmflow_hpo.search.first_trials import default_params, project, queue_first_trials
+from llmflow_hpo.search.first_trials import default_params, project, queue_first_trials, warm_start_params
 from llmflow_hpo.search.spaces import parse_search_space
 from llmflow_hpo.search.startup import design_length, design_points
 from llmflow_hpo.study import records
@@ -135,7 +135,9 @@ def test_a_warm_start_takes_no_configuration_the_defaults_trial_runs_already(tin
     assert said[-1] == "study tiny-ner: 2 trial(s) warm-started from earlier#1, earlier#2"
 
 
-def _search(tmp_path: Path, changes: dict, name: str = "study.yaml", space: dict | None = None) -> subprocess.CompletedProcess:
+def _search(
+    tmp_path: Path, changes: dict, name: str = "study.yaml", space: dict | None = None
+) -> subprocess.CompletedProcess:
     cfg = deep_update(NER_CONFIG, {"storage": f"sqlite:///{tmp_path / 's.db'}", "cache_dir": str(tmp_path / "cache")})
     cfg = deep_update(cfg, {"checkpoint": {"dir": str(tmp_path / "ckpt")}, **changes})
     (tmp_path / "space.yaml").write_text(
@@ -160,7 +162,7 @@ def _trials(tmp_path: Path, study: str) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=study, storage=f"sqlite:///{tmp_path / 's.db'}").get_trials()
 
 
-def test_a_new_study_starts_with_the_defaults_then_the_design_then_warm_starts_another(tmp_path: Path) -> None:
+def test_a_new_study_starts_with_the_defaults_then_the_design_and_a_rerun_queues_neither(tmp_path: Path) -> None:
     tpe = {"sampler": {"name": "tpe", "startup_trials": 3}, "n_trials": 4, "train": {"epochs": 1}}
     result = _search(tmp_path, tpe)
     assert result.returncode == 0, result.stderr
@@ -178,37 +180,17 @@ def test_a_new_study_starts_with_the_defaults_then_the_design_then_warm_starts_a
     assert len(rerun) == 5 and sum(t.user_attrs.get(records.ORIGIN) == "defaults" for t in rerun) == 1
     assert records.ORIGIN not in rerun[4].user_attrs  # the sampler's own
 
-    best = sorted((t for t in rerun if t.state == TrialState.COMPLETE), key=lambda t: -t.value)
-    warm = {"study_name": "warm", "n_trials": 3, "sampler": {"name": "tpe", "defaults_first": False}}
-    warm |= {"warm_start": {"study": "tiny-ner", "top": 2}, "train": {"epochs": 1}}
-    result = _search(tmp_path, warm, name="warm.yaml")
-    assert result.returncode == 0, result.stderr
-    started = _trials(tmp_path, "warm")
-    assert [t.user_attrs.get(records.ORIGIN) for t in started[:2]] == ["warm-start"] * 2
-    assert [t.params for t in started[:2]] == [t.params for t in best[:2]]
-    assert started[0].user_attrs[records.WARM_START_FROM] == f"tiny-ner#{best[0].number}"
 
-
-def test_a_warm_start_from_a_missing_study_is_refused(tmp_path: Path) -> None:
-    result = _search(tmp_path, {"warm_start": {"study": "nope"}})
-    assert result.returncode == 1
-    assert "warm_start.study: no study 'nope' in sqlite:///" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_a_warm_start_from_a_missing_study_is_refused(tiny_cfg, tmp_path: Path) -> None:
+    cfg, space, _ = tiny_cfg({"storage": f"sqlite:///{tmp_path / 's.db'}", "warm_start": {"study": "nope"}})
+    with pytest.raises(ConfigError, match=r"warm_start.study: no study 'nope' in sqlite:///.*; name an existing"):
+        warm_start_params(cfg, space)
 
 
 def test_the_budget_stops_a_long_trial_keeping_its_best_and_starts_no_other(tmp_path: Path) -> None:
-    alone = {k: v for k, v in NER_CONFIG.items() if k != "n_trials"}
-    changes = {"budget": "8s", "train": {"epochs": 200, "evals_per_epoch": 2}}
+    changes = {"n_trials": None, "budget": "8s", "train": {"epochs": 200, "evals_per_epoch": 2}}
     started = time.monotonic()
-    cfg = deep_update(alone, {"storage": f"sqlite:///{tmp_path / 's.db'}", "cache_dir": str(tmp_path / "cache")})
-    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"learning_rate": {"type": "float", "low": 5e-4, "high": 5e-3}}))
-    (tmp_path / "study.yaml").write_text(yaml.safe_dump(deep_update(cfg, changes)))
-    result = subprocess.run(
-        [sys.executable, "-m", "llmflow_hpo", "search", str(tmp_path / "study.yaml")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = _search(tmp_path, changes, space={"learning_rate": {"type": "float", "low": 5e-4, "high": 5e-3}})
     assert result.returncode == 0, result.stderr
     assert "the budget of 8s is spent; no new trial started" in result.stderr
     trials = _trials(tmp_path, "tiny-ner")
