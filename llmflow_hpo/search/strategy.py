@@ -361,6 +361,9 @@ class _SamplerFactory:
     def __call__(self, seed: int) -> optuna.samplers.BaseSampler:
         with warnings.catch_warnings():  # GP and QMC are "experimental" in optuna; one warning per trial is noise
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            # max_cost (CostConstraint): optuna 5 deprecates constraints_func for Trial.set_constraint, which
+            # optuna 4 (pyproject's floor) lacks; the user can do nothing about the warning
+            warnings.filterwarnings("ignore", "`constraints_func` has been deprecated", FutureWarning)
             return self.cls(seed=seed, **self.options)
 
 

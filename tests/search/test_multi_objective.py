@@ -229,7 +229,8 @@ def test_tpe_samples_a_cost_study_whose_pruned_trials_have_their_metric_as_inter
     from llmflow_hpo.search.strategy import build_sampler
 
     sampler = {"name": "tpe", "startup": "random", "options": {"n_startup_trials": 2}}
-    cfg = config_from_dict(deep_update(NER_CONFIG, {"objective": {"cost": "params"}, "sampler": sampler}), source="s")
+    objective = {"cost": "params", "max_cost": 1002.0}
+    cfg = config_from_dict(deep_update(NER_CONFIG, {"objective": objective, "sampler": sampler}), source="s")
     space = {"learning_rate": FloatDistribution(1e-5, 1e-2, log=True)}
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=build_sampler(cfg, space))
     for i, state in enumerate([TrialState.COMPLETE] * 3 + [TrialState.PRUNED] * 2):
@@ -245,6 +246,9 @@ def test_tpe_samples_a_cost_study_whose_pruned_trials_have_their_metric_as_inter
         )
     trial = study.ask(space)
     assert 1e-5 <= trial.params["learning_rate"] <= 1e-2
+    trial.set_user_attr(records.N_PARAMS, 1005)  # as the objective does before the trial trains
+    study.tell(trial, [0.9, 1005.0])
+    assert list(study.trials[-1].system_attrs["constraints"]) == [3.0]  # max_cost as tpe's constraint: 3 above it
 
 
 # ---------------------------------------------------------------------------------------- end to end
