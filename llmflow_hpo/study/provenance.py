@@ -47,6 +47,7 @@ MAY_CHANGE = (
     "tracking.",
     "confirm.",  # how the confirmation stage runs (llmflow-hpo confirm), not what the search searches
     "warm_start.",
+    "sampler.defaults_first",  # like warm_start, it only acts on a study that holds no trial
 )
 
 

@@ -270,6 +270,8 @@ def test_a_study_stored_before_a_setting_existed_keeps_what_its_version_did(tiny
     old = study.user_attrs["config"]
     for key in ("group_by_length", "precision", "fused_optimizer"):  # as a version before these settings stored it
         del old["train"][key]
+    for section, key in (("sampler", "defaults_first"), ("sampler", "startup"), ("pruner", "patience")):
+        del old[section][key]
     study.set_user_attr("config", old)
     stored, _, _ = stored_config(study)  # what retrain-best and workers read
     assert (stored.train.group_by_length, stored.train.precision, stored.train.fused_optimizer) == (
@@ -277,15 +279,19 @@ def test_a_study_stored_before_a_setting_existed_keeps_what_its_version_did(tiny
         "fp32",
         False,
     )
-    # Today's defaults would train otherwise: the rerun says which settings to restore.
+    assert (stored.sampler.defaults_first, stored.sampler.startup, stored.pruner.patience) == (False, "random", None)
+    # Today's defaults would search otherwise: the rerun says which settings to restore (not defaults_first,
+    # which acts only on an empty study).
     with pytest.raises(
         StorageError,
-        match=r"train\.fused_optimizer: False -> True, train\.group_by_length: False -> True, "
-        r"train\.precision: 'fp32' -> 'auto'",
+        match=r"pruner\.patience: None -> 1, sampler\.startup: 'random' -> 'design', "
+        r"train\.fused_optimizer: False -> True, train\.group_by_length: False -> True, "
+        r"train\.precision: 'fp32' -> 'auto'\)",
     ):
         run_search(*tiny_cfg({"n_trials": 2}), **QUIET)
     old_train = {"group_by_length": False, "precision": "fp32", "fused_optimizer": False}
-    again, space2, raw2 = tiny_cfg({"n_trials": 2, "train": old_train})
+    before = {"sampler": {"name": "random", "startup": "random"}, "pruner": {"name": "none", "patience": None}}
+    again, space2, raw2 = tiny_cfg({"n_trials": 2, "train": old_train, **before})
     assert run_search(again, space2, raw2, **QUIET).counts["complete"] == 2
 
 
