@@ -36,7 +36,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from llmflow_hpo.config.study import StudyConfig
 from llmflow_hpo.errors import ConfigError, Interrupted, StorageError, TrialFailure
-from llmflow_hpo.search.reporting import BestSoFar, record_failure
+from llmflow_hpo.search.reporting import BestSoFar, fail_on_error, record_failure
 from llmflow_hpo.search.spaces import SearchSpace, trial_params
 from llmflow_hpo.study import records
 from llmflow_hpo.study.optuna_private import create_trial, trial_id
@@ -301,9 +301,7 @@ def _confirm_one(
         study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         raise
     except BaseException as e:
-        with contextlib.suppress(Exception):
-            record_failure(trial, f"error: {type(e).__name__}: {e}", for_good=False)
-            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        fail_on_error(study, trial, e)
         raise
     stats = seed_stats(scores, cfg.direction, cfg.confirm.confidence)
     value = stats[records.CONFIRM_MEAN] if cfg.confirm.select == "mean" else stats[records.CONFIRM_LCB]

@@ -127,6 +127,14 @@ def record_failure(trial: Any, reason: str, *, for_good: bool) -> None:
         trial.set_user_attr(records.FAILED_FOR_GOOD, True)
 
 
+def fail_on_error(study: optuna.Study, trial: Any, error: BaseException) -> None:
+    """An unexpected error ends the trial: FAIL with the error as its reason, not for good (the caller re-raises);
+    best effort, so that the error itself is what the user sees."""
+    with contextlib.suppress(Exception):
+        record_failure(trial, f"error: {type(error).__name__}: {error}", for_good=False)
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+
+
 def fail_lost_trial(study: optuna.Study, trial: FrozenTrial, reason: str) -> None:
     """FAIL a RUNNING trial whose runner is gone (a worker that died before it started, a Ray run that ended
     without it), with its reason. Another process that failed it first wins: nothing is raised."""

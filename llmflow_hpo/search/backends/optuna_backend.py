@@ -47,7 +47,7 @@ from llmflow_hpo.search.driver import (
     search_strategy,
     summarize,
 )
-from llmflow_hpo.search.reporting import fail_lost_trial, record_failure
+from llmflow_hpo.search.reporting import fail_lost_trial, fail_on_error, record_failure
 from llmflow_hpo.search.spaces import SearchSpace
 from llmflow_hpo.search.strategy import StudyGrid, study_target
 from llmflow_hpo.study import records
@@ -346,9 +346,7 @@ def _run_trial(
         _record_interruption(study, trial, e, lock=lock, retry=retry)
         raise
     except BaseException as e:
-        with contextlib.suppress(Exception):
-            record_failure(trial, f"error: {type(e).__name__}: {e}", for_good=False)
-            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        fail_on_error(study, trial, e)
         raise
     with _Signals.critical():
         told = retry_transient(
