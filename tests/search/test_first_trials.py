@@ -163,7 +163,7 @@ def _trials(tmp_path: Path, study: str) -> list[optuna.trial.FrozenTrial]:
 
 
 def test_a_new_study_starts_with_the_defaults_then_the_design_and_a_rerun_queues_neither(tmp_path: Path) -> None:
-    tpe = {"sampler": {"name": "tpe", "startup_trials": 3}, "n_trials": 4, "train": {"epochs": 1}}
+    tpe = {"sampler": {"name": "tpe", "startup": "design", "startup_trials": 3}, "n_trials": 4, "train": {"epochs": 1}}
     result = _search(tmp_path, tpe)
     assert result.returncode == 0, result.stderr
     assert "the first trial runs the recipe's defaults (batch_size=8, learning_rate=0.001)" in result.stderr
