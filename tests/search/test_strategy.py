@@ -17,7 +17,6 @@ from llmflow_hpo.config.study import StudyConfig, config_from_dict
 from llmflow_hpo.errors import ConfigError
 from llmflow_hpo.search.spaces import SearchSpace, parse_search_space, suggest_params
 from llmflow_hpo.search.startup import StartupDesign, design_points
-from llmflow_hpo.study import records
 from llmflow_hpo.search.strategy import (
     PerTrialSeed,
     build_pruner,
@@ -27,6 +26,7 @@ from llmflow_hpo.search.strategy import (
     study_target,
     trial_seed,
 )
+from llmflow_hpo.study import records
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
