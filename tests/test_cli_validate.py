@@ -77,7 +77,14 @@ def test_validate_json_prints_the_resolved_config() -> None:
     out = json.loads(result.stdout)
     assert out["config"]["study_name"] == "quickstart"
     assert out["config"]["train"]["epochs"] == 2
-    assert out["config"]["objective"] == {"metric": "f1", "direction": "maximize"}
+    assert out["config"]["objective"] == {
+        "metric": "f1",
+        "direction": "maximize",
+        "cost": None,
+        "max_cost": None,
+        "select": "best-metric",
+        "tolerance": 0.01,
+    }
     assert out["search_space"] == sorted(["learning_rate", "batch_size", "warmup_ratio", "weight_decay"])
 
 
