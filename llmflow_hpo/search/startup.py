@@ -8,12 +8,16 @@ every stratum is taken once, so a categorical parameter with k choices gets each
 and the numeric ranges are covered end to end. optuna's QMCSampler draws Sobol points for numeric
 parameters only (its categorical ones are independent random draws), which is why this is ours.
 
-Its length: d+1 trials for d searched dimensions, at least the largest number of choices, at most a
-third of the planned trials (n_trials, or the budget over a typical trial's duration) and at least 2;
-``sampler.startup_trials`` sets it. Trials queued with fixed parameters (the defaults trial, a warm
-start, a retry) take no design point. A design trial is tagged ``records.ORIGIN = design`` and its
-point's index ``records.DESIGN_POINT``; the index is the first one no trial of the study has taken, chosen
-while the study lock is held (the worker loop claims and draws under it), so workers share one design.
+Its length: d+1 points for d searched dimensions, at least the largest number of choices, at most the
+planned trials (n_trials, or the budget over a typical trial's duration) and at least 2;
+``sampler.startup_trials`` sets it. When the budget fits fewer trials than that, the whole search is the
+design: a model fitted to fewer than d+1 points exploits noise (the policy benchmark, benchmarks/README.md).
+Trials queued with fixed parameters (the defaults trial, a warm start) are not design trials, but each
+covers the design point nearest it (in the unit cube): that point is not run, so the defaults trial and
+the design together take every stratum once instead of two trials sharing the defaults' learning rate.
+A design trial is tagged ``records.ORIGIN = design`` and its point's index ``records.DESIGN_POINT``; the
+index is the first one no trial of the study has taken or covered, chosen while the study lock is held
+(the worker loop claims and draws under it), so workers share one design.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from llmflow_hpo.search.spaces import SearchSpace
 from llmflow_hpo.study import records
 from llmflow_hpo.study.optuna_private import set_trial_user_attr, trial_id
 
-__all__ = ["DESIGN", "StartupDesign", "design_length", "design_points", "typical_trial_seconds"]
+__all__ = ["DESIGN", "StartupDesign", "covered", "design_length", "design_points", "typical_trial_seconds"]
 
 DESIGN = "design"
 
@@ -47,10 +51,10 @@ def typical_trial_seconds(trials: list[FrozenTrial]) -> float | None:
 
 
 def design_length(space: SearchSpace, planned: int | None) -> int:
-    """d+1 for d dimensions, at least the most choices a categorical has, at most max(2, planned // 3)."""
+    """d+1 for d dimensions, at least the most choices a categorical has, at most max(2, planned)."""
     choices = [len(d.choices) for d in space.values() if isinstance(d, CategoricalDistribution)]
     n = max(len(space) + 1, max(choices, default=0))
-    return n if planned is None else min(n, max(2, planned // 3))
+    return n if planned is None else min(n, max(2, planned))
 
 
 def _value(u: float, dist: BaseDistribution) -> Any:
@@ -69,6 +73,37 @@ def _value(u: float, dist: BaseDistribution) -> Any:
         count = round((high - low) / dist.step) + 1
         return low + dist.step * min(int(u * count), count - 1)
     return min(x, high)
+
+
+def _unit(value: Any, dist: BaseDistribution) -> float | None:
+    """Where ``value`` lies in [0, 1] along ``dist`` (a choice: the middle of its stratum); None: outside it."""
+    if isinstance(dist, CategoricalDistribution):
+        return (dist.choices.index(value) + 0.5) / len(dist.choices) if value in dist.choices else None
+    low, high = float(dist.low), float(dist.high)
+    if not isinstance(value, int | float) or high <= low:
+        return None
+    if dist.log:
+        u = (math.log(max(value, low)) - math.log(low)) / (math.log(high) - math.log(low))
+    else:
+        u = (value - low) / (high - low)
+    return min(max(u, 0.0), 1.0)
+
+
+def covered(points: list[dict[str, Any]], fixed: list[dict[str, Any]], space: SearchSpace) -> set[int]:
+    """The design points the fixed trials cover: for each in turn, the nearest one not yet covered.
+
+    Nearest in the unit cube, over the dimensions the fixed trial sets (a trial that sets none covers none).
+    """
+    out: set[int] = set()
+    for params in fixed:
+        where = {name: _unit(params[name], space[name]) for name in space if name in params}
+        where = {name: u for name, u in where.items() if u is not None}
+        free = [i for i in range(len(points)) if i not in out]
+        if not where or not free:
+            continue
+        distance = {i: sum((_unit(points[i][k], space[k]) - u) ** 2 for k, u in where.items()) for i in free}  # type: ignore[operator]
+        out.add(min(free, key=lambda i: (distance[i], i)))
+    return out
 
 
 def design_points(space: SearchSpace, n: int, seed: int) -> list[dict[str, Any]]:
@@ -125,11 +160,17 @@ class StartupDesign(optuna.samplers.BaseSampler):
         trials = study.get_trials(deepcopy=False)
         taken = {t.user_attrs[records.DESIGN_POINT] for t in trials if records.DESIGN_POINT in t.user_attrs}
         n = self.length(trials)
+        if self._points is None or len(self._points) != n:  # a hypercube of the design's length: strata of 1/n
+            self._points = design_points(self._space, n, self._seed)
+        fixed = [
+            t.system_attrs["fixed_params"]
+            for t in trials
+            if "fixed_params" in t.system_attrs and records.DESIGN_POINT not in t.user_attrs
+        ]
+        taken |= covered(self._points, fixed, self._space)
         free = [i for i in range(n) if i not in taken]
         if not free:
             return
-        if self._points is None or len(self._points) != n:  # a hypercube of the design's length: strata of 1/n
-            self._points = design_points(self._space, n, self._seed)
         index = free[0]
         set_trial_user_attr(study, trial, records.ORIGIN, DESIGN)
         set_trial_user_attr(study, trial, records.DESIGN_POINT, index)

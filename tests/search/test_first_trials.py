@@ -17,8 +17,8 @@ from llmflow_hpo.config.study import config_from_dict, duration_seconds
 from llmflow_hpo.errors import ConfigError
 from llmflow_hpo.search.budget import Budget
 from llmflow_hpo.search.first_trials import default_params, project, queue_first_trials, warm_start_params
-from llmflow_hpo.search.spaces import parse_search_space
-from llmflow_hpo.search.startup import design_length, design_points
+from llmflow_hpo.search.spaces import parse_search_space, suggest_params
+from llmflow_hpo.search.startup import StartupDesign, covered, design_length, design_points
 from llmflow_hpo.study import records
 
 SPACE = parse_search_space(
@@ -61,8 +61,9 @@ def test_no_defaults_trial_when_every_searched_default_is_null(tiny_cfg, tmp_pat
 
 def test_the_design_covers_every_choice_and_is_seeded() -> None:
     assert design_length(SPACE, None) == 6  # 5 dimensions + 1
-    assert design_length(SPACE, 9) == 3  # a third of the planned trials
-    assert design_length(SPACE, 3) == 2
+    assert design_length(SPACE, 9) == 6
+    assert design_length(SPACE, 4) == 4  # the budget fits 4 trials: the whole search is the design
+    assert design_length(SPACE, 1) == 2
     points = design_points(SPACE, 6, seed=3)
     assert sorted(p["batch_size"] for p in points) == [8, 8, 16, 16, 32, 32]
     assert sorted(p["scheduler"] for p in points) == ["constant_with_warmup"] * 3 + ["cosine"] * 3
@@ -71,6 +72,35 @@ def test_the_design_covers_every_choice_and_is_seeded() -> None:
     assert len(set(strata)) >= 4  # spread over the range, not bunched
     assert points == design_points(SPACE, 6, seed=3)
     assert points != design_points(SPACE, 6, seed=4)
+
+
+def test_a_fixed_trial_covers_the_design_point_nearest_it() -> None:
+    points = design_points(SPACE, 4, seed=0)
+    assert covered(points, [points[2]], SPACE) == {2}
+    by_lr = sorted(range(4), key=lambda i: points[i]["learning_rate"])
+    near = {"learning_rate": points[by_lr[1]]["learning_rate"] * 1.01}  # sets the learning rate only
+    assert covered(points, [near], SPACE) == {by_lr[1]}
+    twice = covered(points, [points[2], points[2]], SPACE)
+    assert len(twice) == 2 and 2 in twice  # the second takes the next nearest point, not the same one
+    assert covered(points, [{"hidden_dropout": 0.1}], SPACE) == set()  # sets no searched dimension
+
+
+def test_the_defaults_trial_and_the_design_take_each_learning_rate_stratum_once() -> None:
+    sampler = StartupDesign(
+        optuna.samplers.RandomSampler(seed=0), SPACE, seed=3, length=4, n_trials=None, budget_s=None
+    )
+    study = optuna.create_study(sampler=sampler, direction="maximize")
+    points = design_points(SPACE, 4, seed=3)
+    lowest = min(points, key=lambda p: p["learning_rate"])
+    study.enqueue_trial(lowest, user_attrs={records.ORIGIN: "defaults"})
+    for _ in range(5):
+        trial = study.ask()
+        suggest_params(trial, SPACE)
+        study.tell(trial, 0.0)
+    origins = [t.user_attrs.get(records.ORIGIN) for t in study.trials]
+    assert origins == ["defaults", "design", "design", "design", None]  # 4 points, one covered by the defaults
+    ran = [t.params for t in study.trials[1:4]]
+    assert lowest not in ran and sorted(map(str, [*ran, lowest])) == sorted(map(str, points))
 
 
 def test_budget_durations_and_refusals() -> None:
@@ -170,10 +200,11 @@ def test_a_new_study_starts_with_the_defaults_then_the_design_and_a_rerun_queues
     trials = _trials(tmp_path, "tiny-ner")
     assert trials[0].params == {"learning_rate": 1e-3, "batch_size": 8}
     assert trials[0].user_attrs[records.ORIGIN] == "defaults"
-    design = trials[1:]
-    assert [t.user_attrs.get(records.ORIGIN) for t in design] == ["design"] * 3
-    assert sorted(t.user_attrs[records.DESIGN_POINT] for t in design) == [0, 1, 2]
-    assert sorted(t.params["batch_size"] for t in design) == [4, 8, 16]  # every choice once
+    # 3 design points, the one nearest the defaults covered by them: 2 design trials, then the sampler's own
+    assert [t.user_attrs.get(records.ORIGIN) for t in trials[1:]] == ["design", "design", None]
+    design = trials[1:3]
+    assert {t.user_attrs[records.DESIGN_POINT] for t in design} < {0, 1, 2}
+    assert len({t.params["batch_size"] for t in design}) == 2  # a stratum each
     again = _search(tmp_path, {**tpe, "n_trials": 5})  # a rerun queues no second defaults trial
     assert again.returncode == 0, again.stderr
     rerun = _trials(tmp_path, "tiny-ner")

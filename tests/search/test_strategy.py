@@ -16,7 +16,7 @@ from conftest import MINIMAL_STUDY as MINIMAL
 from llmflow_hpo.config.study import StudyConfig, config_from_dict
 from llmflow_hpo.errors import ConfigError
 from llmflow_hpo.search.spaces import SearchSpace, parse_search_space, suggest_params
-from llmflow_hpo.search.startup import StartupDesign, design_points
+from llmflow_hpo.search.startup import StartupDesign, covered, design_points
 from llmflow_hpo.search.strategy import (
     PerTrialSeed,
     build_pruner,
@@ -178,8 +178,10 @@ def test_the_design_trials_come_first_then_the_sampler() -> None:
             trial = study.ask()
             study.tell(trial, sum(suggest_params(trial, SPACE).values()))
     origins = [t.user_attrs.get(records.ORIGIN) for t in study.trials]
-    assert origins == [None, "design", "design", "design", None, None]
-    assert [t.params for t in study.trials[1:4]] == design_points(SPACE, 3, seed=cfg.seed)  # in order
+    assert origins == [None, "design", "design", None, None, None]  # the fixed trial covers one of 3 points
+    points = design_points(SPACE, 3, seed=cfg.seed)
+    (near,) = covered(points, [study.trials[0].params], SPACE)
+    assert [t.params for t in study.trials[1:3]] == [p for i, p in enumerate(points) if i != near]  # in order
 
 
 def test_user_startup_trials_are_kept() -> None:
