@@ -12,11 +12,12 @@ Its length: d+1 points for d searched dimensions, at least the largest number of
 planned trials (n_trials, or the budget over a typical trial's duration) and at least 2;
 ``sampler.startup_trials`` sets it. When the budget fits fewer trials than that, the whole search is the
 design: a model fitted to fewer than d+1 points exploits noise (the policy benchmark, benchmarks/README.md).
-Trials queued with fixed parameters (the defaults trial, a warm start) are not design trials, but each
-covers the design point nearest it (in the unit cube): that point is not run, so the defaults trial and
-the design together take every stratum once instead of two trials sharing the defaults' learning rate.
+The trials queued first (the defaults trial, a warm start) are not design trials, but the design
+completes them: each takes the stratum its value lies in, in every dimension, and the design takes the
+others, so the defaults and the design together take every stratum once (not two trials sharing the
+defaults' learning rate while the top of its range goes untried).
 A design trial is tagged ``records.ORIGIN = design`` and its point's index ``records.DESIGN_POINT``; the
-index is the first one no trial of the study has taken or covered, chosen while the study lock is held
+index is the first one no trial of the study has taken, chosen while the study lock is held
 (the worker loop claims and draws under it), so workers share one design.
 """
 
@@ -31,13 +32,15 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from llmflow_hpo.search.first_trials import DEFAULTS, WARM_START
 from llmflow_hpo.search.spaces import SearchSpace
 from llmflow_hpo.study import records
 from llmflow_hpo.study.optuna_private import set_trial_user_attr, trial_id
 
-__all__ = ["DESIGN", "StartupDesign", "covered", "design_length", "design_points", "typical_trial_seconds"]
+__all__ = ["DESIGN", "StartupDesign", "design_length", "design_points", "typical_trial_seconds"]
 
 DESIGN = "design"
+_QUEUED_FIRST = (DEFAULTS, WARM_START)
 
 
 def typical_trial_seconds(trials: list[FrozenTrial]) -> float | None:
@@ -89,29 +92,31 @@ def _unit(value: Any, dist: BaseDistribution) -> float | None:
     return min(max(u, 0.0), 1.0)
 
 
-def covered(points: list[dict[str, Any]], fixed: list[dict[str, Any]], space: SearchSpace) -> set[int]:
-    """The design points the fixed trials cover: for each in turn, the nearest one not yet covered.
+def design_points(
+    space: SearchSpace, n: int, seed: int, fixed: list[dict[str, Any]] | tuple[()] = ()
+) -> list[dict[str, Any]]:
+    """A Latin hypercube of ``n`` strata over ``space``, completing the ``fixed`` trials' points.
 
-    Nearest in the unit cube, over the dimensions the fixed trial sets (a trial that sets none covers none).
+    Without fixed trials: ``n`` points (the same for the same seed). Each fixed trial that sets a searched
+    dimension takes the stratum its value lies in, in every dimension it sets; the design is the other points,
+    one per free stratum (scipy's hypercube over them, its strata mapped onto the free ones in order). scipy
+    has no hypercube that completes given points, hence the mapping.
     """
-    out: set[int] = set()
-    for params in fixed:
-        where = {name: _unit(params[name], space[name]) for name in space if name in params}
-        where = {name: u for name, u in where.items() if u is not None}
-        free = [i for i in range(len(points)) if i not in out]
-        if not where or not free:
-            continue
-        distance = {i: sum((_unit(points[i][k], space[k]) - u) ** 2 for k, u in where.items()) for i in free}  # type: ignore[operator]
-        out.add(min(free, key=lambda i: (distance[i], i)))
-    return out
-
-
-def design_points(space: SearchSpace, n: int, seed: int) -> list[dict[str, Any]]:
-    """``n`` points of a Latin hypercube over ``space`` (the same points for the same seed)."""
     from scipy.stats import qmc
 
     names = list(space)
-    unit = qmc.LatinHypercube(d=max(len(names), 1), seed=np.random.default_rng(seed)).random(n)
+    units = [{k: u for k in names if k in p and (u := _unit(p[k], space[k])) is not None} for p in fixed]
+    units = [u for u in units if u]  # a trial that sets no searched dimension covers nothing
+    m = n - len(units)
+    if m <= 0:
+        return []
+    unit = qmc.LatinHypercube(d=max(len(names), 1), seed=np.random.default_rng(seed)).random(m)
+    for i, name in enumerate(names):
+        taken = {min(int(u[name] * n), n - 1) for u in units if name in u}
+        free = [s for s in range(n) if s not in taken]  # at least m: each fixed trial takes at most one
+        for row in unit:
+            rank, offset = divmod(float(row[i]) * m, 1.0)
+            row[i] = (free[int(rank) * len(free) // m] + offset) / n
     return [{name: _value(float(row[i]), space[name]) for i, name in enumerate(names)} for row in unit]
 
 
@@ -136,6 +141,7 @@ class StartupDesign(optuna.samplers.BaseSampler):
         self._length, self._n_trials, self._budget_s = length, n_trials, budget_s
         self._full = length if length is not None else design_length(space, None)
         self._points: list[dict[str, Any]] | None = None
+        self._key: tuple[int, str] | None = None  # the design's length and the fixed trials it completes
         self._taken: dict[int, dict[str, Any]] = {}  # trial id -> its design point's parameters
 
     @property
@@ -160,15 +166,12 @@ class StartupDesign(optuna.samplers.BaseSampler):
         trials = study.get_trials(deepcopy=False)
         taken = {t.user_attrs[records.DESIGN_POINT] for t in trials if records.DESIGN_POINT in t.user_attrs}
         n = self.length(trials)
-        if self._points is None or len(self._points) != n:  # a hypercube of the design's length: strata of 1/n
-            self._points = design_points(self._space, n, self._seed)
-        fixed = [
-            t.system_attrs["fixed_params"]
-            for t in trials
-            if "fixed_params" in t.system_attrs and records.DESIGN_POINT not in t.user_attrs
-        ]
-        taken |= covered(self._points, fixed, self._space)
-        free = [i for i in range(n) if i not in taken]
+        # The queued first trials (the defaults, a warm start) in the order they were queued: the design completes them.
+        fixed = [t.system_attrs["fixed_params"] for t in trials if t.user_attrs.get(records.ORIGIN) in _QUEUED_FIRST]
+        key = (n, repr(fixed))
+        if self._points is None or self._key != key:
+            self._points, self._key = design_points(self._space, n, self._seed, fixed), key
+        free = [i for i in range(len(self._points)) if i not in taken]
         if not free:
             return
         index = free[0]

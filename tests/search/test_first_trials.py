@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from llmflow_hpo.errors import ConfigError
 from llmflow_hpo.search.budget import Budget
 from llmflow_hpo.search.first_trials import default_params, project, queue_first_trials, warm_start_params
 from llmflow_hpo.search.spaces import parse_search_space, suggest_params
-from llmflow_hpo.search.startup import StartupDesign, covered, design_length, design_points
+from llmflow_hpo.search.startup import StartupDesign, design_length, design_points
 from llmflow_hpo.study import records
 
 SPACE = parse_search_space(
@@ -74,33 +75,32 @@ def test_the_design_covers_every_choice_and_is_seeded() -> None:
     assert points != design_points(SPACE, 6, seed=4)
 
 
-def test_a_fixed_trial_covers_the_design_point_nearest_it() -> None:
-    points = design_points(SPACE, 4, seed=0)
-    assert covered(points, [points[2]], SPACE) == {2}
-    by_lr = sorted(range(4), key=lambda i: points[i]["learning_rate"])
-    near = {"learning_rate": points[by_lr[1]]["learning_rate"] * 1.01}  # sets the learning rate only
-    assert covered(points, [near], SPACE) == {by_lr[1]}
-    twice = covered(points, [points[2], points[2]], SPACE)
-    assert len(twice) == 2 and 2 in twice  # the second takes the next nearest point, not the same one
-    assert covered(points, [{"hidden_dropout": 0.1}], SPACE) == set()  # sets no searched dimension
+def test_the_design_completes_the_fixed_trials_stratum_by_stratum() -> None:
+    defaults = {"learning_rate": 5e-5, "batch_size": 16, "warmup_ratio": 0.0}  # epochs, scheduler unset
+    points = design_points(SPACE, 4, seed=0, fixed=[defaults])
+    assert len(points) == 3  # 4 strata, one taken by the defaults
+    strata = sorted(int(4 * math.log(p["learning_rate"] / 1e-5) / math.log(30)) for p in [defaults, *points])
+    assert strata == [0, 1, 2, 3]  # every learning-rate stratum once, the defaults' one not again
+    warmups = sorted(p["warmup_ratio"] for p in points)
+    assert warmups[0] >= 0.05  # the defaults took the lowest warm-up stratum
+    assert design_points(SPACE, 4, seed=0, fixed=[{"hidden_dropout": 0.1}]) == design_points(SPACE, 4, seed=0)
+    assert len(design_points(SPACE, 4, seed=0, fixed=[defaults, defaults])) == 2
 
 
-def test_the_defaults_trial_and_the_design_take_each_learning_rate_stratum_once() -> None:
+def test_the_defaults_trial_then_the_design_that_completes_it() -> None:
     sampler = StartupDesign(
         optuna.samplers.RandomSampler(seed=0), SPACE, seed=3, length=4, n_trials=None, budget_s=None
     )
     study = optuna.create_study(sampler=sampler, direction="maximize")
-    points = design_points(SPACE, 4, seed=3)
-    lowest = min(points, key=lambda p: p["learning_rate"])
-    study.enqueue_trial(lowest, user_attrs={records.ORIGIN: "defaults"})
+    defaults = {"learning_rate": 5e-5, "batch_size": 16, "warmup_ratio": 0.0, "epochs": 3, "scheduler": "cosine"}
+    study.enqueue_trial(defaults, user_attrs={records.ORIGIN: "defaults"})
     for _ in range(5):
         trial = study.ask()
         suggest_params(trial, SPACE)
         study.tell(trial, 0.0)
     origins = [t.user_attrs.get(records.ORIGIN) for t in study.trials]
-    assert origins == ["defaults", "design", "design", "design", None]  # 4 points, one covered by the defaults
-    ran = [t.params for t in study.trials[1:4]]
-    assert lowest not in ran and sorted(map(str, [*ran, lowest])) == sorted(map(str, points))
+    assert origins == ["defaults", "design", "design", "design", None]  # 4 strata, one taken by the defaults
+    assert [t.params for t in study.trials[1:4]] == design_points(SPACE, 4, seed=3, fixed=[defaults])
 
 
 def test_budget_durations_and_refusals() -> None:

@@ -16,7 +16,7 @@ from conftest import MINIMAL_STUDY as MINIMAL
 from llmflow_hpo.config.study import StudyConfig, config_from_dict
 from llmflow_hpo.errors import ConfigError
 from llmflow_hpo.search.spaces import SearchSpace, parse_search_space, suggest_params
-from llmflow_hpo.search.startup import StartupDesign, covered, design_points
+from llmflow_hpo.search.startup import StartupDesign, design_points
 from llmflow_hpo.search.strategy import (
     PerTrialSeed,
     build_pruner,
@@ -170,18 +170,17 @@ def test_after_the_design_the_sampler_models_at_once(name: str) -> None:
 
 def test_the_design_trials_come_first_then_the_sampler() -> None:
     cfg = config(sampler={"name": "tpe", "startup": "design", "startup_trials": 3}, n_trials=30)
+    fixed = {"learning_rate": 5e-5, "weight_decay": 0.0, "epochs": 3}
     study = optuna.create_study(sampler=build_sampler(cfg, SPACE), direction="maximize")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        study.enqueue_trial({"learning_rate": 5e-5, "weight_decay": 0.0, "epochs": 3})  # fixed: not a design point
+        study.enqueue_trial(fixed, user_attrs={records.ORIGIN: "defaults"})  # queued first: not a design trial
         for _ in range(6):
             trial = study.ask()
             study.tell(trial, sum(suggest_params(trial, SPACE).values()))
     origins = [t.user_attrs.get(records.ORIGIN) for t in study.trials]
-    assert origins == [None, "design", "design", None, None, None]  # the fixed trial covers one of 3 points
-    points = design_points(SPACE, 3, seed=cfg.seed)
-    (near,) = covered(points, [study.trials[0].params], SPACE)
-    assert [t.params for t in study.trials[1:3]] == [p for i, p in enumerate(points) if i != near]  # in order
+    assert origins == ["defaults", "design", "design", None, None, None]  # 3 strata, one taken by the fixed trial
+    assert [t.params for t in study.trials[1:3]] == design_points(SPACE, 3, seed=cfg.seed, fixed=[fixed])  # in order
 
 
 def test_user_startup_trials_are_kept() -> None:
