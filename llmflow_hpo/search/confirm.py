@@ -20,14 +20,12 @@ Torch is imported when a seed trains (``recipe.train``).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import signal
 import socket
-import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +35,7 @@ from optuna.trial import FrozenTrial, TrialState
 from llmflow_hpo.config.study import StudyConfig
 from llmflow_hpo.errors import ConfigError, Interrupted, StorageError, TrialFailure
 from llmflow_hpo.search.reporting import BestSoFar, fail_on_error, record_failure
+from llmflow_hpo.search.signals import Signals
 from llmflow_hpo.search.spaces import SearchSpace, trial_params
 from llmflow_hpo.study import records
 from llmflow_hpo.study.optuna_private import create_trial, trial_id
@@ -192,23 +191,6 @@ def _todo(study: optuna.Study, trials: list[FrozenTrial], source: FrozenTrial, s
 # Running one configuration.
 
 
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM raises ``Interrupted`` like Ctrl-C raises KeyboardInterrupt, so the running trial is recorded."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, _frame: Any) -> None:
-        raise Interrupted(signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _train_seed(cfg: StudyConfig, params: dict[str, Any], features: Any, seed: int, say: Log, label: str) -> float:
     """One seed's run: the search's trial training (early stopping included); its score is its best dev
     evaluation. A non-finite metric or a run without evaluation is a ``TrialFailure``."""
@@ -305,7 +287,8 @@ def _confirm_one(
         raise
     stats = seed_stats(scores, cfg.direction, cfg.confirm.confidence)
     value = stats[records.CONFIRM_MEAN] if cfg.confirm.select == "mean" else stats[records.CONFIRM_LCB]
-    study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+    with Signals.critical():  # a signal now waits until the result is stored
+        study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -368,7 +351,7 @@ def run_confirmation(
         f"{', '.join(str(t.number) for t in sources)}) x {len(seeds)} seeds {seeds}, selected by {cfg.confirm.select}"
     )
     ran, features = 0, None
-    with _sigterm_interrupts():
+    with Signals.installed():
         for config in sources:
             todo = _todo(study, trials, config, log)
             if todo is None:

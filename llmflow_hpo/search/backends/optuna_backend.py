@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Literal
 
 import optuna
@@ -48,6 +48,7 @@ from llmflow_hpo.search.driver import (
     summarize,
 )
 from llmflow_hpo.search.reporting import fail_lost_trial, fail_on_error, record_failure
+from llmflow_hpo.search.signals import Signals
 from llmflow_hpo.search.spaces import SearchSpace
 from llmflow_hpo.search.strategy import StudyGrid, study_target
 from llmflow_hpo.study import records
@@ -92,54 +93,6 @@ class _Heartbeat:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
-
-
-class _Signals:
-    """SIGINT and SIGTERM raise ``Interrupted`` once; repeats are ignored.
-
-    Inside ``critical()`` (claiming a trial, telling its result) a signal waits until the section ends:
-    a trial created but never given its heartbeat would hold its slot with nothing to detect it.
-    """
-
-    depth = 0
-    pending: int | None = None
-    fired = False
-
-    @classmethod
-    def _handler(cls, signum: int, _frame: Any) -> None:
-        if cls.fired:
-            return
-        if cls.depth:
-            cls.pending = cls.pending or signum
-            return
-        cls.fired = True
-        raise Interrupted(signum)
-
-    @classmethod
-    @contextlib.contextmanager
-    def installed(cls) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        cls.depth, cls.pending, cls.fired = 0, None, False
-        previous = {s: signal.signal(s, cls._handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
-
-    @classmethod
-    @contextlib.contextmanager
-    def critical(cls) -> Iterator[None]:
-        cls.depth += 1
-        try:
-            yield
-        finally:
-            cls.depth -= 1
-        if cls.depth == 0 and cls.pending is not None and not cls.fired:
-            signum, cls.pending, cls.fired = cls.pending, None, True
-            raise Interrupted(signum)
 
 
 def _fail_orphans(study: optuna.Study, heartbeat_interval: int) -> None:
@@ -281,7 +234,7 @@ def run_worker(
             break
         trial = None
         try:
-            with _Signals.critical(), lock.held():
+            with Signals.critical(), lock.held():
                 action, running = _next_action(
                     study,
                     target=target,
@@ -348,7 +301,7 @@ def _run_trial(
     except BaseException as e:
         fail_on_error(study, trial, e)
         raise
-    with _Signals.critical():
+    with Signals.critical():
         told = retry_transient(
             lambda: study.tell(
                 trial, value if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True
@@ -377,7 +330,7 @@ def _record_interruption(
     it is left as it is, so that one configuration is not queued twice.
     """
     how = signal.Signals(error.signum).name if isinstance(error, Interrupted) else "SIGINT"
-    with _Signals.critical(), lock.held():
+    with Signals.critical(), lock.held():
         if retry_transient(lambda: stored_trial(study, trial)).state.is_finished():
             return
         retry_transient(lambda: record_failure(trial, f"interrupted ({how})", for_good=False))
@@ -429,7 +382,7 @@ def work_on_study(
     assert cfg.storage is not None
     lock = StudyLock(cfg.storage, cfg.study_name)
     try:
-        with _Signals.installed():
+        with Signals.installed():
             ran = run_worker(
                 study,
                 TrialObjective(
