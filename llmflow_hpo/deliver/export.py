@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from datetime import datetime, timezone
@@ -112,7 +111,7 @@ def _confirmed_line(confirmation: dict[str, Any] | None) -> str:
 
 def _cost_line(cfg: StudyConfig, trial: Any) -> str:
     """The model card's line on a quality-against-cost study: the trial's cost and the rule that picked it."""
-    o = CostObjective.of(dataclasses.asdict(cfg.objective))
+    o = CostObjective.of_config(cfg)
     if o is None:
         return ""
     limit = f", among the trials within max_cost {o.max_cost:g}" if o.max_cost is not None else ""

@@ -19,6 +19,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from llmflow_hpo.config.study import StudyConfig
 from llmflow_hpo.errors import ConfigError
@@ -211,7 +212,7 @@ def check_model_config(cfg: StudyConfig, source: str) -> list[str]:
     return problems
 
 
-def check_model_build(cfg: StudyConfig, source: str, searched: Iterable[str] = ()) -> None:
+def check_model_build(cfg: StudyConfig, source: str, searched: Iterable[str] | Mapping[str, Any] = ()) -> None:
     """Build the study's model with its overrides on torch's meta device: every constraint transformers
     checks at build time, found before any study or trial exists (imports torch and transformers)."""
     import torch
@@ -249,7 +250,7 @@ def check_model_build(cfg: StudyConfig, source: str, searched: Iterable[str] = (
         ) from None
 
 
-def _most_layers(cfg: StudyConfig, searched: Iterable[str]) -> int | None:
+def _most_layers(cfg: StudyConfig, searched: Iterable[str] | Mapping[str, Any]) -> int | None:
     """The most layers a trial may keep (``train.num_layers``: the fixed value, or the top of its searched range:
     the search space as ``search`` passes it), to check against the model's own number."""
     dist = searched.get("num_layers") if isinstance(searched, Mapping) else None

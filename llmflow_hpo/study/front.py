@@ -16,6 +16,7 @@ nothing here reads a storage or imports torch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -90,6 +91,11 @@ class CostObjective:
             select=str(objective.get("select") or "best-metric"),
             tolerance=float(objective.get("tolerance", 0.01)),
         )
+
+    @classmethod
+    def of_config(cls, cfg: Any) -> CostObjective | None:
+        """From a loaded ``StudyConfig``; None for a single-objective study."""
+        return cls.of(dataclasses.asdict(cfg.objective))
 
     @property
     def rule(self) -> str:

@@ -176,7 +176,7 @@ def _cost_lines(cfg: StudyConfig) -> list[str]:
     """A quality-against-cost study's second objective, its constraint and its select rule (none otherwise)."""
     from llmflow_hpo.study.front import CostObjective
 
-    o = CostObjective.of(config_to_dict(cfg)["objective"])
+    o = CostObjective.of_config(cfg)
     if o is None:
         return []
     limit = f"at most {o.max_cost:g} (a trial above it is infeasible)" if o.max_cost is not None else "no constraint"
