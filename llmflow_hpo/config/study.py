@@ -148,7 +148,7 @@ class SamplerConfig:
     name: Literal["tpe", "random", "cmaes", "gp", "grid", "qmc"] = _help("Optuna sampler.", default="tpe")
     options: dict[str, Any] = _help(
         "Keyword arguments of the optuna sampler (e.g. multivariate for tpe). tpe/gp's n_startup_trials "
-        "defaults to the start-up design's length (startup: design), else a quarter of n_trials (2 to 10).",
+        "defaults to 0 after the start-up design (startup: design), else a quarter of n_trials (2 to 10).",
         default_factory=dict,
     )
     defaults_first: bool = _help(
@@ -158,11 +158,11 @@ class SamplerConfig:
     )
     startup: Literal["design", "random"] = _help(
         "tpe/gp/cmaes start-up trials: design = a Latin hypercube over every searched dimension (categorical "
-        "choices included, each drawn about equally often), its length d+1 for d dimensions (at least the "
-        "largest number of choices, at most a third of the planned trials); random = the sampler's own "
-        "independent random draws (the default: at budgets of 3-5 trials the design with TPE after it lost to "
-        "random start-up on all 3 tasks of benchmarks/policy.py).",
-        default="random",
+        "choices included, each drawn about equally often) that completes the defaults trial (it takes the "
+        "strata the defaults do not), d+1 strata for d dimensions (at least the largest number of choices, at "
+        "most the planned trials); random = the sampler's own independent random draws. The design is the "
+        "default: after the defaults trial it beat random start-up on all 3 tasks of benchmarks/policy.py.",
+        default="design",
     )
     startup_trials: int | None = _help(
         "Length of the start-up design (startup: design); null: d+1 as above.", default=None

@@ -284,12 +284,13 @@ def test_a_study_stored_before_a_setting_existed_keeps_what_its_version_did(tiny
     # which acts only on an empty study).
     with pytest.raises(
         StorageError,
-        match=r"pruner\.patience: None -> 1, train\.fused_optimizer: False -> True, "
-        r"train\.group_by_length: False -> True, train\.precision: 'fp32' -> 'auto'\)",
+        match=r"pruner\.patience: None -> 1, sampler\.startup: 'random' -> 'design', "
+        r"train\.fused_optimizer: False -> True, train\.group_by_length: False -> True, "
+        r"train\.precision: 'fp32' -> 'auto'\)",
     ):
         run_search(*tiny_cfg({"n_trials": 2}), **QUIET)
     old_train = {"group_by_length": False, "precision": "fp32", "fused_optimizer": False}
-    before = {"pruner": {"name": "none", "patience": None}}
+    before = {"sampler": {"name": "random", "startup": "random"}, "pruner": {"name": "none", "patience": None}}
     again, space2, raw2 = tiny_cfg({"n_trials": 2, "train": old_train, **before})
     assert run_search(again, space2, raw2, **QUIET).counts["complete"] == 2
 

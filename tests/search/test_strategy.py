@@ -154,15 +154,14 @@ def test_default_startup_trials(n_trials: int | None, expected: int) -> None:
 
 @pytest.mark.parametrize(("name", "n_trials", "expected"), [("tpe", 10, 2), ("tpe", 100, 10), ("gp", 20, 5)])
 def test_random_startup_trials_follow_the_budget(name: str, n_trials: int, expected: int) -> None:
-    sampler = build_sampler(config(sampler={"name": name}, n_trials=n_trials), SPACE)
+    sampler = build_sampler(config(sampler={"name": name, "startup": "random"}, n_trials=n_trials), SPACE)
     assert not isinstance(sampler, StartupDesign)
     assert inner(sampler)._n_startup_trials == expected  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("name", ["tpe", "gp"])
 def test_after_the_design_the_sampler_models_at_once(name: str) -> None:
-    assert not isinstance(build_sampler(config(sampler={"name": name}, n_trials=30), SPACE), StartupDesign)  # default
-    sampler = build_sampler(config(sampler={"name": name, "startup": "design"}, n_trials=30), SPACE)
+    sampler = build_sampler(config(sampler={"name": name}, n_trials=30), SPACE)  # the design is the default
     assert isinstance(sampler, StartupDesign) and sampler.length([]) == 4  # 3 dimensions + 1
     assert inner(sampler)._n_startup_trials == 0  # type: ignore[attr-defined]
     assert not isinstance(build_sampler(config(sampler={"name": "random"}), SPACE), StartupDesign)
