@@ -130,6 +130,10 @@ def test_policy_contenders_are_settings_this_version_has_and_their_studies_valid
         study = policy.study_dict(policy.TASKS["conll-tiny"], data, 3, 100.0, 1, tmp_path, name)
         cfg = config_from_dict(policy.deep_update(study, contender["study"]), source=name)
         assert (cfg.seed, cfg.budget_s, cfg.n_trials, cfg.train.num_threads, cfg.train.epochs) == (3, 100.0, None, 1, 3)
+    # The headline contender states llmflow-hpo's defaults: its overrides change nothing.
+    study = policy.study_dict(policy.TASKS["conll-tiny"], data, 3, 100.0, 1, tmp_path, "x")
+    ours = policy.deep_update(study, policy.CONTENDERS[policy.OURS]["study"])
+    assert config_from_dict(ours, source="x") == config_from_dict(study, source="x")
     assert policy.missing_settings({"sampler": {"no_such_knob": 1}, "nor_this": 2}) == [
         "sampler.no_such_knob",
         "nor_this",
