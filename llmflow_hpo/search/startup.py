@@ -167,7 +167,11 @@ class StartupDesign(optuna.samplers.BaseSampler):
         taken = {t.user_attrs[records.DESIGN_POINT] for t in trials if records.DESIGN_POINT in t.user_attrs}
         n = self.length(trials)
         # The queued first trials (the defaults, a warm start) in the order they were queued: the design completes them.
-        fixed = [t.system_attrs["fixed_params"] for t in trials if t.user_attrs.get(records.ORIGIN) in _QUEUED_FIRST]
+        fixed = [
+            t.system_attrs.get("fixed_params", t.params)
+            for t in trials
+            if t.user_attrs.get(records.ORIGIN) in _QUEUED_FIRST
+        ]
         key = (n, repr(fixed))
         if self._points is None or self._key != key:
             self._points, self._key = design_points(self._space, n, self._seed, fixed), key
