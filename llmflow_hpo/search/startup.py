@@ -16,8 +16,9 @@ The trials queued first (the defaults trial, a warm start) are not design trials
 completes them: each takes the stratum its value lies in, in every dimension, and the design takes the
 others, so the defaults and the design together take every stratum once (not two trials sharing the
 defaults' learning rate while the top of its range goes untried).
-A design trial is tagged ``records.ORIGIN = design`` and its point's index ``records.DESIGN_POINT``; the
-index is the first one no trial of the study has taken, chosen while the study lock is held
+A design trial is tagged ``records.ORIGIN = design``, its point's index ``records.DESIGN_POINT`` and the
+design's length ``records.DESIGN_LENGTH``: the first design trial fixes the length (the plan may change
+as trials run, the hypercube must not). The index is the first one no trial has taken, chosen while the study lock is held
 (the worker loop claims and draws under it), so workers share one design.
 """
 
@@ -165,7 +166,10 @@ class StartupDesign(optuna.samplers.BaseSampler):
             return
         trials = study.get_trials(deepcopy=False)
         taken = {t.user_attrs[records.DESIGN_POINT] for t in trials if records.DESIGN_POINT in t.user_attrs}
-        n = self.length(trials)
+        # The first design trial fixes the design: a plan that changes later (trials ran longer than the first)
+        # must not cut the hypercube again, or the points already run belong to another one.
+        fixed_n = [t.user_attrs[records.DESIGN_LENGTH] for t in trials if records.DESIGN_LENGTH in t.user_attrs]
+        n = fixed_n[0] if fixed_n else self.length(trials)
         # The queued first trials (the defaults, a warm start) in the order they were queued: the design completes them.
         fixed = [
             t.system_attrs.get("fixed_params", t.params)
@@ -181,6 +185,7 @@ class StartupDesign(optuna.samplers.BaseSampler):
         index = free[0]
         set_trial_user_attr(study, trial, records.ORIGIN, DESIGN)
         set_trial_user_attr(study, trial, records.DESIGN_POINT, index)
+        set_trial_user_attr(study, trial, records.DESIGN_LENGTH, n)
         self._taken[trial_id(trial)] = self._points[index]
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:

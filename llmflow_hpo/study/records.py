@@ -97,6 +97,7 @@ CONFIRM_CONFIDENCE = "confirm_confidence"
 # Where a trial's parameters came from (search/first_trials.py, search/startup.py) and how a budget ended it.
 ORIGIN = "origin"
 DESIGN_POINT = "design_point"
+DESIGN_LENGTH = "design_length"
 WARM_START_FROM = "warm_start_from"
 STOPPED_BY_BUDGET = "stopped_by_budget"
 
@@ -288,6 +289,11 @@ TRIAL_GROUPS: tuple[Group, ...] = (
                 column=True,
             ),
             Attr(DESIGN_POINT, "run", "a start-up design trial: its point's index in the Latin hypercube"),
+            Attr(
+                DESIGN_LENGTH,
+                "run",
+                "a start-up design trial: the hypercube's strata, fixed by the study's first design trial",
+            ),
             Attr(WARM_START_FROM, "run", "a warm-start trial: the earlier study and trial it repeats (`study#N`)"),
             Attr(STOPPED_BY_BUDGET, "tag", "the search's budget ran out: the trial stopped there, keeping its best"),
         ),

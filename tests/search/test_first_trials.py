@@ -103,6 +103,21 @@ def test_the_defaults_trial_then_the_design_that_completes_it() -> None:
     assert [t.params for t in study.trials[1:4]] == design_points(SPACE, 4, seed=3, fixed=[defaults])
 
 
+def test_the_first_design_trial_fixes_the_design_when_the_plan_changes() -> None:
+    sampler = StartupDesign(
+        optuna.samplers.RandomSampler(seed=0), SPACE, seed=3, length=None, n_trials=4, budget_s=None
+    )
+    study = optuna.create_study(sampler=sampler, direction="maximize")
+    for number in range(4):
+        if number == 1:
+            sampler._n_trials = 2  # the plan shrinks after the first design trial (longer trials than expected)
+        trial = study.ask()
+        suggest_params(trial, SPACE)
+        study.tell(trial, 0.0)
+    assert [t.params for t in study.trials] == design_points(SPACE, 4, seed=3)  # one hypercube, not two
+    assert {t.user_attrs[records.DESIGN_LENGTH] for t in study.trials} == {4}
+
+
 def test_budget_durations_and_refusals() -> None:
     assert duration_seconds("30m") == 1800
     assert duration_seconds("1.5h") == 5400
