@@ -135,6 +135,8 @@ CONTENDERS: dict[str, dict[str, Any]] = {
     # The defaults trial, then each start-up policy (the sampler after it: tpe, patience 1).
     "defaults+design": {"kind": "llmflow", "study": {"sampler": {"startup": "design"}}},
     "defaults+random": {"kind": "llmflow", "study": {"sampler": {"startup": "random"}}},
+    # The defaults with one dev evaluation per epoch (the default is 2): more trials fit a budget.
+    "defaults+design-1eval": {"kind": "llmflow", "study": {"train": {"evals_per_epoch": 1}}},
     "previous-defaults": {
         "kind": "llmflow",
         "study": {
@@ -152,6 +154,8 @@ CONTENDERS: dict[str, dict[str, Any]] = {
 RETIRED: dict[str, str] = {
     "defaults+design-v1": "llmflow-hpo's defaults as first built: the defaults trial, then a Latin hypercube of "
     "2 points (at most a third of the planned trials, blind to the defaults trial), then TPE",
+    "defaults+design-v2": "defaults+design before the first design trial fixed the design's length (a plan that "
+    "shrank cut the hypercube again)",
 }
 # The headline comparison: llmflow-hpo's defaults, stated (tests/test_benchmarks.py: they are the defaults), and the peer.
 OURS, PEER = "defaults+design", "hf-optuna"
