@@ -53,3 +53,8 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
         self.exit_code = 128 + signum
         super().__init__(f"interrupted ({signal.Signals(signum).name})")
+
+
+def interrupted_reason(error: KeyboardInterrupt) -> str:
+    """The failure reason of a trial that Ctrl-C or a signal ended: ``interrupted (SIGTERM)``."""
+    return str(error) if isinstance(error, Interrupted) else "interrupted (SIGINT)"

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import socket
 import warnings
 from collections.abc import Callable
@@ -33,7 +32,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from llmflow_hpo.config.study import StudyConfig
-from llmflow_hpo.errors import ConfigError, Interrupted, StorageError, TrialFailure
+from llmflow_hpo.errors import ConfigError, StorageError, TrialFailure, interrupted_reason
 from llmflow_hpo.search.reporting import BestSoFar, fail_on_error, record_failure
 from llmflow_hpo.search.signals import Signals
 from llmflow_hpo.search.spaces import SearchSpace, trial_params
@@ -278,8 +277,7 @@ def _confirm_one(
         say(f"confirm: trial {trial.number} failed: {e}")
         return
     except KeyboardInterrupt as e:
-        how = signal.Signals(e.signum).name if isinstance(e, Interrupted) else "SIGINT"
-        record_failure(trial, f"interrupted ({how})", for_good=False)
+        record_failure(trial, interrupted_reason(e), for_good=False)
         study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         raise
     except BaseException as e:

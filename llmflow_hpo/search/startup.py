@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -94,7 +95,7 @@ def _unit(value: Any, dist: BaseDistribution) -> float | None:
 
 
 def design_points(
-    space: SearchSpace, n: int, seed: int, fixed: list[dict[str, Any]] | tuple[()] = ()
+    space: SearchSpace, n: int, seed: int, fixed: Sequence[Mapping[str, Any]] = ()
 ) -> list[dict[str, Any]]:
     """A Latin hypercube of ``n`` strata over ``space``, completing the ``fixed`` trials' points.
 
@@ -140,8 +141,7 @@ class StartupDesign(optuna.samplers.BaseSampler):
     ) -> None:
         self._inner, self._space, self._seed = inner, space, seed
         self._length, self._n_trials, self._budget_s = length, n_trials, budget_s
-        self._full = length if length is not None else design_length(space, None)
-        self._points: list[dict[str, Any]] | None = None
+        self._points: list[dict[str, Any]] = []
         self._key: tuple[int, str] | None = None  # the design's length and the fixed trials it completes
         self._taken: dict[int, dict[str, Any]] = {}  # trial id -> its design point's parameters
 
@@ -158,18 +158,19 @@ class StartupDesign(optuna.samplers.BaseSampler):
     def length(self, trials: list[FrozenTrial]) -> int:
         if self._length is not None:
             return self._length
-        return min(self._full, design_length(self._space, self._planned(trials)))
+        return design_length(self._space, self._planned(trials))
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self._inner.before_trial(study, trial)
         if "fixed_params" in trial.system_attrs:  # queued with its parameters: not a design trial
             return
         trials = study.get_trials(deepcopy=False)
-        taken = {t.user_attrs[records.DESIGN_POINT] for t in trials if records.DESIGN_POINT in t.user_attrs}
+        designed = [t.user_attrs for t in trials if records.DESIGN_POINT in t.user_attrs]
+        taken = {attrs[records.DESIGN_POINT] for attrs in designed}
         # The first design trial fixes the design: a plan that changes later (trials ran longer than the first)
         # must not cut the hypercube again, or the points already run belong to another one.
-        fixed_n = [t.user_attrs[records.DESIGN_LENGTH] for t in trials if records.DESIGN_LENGTH in t.user_attrs]
-        n = fixed_n[0] if fixed_n else self.length(trials)
+        lengths = [attrs[records.DESIGN_LENGTH] for attrs in designed if records.DESIGN_LENGTH in attrs]
+        n = lengths[0] if lengths else self.length(trials)
         # The queued first trials (the defaults, a warm start) in the order they were queued: the design completes them.
         fixed = [
             t.system_attrs.get("fixed_params", t.params)
@@ -177,7 +178,7 @@ class StartupDesign(optuna.samplers.BaseSampler):
             if t.user_attrs.get(records.ORIGIN) in _QUEUED_FIRST
         ]
         key = (n, repr(fixed))
-        if self._points is None or self._key != key:
+        if self._key != key:
             self._points, self._key = design_points(self._space, n, self._seed, fixed), key
         free = [i for i in range(len(self._points)) if i not in taken]
         if not free:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import signal
 import sys
 import threading
 import time
@@ -36,7 +35,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from llmflow_hpo.config.study import StudyConfig
-from llmflow_hpo.errors import Interrupted, TrialFailure
+from llmflow_hpo.errors import TrialFailure, interrupted_reason
 from llmflow_hpo.search.budget import Budget
 from llmflow_hpo.search.driver import (
     SearchRun,
@@ -329,11 +328,10 @@ def _record_interruption(
     A trial another worker already failed as stale (its heartbeat was missed) had its retry queued then:
     it is left as it is, so that one configuration is not queued twice.
     """
-    how = signal.Signals(error.signum).name if isinstance(error, Interrupted) else "SIGINT"
     with Signals.critical(), lock.held():
         if retry_transient(lambda: stored_trial(study, trial)).state.is_finished():
             return
-        retry_transient(lambda: record_failure(trial, f"interrupted ({how})", for_good=False))
+        retry_transient(lambda: record_failure(trial, interrupted_reason(error), for_good=False))
         told = retry_transient(lambda: study.tell(trial, state=TrialState.FAIL, skip_if_finished=True))
         if retry is not None and told.state == TrialState.FAIL:
             retry(study, told)
