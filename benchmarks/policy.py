@@ -135,6 +135,8 @@ CONTENDERS: dict[str, dict[str, Any]] = {
     # The defaults trial, then each start-up policy (the sampler after it: tpe, patience 1).
     "defaults+design": {"kind": "llmflow", "study": {"sampler": {"startup": "design"}}},
     "defaults+random": {"kind": "llmflow", "study": {"sampler": {"startup": "random"}}},
+    # The recipe's learning rate and batch size where the first two rounds' trials did best on every task.
+    "lr1e-4-batch8+design": {"kind": "llmflow", "study": {"train": {"learning_rate": 1e-4, "batch_size": 8}}},
     # The defaults with one dev evaluation per epoch (the default is 2): more trials fit a budget.
     "defaults+design-1eval": {"kind": "llmflow", "study": {"train": {"evals_per_epoch": 1}}},
     "previous-defaults": {
@@ -572,6 +574,8 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
                 "retrain_s": float(np.mean([r["retrain"]["wall_s"] for r in mine])),
                 "trials": {s: float(np.mean([r["search"]["counts"][s] for r in mine])) for s in ("COMPLETE", "PRUNED", "FAIL")},
                 "missing_settings": sorted({m for r in mine for m in r.get("missing_settings", [])}),
+                "tests": test,  # per seed, in the order of "seeds": the goals' test of the mean difference
+                "complete_at_s": [sorted(t["finished_s"] for t in r["search"]["trials"] if t["state"] == "COMPLETE") for r in mine],
                 "curve_until_s": max(r["search"]["wall_s"] for r in mine),  # its longest run's end
                 "curve_mean": curves.mean(axis=0).tolist(),  # NaN until every seed has a complete trial
                 "curve_std": curves.std(axis=0).tolist(),
@@ -597,6 +601,8 @@ def goals(task: dict[str, Any]) -> dict[str, Any]:
         out["ours_test_minus_peer"] = ours["test"]["mean"] - peer["test"]["mean"]
         out["ours_dev_minus_peer"] = (ours["best_dev"]["mean"] or math.nan) - (peer["best_dev"]["mean"] or math.nan)
         out["ours_matches_peer_test"] = out["ours_test_minus_peer"] >= -1e-12
+        out.update(welch(ours["tests"], peer["tests"]))
+        out.update(at_a_third(ours, peer["wall_s"] / 3, task["grid_s"]))
         for entry in c.values():
             at = reach(entry, task["grid_s"], peer["best_dev"]["mean"]) if peer["best_dev"]["mean"] else None
             entry["reach_peer_dev_s"] = at
@@ -606,6 +612,25 @@ def goals(task: dict[str, Any]) -> dict[str, Any]:
             ours["reach_peer_dev_fraction"] is not None and ours["reach_peer_dev_fraction"] <= 1 / 3
         )
     return out
+
+
+def welch(ours: list[float], peer: list[float]) -> dict[str, Any]:
+    """Welch's t-test of the two contenders' mean retrained test score: its p-value and the difference's 95% interval."""
+    from scipy import stats
+
+    if len(ours) < 2 or len(peer) < 2:
+        return {}
+    test = stats.ttest_ind(ours, peer, equal_var=False)
+    low, high = test.confidence_interval(0.95)
+    return {"ours_minus_peer_p": float(test.pvalue), "ours_minus_peer_ci95": [float(low), float(high)]}
+
+
+def at_a_third(ours: dict[str, Any], third_s: float, grid: list[float]) -> dict[str, Any]:
+    """What a third of the peer's time holds for ours: the complete trials by then, per seed, and their mean best
+    (None while a seed has none)."""
+    counts = [sum(t <= third_s for t in times) for times in ours["complete_at_s"]]
+    best = next((v for t, v in zip(reversed(grid), reversed(ours["curve_mean"]), strict=True) if t <= third_s), None)
+    return {"peer_third_s": third_s, "ours_complete_by_third": counts, "ours_best_at_third": best if best == best else None}
 
 
 def _pm(stats: dict[str, Any]) -> str:
@@ -654,11 +679,24 @@ def markdown(summary: dict[str, Any], records: list[dict[str, Any]]) -> str:
                 f"- {OURS} minus hf-optuna, mean retrained test: {g['ours_test_minus_peer']:+.4f} "
                 f"(mean best dev: {g['ours_dev_minus_peer']:+.4f}); matches or beats: **{g['ours_matches_peer_test']}**"
             )
+            if "ours_minus_peer_p" in g:
+                low, high = g["ours_minus_peer_ci95"]
+                lines.append(
+                    f"  - Welch's t-test of that difference: p = {g['ours_minus_peer_p']:.2f}, "
+                    f"95% interval [{low:+.4f}, {high:+.4f}]"
+                )
             frac = g["ours_reach_fraction"]
             lines.append(
                 f"- {OURS}'s mean best-so-far reaches hf-optuna's final mean best dev at "
                 + ("never" if frac is None else f"{frac:.2f} x hf-optuna's mean wall time")
                 + f" (goal: at most 0.33): **{g['ours_reaches_in_a_third']}**"
+            )
+            counts = g["ours_complete_by_third"]
+            lines.append(
+                f"  - complete trials of {OURS} by a third of hf-optuna's time ({g['peer_third_s']:.0f} s), per seed: "
+                f"{', '.join(map(str, counts))}; mean best dev by then "
+                + ("-" if g["ours_best_at_third"] is None else f"{g['ours_best_at_third']:.4f}")
+                + f" (hf-optuna's final: {entry['contenders'][PEER]['best_dev']['mean']:.4f})"
             )
         lines.append("")
     return "\n".join(lines)

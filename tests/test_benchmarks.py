@@ -138,3 +138,32 @@ def test_policy_contenders_are_settings_this_version_has_and_their_studies_valid
         "sampler.no_such_knob",
         "nor_this",
     ]
+
+
+def test_policy_goals_test_the_mean_difference_and_say_what_a_third_of_the_peers_time_holds() -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import policy
+    from scipy import stats
+
+    grid = [0.0, 10.0, 20.0, 30.0, 40.0]
+
+    def entry(tests: list[float], complete_at: list[list[float]], curve: list[float], wall: float) -> dict:
+        return {"tests": tests, "complete_at_s": complete_at, "curve_mean": curve, "wall_s": wall,
+                "test": {"mean": sum(tests) / len(tests)}, "best_dev": {"mean": curve[-1]}, "beats_plain": None}  # fmt: skip
+
+    nan = float("nan")
+    ours = entry([0.70, 0.74, 0.72], [[12.0, 31.0], [15.0], [19.0, 25.0]], [nan, nan, 0.6, 0.8, 0.8], 40.0)
+    peer = entry([0.75, 0.77, 0.76], [[30.0]], [nan, nan, nan, 0.7, 0.7], 60.0)  # a third: 20 s
+    goals = policy.goals({"grid_s": grid, "contenders": {policy.OURS: ours, policy.PEER: peer}})
+    expected = stats.ttest_ind(ours["tests"], peer["tests"], equal_var=False)
+    assert goals["ours_minus_peer_p"] == pytest.approx(expected.pvalue)
+    assert goals["ours_minus_peer_ci95"] == pytest.approx(list(expected.confidence_interval(0.95)))
+    low, high = goals["ours_minus_peer_ci95"]
+    assert goals["ours_test_minus_peer"] == pytest.approx(-0.04) and not goals["ours_matches_peer_test"]
+    assert low < -0.04 < high
+    assert goals["ours_complete_by_third"] == [1, 1, 1] and goals["ours_best_at_third"] == 0.6
+    assert goals["ours_reach_fraction"] == pytest.approx(30.0 / 60.0)  # 0.8 >= 0.7 first at 30 s
+    # Before every seed has a complete trial the mean best is unknown, not the mean of the seeds that have one.
+    goals = policy.goals({"grid_s": grid, "contenders": {policy.OURS: {**ours, "curve_mean": [nan] * 3 + [0.8] * 2},
+                                                         policy.PEER: peer}})  # fmt: skip
+    assert goals["ours_best_at_third"] is None
