@@ -106,7 +106,12 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def check_same_study(study: optuna.Study, cfg: StudyConfig, space_raw: dict[str, Any]) -> None:
-    """Refuse to continue a stored study with a config that searches something else."""
+    """Refuse to continue a stored study with a config that searches something else.
+
+    The ``train:`` value of a searched hyperparameter is not compared: every trial draws it, and the fixed
+    value only placed the defaults trial, which runs in an empty study. So a study stored before a default
+    changed (lr 5e-5 and batch 16 until the policy benchmark's third round) continues as it was.
+    """
     attrs = study.user_attrs  # a storage query and a deep copy: read once
     stored = attrs.get(records.CONFIG)
     if stored is None:
@@ -114,7 +119,10 @@ def check_same_study(study: optuna.Study, cfg: StudyConfig, space_raw: dict[str,
             f"study {study.study_name!r} in {cfg.storage} was not made by llmflow-hpo; choose another study_name"
         )
     old, new = _flatten(with_settings_added_since(stored)), _flatten(json.loads(json.dumps(config_to_dict(cfg))))
-    changed = [k for k in sorted(set(old) | set(new)) if not may_change(k) and old.get(k) != new.get(k)]
+    searched = {f"train.{name}" for name in space_raw or {}}
+    changed = [
+        k for k in sorted(set(old) | set(new)) if not may_change(k) and k not in searched and old.get(k) != new.get(k)
+    ]
     if attrs.get(records.SEARCH_SPACE) != space_raw:
         changed.append("search_space (file contents)")
     if changed:

@@ -259,6 +259,10 @@ def test_rerun_with_another_config_is_refused_and_stores_nothing(tiny_cfg):
     with pytest.raises(StorageError, match="search_space"):
         run_search(changed, space3, raw3, **QUIET)
     assert len(load_study(cfg.study_name, cfg.storage).trials) == 1
+    # A searched hyperparameter's fixed value is not part of what a stored study searches: every trial draws it
+    # (a default that changed after the study was stored, or a value the rerun states, continues the study).
+    searched, space4, raw4 = tiny_cfg({"n_trials": 2, "train": {"learning_rate": 3e-4, "batch_size": 16}})
+    assert run_search(searched, space4, raw4, **QUIET).ran == 1
 
 
 def test_a_study_stored_before_a_setting_existed_keeps_what_its_version_did(tiny_cfg):
