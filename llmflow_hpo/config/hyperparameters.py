@@ -135,10 +135,10 @@ class TrainConfig:
     """The study's ``train:`` section: each hyperparameter's fixed value, unless the search space names it."""
 
     learning_rate: float = field(
-        default=5e-5, metadata=searchable("Peak learning rate.", "optimizer, schedule", above(0), mutable=True)
+        default=1e-4, metadata=searchable("Peak learning rate.", "optimizer, schedule", above(0), mutable=True)
     )
     batch_size: int = field(
-        default=16, metadata=searchable("Training batch size (examples per optimizer step).", "batches", at_least(1))
+        default=8, metadata=searchable("Training batch size (examples per optimizer step).", "batches", at_least(1))
     )
     epochs: int = field(
         default=3,

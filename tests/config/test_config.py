@@ -61,7 +61,7 @@ def test_minimal_config_loads_with_defaults(tmp_path: Path) -> None:
     assert cfg.timeout is None
     assert cfg.sampler.name == "tpe"
     assert cfg.pruner.name == "median"
-    assert cfg.train.learning_rate == 5e-5
+    assert (cfg.train.learning_rate, cfg.train.batch_size) == (1e-4, 8)
     assert cfg.train.epochs == 3
     assert cfg.data.dev is None
 

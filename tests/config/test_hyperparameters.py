@@ -92,10 +92,10 @@ def test_train_problems_name_the_field_and_the_settings_that_do_not_go_together(
 
 def test_searched_values_reach_the_recipe_as_the_fields_of_their_names() -> None:
     fixed = TrainConfig(epochs=2)
-    trial = fixed.with_params({"learning_rate": 1e-4, "max_grad_norm": 0.0})
-    assert (trial.learning_rate, trial.epochs, trial.max_grad_norm) == (1e-4, 2, 0.0)
+    trial = fixed.with_params({"learning_rate": 3e-4, "max_grad_norm": 0.0})
+    assert (trial.learning_rate, trial.epochs, trial.max_grad_norm) == (3e-4, 2, 0.0)
     assert clip_norm(trial.max_grad_norm) is None and clip_norm(1.0) == 1.0
-    assert fixed.learning_rate == 5e-5
+    assert fixed.learning_rate == 1e-4
 
 
 def test_the_search_space_parser_asks_the_declarations_not_the_config_module() -> None:
