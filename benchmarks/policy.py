@@ -578,7 +578,7 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
                 "trials": {s: float(np.mean([r["search"]["counts"][s] for r in mine])) for s in ("COMPLETE", "PRUNED", "FAIL")},
                 "missing_settings": sorted({m for r in mine for m in r.get("missing_settings", [])}),
                 "tests": test,  # per seed, in the order of "seeds": the goals' test of the mean difference
-                "complete_at_s": [sorted(t["finished_s"] for t in r["search"]["trials"] if t["state"] == "COMPLETE") for r in mine],
+                "complete_at_s": [[t["finished_s"] for t in r["search"]["trials"] if t["state"] == "COMPLETE"] for r in mine],
                 "curve_until_s": max(r["search"]["wall_s"] for r in mine),  # its longest run's end
                 "curve_mean": curves.mean(axis=0).tolist(),  # NaN until every seed has a complete trial
                 "curve_std": curves.std(axis=0).tolist(),

@@ -169,8 +169,7 @@ class StartupDesign(optuna.samplers.BaseSampler):
         taken = {attrs[records.DESIGN_POINT] for attrs in designed}
         # The first design trial fixes the design: a plan that changes later (trials ran longer than the first)
         # must not cut the hypercube again, or the points already run belong to another one.
-        lengths = [attrs[records.DESIGN_LENGTH] for attrs in designed if records.DESIGN_LENGTH in attrs]
-        n = lengths[0] if lengths else self.length(trials)
+        n = next((a[records.DESIGN_LENGTH] for a in designed if records.DESIGN_LENGTH in a), None) or self.length(trials)
         # The queued first trials (the defaults, a warm start) in the order they were queued: the design completes them.
         fixed = [
             t.system_attrs.get("fixed_params", t.params)
