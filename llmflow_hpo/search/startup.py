@@ -169,7 +169,8 @@ class StartupDesign(optuna.samplers.BaseSampler):
         taken = {attrs[records.DESIGN_POINT] for attrs in designed}
         # The first design trial fixes the design: a plan that changes later (trials ran longer than the first)
         # must not cut the hypercube again, or the points already run belong to another one.
-        n = next((a[records.DESIGN_LENGTH] for a in designed if records.DESIGN_LENGTH in a), None) or self.length(trials)
+        fixed = next((a[records.DESIGN_LENGTH] for a in designed if records.DESIGN_LENGTH in a), None)
+        n = fixed or self.length(trials)
         # The queued first trials (the defaults, a warm start) in the order they were queued: the design completes them.
         fixed = [
             t.system_attrs.get("fixed_params", t.params)
