@@ -521,9 +521,10 @@ def record_path(args: argparse.Namespace, task: str, contender: str, seed: int) 
 
 
 def group(record: dict[str, Any], budgets: dict[str, set[float]]) -> str:
-    """The summary's name of the record's task: the task, and its budget where the task ran with several."""
+    """The summary's name of the record's task: the task at its longest budget (the comparison at equal wall
+    time), ``TASK @ B s`` at a shorter one (a run with a fraction of that time, see ``short_budgets``)."""
     task = record["task"]
-    return task if len(budgets[task]) == 1 else f"{task} @ {record['budget_s']:g} s"
+    return task if record["budget_s"] == max(budgets[task]) else f"{task} @ {record['budget_s']:g} s"
 
 
 def load_records(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -586,6 +587,34 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
         out[task] = {"grid_s": grid.tolist(), "contenders": contenders, "metric": runs[0]["metric"]}
         out[task]["budget_s"] = runs[0]["budget_s"]
         out[task]["goals"] = goals(out[task])
+    for task, entry in out.items():
+        if "@" not in task and PEER in entry["contenders"]:
+            shorter = [r for r in records if r["task"] == task and r["contender"] == OURS and group(r, budgets) != task]
+            entry["goals"]["ours_short_budgets"] = short_budgets(shorter, entry["contenders"][PEER])
+    return out
+
+
+def short_budgets(records: list[dict[str, Any]], peer: dict[str, Any]) -> list[dict[str, Any]]:
+    """Ours run with a shorter budget, against the peer's final mean best dev: a search that is stopped by its
+    budget keeps the running trial's best evaluation (``search/budget.py``), which the best-so-far curve of the
+    longer runs (complete trials only) cannot show. Per budget: its runs' wall times (whole processes, as the
+    peer's), mean best dev and retrained test, whether every run ended within a third of the peer's mean wall,
+    and whether the mean best dev reaches the peer's final mean."""
+    out = []
+    for budget in sorted({r["budget_s"] for r in records}):
+        mine = sorted((r for r in records if r["budget_s"] == budget), key=lambda r: r["seed"])
+        walls = [r["search"]["wall_s"] for r in mine]
+        dev = _mean_std([r["search"]["best"] for r in mine if r["search"]["best"] is not None])
+        test = _mean_std([r["retrain"]["test"] for r in mine])
+        out.append({
+            "budget_s": budget, "seeds": len(mine), "wall_mean_s": sum(walls) / len(walls), "wall_max_s": max(walls),
+            "best_dev": dict(zip(("mean", "std"), dev, strict=True)),
+            "test": dict(zip(("mean", "std"), test, strict=True)),
+            "within_a_third": max(walls) <= peer["wall_s"] / 3,
+            "without_a_trial": sum(r["search"]["best"] is None for r in mine),  # such a run fails the goal
+            "reaches_peer_dev": dev[0] is not None and dev[0] >= peer["best_dev"]["mean"] - 1e-12
+            and all(r["search"]["best"] is not None for r in mine),
+        })  # fmt: skip
     return out
 
 
@@ -701,6 +730,15 @@ def markdown(summary: dict[str, Any], records: list[dict[str, Any]]) -> str:
                 + ("-" if g["ours_best_at_third"] is None else f"{g['ours_best_at_third']:.4f}")
                 + f" (hf-optuna's final: {entry['contenders'][PEER]['best_dev']['mean']:.4f})"
             )
+        for short in g.get("ours_short_budgets", []):
+            peer = entry["contenders"][PEER]
+            lines.append(
+                f"- {OURS} with a budget of {short['budget_s']:g} s ({short['seeds']} seeds; whole-process wall "
+                f"{short['wall_mean_s']:.0f} s mean, {short['wall_max_s']:.0f} s max, a third of hf-optuna's is "
+                f"{peer['wall_s'] / 3:.0f} s): best dev {_pm(short['best_dev'])}, retrained test {_pm(short['test'])} "
+                f"(hf-optuna's final: {peer['best_dev']['mean']:.4f} / {peer['test']['mean']:.4f}); within a third "
+                f"and reaching hf-optuna's final mean best dev: **{short['within_a_third'] and short['reaches_peer_dev']}**"
+            )  # fmt: skip
         lines.append("")
     return "\n".join(lines)
 
@@ -712,6 +750,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    summary = {task: entry for task, entry in summary.items() if "@" not in task}  # shorter budgets: as points
     fig, axes = plt.subplots(1, len(summary), figsize=(6 * len(summary), 4.5), squeeze=False)
     for ax, (task, entry) in zip(axes[0], summary.items(), strict=True):
         grid = np.array(entry["grid_s"])
@@ -724,12 +763,16 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         if peer and peer["best_dev"]["mean"] is not None:
             ax.axhline(peer["best_dev"]["mean"], color="grey", linestyle=":", linewidth=1)
             ax.axvline(peer["wall_s"] / 3, color="grey", linestyle="--", linewidth=1, label="1/3 of hf-optuna's wall")
+        for short in entry["goals"].get("ours_short_budgets", []):
+            if short["best_dev"]["mean"] is not None:
+                ax.errorbar(short["wall_mean_s"], short["best_dev"]["mean"], yerr=short["best_dev"]["std"], fmt="D",
+                            color="black", capsize=3, label=f"{OURS}, budget {short['budget_s']:g} s (n={short['seeds']})")  # fmt: skip
         ax.set_title(f"{task}: mean best-so-far dev {entry['metric']} (± std over seeds)")
         ax.set_xlim(left=0)
         ax.set_xlabel("wall time of the search (s)")
         ax.set_ylabel(f"best dev {entry['metric']} so far")
         ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize=8)
+        ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -167,3 +167,31 @@ def test_policy_goals_test_the_mean_difference_and_say_what_a_third_of_the_peers
     goals = policy.goals({"grid_s": grid, "contenders": {policy.OURS: {**ours, "curve_mean": [nan] * 3 + [0.8] * 2},
                                                          policy.PEER: peer}})  # fmt: skip
     assert goals["ours_best_at_third"] is None
+
+
+def test_policy_runs_at_a_shorter_budget_are_checked_against_the_peers_final_mean_within_a_third_of_its_time() -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import policy
+
+    def record(contender: str, seed: int, budget: float, wall: float, best: float | None, test: float) -> dict:
+        return {"task": "t", "contender": contender, "seed": seed, "budget_s": budget, "metric": "f1", "machine": "m",
+                "search": {"wall_s": wall, "best": best, "curve": [] if best is None else [[wall, best]],
+                           "counts": {"COMPLETE": 1, "PRUNED": 0, "FAIL": 0}, "trials": []},
+                "retrain": {"test": test, "wall_s": 1.0}}  # fmt: skip
+
+    long = [record(policy.PEER, s, 90.0, 120.0, 0.30 + s / 100, 0.3 + s / 100) for s in range(2)]
+    long += [record(policy.OURS, s, 90.0, 95.0, 0.40, 0.4 + s / 100) for s in range(2)]
+    short = [record(policy.OURS, 0, 30.0, 41.0, 0.33, 0.35), record(policy.OURS, 1, 30.0, 39.0, 0.31, 0.33)]
+    summary = policy.aggregate(long + short)
+    assert sorted(summary) == ["t", "t @ 30 s"]  # the equal-time comparison keeps the task's name
+    (got,) = summary["t"]["goals"]["ours_short_budgets"]
+    assert (got["seeds"], got["wall_max_s"], got["best_dev"]["mean"]) == (2, 41.0, pytest.approx(0.32))
+    assert got["test"]["mean"] == pytest.approx(0.34)
+    assert got["reaches_peer_dev"] and not got["within_a_third"]  # 0.32 >= 0.305, but 41 s > 120 s / 3
+    short[0]["search"]["wall_s"] = short[1]["search"]["wall_s"] = 40.0
+    (got,) = policy.aggregate(long + short)["t"]["goals"]["ours_short_budgets"]
+    assert got["within_a_third"] and got["reaches_peer_dev"]
+    short[1]["search"]["best"] = None  # a run without a complete trial fails, though the others' mean reaches
+    (got,) = policy.aggregate(long + short)["t"]["goals"]["ours_short_budgets"]
+    assert got["without_a_trial"] == 1 and not got["reaches_peer_dev"]
+    assert "with a budget of 30 s" in policy.markdown(policy.aggregate(long + short), long + short)
