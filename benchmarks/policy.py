@@ -662,7 +662,11 @@ def at_a_third(ours: dict[str, Any], third_s: float, grid: list[float]) -> dict[
     (None while a seed has none)."""
     counts = [sum(t <= third_s for t in times) for times in ours["complete_at_s"]]
     best = next((v for t, v in zip(reversed(grid), reversed(ours["curve_mean"]), strict=True) if t <= third_s), None)
-    return {"peer_third_s": third_s, "ours_complete_by_third": counts, "ours_best_at_third": best if best == best else None}
+    return {
+        "peer_third_s": third_s,
+        "ours_complete_by_third": counts,
+        "ours_best_at_third": best if best == best else None,
+    }
 
 
 def _pm(stats: dict[str, Any]) -> str:
