@@ -246,6 +246,13 @@ def test_serves_the_study_and_its_api_on_127_0_0_1(demo: str) -> None:
 # ---------------------------------------------------------------------------------------- the real CLI
 
 
+def _sigint_as_in_a_terminal() -> None:
+    # A shell starts a background job (`pytest ... &`) with SIGINT ignored, and its children inherit that:
+    # Python then installs no KeyboardInterrupt, and the Ctrl-C test would wait for nothing. A terminal's
+    # foreground process, which is what the test stands for, has SIGINT at its default.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(*args: str, stderr: Path, python_flags: tuple[str, ...] = ()) -> tuple[subprocess.Popen[str], str]:
     """``python -m llmflow_hpo dashboard ARGS``; returns the process and the address it printed."""
     with stderr.open("w") as err:
@@ -255,6 +262,7 @@ def _start(*args: str, stderr: Path, python_flags: tuple[str, ...] = ()) -> tupl
             stdout=subprocess.PIPE,
             stderr=err,  # a file: -X importtime writes more than a pipe holds
             text=True,
+            preexec_fn=_sigint_as_in_a_terminal,
         )
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()  # type: ignore[union-attr]
