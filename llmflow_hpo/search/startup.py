@@ -169,8 +169,8 @@ class StartupDesign(optuna.samplers.BaseSampler):
         taken = {attrs[records.DESIGN_POINT] for attrs in designed}
         # The first design trial fixes the design: a plan that changes later (trials ran longer than the first)
         # must not cut the hypercube again, or the points already run belong to another one.
-        fixed = next((a[records.DESIGN_LENGTH] for a in designed if records.DESIGN_LENGTH in a), None)
-        n = fixed or self.length(trials)
+        stored = next((a[records.DESIGN_LENGTH] for a in designed if records.DESIGN_LENGTH in a), None)
+        n = stored if stored is not None else self.length(trials)
         # The queued first trials (the defaults, a warm start) in the order they were queued: the design completes them.
         fixed = [
             t.system_attrs.get("fixed_params", t.params)
