@@ -520,11 +520,22 @@ def record_path(args: argparse.Namespace, task: str, contender: str, seed: int) 
     return records_dir(args) / f"{task}__{contender}__seed{seed}__{args.budget:g}s.json"
 
 
-def group(record: dict[str, Any], budgets: dict[str, set[float]]) -> str:
-    """The summary's name of the record's task: the task at its longest budget (the comparison at equal wall
-    time), ``TASK @ B s`` at a shorter one (a run with a fraction of that time, see ``short_budgets``)."""
+def main_budgets(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Per task, the budget of its equal-time comparison: the longest one the peer ran at (the longest of all
+    where the peer has not run), so that a later round of ours alone at a longer budget does not displace it."""
+    out: dict[str, float] = {}
+    for task in {r["task"] for r in records}:
+        mine = [r["budget_s"] for r in records if r["task"] == task]
+        peer = [r["budget_s"] for r in records if r["task"] == task and r["contender"] == PEER]
+        out[task] = max(peer or mine)
+    return out
+
+
+def group(record: dict[str, Any], main: dict[str, float]) -> str:
+    """The summary's name of the record's task: the task at its main budget (``main_budgets``), ``TASK @ B s``
+    at another (a shorter one: a run with a fraction of the peer's time, see ``short_budgets``)."""
     task = record["task"]
-    return task if record["budget_s"] == max(budgets[task]) else f"{task} @ {record['budget_s']:g} s"
+    return task if record["budget_s"] == main[task] else f"{task} @ {record['budget_s']:g} s"
 
 
 def load_records(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -554,11 +565,9 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
     import numpy as np
 
     out: dict[str, Any] = {}
-    budgets: dict[str, set[float]] = {}
-    for r in records:
-        budgets.setdefault(r["task"], set()).add(r["budget_s"])
-    for task in sorted({group(r, budgets) for r in records}):
-        runs = [r for r in records if group(r, budgets) == task]
+    main = main_budgets(records)
+    for task in sorted({group(r, main) for r in records}):
+        runs = [r for r in records if group(r, main) == task]
         horizon = max(r["search"]["wall_s"] for r in runs)
         grid = np.linspace(0.0, horizon, 400)
         plain = {r["seed"]: r["retrain"]["test"] for r in runs if r["contender"] == "plain"}
@@ -587,10 +596,11 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
         out[task] = {"grid_s": grid.tolist(), "contenders": contenders, "metric": runs[0]["metric"]}
         out[task]["budget_s"] = runs[0]["budget_s"]
         out[task]["goals"] = goals(out[task])
-    for task, entry in ((task, out[task]) for task in budgets):  # each task at its longest budget
+    for task, entry in ((task, out[task]) for task in main):  # each task at its main budget
         if PEER in entry["contenders"]:
-            longest = max(budgets[task])
-            shorter = [r for r in records if r["task"] == task and r["contender"] == OURS and r["budget_s"] < longest]
+            shorter = [
+                r for r in records if r["task"] == task and r["contender"] == OURS and r["budget_s"] < main[task]
+            ]
             entry["goals"]["ours_short_budgets"] = short_budgets(shorter, entry["contenders"][PEER])
     return out
 
@@ -755,7 +765,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    summary = {task: entry for task, entry in summary.items() if "@" not in task}  # shorter budgets: as points
+    summary = {task: entry for task, entry in summary.items() if "@" not in task}  # other budgets: points, or none
     fig, axes = plt.subplots(1, len(summary), figsize=(6 * len(summary), 4.5), squeeze=False)
     for ax, (task, entry) in zip(axes[0], summary.items(), strict=True):
         grid = np.array(entry["grid_s"])

@@ -195,3 +195,8 @@ def test_policy_runs_at_a_shorter_budget_are_checked_against_the_peers_final_mea
     (got,) = policy.aggregate(long + short)["t"]["goals"]["ours_short_budgets"]
     assert got["without_a_trial"] == 1 and not got["reaches_peer_dev"]
     assert "with a budget of 30 s" in policy.markdown(policy.aggregate(long + short), long + short)
+    # A later round of ours alone at a longer budget gets its own section: the comparison stays at the peer's.
+    longer = [record(policy.OURS, s, 300.0, 305.0, 0.45, 0.5) for s in range(2)]
+    summary = policy.aggregate(long + short + longer)
+    assert sorted(summary) == ["t", "t @ 30 s", "t @ 300 s"] and summary["t"]["budget_s"] == 90.0
+    assert [b["budget_s"] for b in summary["t"]["goals"]["ours_short_budgets"]] == [30.0]
