@@ -147,8 +147,10 @@ def _best_direction(metric: str) -> Literal["maximize", "minimize"]:
 class SamplerConfig:
     name: Literal["tpe", "random", "cmaes", "gp", "grid", "qmc"] = _help("Optuna sampler.", default="tpe")
     options: dict[str, Any] = _help(
-        "Keyword arguments of the optuna sampler (e.g. multivariate for tpe). tpe/gp's n_startup_trials "
-        "defaults to 0 after the start-up design (startup: design), else a quarter of n_trials (2 to 10).",
+        "Keyword arguments of the optuna sampler (e.g. n_ei_candidates for tpe). tpe/gp's n_startup_trials "
+        "defaults to 0 after the start-up design (startup: design), else a quarter of n_trials (2 to 10); tpe's "
+        "multivariate defaults to true for one objective and constant_liar to true (optuna 5's defaults, "
+        "stated for optuna 4 too; measured in benchmarks/README.md).",
         default_factory=dict,
     )
     defaults_first: bool = _help(

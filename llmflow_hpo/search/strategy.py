@@ -374,6 +374,12 @@ def build_sampler(cfg: StudyConfig, space: SearchSpace) -> optuna.samplers.BaseS
     if name in ("tpe", "gp"):
         # After the design, the sampler models at once; without it, its own random start-up trials.
         options.setdefault("n_startup_trials", 0 if _designed(cfg) else default_startup_trials(cfg.n_trials))
+    if name == "tpe":
+        # optuna 5's TPE, stated so that optuna 4 (pyproject's floor: independent TPE, no liar) runs the same
+        # policy: multivariate for one objective (group needs it) and the constant liar, which several workers
+        # need; measured on the policy benchmark (benchmarks/README.md, rounds 6 and 7).
+        options.setdefault("multivariate", bool(options.get("group")) or len(cfg.directions) == 1)
+        options.setdefault("constant_liar", True)
     if name == "grid":
         options["search_space"] = _grid(space, "sampler")
     cost = cfg.objective.cost

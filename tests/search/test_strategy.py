@@ -18,6 +18,7 @@ from llmflow_hpo.errors import ConfigError
 from llmflow_hpo.search.spaces import SearchSpace, parse_search_space, suggest_params
 from llmflow_hpo.search.startup import StartupDesign, design_points
 from llmflow_hpo.search.strategy import (
+    MetricFirst,
     PerTrialSeed,
     build_pruner,
     build_sampler,
@@ -78,10 +79,11 @@ def space_for(name: str) -> SearchSpace:
 
 
 def inner(sampler: optuna.samplers.BaseSampler) -> optuna.samplers.BaseSampler:
-    """The optuna sampler itself (build_sampler wraps it in the start-up design, and to seed it per trial)."""
-    if isinstance(sampler, StartupDesign):
+    """The optuna sampler itself (build_sampler wraps it in the start-up design, to seed it per trial and, in a
+    quality-against-cost study, to rank by the metric)."""
+    while isinstance(sampler, StartupDesign | PerTrialSeed | MetricFirst):
         sampler = sampler.inner
-    return sampler.inner if isinstance(sampler, PerTrialSeed) else sampler
+    return sampler
 
 
 def core(pruner: optuna.pruners.BasePruner) -> optuna.pruners.BasePruner:
@@ -187,6 +189,21 @@ def test_user_startup_trials_are_kept() -> None:
     check_strategy(cfg, SPACE, "study.yaml")
     assert inner(build_sampler(cfg, SPACE))._n_startup_trials == 7  # type: ignore[attr-defined]
     assert cfg.sampler.options == {"n_startup_trials": 7}  # the config is not changed
+
+
+def test_tpe_is_multivariate_with_the_constant_liar_whatever_optunas_own_defaults() -> None:
+    # optuna 4 defaults to independent TPE without the liar, optuna 5 to both: the benchmarked policy is stated.
+    single = inner(build_sampler(config(sampler={"name": "tpe"}), SPACE))
+    assert (single._multivariate, single._constant_liar) == (True, True)  # type: ignore[attr-defined]
+    cost = config(sampler={"name": "tpe"}, objective={"cost": "params"})
+    assert len(cost.directions) == 2  # two objectives: optuna's own rule, independent TPE
+    assert inner(build_sampler(cost, SPACE))._multivariate is False  # type: ignore[attr-defined]
+    mine = inner(build_sampler(config(sampler={"name": "tpe", "options": {"multivariate": False}}), SPACE))
+    assert (mine._multivariate, mine._constant_liar) == (False, True)  # type: ignore[attr-defined]
+    # Multivariate TPE samples other points than independent TPE once it models (after the design).
+    joint = build_sampler(config(sampler={"name": "tpe"}, n_trials=12), SPACE)
+    independent = build_sampler(config(sampler={"name": "tpe", "options": {"multivariate": False}}, n_trials=12), SPACE)
+    assert first_params(joint, SPACE, n=8) != first_params(independent, SPACE, n=8)
 
 
 def test_sampler_options_reach_optuna() -> None:
