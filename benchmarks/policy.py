@@ -29,9 +29,12 @@ overrides on top of the protocol plus ``budget``):
 
 * ``llmflow-hpo``: ``llmflow-hpo search`` on a study that states the protocol and the budget only.
 * ``lr1e-4-batch8+design``, ``lr5e-5-batch16+design``, ``lr5e-5-batch16+random``, ``previous-defaults``,
-  ``random``, ``tpe-multivariate``: the same with the overrides in ``CONTENDERS``. ``OURS`` names the one
+  ``random``, ``tpe-independent``: the same with the overrides in ``CONTENDERS``. ``OURS`` names the one
   that states llmflow-hpo's defaults (``lr1e-4-batch8+design``; a test checks that its overrides change
   nothing), the headline of the goals.
+* ``workers2``, ``workers2-no-liar``: the defaults with ``search --workers 2`` (a contender's ``workers``), TPE's
+  constant liar on (optuna 5's default) and off; run them pinned to two cores (``taskset -c 0,1``), one at a
+  time. The summary shows a task's runs with several workers apart (``TASK @ B s, N workers``).
 * ``hf-optuna``: ``Trainer.hyperparameter_search(backend="optuna")`` with its defaults (TPE seeded with the
   run's seed, MedianPruner, one evaluation per epoch), n_trials unbounded and ``timeout`` = the budget;
   its winner retrained by a ``Trainer`` with its parameters and seed, the final model scored on test.
@@ -150,7 +153,11 @@ CONTENDERS: dict[str, dict[str, Any]] = {
         },
     },
     "random": {"kind": "llmflow", "study": {"sampler": {"name": "random", "defaults_first": False}}},
-    "tpe-multivariate": {"kind": "llmflow", "study": {"sampler": {"options": {"multivariate": True, "group": True}}}},
+    # optuna 5's TPE is multivariate by default (optuna 4's was independent): the defaults with independent TPE.
+    "tpe-independent": {"kind": "llmflow", "study": {"sampler": {"options": {"multivariate": False}}}},
+    # Two workers on one study: TPE's constant liar (optuna 5's default) against none.
+    "workers2": {"kind": "llmflow", "workers": 2, "study": {}},
+    "workers2-no-liar": {"kind": "llmflow", "workers": 2, "study": {"sampler": {"options": {"constant_liar": False}}}},
     "no-patience": {"kind": "llmflow", "study": {"pruner": {"patience": None}}},
     "hf-optuna": {"kind": "hf-optuna"},
     "plain": {"kind": "plain"},
@@ -428,7 +435,8 @@ def run_llmflow(name: str, spec: dict[str, Any], rundir: Path) -> dict[str, Any]
 
     threads, storage = spec["threads"], spec["study"]["storage"]
     (rundir / "study.yaml").write_text(yaml.safe_dump(spec["study"], sort_keys=False))
-    ran = timed([sys.executable, "-m", "llmflow_hpo", "search", "study.yaml"], rundir / "search.log", threads, rundir)
+    search = [sys.executable, "-m", "llmflow_hpo", "search", "study.yaml", "--workers", str(spec.get("workers", 1))]
+    ran = timed(search, rundir / "search.log", threads, rundir)
     search = {**_costs(ran), **_on_clock(_optuna_trials(storage, name), ran["start"])}
     command = [sys.executable, "-m", "llmflow_hpo", "retrain-best", "--study", name, "--storage", storage]
     ran = timed([*command, "--output", "best-model", "--json"], rundir / "retrain.log", threads, rundir)
@@ -476,6 +484,7 @@ def run_one(
             say(f"WARNING {contender}: this llmflow-hpo has no {', '.join(missing)}; running without them")
         study = deep_update(study, _drop(overrides, missing))
     spec = {"task": task, "seed": seed, "budget": args.budget, "threads": args.threads, "study": study}
+    spec["workers"] = how.get("workers", 1)
     write_json(rundir / "spec.json", spec)
     say(f"{task_name} / {contender} / seed {seed}: budget {args.budget:g} s, {args.threads} thread(s)")
     got = run_llmflow(contender, spec, rundir) if how["kind"] == "llmflow" else run_peer(how["kind"], spec, rundir)
@@ -524,17 +533,25 @@ def main_budgets(records: list[dict[str, Any]]) -> dict[str, float]:
     """Per task, the budget of its equal-time comparison: the longest one the peer ran at (the longest of all
     where the peer has not run), so that a later round of ours alone at a longer budget does not displace it."""
     out: dict[str, float] = {}
-    for task in {r["task"] for r in records}:
-        mine = [r["budget_s"] for r in records if r["task"] == task]
+    for task in {r["task"] for r in records if workers(r) == 1}:
+        mine = [r["budget_s"] for r in records if r["task"] == task and workers(r) == 1]
         peer = [r["budget_s"] for r in records if r["task"] == task and r["contender"] == PEER]
         out[task] = max(peer or mine)
     return out
 
 
+def workers(record: dict[str, Any]) -> int:
+    """How many workers the run's search had (its contender's ``workers``; 1 before there were any)."""
+    return int(record.get("definition", {}).get("workers", 1))
+
+
 def group(record: dict[str, Any], main: dict[str, float]) -> str:
     """The summary's name of the record's task: the task at its main budget (``main_budgets``), ``TASK @ B s``
-    at another (a shorter one: a run with a fraction of the peer's time, see ``short_budgets``)."""
-    task = record["task"]
+    at another (a shorter one: a run with a fraction of the peer's time, see ``short_budgets``), and
+    ``TASK @ B s, N workers`` for a search with several workers (twice the cores: never an equal-time peer)."""
+    task, n = record["task"], workers(record)
+    if n > 1:
+        return f"{task} @ {record['budget_s']:g} s, {n} workers"
     return task if record["budget_s"] == main[task] else f"{task} @ {record['budget_s']:g} s"
 
 
@@ -599,7 +616,9 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
     for task, entry in ((task, out[task]) for task in main):  # each task at its main budget
         if PEER in entry["contenders"]:
             shorter = [
-                r for r in records if r["task"] == task and r["contender"] == OURS and r["budget_s"] < main[task]
+                r
+                for r in records
+                if r["task"] == task and r["contender"] == OURS and r["budget_s"] < main[task] and workers(r) == 1
             ]
             entry["goals"]["ours_short_budgets"] = short_budgets(shorter, entry["contenders"][PEER])
     return out
@@ -766,6 +785,8 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     import numpy as np
 
     summary = {task: entry for task, entry in summary.items() if "@" not in task}  # other budgets: points, or none
+    if not summary:  # only runs at other budgets or with several workers (a smoke run of those): no panel to draw
+        return
     fig, axes = plt.subplots(1, len(summary), figsize=(6 * len(summary), 4.5), squeeze=False)
     for ax, (task, entry) in zip(axes[0], summary.items(), strict=True):
         grid = np.array(entry["grid_s"])

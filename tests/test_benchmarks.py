@@ -200,3 +200,11 @@ def test_policy_runs_at_a_shorter_budget_are_checked_against_the_peers_final_mea
     summary = policy.aggregate(long + short + longer)
     assert sorted(summary) == ["t", "t @ 30 s", "t @ 300 s"] and summary["t"]["budget_s"] == 90.0
     assert [b["budget_s"] for b in summary["t"]["goals"]["ours_short_budgets"]] == [30.0]
+    # A search with two workers has twice the cores: its own section, never a short-budget run or the main budget.
+    two = [
+        {**record(policy.OURS, s, b, 20.0, 0.5, 0.5), "definition": {"workers": 2}} for s in range(2) for b in (30, 900)
+    ]
+    summary = policy.aggregate(long + short + two)
+    assert sorted(summary) == ["t", "t @ 30 s", "t @ 30 s, 2 workers", "t @ 900 s, 2 workers"]
+    assert summary["t"]["budget_s"] == 90.0 and summary["t @ 30 s"]["contenders"][policy.OURS]["seeds"] == [0, 1]
+    assert [b["seeds"] for b in summary["t"]["goals"]["ours_short_budgets"]] == [2]
