@@ -3,15 +3,26 @@
 ``token_classification_metrics`` takes word-level IOB tag sequences and scores whole entities in
 seqeval's default mode, the one compatible with the CoNLL ``conlleval`` script (an ``I-`` tag after
 ``O`` or another type starts a new entity). ``text_classification_metrics`` takes label strings.
-Both return plain Python floats. ``TOKEN_METRICS`` and ``TEXT_METRICS`` name the metrics a study
-may optimise for each task (the loss is handled by the training recipe).
+``generation_metrics`` scores generated answers against reference answers (exact match and token F1
+as SQuAD's evaluation computes them, ROUGE-L from Google's ``rouge-score``, accuracy over a label set).
+All return plain Python floats. ``TOKEN_METRICS``, ``TEXT_METRICS`` and ``GENERATION_METRICS`` name the
+metrics a study may optimise for each task (the loss is handled by the training recipe).
 """
 
 from __future__ import annotations
 
+import re
+import string
+from collections import Counter
+from collections.abc import Sequence
+
 __all__ = [
+    "GENERATION_METRICS",
     "TEXT_METRICS",
     "TOKEN_METRICS",
+    "generated_label",
+    "generation_metrics",
+    "normalize_answer",
     "text_classification_metrics",
     "token_classification_metrics",
 ]
@@ -73,6 +84,65 @@ def text_classification_metrics(gold: list[str], pred: list[str]) -> dict[str, f
         "macro_precision": float(precision_score(gold, pred, average="macro", zero_division=0)),
         "macro_recall": float(recall_score(gold, pred, average="macro", zero_division=0)),
     }
+
+
+GENERATION_METRICS: tuple[str, ...] = ("exact_match", "token_f1", "rouge_l", "label_accuracy")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's answer normalization: lower case, no punctuation, no articles (a, an, the), single spaces."""
+    return " ".join(_ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION)).split())
+
+
+def _token_f1(reference: str, prediction: str) -> float:
+    """F1 of the normalized tokens shared by the two (SQuAD's): 1 when both are empty, 0 when one is."""
+    ref, pred = normalize_answer(reference).split(), normalize_answer(prediction).split()
+    if not ref or not pred:
+        return float(ref == pred)
+    common = sum((Counter(ref) & Counter(pred)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def generated_label(prediction: str, labels: Sequence[str]) -> str | None:
+    """The label a generated answer names: the one (longest first) its normalized text starts with, word for
+    word ("Positive." and "positive sentiment" name "positive"); None when it starts with none."""
+    words = normalize_answer(prediction).split()
+    for label in sorted(labels, key=lambda label: -len(normalize_answer(label).split())):
+        own = normalize_answer(label).split()
+        if own and words[: len(own)] == own:
+            return label
+    return None
+
+
+def generation_metrics(
+    references: Sequence[str], predictions: Sequence[str], labels: Sequence[str] | None = None
+) -> dict[str, float]:
+    """Means over the examples: ``exact_match`` and ``token_f1`` of the normalized answers (SQuAD's),
+    ``rouge_l`` (ROUGE-L F-measure, ``rouge-score`` without stemming) and, with a label set (generative
+    classification), ``label_accuracy``: the share of answers whose ``generated_label`` is the reference's."""
+    from rouge_score import rouge_scorer
+
+    if len(references) != len(predictions):
+        raise ValueError(f"{len(references)} references but {len(predictions)} predictions")
+    if not references:
+        raise ValueError("cannot score an empty list of answers")
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    pairs = list(zip(references, predictions, strict=True))
+    scores = {
+        "exact_match": sum(normalize_answer(r) == normalize_answer(p) for r, p in pairs) / len(pairs),
+        "token_f1": sum(_token_f1(r, p) for r, p in pairs) / len(pairs),
+        "rouge_l": sum(scorer.score(r, p)["rougeL"].fmeasure for r, p in pairs) / len(pairs),
+    }
+    if labels is not None:
+        gold = [generated_label(r, labels) for r in references]
+        hits = sum(g is not None and generated_label(p, labels) == g for g, p in zip(gold, predictions, strict=True))
+        scores["label_accuracy"] = hits / len(pairs)
+    return {name: float(value) for name, value in scores.items()}
 
 
 def _check_sequences(gold: list[list[str]], pred: list[list[str]]) -> None:

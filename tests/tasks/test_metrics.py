@@ -1,12 +1,16 @@
-"""Metrics against hand-computed values: entity-level seqeval scores and scikit-learn averages."""
+"""Metrics against hand-computed values: entity-level seqeval scores, scikit-learn averages, generation scores."""
 
 from __future__ import annotations
 
 import pytest
 
 from llmflow_hpo.tasks.metrics import (
+    GENERATION_METRICS,
     TEXT_METRICS,
     TOKEN_METRICS,
+    generated_label,
+    generation_metrics,
+    normalize_answer,
     text_classification_metrics,
     token_classification_metrics,
 )
@@ -139,3 +143,47 @@ def test_metric_names_per_task() -> None:
     assert set(TOKEN_METRICS) <= set(token_classification_metrics([["B-PER"]], [["B-PER"]]))
     assert TOKEN_METRICS[0] == "f1"
     assert TEXT_METRICS[0] == "accuracy"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generated answers.
+
+
+def test_answers_are_normalized_as_squad_does() -> None:
+    assert normalize_answer("  The  Eiffel-Tower, in Paris! ") == "eiffeltower in paris"
+    assert normalize_answer("An apple a day") == "apple day"
+
+
+def test_generation_scores_against_hand_computed_values() -> None:
+    refs = ["the cat sat on the mat", "Paris", "blue whale"]
+    preds = ["The cat on the mat.", "paris", "a whale shark"]
+    scores = generation_metrics(refs, preds)
+    assert set(scores) == {"exact_match", "token_f1", "rouge_l"}
+    # exact match: only "paris" (case and punctuation do not count)
+    assert scores["exact_match"] == pytest.approx(1 / 3)
+    # token F1 on normalized tokens: cat sat on mat / cat on mat -> P 3/3, R 3/4, F1 6/7; 1; whale: P 1/2, R 1/2
+    assert scores["token_f1"] == pytest.approx((6 / 7 + 1 + 0.5) / 3)
+    # ROUGE-L on rouge-score's tokens (lower case, articles kept): LCS 5 of 6 / 5 -> F 10/11; 1; LCS 1 of 2 / 3 -> 0.4
+    assert scores["rouge_l"] == pytest.approx((10 / 11 + 1 + 0.4) / 3)
+
+
+def test_empty_answers_and_mismatched_lengths() -> None:
+    assert generation_metrics([""], [""])["token_f1"] == 1.0  # nothing to find and nothing said
+    assert generation_metrics(["yes"], [""]) == {"exact_match": 0.0, "token_f1": 0.0, "rouge_l": 0.0}
+    with pytest.raises(ValueError, match="2 references but 1 predictions"):
+        generation_metrics(["a", "b"], ["a"])
+    with pytest.raises(ValueError, match="empty"):
+        generation_metrics([], [])
+
+
+def test_generative_classification_reads_the_label_an_answer_starts_with() -> None:
+    labels = ["positive", "negative", "very negative"]
+    assert generated_label("Positive.", labels) == "positive"
+    assert generated_label("negative sentiment, clearly", labels) == "negative"
+    assert generated_label("Very negative!", labels) == "very negative"  # the longest label first
+    assert generated_label("It is positive", labels) is None  # an answer must start with its label
+    refs = ["positive", "negative", "negative", "positive"]
+    preds = ["Positive!", "negative", "positive", "I think so"]
+    scores = generation_metrics(refs, preds, labels=labels)
+    assert scores["label_accuracy"] == 0.5  # right, right, wrong, no label
+    assert set(scores) == set(GENERATION_METRICS)
