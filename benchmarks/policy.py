@@ -435,8 +435,8 @@ def run_llmflow(name: str, spec: dict[str, Any], rundir: Path) -> dict[str, Any]
 
     threads, storage = spec["threads"], spec["study"]["storage"]
     (rundir / "study.yaml").write_text(yaml.safe_dump(spec["study"], sort_keys=False))
-    search = [sys.executable, "-m", "llmflow_hpo", "search", "study.yaml", "--workers", str(spec.get("workers", 1))]
-    ran = timed(search, rundir / "search.log", threads, rundir)
+    argv = [sys.executable, "-m", "llmflow_hpo", "search", "study.yaml", "--workers", str(spec["workers"])]
+    ran = timed(argv, rundir / "search.log", threads, rundir)
     search = {**_costs(ran), **_on_clock(_optuna_trials(storage, name), ran["start"])}
     command = [sys.executable, "-m", "llmflow_hpo", "retrain-best", "--study", name, "--storage", storage]
     ran = timed([*command, "--output", "best-model", "--json"], rundir / "retrain.log", threads, rundir)
@@ -483,8 +483,8 @@ def run_one(
         if missing:
             say(f"WARNING {contender}: this llmflow-hpo has no {', '.join(missing)}; running without them")
         study = deep_update(study, _drop(overrides, missing))
-    spec = {"task": task, "seed": seed, "budget": args.budget, "threads": args.threads, "study": study}
-    spec["workers"] = how.get("workers", 1)
+    spec = {"task": task, "seed": seed, "budget": args.budget, "threads": args.threads, "study": study,
+            "workers": how.get("workers", 1)}  # fmt: skip
     write_json(rundir / "spec.json", spec)
     say(f"{task_name} / {contender} / seed {seed}: budget {args.budget:g} s, {args.threads} thread(s)")
     got = run_llmflow(contender, spec, rundir) if how["kind"] == "llmflow" else run_peer(how["kind"], spec, rundir)

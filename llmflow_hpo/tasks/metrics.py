@@ -108,15 +108,20 @@ def _token_f1(reference: str, prediction: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def _label_words(labels: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """Each label with its normalized words, the longest first (the order answers are read in)."""
+    return sorted(((label, normalize_answer(label).split()) for label in labels), key=lambda lw: -len(lw[1]))
+
+
+def _read_label(answer: str, label_words: list[tuple[str, list[str]]]) -> str | None:
+    words = normalize_answer(answer).split()
+    return next((label for label, own in label_words if own and words[: len(own)] == own), None)
+
+
 def generated_label(prediction: str, labels: Sequence[str]) -> str | None:
     """The label a generated answer names: the one (longest first) its normalized text starts with, word for
     word ("Positive." and "positive sentiment" name "positive"); None when it starts with none."""
-    words = normalize_answer(prediction).split()
-    for label in sorted(labels, key=lambda label: -len(normalize_answer(label).split())):
-        own = normalize_answer(label).split()
-        if own and words[: len(own)] == own:
-            return label
-    return None
+    return _read_label(prediction, _label_words(labels))
 
 
 def generation_metrics(
@@ -139,8 +144,9 @@ def generation_metrics(
         "rouge_l": sum(scorer.score(r, p)["rougeL"].fmeasure for r, p in pairs) / len(pairs),
     }
     if labels is not None:
-        gold = [generated_label(r, labels) for r in references]
-        hits = sum(g is not None and generated_label(p, labels) == g for g, p in zip(gold, predictions, strict=True))
+        read = _label_words(labels)  # once for every answer
+        gold = [_read_label(r, read) for r in references]
+        hits = sum(g is not None and _read_label(p, read) == g for g, p in zip(gold, predictions, strict=True))
         scores["label_accuracy"] = hits / len(pairs)
     return {name: float(value) for name, value in scores.items()}
 
