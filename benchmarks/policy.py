@@ -29,7 +29,7 @@ overrides on top of the protocol plus ``budget``):
 
 * ``llmflow-hpo``: ``llmflow-hpo search`` on a study that states the protocol and the budget only.
 * ``lr1e-4-batch8+design``, ``lr5e-5-batch16+design``, ``lr5e-5-batch16+random``, ``previous-defaults``,
-  ``random``, ``tpe-independent``: the same with the overrides in ``CONTENDERS``. ``OURS`` names the one
+  ``random``, ``tpe-independent``, ``no-patience``: the same with the overrides in ``CONTENDERS``. ``OURS`` names the one
   that states llmflow-hpo's defaults (``lr1e-4-batch8+design``; a test checks that its overrides change
   nothing), the headline of the goals.
 * ``workers2``, ``workers2-no-liar``: the defaults with ``search --workers 2`` (a contender's ``workers``), TPE's
