@@ -330,7 +330,7 @@ def _setup(spec: dict[str, Any]) -> dict[str, Any]:
 
     return {
         **features.splits,
-        "collator": task.collator(load_tokenizer(cfg.model)),
+        "collator": task.collator(load_tokenizer(cfg.model), cfg.data),
         "model_init": model_init,
         "compute_metrics": lambda p: score("dev", p.predictions, p.label_ids),
         "score": score,

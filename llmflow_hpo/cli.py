@@ -72,7 +72,9 @@ def _load(config: str, overrides: list[str]) -> tuple[Any, Any, dict[str, Any], 
             )
     elif (name.startswith((".", "/", "~")) or Path(name).exists()) and not Path(name).expanduser().is_dir():
         problems.append(f"{config}: model.name_or_path: folder {name} does not exist")
-    from llmflow_hpo.search.preflight import check_gpu_driver, check_model_config
+    from llmflow_hpo.search.preflight import check_gguf_file, check_gpu_driver, check_model_config
+
+    problems += check_gguf_file(cfg, config)
 
     problems += check_model_config(cfg, config)
     problems += check_gpu_driver(cfg, config)

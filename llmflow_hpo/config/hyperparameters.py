@@ -35,6 +35,15 @@ OptimizerName = Literal["adamw", "sgd", "adafactor"]
 PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
 LossName = Literal["cross_entropy", "focal"]
 ClassWeighting = Literal["none", "balanced"]
+AdapterName = Literal["none", "lora"]
+QuantizationName = Literal["none", "4bit"]
+# The target presets of train.lora_targets (recipe/adapters.py resolves them on the model).
+LORA_TARGET_PRESETS = ("attention", "attention-mlp", "all-linear")
+
+
+def _lora_targets_ok(value: str) -> bool:
+    names = [name.strip() for name in value.split(",")]
+    return value in LORA_TARGET_PRESETS or (bool(value.strip()) and all(names) and " " not in value.strip())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -215,6 +224,77 @@ class TrainConfig:
             "loss",
         ),
     )
+    adapter: AdapterName = field(
+        default="none",
+        metadata=searchable(
+            "none: full fine-tuning (every weight trains); lora: a LoRA adapter (PEFT) on the lora_targets, the base "
+            "frozen, the task's head (classifier) trained fully. Search both as a categorical to compare them.",
+            "model",
+        ),
+    )
+    lora_r: int = field(default=8, metadata=searchable("LoRA rank (adapter: lora).", "model", at_least(1)))
+    lora_alpha: float | None = field(
+        default=None,
+        metadata=searchable(
+            "LoRA alpha (the adapter's scale is alpha / r, or alpha / sqrt(r) with lora_rslora); null: "
+            "lora_alpha_ratio x r.",
+            "model",
+            above(0),
+            null="null (lora_alpha_ratio x lora_r)",
+        ),
+    )
+    lora_alpha_ratio: float = field(
+        default=2.0,
+        metadata=searchable(
+            "alpha / r when lora_alpha is null (alpha = 2r is the usual rule): searching it keeps the scale "
+            "apart from the rank.",
+            "model",
+            above(0),
+        ),
+    )
+    lora_dropout: float = field(
+        default=0.05, metadata=searchable("Dropout on the LoRA adapter's input.", "model", FRACTION)
+    )
+    lora_targets: str = field(
+        default="all-linear",
+        metadata=searchable(
+            "The layers that get an adapter: attention (the attention projections), attention-mlp (every linear "
+            "layer of the transformer blocks), all-linear (PEFT's: every linear layer but the output head), or "
+            "module names, comma-separated (q_proj,v_proj).",
+            "model",
+            Rule("attention, attention-mlp, all-linear or module names (q_proj,v_proj)", _lora_targets_ok),
+        ),
+    )
+    lora_rslora: bool = field(
+        default=False, metadata=searchable("Rank-stabilized LoRA: scale alpha / sqrt(r) instead of alpha / r.", "model")
+    )
+    lora_dora: bool = field(
+        default=False,
+        metadata=searchable("DoRA: the adapter learns each weight's magnitude and direction apart (slower).", "model"),
+    )
+    lora_train_embeddings: bool = field(
+        default=False,
+        metadata=fixed(
+            "adapter: lora: the input embeddings train fully too (tied output weights with them); they stay frozen "
+            "by default.",
+            "model",
+        ),
+    )
+    quantization: QuantizationName = field(
+        default="none",
+        metadata=fixed(
+            "4bit: QLoRA, the frozen base loaded in 4-bit NF4 through bitsandbytes (adapter: lora, a CUDA GPU).",
+            "model",
+        ),
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata=fixed(
+            "Recompute activations in the backward pass instead of keeping them: less memory, about a third "
+            "more time per step.",
+            "runtime",
+        ),
+    )
     # Fixed settings of the recipe.
     evals_per_epoch: int = field(
         default=2,
@@ -299,7 +379,24 @@ class TrainConfig:
             found.append(
                 ("train.precision", "fp16 needs a GPU (loss scaling is a CUDA feature); use fp32 or bf16 on cpu")
             )
+        if self.quantization == "4bit":
+            found.extend(("train.quantization", why) for why in _qlora_problems(self))
         return found
+
+
+def _qlora_problems(hp: TrainConfig) -> list[str]:
+    """Why QLoRA cannot run here, found without importing torch: it needs the adapter, bitsandbytes and a
+    CUDA GPU (a device cpu, or auto on a machine without an NVIDIA driver)."""
+    import importlib.util
+    import os
+
+    if hp.adapter != "lora":
+        return ["4bit trains an adapter on a frozen 4-bit base; set train.adapter: lora (or quantization: none)"]
+    if hp.device == "cpu" or (hp.device == "auto" and not os.path.exists("/proc/driver/nvidia/version")):
+        return ["4bit (QLoRA, bitsandbytes) needs a CUDA GPU and there is none; use quantization: none on CPU"]
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return ["4bit needs bitsandbytes; pip install bitsandbytes (or use quantization: none)"]
+    return []
 
 
 def clip_norm(max_grad_norm: float | None) -> float | None:

@@ -29,6 +29,7 @@ __all__ = [
     "CheckpointConfig",
     "ConfirmConfig",
     "DataConfig",
+    "GenerationConfig",
     "HeartbeatConfig",
     "ModelConfig",
     "ObjectiveConfig",
@@ -57,8 +58,9 @@ def _help(text: str, **kwargs: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    format: Literal["conll", "csv", "tsv", "jsonl"] = _help(
-        "File format: conll (token-classification), csv/tsv (text-classification), jsonl (both)."
+    format: Literal["conll", "csv", "tsv", "jsonl", "text"] = _help(
+        "File format: conll (token-classification), csv/tsv (text-classification, causal-lm), jsonl (all three), "
+        "text (causal-lm: one document per line, for continued training)."
     )
     train: str = _help("Training file (relative paths are resolved from the config file's folder).")
     dev: str | None = _help("Dev file; when missing, dev_split of train is held out.", default=None)
@@ -86,6 +88,61 @@ class DataConfig:
     normalize_unicode: Literal["NFC", "NFKC", "none"] = _help(
         "Unicode normalisation applied when cleaning.", default="NFC"
     )
+    prompt_field: str = _help("jsonl causal-lm: field with the prompt (with completion_field).", default="prompt")
+    completion_field: str = _help("jsonl causal-lm: field with the completion to learn.", default="completion")
+    messages_field: str = _help(
+        "jsonl causal-lm: field with a chat (a list of {role, content}; the last turn is the assistant's answer), "
+        "rendered with the tokenizer's chat template. A record without it or a prompt is plain text (text_column).",
+        default="messages",
+    )
+    prompt_template: str = _help(
+        "csv/tsv causal-lm: the prompt made of each text, {text} standing for it (the label is the completion).",
+        default="{text}",
+    )
+    label_words: dict[str, str] = _help(
+        "csv/tsv causal-lm: the completion for each label (e.g. {'0': negative, '1': positive}); a label not "
+        "named is its own completion.",
+        default_factory=dict,
+    )
+    chat_template: bool = _help(
+        "causal-lm: render a prompt and its completion as a user turn and the assistant's answer with the "
+        "tokenizer's chat template (what an instruct model was tuned on).",
+        default=False,
+    )
+    train_on_prompt: bool = _help(
+        "causal-lm: the loss covers the prompt's tokens too (default: the completion's only).", default=False
+    )
+    packing: bool = _help(
+        "causal-lm: each batch's examples are concatenated into one row without padding (transformers' "
+        "DataCollatorWithFlattening: position ids restart per example, so attention stays within it); a batch "
+        "still holds batch_size examples.",
+        default=False,
+    )
+
+
+@dataclass
+class GenerationConfig:
+    examples: int = _help(
+        "causal-lm: dev examples with a reference answer that are generated (greedy) at every evaluation and "
+        "scored (exact_match, token_f1, rouge_l, label_accuracy); 0 turns generation off. Test is generated whole.",
+        default=32,
+    )
+    max_new_tokens: int = _help("causal-lm: the most tokens generated per answer.", default=16)
+    max_seconds: float = _help(
+        "causal-lm: the most seconds the generation of one dev evaluation takes; answers not reached count as "
+        "empty (wrong), and the metric generated says which share was reached.",
+        default=300.0,
+    )
+    samples: int = _help(
+        "causal-lm: dev prompts whose generated answers are stored with the trial's best evaluation (the report "
+        "shows them).",
+        default=4,
+    )
+    labels: list[str] | None = _help(
+        "causal-lm: the label set of generative classification (label_accuracy: the answer starts with the "
+        "reference's label); null: data.label_words' words, else no label_accuracy.",
+        default=None,
+    )
 
 
 @dataclass
@@ -99,6 +156,15 @@ class ModelConfig:
     )
     config_overrides: dict[str, Any] = _help(
         "Values that replace fields of the model's config.json (e.g. num_hidden_layers: 2).", default_factory=dict
+    )
+    gguf_file: str | None = _help(
+        "A GGUF file in the name_or_path folder (or package:MODULE's folder, found without importing it), e.g. "
+        "SmolLM2-135M-Instruct.Q4_1.gguf: dequantized once into a float32 model folder under gguf_cache_dir, "
+        "which every trial loads (needs pip install gguf).",
+        default=None,
+    )
+    gguf_cache_dir: str | None = _help(
+        "Where converted GGUF models are cached (in models/); null: the study's cache_dir.", default=None
     )
 
 
@@ -139,8 +205,9 @@ class ObjectiveConfig:
 
 
 def _best_direction(metric: str) -> Literal["maximize", "minimize"]:
-    """The direction that searches for the best model on ``metric``: lower is better only for the loss."""
-    return "minimize" if metric == "loss" else "maximize"
+    """The direction that searches for the best model on ``metric``: lower is better only for the loss (and the
+    perplexity, its exponential)."""
+    return "minimize" if metric in ("loss", "perplexity") else "maximize"
 
 
 @dataclass
@@ -370,6 +437,10 @@ class StudyConfig:
         "The confirmation stage (llmflow-hpo confirm): the best configurations re-run over several seeds.",
         default_factory=ConfirmConfig,
     )
+    generation: GenerationConfig = _help(
+        "causal-lm: the answers generated at each dev evaluation and how they are scored.",
+        default_factory=GenerationConfig,
+    )
 
     @property
     def metric(self) -> str:
@@ -555,7 +626,7 @@ def _check_new_study(cfg: StudyConfig, problems: Problems) -> None:
     task = get_task(cfg.task)
     metric = cfg.objective.metric or task.default_metric
     if cfg.objective.direction is not None and metric in task.metrics:
-        # Lower is better only for the loss: the other direction would search for the worst model.
+        # Lower is better only for the loss (and perplexity): the other direction would search for the worst model.
         right = _best_direction(metric)
         if cfg.objective.direction != right:
             problems.add(
@@ -663,6 +734,8 @@ def _resolve(cfg: StudyConfig, base: Path | None) -> None:
         cfg.cache_dir = str(Path(xdg) / "llmflow-hpo")
     else:
         cfg.cache_dir = absolute(cfg.cache_dir)
+    if cfg.model.gguf_file is not None:
+        cfg.model.gguf_cache_dir = absolute(cfg.model.gguf_cache_dir) if cfg.model.gguf_cache_dir else cfg.cache_dir
     if cfg.objective.metric is None:
         cfg.objective.metric = get_task(cfg.task).default_metric
     if cfg.objective.direction is None:

@@ -53,6 +53,9 @@ def type_name(tp: Any) -> str:
         return "a string"
     if origin is dict or tp is dict:
         return "a mapping"
+    if origin is list:
+        item = type_name(typing.get_args(tp)[0]).removeprefix("an ").removeprefix("a ") if typing.get_args(tp) else ""
+        return f"a list of {item}s" if item else "a list"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -91,6 +94,17 @@ def _convert_float(value: Any, path: str, problems: Problems) -> Any:
     return number
 
 
+def _string_mapping(value: dict, path: str, problems: Problems) -> Any:
+    """A mapping of names to names: scalar keys and values (numbers, booleans) become their strings."""
+    out = {}
+    for key, item in value.items():
+        if isinstance(key, (dict, list)) or isinstance(item, (dict, list)) or item is None:
+            problems.add(f"{path}.{key}", f"expected a name, got {item!r}")
+            return MISSING
+        out[str(key).lower() if isinstance(key, bool) else str(key)] = str(item)
+    return out
+
+
 def convert(value: Any, tp: Any, path: str, problems: Problems) -> Any:
     """Return ``value`` converted to ``tp``, or MISSING after recording a problem at ``path``."""
     origin = typing.get_origin(tp)
@@ -118,7 +132,15 @@ def convert(value: Any, tp: Any, path: str, problems: Problems) -> Any:
         ok = isinstance(value, str)
     elif origin is dict or tp is dict:
         if isinstance(value, dict):
+            if typing.get_args(tp) == (str, str):  # YAML reads {0: negative} with an int key: names are strings
+                return _string_mapping(value, path, problems)
             return dict(value)
+        ok = False
+    elif origin is list:
+        if isinstance(value, list):
+            (item,) = typing.get_args(tp)
+            items = [convert(v, item, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+            return MISSING if any(v is MISSING for v in items) else items
         ok = False
     else:
         ok = tp is Any

@@ -88,6 +88,9 @@ def read_splits(cfg: StudyConfig) -> DataSplits:
         label_column=d.label_column,
         tokens_field=d.tokens_field,
         tags_field=d.tags_field,
+        prompt_field=d.prompt_field,
+        completion_field=d.completion_field,
+        messages_field=d.messages_field,
         header=d.header,
         encoding=d.encoding,
         split_dev=d.dev_split,
@@ -126,7 +129,7 @@ def prepare_features(
     splits = {}
     for split in SPLIT_NAMES:
         examples = getattr(data, split)
-        columns, lines = task.tokenize(examples, tokenizer, label_ids, cfg.data.max_length)
+        columns, lines = task.tokenize(examples, tokenizer, label_ids, cfg.data)
         report.extend(f"{split}: {line}" for line in lines)
         # Our cache key is the fingerprint: datasets need not hash (pickle) the whole table to make one.
         table = datasets.table.InMemoryTable.from_pydict(columns)

@@ -42,7 +42,7 @@ __all__ = [
     "stratify_problem",
 ]
 
-DataFormat = Literal["conll", "csv", "tsv", "jsonl"]
+DataFormat = Literal["conll", "csv", "tsv", "jsonl", "text"]
 
 SPLIT_NAMES: tuple[str, ...] = ("train", "dev", "test")
 UNICODE_FORMS: tuple[str, ...] = ("NFC", "NFD", "NFKC", "NFKD")
@@ -241,18 +241,29 @@ def read_jsonl(
     label_field: str = "label",
     tokens_field: str = "tokens",
     tags_field: str = "tags",
+    prompt_field: str = "prompt",
+    completion_field: str = "completion",
+    messages_field: str = "messages",
     encoding: str = "utf-8",
     limit: int | None = None,
-) -> list[TokenExample] | list[TextExample]:
+) -> list:
     """Read one JSON object per line: the task's example from each (``BaseTask.jsonl_example``).
 
-    Tokens and tags for NER, text and label for classification. Labels may be JSON strings, numbers or
-    booleans and become strings; tags must be strings (integer tag ids carry no names). ``limit`` keeps
-    the first N objects; blank lines are skipped.
+    Tokens and tags for NER, text and label for classification, a prompt and completion, a chat or a text for
+    causal-lm. Labels may be JSON strings, numbers or booleans and become strings; tags must be strings (integer
+    tag ids carry no names). ``limit`` keeps the first N objects; blank lines are skipped.
     """
     spec = get_task(task)
     _check_limit(limit)
-    fields = {"text": text_field, "label": label_field, "tokens": tokens_field, "tags": tags_field}
+    fields = {
+        "text": text_field,
+        "label": label_field,
+        "tokens": tokens_field,
+        "tags": tags_field,
+        "prompt": prompt_field,
+        "completion": completion_field,
+        "messages": messages_field,
+    }
     examples: list = []
     for number, line in _numbered_lines(path, encoding):
         if limit is not None and len(examples) >= limit:
@@ -260,6 +271,21 @@ def read_jsonl(
         if not line.strip():
             continue
         examples.append(spec.jsonl_example(path, number, _json_object(path, number, line), fields))
+    return examples
+
+
+def read_text_lines(path: str | Path, *, task: str, encoding: str = "utf-8", limit: int | None = None) -> list:
+    """Read a plain text file: the task's example from each line (``BaseTask.line_example``), line ends
+    removed; blank lines are skipped. ``limit`` keeps the first N lines read."""
+    spec = get_task(task)
+    _check_limit(limit)
+    examples: list = []
+    for number, line in _numbered_lines(path, encoding):
+        if limit is not None and len(examples) >= limit:
+            break
+        text = line.rstrip("\r\n")
+        if text.strip():
+            examples.append(spec.line_example(path, number, text))
     return examples
 
 
@@ -495,6 +521,9 @@ def load_splits(
     encoding: str = "utf-8",
     tokens_field: str = "tokens",
     tags_field: str = "tags",
+    prompt_field: str = "prompt",
+    completion_field: str = "completion",
+    messages_field: str = "messages",
     normalize_unicode: str | None = "NFC",
     split_dev: float | int = 0.1,
     split_test: float | int = 0.1,
@@ -520,6 +549,9 @@ def load_splits(
         label_column=label_column,
         tokens_field=tokens_field,
         tags_field=tags_field,
+        prompt_field=prompt_field,
+        completion_field=completion_field,
+        messages_field=messages_field,
         header=header,
         encoding=encoding,
         normalize_unicode=normalize_unicode,
@@ -530,19 +562,7 @@ def load_splits(
         name: _read_split(path, limits.get(name), options, report) for name, path in paths.items() if path is not None
     }
     _require_examples("train", loaded["train"], train)
-    total = len(loaded["train"])
-    for name, amount in (("test", split_test), ("dev", split_dev)):
-        if name not in loaded:
-            loaded["train"], loaded[name] = _carve(
-                spec,
-                loaded["train"],
-                name,
-                amount,
-                total=total,
-                seed=seed,
-                train_path=train,
-                report=report,
-            )
+    _carve_missing(spec, loaded, {"test": split_test, "dev": split_dev}, seed=seed, train_path=train, report=report)
     for name in SPLIT_NAMES:
         _require_examples(name, loaded[name], paths[name] or train)
     _require_something_to_learn(spec, loaded["train"], train)
@@ -569,6 +589,9 @@ class _ReadOptions:
     label_column: str | int
     tokens_field: str
     tags_field: str
+    prompt_field: str
+    completion_field: str
+    messages_field: str
     header: bool
     encoding: str
     normalize_unicode: str | None
@@ -595,6 +618,8 @@ def _read_file(path: Path, limit: int | None, options: _ReadOptions) -> list:
         )
     if options.format == "jsonl":
         return _read_jsonl_split(path, limit, options)
+    if options.format == "text":
+        return read_text_lines(path, task=options.task.name, encoding=options.encoding, limit=limit)
     return read_delimited(
         path,
         delimiter="\t" if options.format == "tsv" else ",",
@@ -623,9 +648,30 @@ def _read_jsonl_split(path: Path, limit: int | None, options: _ReadOptions) -> l
         label_field=str(options.label_column),
         tokens_field=options.tokens_field,
         tags_field=options.tags_field,
+        prompt_field=options.prompt_field,
+        completion_field=options.completion_field,
+        messages_field=options.messages_field,
         encoding=options.encoding,
         limit=limit,
     )
+
+
+def _carve_missing(
+    task: BaseTask,
+    loaded: dict[str, list],
+    amounts: dict[str, float | int],
+    *,
+    seed: int,
+    train_path: Path,
+    report: list[str],
+) -> None:
+    """Carve each split of ``amounts`` that has no file out of train, in that order (test, then dev)."""
+    total = len(loaded["train"])
+    for name, amount in amounts.items():
+        if name not in loaded:
+            loaded["train"], loaded[name] = _carve(
+                task, loaded["train"], name, amount, total=total, seed=seed, train_path=train_path, report=report
+            )
 
 
 def _carve(
@@ -665,7 +711,10 @@ def _require_examples(name: str, examples: list, path: Path) -> None:
 
 def _require_something_to_learn(task: BaseTask, examples: list, path: Path) -> None:
     """A train split with one label only (or NER tags that are all O) trains a model that learns nothing and
-    scores perfectly or zero: train loss 0, accuracy 1.0. Refused before any study is created."""
+    scores perfectly or zero: train loss 0, accuracy 1.0. Refused before any study is created. A task without
+    labels (causal-lm) learns the text itself."""
+    if not task.labelled:
+        return
     counts = Counter(label for example in examples for label in task.example_labels(example))
     problem = task.train_problem(counts)
     if problem is not None:
@@ -681,7 +730,8 @@ def _require_something_to_learn(task: BaseTask, examples: list, path: Path) -> N
 
 def _summary(task: BaseTask, splits: DataSplits) -> list[str]:
     lines = [f"splits: train {len(splits.train)}, dev {len(splits.dev)}, test {len(splits.test)}"]
-    lines.append(f"labels ({len(splits.labels)}): {', '.join(splits.labels)}")
+    if task.labelled:
+        lines.append(f"labels ({len(splits.labels)}): {', '.join(splits.labels)}")
     lines.extend(task.summary(splits))
     seen = _labels_of(task, splits.train)
     for name in ("dev", "test"):

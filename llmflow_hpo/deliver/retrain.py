@@ -61,6 +61,7 @@ def retrain_best(
 ) -> RetrainResult:
     """Retrain the best trial of ``study_name``; ``study``: the study already loaded from ``storage``, if any."""
     from llmflow_hpo.deliver.export import check_output_dir, save_model
+    from llmflow_hpo.recipe.adapters import kept_weights
     from llmflow_hpo.recipe.evaluation import weights_digest
     from llmflow_hpo.recipe.train import retrain
 
@@ -85,7 +86,7 @@ def retrain_best(
     result = retrain(cfg, params, features, seed=seed, stop_at_examples=stop_at, train_split=split, evaluate_test=True)
     assert result.final is not None
     dev = result.final.metrics
-    weights = weights_digest(result.model.state_dict())
+    weights = weights_digest(kept_weights(result.model))
     trial_weights = best.user_attrs.get(records.BEST_WEIGHTS_SHA256)
     reproduced = None
     if train_on == "train":

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from optuna.trial import TrialState
 
+from llmflow_hpo.recipe.adapters import kept_weights, load_kept_weights
 from llmflow_hpo.recipe.results import Evaluation
 from llmflow_hpo.study import records
 from llmflow_hpo.study.view import ranked
@@ -129,7 +130,7 @@ def checkpoint_state(
 ) -> dict[str, Any]:
     """The contents of ``resume.pt`` (``TrialCheckpoint.save`` adds the parameters)."""
     return {
-        "model": model.state_dict(),
+        "model": kept_weights(model),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
@@ -142,7 +143,7 @@ def restore_state(
     saved: dict[str, Any], *, model: Any, optimizer: Any, scheduler: Any, scaler: Any, device: Any
 ) -> LoopState:
     """Load a saved state into a freshly set-up run (every RNG too); the loop state it had reached."""
-    model.load_state_dict(saved["model"])
+    load_kept_weights(model, saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     if scaler is not None and saved.get("scaler"):
@@ -248,7 +249,7 @@ class TrialCheckpoint:
 
     def remember_best(self, model: Any) -> dict[str, Any] | None:
         """A copy of the weights on the CPU, written later (see the class); returns the copy."""
-        self._best = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+        self._best = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in kept_weights(model).items()}
         return self._best
 
     def finish(self) -> None:

@@ -36,8 +36,13 @@ def evaluate(
     features: Features,
     split: str,
     runtime: Runtime,
-) -> dict[str, float]:
-    """Dev or test metrics: the task's scores of the split (``score``) and the cross-entropy ``loss``.
+    *,
+    tokenizer: Any = None,
+    cfg: Any = None,
+) -> tuple[dict[str, float], list[dict[str, str]]]:
+    """Dev or test metrics: the task's scores of the split (``score``), the cross-entropy ``loss`` and what the
+    task evaluates beyond the logits (``evaluate_more``: a causal LM's generated answers, with the study config
+    ``cfg`` and the ``tokenizer``); with the task's samples of its outputs (none for most tasks).
 
     The loader may take the examples in any order given as its sampler (a list of indices, e.g. by
     length); predictions are put back in the split's order before scoring.
@@ -52,25 +57,27 @@ def evaluate(
         labels = batch.pop("labels")
         with runtime.autocast():
             logits = model(**batch).logits
-        flat = labels.reshape(-1)
+        paired, targets = task.loss_inputs(logits, labels)
+        flat = targets.reshape(-1)
         count = int((flat != IGNORE_INDEX).sum())
         total_loss += float(
             F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(), flat, ignore_index=IGNORE_INDEX, reduction="sum"
+                paired.reshape(-1, paired.shape[-1]).float(), flat, ignore_index=IGNORE_INDEX, reduction="sum"
             )
         )
         total_count += count
         predictions.extend(task.batch_predictions(logits, labels))
-    model.train()
     order = loader.sampler if isinstance(loader.sampler, list) else None
-    if order is not None:  # back to the split's order
+    if order is not None and predictions:  # back to the split's order (a task may predict nothing per example)
         unsorted: list[Any] = [None] * len(predictions)
         for position, index in enumerate(order):
             unsorted[index] = predictions[position]
         predictions = unsorted
     metrics = task.score(features, split, predictions)
     metrics["loss"] = total_loss / max(total_count, 1)
-    return metrics
+    more, samples = task.evaluate_more(model, tokenizer, features, split, runtime, cfg, metrics["loss"])
+    model.train()
+    return {**metrics, **more}, samples
 
 
 @torch.inference_mode()

@@ -16,8 +16,10 @@ __all__ = [
     "DROPOUT_ATTRIBUTES",
     "LAYER_ATTRIBUTES",
     "build_model",
+    "gguf_path",
     "load_tokenizer",
     "model_config",
+    "model_path",
     "resolve_model_path",
     "tokenizer_fingerprint",
 ]
@@ -47,10 +49,32 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(getter())
 
 
+def gguf_path(model_cfg: ModelConfig) -> Path:
+    """The GGUF file ``model.gguf_file`` names, in the ``name_or_path`` folder or package (not imported)."""
+    assert model_cfg.gguf_file is not None
+    name = model_cfg.name_or_path
+    if name.startswith("package:"):
+        from llmflow_hpo.recipe.gguf import package_folder
+
+        return package_folder(name[len("package:") :]) / model_cfg.gguf_file
+    return Path(name).expanduser() / model_cfg.gguf_file
+
+
+def model_path(model_cfg: ModelConfig) -> str:
+    """The folder (or hub id) the model and its tokenizer load from: for a GGUF file, its converted folder
+    (made the first time, ``recipe.gguf.converted_folder``)."""
+    if model_cfg.gguf_file is None:
+        return resolve_model_path(model_cfg.name_or_path)
+    from llmflow_hpo.recipe.gguf import converted_folder
+
+    assert model_cfg.gguf_cache_dir is not None  # set by the config loader
+    return str(converted_folder(gguf_path(model_cfg), Path(model_cfg.gguf_cache_dir)))
+
+
 def load_tokenizer(model_cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(model_cfg.name_or_path)
+    path = model_path(model_cfg)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as e:
@@ -64,12 +88,13 @@ def load_tokenizer(model_cfg: ModelConfig) -> Any:
 def model_config(
     model_cfg: ModelConfig,
     *,
+    task: str,
     labels: list[str],
     hidden_dropout: float | None,
     attention_dropout: float | None,
     num_layers: int | None = None,
 ) -> Any:
-    """The transformers config of the model a trial trains: a head for ``labels``, ``model.config_overrides``
+    """The transformers config of the model a trial trains: the task's head for ``labels``, ``model.config_overrides``
     and the trial's dropout and ``num_layers`` applied. Raises ConfigError naming the field (search's pre-flight
     uses it too).
 
@@ -77,14 +102,10 @@ def model_config(
     the pretrained weights of the first ones (``encoder.layer.0`` ...; the others' are left unused)."""
     from transformers import AutoConfig
 
-    path = resolve_model_path(model_cfg.name_or_path)
+    path = model_path(model_cfg)
+    head = get_task(task)
     try:
-        config = AutoConfig.from_pretrained(
-            path,
-            num_labels=len(labels),
-            id2label=dict(enumerate(labels)),
-            label2id={label: i for i, label in enumerate(labels)},
-        )
+        config = AutoConfig.from_pretrained(path, **head.head_config(labels))
     except (OSError, ValueError) as e:
         raise ConfigError(
             f"model.name_or_path: cannot read a model config from {path} ({str(e).splitlines()[0]}); "
@@ -142,20 +163,38 @@ def build_model(
     hidden_dropout: float | None,
     attention_dropout: float | None,
     num_layers: int | None = None,
+    quantization: str = "none",
+    device: Any = None,
 ) -> Any:
     """A freshly loaded (or randomly initialised) model with a head for ``labels``, the trial's dropout and
-    its first ``num_layers`` layers (all when None)."""
+    its first ``num_layers`` layers (all when None), on ``device`` (the CPU when None). ``quantization`` 4bit
+    loads the pretrained weights in 4-bit NF4 through bitsandbytes (QLoRA's base; a CUDA device)."""
     config = model_config(
         model_cfg,
+        task=task,
         labels=labels,
         hidden_dropout=hidden_dropout,
         attention_dropout=attention_dropout,
         num_layers=num_layers,
     )
     auto = get_task(task).model_class()
+    if quantization == "4bit":
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        quantized = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        path = model_path(model_cfg)
+        return auto.from_pretrained(path, config=config, quantization_config=quantized, device_map={"": device})
     if model_cfg.random_init:
-        return auto.from_config(config)
-    return auto.from_pretrained(resolve_model_path(model_cfg.name_or_path), config=config)
+        model = auto.from_config(config)
+    else:
+        model = auto.from_pretrained(model_path(model_cfg), config=config)
+    return model if device is None else model.to(device)
 
 
 def tokenizer_fingerprint(model_cfg: ModelConfig, tokenizer: Any) -> str:
@@ -170,7 +209,7 @@ def tokenizer_fingerprint(model_cfg: ModelConfig, tokenizer: Any) -> str:
     import transformers
     from transformers import tokenization_utils_base as base
 
-    path = Path(resolve_model_path(model_cfg.name_or_path))
+    path = Path(model_path(model_cfg))
     names = {
         base.FULL_TOKENIZER_FILE,
         base.TOKENIZER_CONFIG_FILE,

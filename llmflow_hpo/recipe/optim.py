@@ -19,14 +19,20 @@ __all__ = ["adopt_hyperparameters", "build_optimizer", "build_scheduler", "warmu
 
 
 def build_optimizer(model: torch.nn.Module, hp: TrainConfig, runtime: Runtime) -> torch.optim.Optimizer:
-    """Weight decay on weights only: not on biases, not on normalisation layers (the first group decays)."""
+    """Weight decay on weights only: not on biases, not on normalisation layers (LayerNorm, and the RMSNorm of
+    Llama-style models, by class name); the first group decays. A weight shared by two modules (a causal LM's
+    embeddings tied to its output layer) is one parameter, stepped once; frozen ones (an adapter's base) are left out.
+    """
     decay, no_decay = [], []
     norm_types = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.BatchNorm1d)
+    seen: set[int] = set()
     for module in model.modules():
+        norm = isinstance(module, norm_types) or "norm" in type(module).__name__.lower()
         for name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad:
+            if not param.requires_grad or id(param) in seen:
                 continue
-            (no_decay if isinstance(module, norm_types) or name == "bias" else decay).append(param)
+            seen.add(id(param))
+            (no_decay if norm or name == "bias" else decay).append(param)
     groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if hp.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=hp.learning_rate, fused=runtime.fused_optimizer or None)

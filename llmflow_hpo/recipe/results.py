@@ -36,6 +36,7 @@ class Evaluation:
     train_loss: float
     last: bool = False  # the run ends after this evaluation (its last point, or early stopping)
     weights_sha256: str | None = None  # the model's weights_digest, taken when this evaluation is the best so far
+    samples: list[dict[str, str]] = field(default_factory=list)  # the task's outputs on a few dev examples
 
 
 @dataclass
@@ -46,11 +47,13 @@ class TrainResult:
     train_time_s: float
     examples_per_second: float
     n_params: int
+    n_trainable: int
     peak_memory_mb: float
     peak_memory_kind: str
     device: str
     model: Any = None  # the trained model, on the CPU: retrain, or train_and_evaluate(keep_model=True)
     test_metrics: dict[str, float] = field(default_factory=dict)
+    test_samples: list[dict[str, str]] = field(default_factory=list)  # the task's outputs on a few test examples
     final: Evaluation | None = None  # the evaluation at retrain's stop_at_examples
     checkpoints_written: int = 0
     checkpoint_seconds: float = 0.0

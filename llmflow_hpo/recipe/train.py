@@ -33,6 +33,7 @@ import torch
 from llmflow_hpo.config.study import StudyConfig, TrainConfig, clip_norm
 from llmflow_hpo.data.features import Features
 from llmflow_hpo.errors import TrialFailure
+from llmflow_hpo.recipe.adapters import kept_weights, trainable_count, with_adapter
 from llmflow_hpo.recipe.batches import eval_loader, train_loader
 from llmflow_hpo.recipe.checkpoints import LoopState, TrialCheckpoint, checkpoint_state, restore_state
 from llmflow_hpo.recipe.evaluation import LATENCY_EXAMPLES, evaluate, latency_ms, weights_digest
@@ -60,6 +61,7 @@ class _Run:
     features: Features
     runtime: Runtime
     model: Any
+    tokenizer: Any
     collate: Any
     train_loader: Any
     dev_loader: Any
@@ -72,7 +74,7 @@ class _Run:
 
     def release(self) -> None:
         """Drop the model, loaders and optimizer: a traceback that outlives the run keeps only this shell."""
-        self.model = self.collate = self.train_loader = self.dev_loader = None
+        self.model = self.tokenizer = self.collate = self.train_loader = self.dev_loader = None
         self.optimizer = self.scheduler = self.scaler = self.class_weights = None
 
 
@@ -92,9 +94,14 @@ def _set_up(cfg: StudyConfig, hp: TrainConfig, features: Features, runtime: Runt
         hidden_dropout=hp.hidden_dropout,
         attention_dropout=hp.attention_dropout,
         num_layers=hp.num_layers,
-    ).to(runtime.device)
+        quantization=hp.quantization,
+        device=runtime.device,
+    )
+    if hp.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = with_adapter(model, hp, cfg.task)
     model.train()
-    collate = get_task(cfg.task).collator(tokenizer)
+    collate = get_task(cfg.task).collator(tokenizer, cfg.data)
     train_ds = features.splits[split]
     loader = train_loader(train_ds, hp, runtime, collate, seed)
     dev_loader = eval_loader(features.splits["dev"], hp, runtime, collate)
@@ -109,6 +116,7 @@ def _set_up(cfg: StudyConfig, hp: TrainConfig, features: Features, runtime: Runt
         features=features,
         runtime=runtime,
         model=model,
+        tokenizer=tokenizer,
         collate=collate,
         train_loader=loader,
         dev_loader=dev_loader,
@@ -167,7 +175,10 @@ def _costs(run: _Run) -> dict[str, float]:
     inference latency on the first ``LATENCY_EXAMPLES`` dev examples, one at a time (``latency_ms``). It draws
     from no RNG the training uses (eval mode, the eval loader's own generator): a retrain that skips it reaches
     the same weights."""
-    costs: dict[str, float] = {records.N_PARAMS: sum(p.numel() for p in run.model.parameters())}
+    costs: dict[str, float] = {
+        records.N_PARAMS: sum(p.numel() for p in run.model.parameters()),
+        records.N_TRAINABLE: trainable_count(run.model),
+    }
     if run.cfg.objective.cost == "latency_ms":
         dev = run.features.splits["dev"]
         one = dataclasses.replace(run.hp, eval_batch_size=1)
@@ -183,11 +194,13 @@ def _costs(run: _Run) -> dict[str, float]:
 def _train_step(run: _Run, batch: dict[str, torch.Tensor], step_number: int) -> tuple[float, int]:
     """One optimizer step on one batch: its training loss and the number of examples in it."""
     hp, runtime, model, optimizer, scaler = run.hp, run.runtime, run.model, run.optimizer, run.scaler
+    task = get_task(run.cfg.task)
+    examples = task.batch_examples(batch)
     batch = {k: v.to(runtime.device, non_blocking=runtime.pin_memory) for k, v in batch.items()}
     labels = batch.pop("labels")
     with runtime.autocast():
         logits = model(**batch).logits
-    loss = loss_fn(logits, labels, hp, run.class_weights)
+    loss = loss_fn(*task.loss_inputs(logits, labels), hp, run.class_weights)
     value = float(loss.detach())  # the step's one wait for the device: read once, before backward
     if not math.isfinite(value):
         raise TrialFailure(
@@ -209,7 +222,7 @@ def _train_step(run: _Run, batch: dict[str, torch.Tensor], step_number: int) -> 
         scaler.update()
     run.scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return value, len(labels)
+    return value, examples
 
 
 def _train(run: _Run, loop: LoopState, points: list[int], on_step: OnStep | None) -> Iterator[int]:
@@ -252,13 +265,17 @@ def _train(run: _Run, loop: LoopState, points: list[int], on_step: OnStep | None
 
 def _evaluate_dev(run: _Run, loop: LoopState, step: int) -> Evaluation:
     tick = time.perf_counter()
+    metrics, samples = evaluate(
+        run.model, run.dev_loader, run.features, "dev", run.runtime, tokenizer=run.tokenizer, cfg=run.cfg
+    )
     evaluation = Evaluation(
         step=step,
         examples_seen=loop.examples_seen,
         optimizer_step=loop.optimizer_step,
         epoch=loop.examples_seen / run.n_train,
-        metrics=evaluate(run.model, run.dev_loader, run.features, "dev", run.runtime),
+        metrics=metrics,
         train_loss=loop.running_loss / max(loop.running_count, 1),
+        samples=samples,
     )
     loop.eval_seconds += time.perf_counter() - tick
     return evaluation
@@ -285,7 +302,7 @@ def _evaluation_point(
         loop.best = evaluation
         # the CPU copy the checkpoint keeps is hashed, rather than copying the weights off the device twice
         kept = checkpoint.remember_best(run.model) if checkpoint is not None else None
-        evaluation.weights_sha256 = weights_digest(kept or run.model.state_dict())
+        evaluation.weights_sha256 = weights_digest(kept or kept_weights(run.model))
     stop = hp.early_stopping_patience is not None and loop.since_best >= hp.early_stopping_patience
     more = loop.next_point < len(points)
     evaluation.last = stop or not more
@@ -317,6 +334,7 @@ def _result(run: _Run, loop: LoopState, params: dict[str, Any], setup_seconds: f
         train_time_s=time.perf_counter() - loop.started,
         examples_per_second=loop.examples_seen / max(loop.train_seconds, 1e-9),
         n_params=sum(p.numel() for p in run.model.parameters()),
+        n_trainable=trainable_count(run.model),
         peak_memory_mb=0.0,
         peak_memory_kind="",
         device=str(run.runtime.device),
@@ -403,7 +421,9 @@ def retrain(
         result.final = _evaluate_dev(run, loop, stop_at_examples)
         if evaluate_test:
             test_loader = eval_loader(features.splits["test"], hp, run.runtime, run.collate)
-            result.test_metrics = evaluate(run.model, test_loader, features, "test", run.runtime)
+            result.test_metrics, result.test_samples = evaluate(
+                run.model, test_loader, features, "test", run.runtime, tokenizer=run.tokenizer, cfg=cfg
+            )
         result.peak_memory_mb, result.peak_memory_kind = peak_memory(run.runtime.device)
         result.model = run.model.cpu()
         return result

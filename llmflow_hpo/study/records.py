@@ -49,6 +49,7 @@ BEST_STEP = "best_step"
 BEST_OPTIMIZER_STEP = "best_optimizer_step"
 BEST_EPOCH = "best_epoch"
 BEST_WEIGHTS_SHA256 = "best_weights_sha256"
+BEST_SAMPLES = "best_samples"
 EVALUATIONS = "evaluations"
 STOPPED_EARLY = "stopped_early"
 TRAIN_TIME_S = "train_time_s"
@@ -57,6 +58,7 @@ TRAIN_S = "train_s"
 EVAL_S = "eval_s"
 EXAMPLES_PER_SECOND = "examples_per_second"
 N_PARAMS = "n_params"
+N_TRAINABLE = "n_trainable"
 LATENCY_MS = "latency_ms"
 PEAK_MEMORY_MB = "peak_memory_mb"
 PEAK_MEMORY_KIND = "peak_memory_kind"
@@ -194,6 +196,16 @@ TRIAL_GROUPS: tuple[Group, ...] = (
     ),
     Group(
         (
+            Attr(
+                BEST_SAMPLES,
+                "run",
+                "causal-lm: a few dev prompts with their reference and generated answers at the best evaluation",
+            ),
+        ),
+        "causal-lm: a few dev prompts with their reference and generated answers at that evaluation",
+    ),
+    Group(
+        (
             Attr(EVALUATIONS, "metric", "dev evaluations run", column=True),
             Attr(STOPPED_EARLY, "run", "whether early stopping ended the trial", column=True),
         ),
@@ -212,6 +224,11 @@ TRIAL_GROUPS: tuple[Group, ...] = (
         (
             Attr(EXAMPLES_PER_SECOND, "metric", "training throughput", column=True),
             Attr(N_PARAMS, "metric", "the model's parameter count"),
+            Attr(
+                N_TRAINABLE,
+                "metric",
+                "the parameters that train (an adapter's and the head's with train.adapter: lora)",
+            ),
             Attr(
                 LATENCY_MS,
                 "metric",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from llmflow_hpo.errors import ConfigError
 from llmflow_hpo.tasks.base import IGNORE_INDEX, BaseTask
+from llmflow_hpo.tasks.causal_lm import CausalLM
 from llmflow_hpo.tasks.text_classification import TextClassification
 from llmflow_hpo.tasks.token_classification import TokenClassification
 
@@ -18,6 +19,7 @@ TASKS: dict[str, BaseTask] = {
     for task in (
         TokenClassification(),
         TextClassification(),
+        CausalLM(),
     )
 }
 TASK_NAMES: tuple[str, ...] = tuple(TASKS)

@@ -59,10 +59,14 @@ class BaseTask(abc.ABC):
     - ``model_card_class``: the transformers Auto class the model card's usage snippet loads the model with.
     - ``scoring_columns``: the feature columns (of ``tokenize``) that the task's ``score`` reads, kept out of
       the model's inputs (``recipe.batches.ModelInputs``); none by default.
+    - ``labelled``: its examples carry labels from a label set (the label checks of reading apply, the model's
+      head is sized by it); False for a task that learns text (causal-lm).
+    - ``peft_task_type``: PEFT's ``task_type`` for a LoRA adapter on this task's model (it decides which head
+      PEFT trains fully beside the adapter: ``modules_to_save``).
 
-    The loss is not the task's: every task so far trains with the cross-entropy family of the training
-    recipe (its ``loss_fn``: cross-entropy or focal, optional class weights, positions labelled
-    ``IGNORE_INDEX`` skipped), applied to the logits of ``model_class()`` and the ``labels`` column.
+    The loss is not the task's: every task trains with the cross-entropy family of the training recipe (its
+    ``loss_fn``: cross-entropy or focal, optional class weights, positions labelled ``IGNORE_INDEX`` skipped),
+    applied to the logits of ``model_class()`` and the ``labels`` column, as ``loss_inputs`` aligns them.
     """
 
     name: ClassVar[str]
@@ -74,6 +78,8 @@ class BaseTask(abc.ABC):
     default_metric: ClassVar[str]
     model_card_class: ClassVar[str]
     scoring_columns: ClassVar[tuple[str, ...]] = ()
+    labelled: ClassVar[bool] = True
+    peft_task_type: ClassVar[str]
 
     # ------------------------------------------------------------------ config (validate, before any file is read)
 
@@ -117,8 +123,12 @@ class BaseTask(abc.ABC):
 
     def train_problem(self, counts: Mapping[str, int]) -> str | None:
         """Why a train split with these label counts teaches nothing (beyond having one label only, which
-        ``load_splits`` checks for every task), or None. Called before any tokenizer is loaded."""
+        ``load_splits`` checks for every labelled task), or None. Called before any tokenizer is loaded."""
         return None
+
+    def line_example(self, path: str | Path, number: int, line: str) -> Any:
+        """One example from one line of a ``text`` file; only a task whose ``formats`` has text is asked."""
+        raise DataError(path, f"format text does not fit task {self.name}")
 
     def summary(self, splits: Any) -> list[str]:
         """Report lines of this task about the splits read (``data.read.DataSplits``): label counts, warnings.
@@ -135,11 +145,12 @@ class BaseTask(abc.ABC):
 
     @abc.abstractmethod
     def tokenize(
-        self, examples: list, tokenizer: Any, label_ids: Mapping[str, int], max_length: int
+        self, examples: list, tokenizer: Any, label_ids: Mapping[str, int], data: Any
     ) -> tuple[dict[str, list], list[str]]:
         """The feature columns of one split (``input_ids``..., ``labels`` and any scoring columns) and its
-        report lines. Called once per split on a cache miss of the features; the result is cached on disk,
-        so what it returns for the same input must not change without a new features format version."""
+        report lines, as the study's ``data:`` settings (``config.study.DataConfig``: ``max_length``...) say.
+        Called once per split on a cache miss of the features; the result is cached on disk (keyed by the data
+        settings), so what it returns for the same input must not change without a new features format version."""
 
     # ------------------------------------------------------------------ model (recipe.models, search pre-flight)
 
@@ -148,12 +159,29 @@ class BaseTask(abc.ABC):
         """The transformers Auto class (model with this task's head) that builds the trial's model, from a
         config (``from_config``) or from pretrained weights. Called when a model is built."""
 
+    def head_config(self, labels: list[str]) -> dict[str, Any]:
+        """The model config's fields for this task's head, given the label set (``AutoConfig`` keywords)."""
+        return {
+            "num_labels": len(labels),
+            "id2label": dict(enumerate(labels)),
+            "label2id": {label: i for i, label in enumerate(labels)},
+        }
+
+    def batch_examples(self, batch: Mapping[str, Any]) -> int:
+        """How many examples a collated batch holds (the unit of the recipe's steps): its rows by default."""
+        return len(batch["labels"])
+
+    def loss_inputs(self, logits: Any, labels: Any) -> tuple[Any, Any]:
+        """The logits and the targets the loss pairs position by position (the training loss and the dev
+        loss); as they come by default. A causal LM's logit at t predicts the token at t + 1."""
+        return logits, labels
+
     # ------------------------------------------------------------ predictions (the recipe's evaluation; predict, serve)
 
     @abc.abstractmethod
-    def collator(self, tokenizer: Any) -> Any:
-        """The collate function that pads a batch of features (labels included) for the model; called
-        when the recipe builds its data loaders."""
+    def collator(self, tokenizer: Any, data: Any) -> Any:
+        """The collate function that pads a batch of features (labels included) for the model, as the study's
+        ``data:`` settings say; called when the recipe builds its data loaders."""
 
     @abc.abstractmethod
     def batch_predictions(self, logits: Any, labels: Any) -> list:
@@ -164,6 +192,15 @@ class BaseTask(abc.ABC):
     def score(self, features: ScoredFeatures, split: str, predictions: list) -> dict[str, float]:
         """The metrics of a split (without ``"loss"``, which the recipe adds) from the predictions of all its
         examples in the split's order (the concatenated ``batch_predictions``). Called once per evaluation."""
+
+    def evaluate_more(
+        self, model: Any, tokenizer: Any, features: ScoredFeatures, split: str, runtime: Any, cfg: Any, loss: float
+    ) -> tuple[dict[str, float], list[dict[str, str]]]:
+        """Metrics that need more of the model than its logits (a causal LM's generated answers) and a few
+        samples of its outputs (``{"prompt", "reference", "answer"}``), from the evaluated ``model`` (in eval
+        mode, under inference mode) and the split's ``loss``; ``cfg`` is the study config. Called once per
+        evaluation, after ``score``; it must draw from no RNG the training uses. None by default."""
+        return {}, []
 
 
 def json_field(path: str | Path, number: int, record: dict, name: str) -> object:

@@ -51,6 +51,7 @@ class TextClassification(BaseTask):
     metrics = (*TEXT_METRICS, "loss")
     default_metric = "accuracy"
     model_card_class = "AutoModelForSequenceClassification"
+    peft_task_type = "SEQ_CLS"
 
     def format_problem(self, format: str) -> str:
         return "text-classification reads csv, tsv or jsonl"
@@ -93,9 +94,10 @@ class TextClassification(BaseTask):
     # ------------------------------------------------------------------ features
 
     def tokenize(
-        self, examples: list[TextExample], tokenizer: Any, label_ids: Mapping[str, int], max_length: int
+        self, examples: list[TextExample], tokenizer: Any, label_ids: Mapping[str, int], data: Any
     ) -> tuple[dict[str, list], list[str]]:
-        """Input ids of each text (truncated to ``max_length``) and its label id."""
+        """Input ids of each text (truncated to ``data.max_length``) and its label id."""
+        max_length = data.max_length
         enc = tokenizer([e.text for e in examples], truncation=True, max_length=max_length)
         columns: dict[str, list] = {key: list(value) for key, value in enc.items()}
         columns["labels"] = [label_ids[e.label] for e in examples]
@@ -114,7 +116,7 @@ class TextClassification(BaseTask):
 
         return AutoModelForSequenceClassification
 
-    def collator(self, tokenizer: Any) -> Any:
+    def collator(self, tokenizer: Any, data: Any) -> Any:
         from transformers import DataCollatorWithPadding
 
         return DataCollatorWithPadding(tokenizer)

@@ -60,6 +60,7 @@ class TokenClassification(BaseTask):
     metrics = (*TOKEN_METRICS, "loss")
     default_metric = "f1"
     model_card_class = "AutoModelForTokenClassification"
+    peft_task_type = "TOKEN_CLS"
     # Word-level gold tags, and the word of each labelled position: read by score, not model inputs.
     scoring_columns = ("word_labels", "label_words")
 
@@ -114,7 +115,7 @@ class TokenClassification(BaseTask):
             )
 
     def tokenize(
-        self, examples: list[TokenExample], tokenizer: Any, label_ids: Mapping[str, int], max_length: int
+        self, examples: list[TokenExample], tokenizer: Any, label_ids: Mapping[str, int], data: Any
     ) -> tuple[dict[str, list], list[str]]:
         """Input ids, the first-subword labels, the word-level gold labels and, for every labelled position, the
         index of its word (``label_words``): evaluation maps predictions back to words through it.
@@ -122,6 +123,7 @@ class TokenClassification(BaseTask):
         A word the tokenizer gives no subword (a zero-width or control character that survived cleaning) has
         no position: it is counted and reported, and scored as predicted O, never shifted onto the next word.
         """
+        max_length = data.max_length
         enc = tokenizer(
             [list(e.tokens) for e in examples],
             is_split_into_words=True,
@@ -155,7 +157,7 @@ class TokenClassification(BaseTask):
 
         return AutoModelForTokenClassification
 
-    def collator(self, tokenizer: Any) -> Any:
+    def collator(self, tokenizer: Any, data: Any) -> Any:
         from transformers import DataCollatorForTokenClassification
 
         return DataCollatorForTokenClassification(tokenizer, label_pad_token_id=IGNORE_INDEX)

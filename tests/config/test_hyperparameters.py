@@ -46,6 +46,14 @@ def test_the_searchable_names_are_the_declared_ones_in_order() -> None:
         "loss",
         "focal_gamma",
         "class_weighting",
+        "adapter",
+        "lora_r",
+        "lora_alpha",
+        "lora_alpha_ratio",
+        "lora_dropout",
+        "lora_targets",
+        "lora_rslora",
+        "lora_dora",
     ]
     assert all(hp.searchable for hp in HYPERPARAMETERS.values())
     assert not any(TRAIN_SETTINGS[name].searchable for name in set(TRAIN_SETTINGS) - set(HYPERPARAMETERS))

