@@ -460,6 +460,7 @@ def cmd_retrain_best(args: argparse.Namespace) -> int:
         storage=storage,
         output_dir=Path(args.output) if args.output else None,
         train_on=args.train_on,
+        merge=args.merge,
         log=_log,
         study=study,
     )
@@ -608,6 +609,12 @@ def _add_retrain_best(sub: Any) -> None:
         choices=("train", "train+dev"),
         default="train",
         help="train: reproduce the best trial exactly (default); train+dev: also learn from dev, same epochs",
+    )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="a LoRA trial: also write the model with the adapter merged into its weights (merged/), loadable "
+        "without PEFT",
     )
 
 

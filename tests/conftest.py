@@ -109,6 +109,71 @@ def tiny_cfg(write_study):
     return make
 
 
+SAMPLE_LM = REPO / "studies" / "data" / "quickstart-lm"
+
+# A causal-LM study on the quick-start reviews with a tiny random Llama (tests/tiny_lm.py): seconds per trial.
+LM_CONFIG: dict[str, Any] = {
+    "task": "causal-lm",
+    "study_name": "tiny-lm",
+    "search_space": "space.yaml",
+    "seed": 5,
+    "n_trials": 2,
+    "data": {
+        "format": "jsonl",
+        "train": str(SAMPLE_LM / "train.jsonl"),
+        "dev": str(SAMPLE_LM / "dev.jsonl"),
+        "test": str(SAMPLE_LM / "test.jsonl"),
+        "limit_train": 48,
+        "limit_dev": 12,
+        "limit_test": 12,
+        "max_length": 48,
+    },
+    "model": {"random_init": True},
+    "generation": {"examples": 6, "max_new_tokens": 3, "samples": 2, "labels": ["positive", "negative"]},
+    "sampler": {"name": "random"},
+    "pruner": {"name": "none"},
+    "train": {
+        "epochs": 2,
+        "batch_size": 8,
+        "learning_rate": 3e-3,
+        "evals_per_epoch": 1,
+        "early_stopping_patience": None,
+    },
+}
+LM_SPACE = {"learning_rate": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_folder(tmp_path_factory) -> Path:
+    """A tiny random Llama's config and a byte-level BPE tokenizer trained on the quick-start reviews."""
+    import json
+
+    from tiny_lm import write_tiny_lm
+
+    texts = []
+    for split in ("train", "dev", "test"):
+        for line in (SAMPLE_LM / f"{split}.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            texts.append(record["prompt"] + "\n" + record["completion"])
+    return write_tiny_lm(tmp_path_factory.mktemp("tiny-lm"), texts)
+
+
+@pytest.fixture
+def lm_study(tmp_path: Path, tiny_lm_folder: Path):
+    """Write a causal-LM study (LM_CONFIG with ``changes``) and its search space; returns the config path."""
+
+    def write(changes: dict[str, Any] | None = None, space: dict[str, Any] | None = None) -> Path:
+        raw = deep_update(LM_CONFIG, {"model": {"name_or_path": str(tiny_lm_folder)}})
+        raw = deep_update(raw, changes or {})
+        raw.setdefault("cache_dir", str(tmp_path / "cache"))
+        (tmp_path / raw["search_space"]).write_text(yaml.safe_dump(space or LM_SPACE))
+        path = tmp_path / "lm-study.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    return write
+
+
 @pytest.fixture
 def text_data(tmp_path: Path):
     """Write a small SST-2-style TSV (every k-th sentence in class 1); returns the config changes that read it."""

@@ -145,3 +145,45 @@ def test_ctrl_c_leaves_the_study_consistent_and_exits_130(write_study, tmp_path)
     trials = optuna.load_study(study_name="tiny-ner", storage=storage).trials
     assert trials[queued.number].state == TrialState.COMPLETE
     assert trials[queued.number].user_attrs["retry_of"] == interrupted.number
+
+
+def test_causal_lm_search_of_full_against_lora_then_retrain_best_merged(lm_study, tmp_path):
+    """A causal-LM study that searches full fine-tuning against LoRA (and LoRA's rank), end to end."""
+    space = {
+        "adapter": {"type": "categorical", "choices": ["none", "lora"]},
+        "lora_r": {"type": "categorical", "choices": [2, 4]},
+        "learning_rate": {"type": "float", "low": 3e-3, "high": 1e-2, "log": True},
+    }
+    config = lm_study({"n_trials": 3, "objective": {"metric": "label_accuracy"}}, space)
+    storage = f"sqlite:///{tmp_path / 'tiny-lm.db'}"
+    run = cli("search", str(config))
+    assert run.returncode == 0, run.stderr
+    study = optuna.load_study(study_name="tiny-lm", storage=storage)
+    trials = study.get_trials(states=[TrialState.COMPLETE])
+    assert {t.params["adapter"] for t in trials} == {"none", "lora"}  # the design trials cover both
+    for t in trials:
+        samples = t.user_attrs["best_samples"]
+        assert len(samples) == 2 and samples[0]["prompt"].startswith("Review: ")
+        lora = t.params["adapter"] == "lora"
+        assert (t.user_attrs["n_trainable"] < t.user_attrs["n_params"] / 2) is lora
+    # A LoRA study of one trial: retrain-best reproduces it exactly and writes the adapter and the merged model.
+    lora = cli(
+        "search", str(config), "--set", "study_name=tiny-lora", "--set", "n_trials=1", "--set", "train.adapter=lora"
+    )
+    assert lora.returncode == 0, lora.stderr
+    storage = f"sqlite:///{tmp_path / 'tiny-lora.db'}"
+    study = optuna.load_study(study_name="tiny-lora", storage=storage)
+    out = tmp_path / "model"
+    retrain = cli(
+        "retrain-best", "--study", "tiny-lora", "--storage", storage, "--output", str(out), "--merge", "--json"
+    )
+    assert retrain.returncode == 0, retrain.stderr
+    result = json.loads(retrain.stdout)
+    assert result["trial_number"] == study.best_trial.number
+    assert result["reproduced"] is True  # the same adapter weights (digest) and dev score as the trial
+    assert (out / "adapter_model.safetensors").is_file() and (out / "merged" / "model.safetensors").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["adapter"]["lora"]["r"] == study.best_trial.params.get("lora_r", 8)
+    assert metrics["adapter"]["adapter_bytes"] < metrics["adapter"]["merged_bytes"] / 3
+    assert "LoRA adapter" in (out / "README.md").read_text() and not (out / "labels.json").exists()
+    assert "label_accuracy" in result["test_metrics"] and metrics["test_samples"]

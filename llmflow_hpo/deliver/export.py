@@ -1,4 +1,9 @@
-"""The finished model folder: weights (safetensors), tokenizer, label map, metrics, config and a model card."""
+"""The finished model folder: weights (safetensors), tokenizer, label map, metrics, config and a model card.
+
+A LoRA model (``train.adapter: lora``) is written as its adapter (PEFT's ``adapter_config.json`` and
+``adapter_model.safetensors``: the adapter and the trained head) and, with ``merge``, also as the base model with
+the adapter merged into its weights (``merged/``, PEFT's ``merge_and_unload``), which loads without PEFT.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import yaml
 from llmflow_hpo import __version__
 from llmflow_hpo.config.study import StudyConfig, config_to_dict
 from llmflow_hpo.errors import LlmflowError
+from llmflow_hpo.recipe.adapters import adapter_settings, is_adapter
 from llmflow_hpo.recipe.models import load_tokenizer
 from llmflow_hpo.study import records
 from llmflow_hpo.study.front import CostObjective, cost_value, metric_value
@@ -37,6 +43,7 @@ def _card(
     test: dict,
     reproduced: bool | None,
     confirmation: dict[str, Any] | None = None,
+    adapter: dict[str, Any] | None = None,
 ) -> str:
     rows = "\n".join(f"| {name} | {value!r} |" for name, value in sorted(params.items()))
     fixed = {k: v for k, v in config_to_dict(cfg)["train"].items() if k not in params}
@@ -88,12 +95,41 @@ Fixed:
 
 ## Use
 
-```python
+{_use(auto, adapter)}"""
+
+
+def _use(auto: str, adapter: dict[str, Any] | None) -> str:
+    """The card's usage snippet: transformers' Auto class, or PEFT's for an adapter (and the merged folder)."""
+    if adapter is None:
+        return f"""```python
 from transformers import {auto}, AutoTokenizer
 model = {auto}.from_pretrained("PATH/TO/THIS/FOLDER")
 tokenizer = AutoTokenizer.from_pretrained("PATH/TO/THIS/FOLDER")
 ```
 """
+    lora = adapter["lora"]
+    settings = ", ".join(f"{k} {v}" for k, v in lora.items())
+    merged = (
+        f"""
+The adapter merged into the base weights (loads without PEFT):
+
+```python
+model = {auto}.from_pretrained("PATH/TO/THIS/FOLDER/merged")
+```
+"""
+        if adapter["merged"]
+        else ""
+    )
+    return f"""A LoRA adapter ({settings}; {adapter["adapter_bytes"] / 1e6:.2f} MB) on the base model named in
+adapter_config.json:
+
+```python
+from peft import AutoPeftModel{auto.removeprefix("AutoModel")}
+from transformers import AutoTokenizer
+model = AutoPeftModel{auto.removeprefix("AutoModel")}.from_pretrained("PATH/TO/THIS/FOLDER")
+tokenizer = AutoTokenizer.from_pretrained("PATH/TO/THIS/FOLDER")
+```
+{merged}"""
 
 
 def _confirmed_line(confirmation: dict[str, Any] | None) -> str:
@@ -122,6 +158,26 @@ def _cost_line(cfg: StudyConfig, trial: Any) -> str:
     )
 
 
+def _save_weights(model: Any, folder: Path, tokenizer: Any, hp: Any, merge: bool) -> dict[str, Any] | None:
+    """The model's weights into ``folder``: all of them, or a LoRA model's adapter (and, with ``merge``, the
+    merged model in ``merged/``); for an adapter, what the model card and metrics.json say of it."""
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = True  # trained without the key-value cache (packing); inference wants it
+    if not is_adapter(model):
+        model.save_pretrained(folder, safe_serialization=True)
+        return None
+    model.save_pretrained(folder, safe_serialization=True)
+    adapter_bytes = (folder / "adapter_model.safetensors").stat().st_size
+    info: dict[str, Any] = {"lora": adapter_settings(hp), "adapter_bytes": adapter_bytes, "merged": None}
+    if merge:
+        merged = model.merge_and_unload()
+        merged.save_pretrained(folder / "merged", safe_serialization=True)
+        tokenizer.save_pretrained(folder / "merged")
+        info["merged"] = "merged"
+        info["merged_bytes"] = sum(f.stat().st_size for f in (folder / "merged").glob("*.safetensors"))
+    return info
+
+
 def check_output_dir(out: Path) -> None:
     """Refuse to replace a folder that is not an earlier llmflow-hpo model (nothing of the user's is lost)."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "metrics.json").exists())):
@@ -146,18 +202,22 @@ def save_model(
     examples_seen: int,
     weights_sha256: dict[str, str | None] | None = None,
     confirmation: dict[str, Any] | None = None,
+    merge: bool = False,
+    test_samples: list[dict[str, str]] | None = None,
 ) -> None:
     """Write the folder next to ``out`` first, then move it in place: a failed export leaves no half folder."""
     check_output_dir(out)
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    load_tokenizer(cfg.model).save_pretrained(staging)
-    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    (staging / "labels.json").write_text(
-        json.dumps({"labels": labels, "label2id": {label: i for i, label in enumerate(labels)}}, indent=2)
-    )
+    tokenizer = load_tokenizer(cfg.model)
+    adapter = _save_weights(model, staging, tokenizer, cfg.train.with_params(params), merge)
+    tokenizer.save_pretrained(staging)
+    if get_task(cfg.task).labelled:
+        labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        (staging / "labels.json").write_text(
+            json.dumps({"labels": labels, "label2id": {label: i for i, label in enumerate(labels)}}, indent=2)
+        )
     metrics = {
         "study": study.study_name,
         "trial": trial.number,
@@ -178,6 +238,10 @@ def save_model(
         metrics["cost"] = {"name": cfg.objective.cost, "value": cost_value(trial), "select": cfg.objective.select}
     if confirmation is not None:  # the confirmed winner (llmflow-hpo confirm): its scores over seeds
         metrics["confirmation"] = confirmation
+    if adapter is not None:
+        metrics["adapter"] = adapter
+    if test_samples:
+        metrics["test_samples"] = test_samples
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
     resolved = {
         "config": config_to_dict(cfg),
@@ -187,7 +251,9 @@ def save_model(
     }
     (staging / "study_config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     (staging / "README.md").write_text(
-        _card(cfg, study, n_trials, trial, params, train_on, dev_metrics, test_metrics, reproduced, confirmation)
+        _card(
+            cfg, study, n_trials, trial, params, train_on, dev_metrics, test_metrics, reproduced, confirmation, adapter
+        )
     )
     if out.exists():
         shutil.rmtree(out)

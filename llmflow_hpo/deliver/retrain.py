@@ -56,10 +56,12 @@ def retrain_best(
     storage: str,
     output_dir: Path | None = None,
     train_on: Literal["train", "train+dev"] = "train",
+    merge: bool = False,
     log: Callable[[str], None] | None = None,
     study: optuna.Study | None = None,
 ) -> RetrainResult:
-    """Retrain the best trial of ``study_name``; ``study``: the study already loaded from ``storage``, if any."""
+    """Retrain the best trial of ``study_name``; ``study``: the study already loaded from ``storage``, if any.
+    ``merge``: a LoRA trial's model is also written with the adapter merged into its weights (``merged/``)."""
     from llmflow_hpo.deliver.export import check_output_dir, save_model
     from llmflow_hpo.recipe.adapters import kept_weights
     from llmflow_hpo.recipe.evaluation import weights_digest
@@ -110,6 +112,8 @@ def retrain_best(
         examples_seen=result.final.examples_seen,
         weights_sha256={"model": weights, "trial": trial_weights},
         confirmation=confirmation,
+        merge=merge,
+        test_samples=result.test_samples,
     )
     retrained = RetrainResult(
         out,

@@ -294,3 +294,22 @@ def test_weighted_focal_loss_is_normalised_as_weighted_cross_entropy():
     assert float(focal) == pytest.approx(float(weighted), rel=1e-6)
     ours = loss_fn(logits, labels, TrainConfig(), NER_WEIGHTS)  # weighted cross-entropy, unsmoothed
     assert float(ours) == pytest.approx(float(weighted), rel=1e-6)
+
+
+def test_a_tied_weight_is_stepped_once_and_rmsnorm_is_not_decayed(lm_study):
+    # Before: a causal LM's embedding (tied to lm_head) sat twice in the decayed group, so AdamW stepped it twice.
+    from llmflow_hpo.config.study import load_study_config
+    from llmflow_hpo.recipe.models import build_model
+    from llmflow_hpo.recipe.optim import build_optimizer
+    from llmflow_hpo.recipe.runtime import resolve_runtime
+
+    cfg = load_study_config(lm_study({"train": {"weight_decay": 0.1}}))
+    model = build_model(cfg.model, task=cfg.task, labels=[], hidden_dropout=None, attention_dropout=None)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    decay, no_decay = (
+        group["params"] for group in build_optimizer(model, cfg.train, resolve_runtime(cfg.train)).param_groups
+    )
+    ids = [id(p) for p in decay + no_decay]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    norms = {id(m.weight) for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"}
+    assert norms and norms <= {id(p) for p in no_decay}

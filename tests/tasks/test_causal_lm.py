@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from llmflow_hpo.tasks.causal_lm import IGNORE_INDEX, encode_example, render_chat
@@ -95,3 +97,150 @@ def test_chat_data_the_template_cannot_split_is_refused(tokenizer) -> None:
             render_chat(tokenizer, [{"role": "assistant", "content": "four"}])
     finally:
         tokenizer.chat_template = saved
+
+
+# ----------------------------------------------------------------------------------------------------
+# The registered task on a tiny random Llama (tests/tiny_lm.py) and the quick-start reviews.
+
+
+def _study(lm_study, changes=None):
+    from llmflow_hpo.config.study import load_study_config
+    from llmflow_hpo.data.features import prepare_features
+
+    cfg = load_study_config(lm_study(changes))
+    return cfg, prepare_features(cfg, log=lambda _: None)
+
+
+def test_every_data_shape_is_read_pairs_chats_texts_and_labelled_tsv(tmp_path, tiny_lm_folder) -> None:
+    import json
+
+    from llmflow_hpo.config.study import DataConfig, ModelConfig
+    from llmflow_hpo.data.read import load_splits
+    from llmflow_hpo.recipe.models import load_tokenizer
+    from llmflow_hpo.tasks import get_task
+
+    records = [
+        {"prompt": "Review: fine.\nIs this review positive or negative?", "completion": "positive"},
+        {"messages": [{"role": "user", "content": "Review: awful."}, {"role": "assistant", "content": "negative"}]},
+        {"text": "A plain text to continue."},
+    ]
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    splits = load_splits(
+        task="causal-lm", format="jsonl", train=tmp_path / "mixed.jsonl", dev=tmp_path / "mixed.jsonl",
+        test=tmp_path / "mixed.jsonl", limits={},
+    )  # fmt: skip
+    assert splits.labels == [] and "train: 1 chats, 1 plain texts, 1 prompt/completion pairs" in splits.report
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tiny_lm_folder)))
+    data = DataConfig(format="jsonl", train="x", max_length=64)
+    columns, _ = get_task("causal-lm").tokenize(splits.train, tokenizer, {}, data)
+    assert columns["reference"] == ["positive", "negative", None]  # plain text has no answer to generate
+    chat = tokenizer.decode(columns["prompt_ids"][1])
+    assert chat == "<|im_start|>user\nReview: awful.<|im_end|>\n<|im_start|>assistant\n"  # the template's prompt
+    learned = [t for t, label in zip(columns["input_ids"][2], columns["labels"][2], strict=True) if label != -100]
+    assert tokenizer.decode(learned) == "A plain text to continue.<|im_end|>"  # all of a plain text trains
+    (tmp_path / "sst.tsv").write_text("sentence\tlabel\nit is fine\t1\nit is bad\t0\n")
+    tsv = load_splits(
+        task="causal-lm", format="tsv", train=tmp_path / "sst.tsv", dev=tmp_path / "sst.tsv",
+        test=tmp_path / "sst.tsv", limits={}, text_column="sentence",
+    )  # fmt: skip
+    data = DataConfig(
+        format="tsv",
+        train="x",
+        prompt_template="Review: {text}\nSentiment:",
+        label_words={"1": "positive", "0": "negative"},
+    )
+    columns, _ = get_task("causal-lm").tokenize(tsv.train, tokenizer, {}, data)
+    assert tokenizer.decode(columns["prompt_ids"][0]) == "Review: it is fine\nSentiment:"
+    assert columns["reference"] == ["positive", "negative"]
+
+
+def test_dev_loss_is_transformers_own_causal_lm_loss_on_the_completion_tokens(lm_study) -> None:
+    import torch
+
+    from llmflow_hpo.recipe.batches import eval_loader
+    from llmflow_hpo.recipe.evaluation import evaluate
+    from llmflow_hpo.recipe.models import build_model, load_tokenizer
+    from llmflow_hpo.recipe.runtime import resolve_runtime
+    from llmflow_hpo.tasks import get_task
+
+    cfg, features = _study(lm_study, {"generation": {"examples": 0}})
+    torch.manual_seed(0)
+    model = build_model(cfg.model, task=cfg.task, labels=[], hidden_dropout=None, attention_dropout=None)
+    tokenizer, runtime = load_tokenizer(cfg.model), resolve_runtime(cfg.train)
+    loader = eval_loader(features.splits["dev"], cfg.train, runtime, get_task(cfg.task).collator(tokenizer, cfg.data))
+    metrics, samples = evaluate(model, loader, features, "dev", runtime, tokenizer=tokenizer, cfg=cfg)
+    (batch,) = list(loader)  # 12 examples, one batch: transformers' mean over its completion tokens is the split's
+    with torch.no_grad():
+        theirs = model(**batch).loss  # shifts the labels itself, skips -100
+    assert metrics["loss"] == pytest.approx(float(theirs), rel=1e-5)
+    assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]))
+    assert samples == [] and "label_accuracy" not in metrics  # generation off
+
+
+def test_packing_keeps_attention_within_each_example_and_counts_examples(lm_study) -> None:
+    import torch
+
+    from llmflow_hpo.recipe.models import build_model, load_tokenizer
+    from llmflow_hpo.tasks import get_task
+
+    cfg, features = _study(lm_study, {"data": {"packing": True}})
+    task, tokenizer = get_task(cfg.task), load_tokenizer(cfg.model)
+    rows = [{k: features.splits["dev"][i][k] for k in ("input_ids", "labels")} for i in range(3)]
+    packed = task.collator(tokenizer, cfg.data)(rows)
+    assert packed["input_ids"].shape[0] == 1 and task.batch_examples(packed) == 3
+    torch.manual_seed(0)
+    model = build_model(cfg.model, task=cfg.task, labels=[], hidden_dropout=None, attention_dropout=None).eval()
+    with torch.no_grad():
+        together = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0]
+        start = 0
+        for row in rows:
+            alone = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
+            assert torch.allclose(together[start : start + len(alone)], alone, atol=1e-5)  # no attention across
+            start += len(alone)
+
+
+def test_a_trial_reports_generation_metrics_and_samples_at_every_evaluation(lm_study) -> None:
+    from llmflow_hpo.recipe.train import train_and_evaluate
+
+    cfg, features = _study(lm_study)
+    result = train_and_evaluate(cfg, {}, features, seed=0)
+    for evaluation in result.history:
+        assert {"loss", "perplexity", "exact_match", "token_f1", "rouge_l", "label_accuracy"} <= set(evaluation.metrics)
+        assert evaluation.metrics["generated"] == 1.0
+        assert len(evaluation.samples) == 2 and set(evaluation.samples[0]) == {"prompt", "reference", "answer"}
+        assert evaluation.samples[0]["prompt"].startswith("Review: ")
+
+
+def test_generation_stops_when_its_time_is_spent(lm_study) -> None:
+    from llmflow_hpo.recipe.models import build_model, load_tokenizer
+    from llmflow_hpo.tasks.causal_lm import generate
+
+    cfg, features = _study(lm_study)
+    model = build_model(cfg.model, task=cfg.task, labels=[], hidden_dropout=None, attention_dropout=None).eval()
+    prompts = features.splits["dev"]["prompt_ids"][:4]
+    tokenizer = load_tokenizer(cfg.model)
+    done = generate(model, tokenizer, prompts, max_new_tokens=2, batch_size=2, device="cpu")
+    assert all(isinstance(answer, str) for answer in done)
+    assert (
+        generate(model, tokenizer, prompts, max_new_tokens=2, batch_size=2, device="cpu", max_seconds=1e-9)
+        == [None] * 4
+    )  # nothing reached: scored as empty answers, generated = 0
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "words"),
+    [
+        ({"objective": {"metric": "label_accuracy"}, "generation": {"labels": None}}, "generation.labels", "label set"),
+        ({"objective": {"metric": "exact_match"}, "generation": {"examples": 0}}, "generation.examples", ">= 1"),
+        ({"train": {"class_weighting": "balanced"}}, "train.class_weighting", "not classes"),
+        ({"data": {"prompt_template": "no place"}}, "data.prompt_template", "{text}"),
+        ({"generation": {"max_new_tokens": 0}}, "generation.max_new_tokens", ">= 1"),
+    ],
+)
+def test_a_causal_lm_config_that_cannot_work_is_refused_by_field(lm_study, changes, field, words) -> None:
+    from llmflow_hpo.config.study import load_study_config
+    from llmflow_hpo.errors import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        load_study_config(lm_study(changes))
+    assert f"{field}: " in str(error.value) and words in str(error.value)
