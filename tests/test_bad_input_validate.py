@@ -170,6 +170,17 @@ CASES: list[tuple[str, Any, dict[str, Any] | None, tuple[str, ...]]] = [
     ),
     # A GPU setting where there is no GPU driver at all: told without torch (validate); skipped on a GPU machine.
     ("device-cuda", {"train": {"device": "cuda"}}, None, ("train.device: cuda asked for", "use auto or cpu")),
+    (
+        "qlora-on-cpu",
+        {"train": {"adapter": "lora", "quantization": "4bit"}},
+        None,
+        ("train.quantization: 4bit (QLoRA) needs a CUDA GPU", "use none on CPU"),
+    ),
+    ("qlora-without-adapter", {"train": {"quantization": "4bit"}}, None, ("train.quantization", "train.adapter: lora")),
+    ("lora-targets-blank", {"train": {"lora_targets": "q_proj,,v_proj"}}, None, ("train.lora_targets", "module names")),
+    ("lora-rank-zero", {"train": {"lora_r": 0}}, None, ("train.lora_r", ">= 1")),
+    ("gguf-missing", {"model": {"gguf_file": "nope.gguf"}}, None, ("model.gguf_file", "nope.gguf does not exist")),
+    ("gguf-random", {"model": {"gguf_file": "nope.gguf", "random_init": True}}, None, ("model.random_init",)),
     ("device-cuda-1", {"train": {"device": "cuda:1"}}, None, ("train.device: cuda:1",)),
     ("fp16-on-cpu-by-auto", {"train": {"precision": "fp16"}}, None, ("train.precision: fp16 needs a GPU",)),
     (  # transformers' constant schedule ignores the warmup steps: the trial would run without warmup
@@ -210,7 +221,7 @@ def _assert_names(line: str, path: Path, words: tuple[str, ...]) -> None:
         assert word in line, line
 
 
-NEED_NO_GPU = {"device-cuda", "device-cuda-1", "fp16-on-cpu-by-auto"}
+NEED_NO_GPU = {"device-cuda", "device-cuda-1", "fp16-on-cpu-by-auto", "qlora-on-cpu"}
 
 
 @pytest.mark.parametrize(("name", "changes", "space", "words"), CASES, ids=[c[0] for c in CASES])

@@ -43,7 +43,7 @@ LORA_TARGET_PRESETS = ("attention", "attention-mlp", "all-linear")
 
 def _lora_targets_ok(value: str) -> bool:
     names = [name.strip() for name in value.split(",")]
-    return value in LORA_TARGET_PRESETS or (bool(value.strip()) and all(names) and " " not in value.strip())
+    return value in LORA_TARGET_PRESETS or all(name and " " not in name for name in names)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -379,24 +379,13 @@ class TrainConfig:
             found.append(
                 ("train.precision", "fp16 needs a GPU (loss scaling is a CUDA feature); use fp32 or bf16 on cpu")
             )
-        if self.quantization == "4bit":
-            found.extend(("train.quantization", why) for why in _qlora_problems(self))
+        if self.quantization == "4bit" and self.adapter != "lora":
+            found.append(
+                ("train.quantization", "4bit trains an adapter on a frozen 4-bit base; set train.adapter: lora")
+            )
+        if self.quantization == "4bit" and self.device == "cpu":
+            found.append(("train.quantization", "4bit (QLoRA, bitsandbytes) needs a CUDA GPU; use none on cpu"))
         return found
-
-
-def _qlora_problems(hp: TrainConfig) -> list[str]:
-    """Why QLoRA cannot run here, found without importing torch: it needs the adapter, bitsandbytes and a
-    CUDA GPU (a device cpu, or auto on a machine without an NVIDIA driver)."""
-    import importlib.util
-    import os
-
-    if hp.adapter != "lora":
-        return ["4bit trains an adapter on a frozen 4-bit base; set train.adapter: lora (or quantization: none)"]
-    if hp.device == "cpu" or (hp.device == "auto" and not os.path.exists("/proc/driver/nvidia/version")):
-        return ["4bit (QLoRA, bitsandbytes) needs a CUDA GPU and there is none; use quantization: none on CPU"]
-    if importlib.util.find_spec("bitsandbytes") is None:
-        return ["4bit needs bitsandbytes; pip install bitsandbytes (or use quantization: none)"]
-    return []
 
 
 def clip_norm(max_grad_norm: float | None) -> float | None:

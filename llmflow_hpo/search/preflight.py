@@ -293,8 +293,17 @@ def check_gpu_driver(cfg: StudyConfig, source: str) -> list[str]:
 
     Where a driver is there, only torch can tell whether it sees a device: ``check_device`` (search, worker).
     """
+    problems = []
+    if cfg.train.quantization == "4bit" and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append(
+            f"{source}: train.quantization: 4bit loads the base through bitsandbytes; pip install bitsandbytes"
+        )
     if cfg.backend == "ray" or any(os.path.exists(path) for path in GPU_DRIVER_FILES):
-        return []
+        return problems
+    if cfg.train.quantization == "4bit":
+        return [
+            f"{source}: train.quantization: 4bit (QLoRA) needs a CUDA GPU and this machine has none; use none on CPU"
+        ]
     device, precision = cfg.train.device, cfg.train.precision
     if device.startswith("cuda"):
         return [
@@ -320,6 +329,11 @@ def check_device(cfg: StudyConfig, source: str) -> None:
         raise ConfigError(
             f"{source}: objective.cost: peak_memory_mb is measured on a GPU only and this run is on "
             f"{runtime.device} (the process's peak RSS only grows from trial to trial); use latency_ms or params"
+        )
+    if cfg.train.quantization == "4bit" and runtime.device.type != "cuda":
+        raise ConfigError(
+            f"{source}: train.quantization: 4bit (QLoRA, bitsandbytes) needs a CUDA GPU and this run is on "
+            f"{runtime.device}; use none"
         )
     device = cfg.train.device
     if device.startswith("cuda:"):

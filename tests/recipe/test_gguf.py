@@ -144,3 +144,29 @@ def test_a_package_folder_is_found_without_importing_it(tmp_path, monkeypatch) -
     assert "exploding_pkg" not in sys.modules
     with pytest.raises(FileNotFoundError, match="not installed"):
         package_folder("no_such_package_here")
+
+
+def test_a_study_with_model_gguf_file_trains_the_converted_model(tiny, tmp_path) -> None:
+    import torch
+
+    from llmflow_hpo.config.study import config_from_dict
+    from llmflow_hpo.recipe.models import build_model, load_tokenizer, model_path
+
+    model, path = tiny
+    (tmp_path / "space.yaml").write_text("learning_rate: {type: float, low: 1.0e-4, high: 1.0e-3}\n")
+    (tmp_path / "train.jsonl").write_text('{"text": "abc"}\n')
+    raw = {
+        "task": "causal-lm", "study_name": "g", "search_space": "space.yaml", "n_trials": 1,
+        "data": {"format": "jsonl", "train": "train.jsonl"},
+        "model": {"name_or_path": str(path.parent), "gguf_file": path.name},
+        "cache_dir": str(tmp_path / "cache"),
+    }  # fmt: skip
+    cfg = config_from_dict(raw, source="study.yaml", base=tmp_path)
+    assert cfg.model.gguf_cache_dir == str(tmp_path / "cache")  # the study's cache by default
+    folder = model_path(cfg.model)
+    assert folder.startswith(str(tmp_path / "cache" / "models" / "tiny-Q-"))
+    built = build_model(cfg.model, task="causal-lm", labels=[], hidden_dropout=None, attention_dropout=None).eval()
+    ids = torch.tensor([[1, 5, 6, 7, 30]])
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, built(ids).logits, atol=1e-6)  # the GGUF file's weights
+    assert load_tokenizer(cfg.model).eos_token == "</s>"
