@@ -166,6 +166,11 @@ def test_causal_lm_search_of_full_against_lora_then_retrain_best_merged(lm_study
         assert len(samples) == 2 and samples[0]["prompt"].startswith("Review: ")
         lora = t.params["adapter"] == "lora"
         assert (t.user_attrs["n_trainable"] < t.user_attrs["n_params"] / 2) is lora
+    report = cli("report", "--study", "tiny-lm", "--storage", storage, "--output", str(tmp_path / "report"))
+    assert report.returncode == 0, report.stderr
+    page = (tmp_path / "report" / "index.html").read_text()
+    best_samples = study.best_trial.user_attrs["best_samples"]
+    assert "Generated answers at the best evaluation" in page and best_samples[0]["reference"] in page
     # A LoRA study of one trial: retrain-best reproduces it exactly and writes the adapter and the merged model.
     lora = cli(
         "search", str(config), "--set", "study_name=tiny-lora", "--set", "n_trials=1", "--set", "train.adapter=lora"

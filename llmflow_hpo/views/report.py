@@ -519,6 +519,7 @@ def _page(
         _front_table(info),
         f"<h2>Best trials by {_e(info.metric)} ({_e(info.direction)})</h2>",
         _best_table(best, info),
+        _samples(best),
         _confirmation_table(info),
         _failed(trials),
         "<h2>Plots</h2>",
@@ -685,6 +686,27 @@ def _best_table(best: list[FrozenTrial], info: _StudyInfo) -> str:
         "(all of them: <code>llmflow-hpo trials</code>)."
     )
     return f'<div class="scroll"><table>{head}{"".join(rows)}</table></div><p class="note">{note}</p>'
+
+
+def _samples(best: list[FrozenTrial]) -> str:
+    """A causal-LM study's generated answers: the dev prompts of the best trials' best evaluations, with the
+    reference and the model's answer (nothing for a study of another task)."""
+    parts = []
+    for t in best:
+        samples = t.user_attrs.get(records.BEST_SAMPLES)
+        if not samples:
+            continue
+        rows = "".join(
+            f"<tr><td><pre>{_e(s.get('prompt', ''))}</pre></td><td><pre>{_e(s.get('reference', ''))}</pre></td>"
+            f"<td><pre>{_e(s.get('answer', ''))}</pre></td></tr>"
+            for s in samples
+        )
+        parts.append(
+            f"<h3>Trial {t.number}</h3><table><tr><th>prompt</th><th>reference</th><th>generated</th></tr>{rows}</table>"
+        )
+    if not parts:
+        return ""
+    return "<h2>Generated answers at the best evaluation</h2>" + "".join(parts)
 
 
 def _failed(trials: list[FrozenTrial]) -> str:
