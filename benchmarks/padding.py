@@ -58,7 +58,7 @@ def run_variant(name: str, protocol: dict[str, Any], workdir: Path) -> dict[str,
     features = prepare_features(cfg, log=lambda _: None)
     task = get_task(cfg.task)
 
-    def pad_to_max_length(tokenizer: Any) -> Any:
+    def pad_to_max_length(tokenizer: Any, data: Any = None) -> Any:
         from transformers import DataCollatorForTokenClassification
 
         return DataCollatorForTokenClassification(

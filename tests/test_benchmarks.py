@@ -208,3 +208,17 @@ def test_policy_runs_at_a_shorter_budget_are_checked_against_the_peers_final_mea
     assert sorted(summary) == ["t", "t @ 30 s", "t @ 30 s, 2 workers", "t @ 900 s, 2 workers"]
     assert summary["t"]["budget_s"] == 90.0 and summary["t @ 30 s"]["contenders"][policy.OURS]["seeds"] == [0, 1]
     assert [b["seeds"] for b in summary["t"]["goals"]["ours_short_budgets"]] == [2]
+
+
+@pytest.mark.parametrize("protocol", ["smollm2", "minilm-ner"])
+def test_lora_smoke_measures_every_contender(tmp_path: Path, protocol: str) -> None:
+    out = tmp_path / "lora.json"
+    result = run("lora.py", protocol, "--smoke", "--results", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = json.loads(out.read_text())
+    expected = {"smollm2": {"zero-shot", "full", "lora-r8"}, "minilm-ner": {"full", "lora-r8"}}[protocol]
+    assert {r["contender"] for r in records} == expected and all(r["smoke"] for r in records)
+    trained = {r["contender"]: r for r in records if r["contender"] != "zero-shot"}
+    assert 0 < trained["lora-r8"]["n_trainable"] < trained["full"]["n_trainable"] == trained["full"]["n_params"]
+    assert trained["lora-r8"]["best_bytes"] < trained["full"]["best_bytes"]  # the adapter (and head) only
+    assert all(r["peak_memory_mb"] > 0 and r["seconds_per_example"] > 0 for r in trained.values())

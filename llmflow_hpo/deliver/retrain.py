@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from llmflow_hpo.config.study import StudyConfig
 from llmflow_hpo.data.features import Features, prepare_features
 from llmflow_hpo.errors import StorageError
+from llmflow_hpo.recipe.adapters import kept_weights
 from llmflow_hpo.search.spaces import trial_params
 from llmflow_hpo.study import records
 from llmflow_hpo.study.front import cost_value, metric_value
@@ -60,10 +61,9 @@ def retrain_best(
     log: Callable[[str], None] | None = None,
     study: optuna.Study | None = None,
 ) -> RetrainResult:
-    """Retrain the best trial of ``study_name``; ``study``: the study already loaded from ``storage``, if any.
-    ``merge``: a LoRA trial's model is also written with the adapter merged into its weights (``merged/``)."""
+    """Retrain the best trial of ``study_name`` (``study``: already loaded from ``storage``); ``merge``: a LoRA
+    trial's model is also written merged into its weights (``merged/``)."""
     from llmflow_hpo.deliver.export import check_output_dir, save_model
-    from llmflow_hpo.recipe.adapters import kept_weights
     from llmflow_hpo.recipe.evaluation import weights_digest
     from llmflow_hpo.recipe.train import retrain
 

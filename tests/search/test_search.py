@@ -46,7 +46,7 @@ def test_median_pruner_stops_a_worse_trial_at_the_same_amount_of_training(tiny_c
     pruner = {"name": "median", "options": options, "patience": None}  # the median pruner alone
     cfg, space, raw = tiny_cfg({"n_trials": 3, "pruner": pruner})
     scores = iter([0.5, 0.6, 0.7, 0.8, 0.1, 0.9, 0.9, 0.9, 0.9])
-    monkeypatch.setattr("llmflow_hpo.recipe.train.evaluate", lambda *a, **k: {"f1": next(scores), "loss": 1.0})
+    monkeypatch.setattr("llmflow_hpo.recipe.train.evaluate", lambda *a, **k: ({"f1": next(scores), "loss": 1.0}, []))
     run_search(cfg, space, raw, **QUIET)
     trials = load_study(cfg.study_name, cfg.storage).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.COMPLETE]
@@ -68,7 +68,7 @@ def test_by_default_the_median_pruner_waits_for_the_first_epoch(tiny_cfg, monkey
     pruner = {"name": "median", "options": {"n_startup_trials": 1}, "patience": None}
     cfg, space, raw = tiny_cfg({"n_trials": 2, "pruner": pruner})
     scores = iter([0.5, 0.6, 0.7, 0.8, 0.1, 0.05, 0.9, 0.9])
-    monkeypatch.setattr("llmflow_hpo.recipe.train.evaluate", lambda *a, **k: {"f1": next(scores), "loss": 1.0})
+    monkeypatch.setattr("llmflow_hpo.recipe.train.evaluate", lambda *a, **k: ({"f1": next(scores), "loss": 1.0}, []))
     run_search(cfg, space, raw, **QUIET)
     second = load_study(cfg.study_name, cfg.storage).trials[1]
     # 48 training examples: worse than the median at 24 (half an epoch) is not pruned yet, at 48 it is.
@@ -87,7 +87,7 @@ def test_by_default_a_trial_still_improving_is_not_pruned_for_being_behind(
     pruner = {"name": "median", "options": {"n_startup_trials": 1}}
     cfg, space, raw = tiny_cfg({"n_trials": 2, "pruner": pruner, "train": {"epochs": 3}})
     scores = iter([0.5, 0.6, 0.7, 0.8, 0.9, 1.0, *second])
-    monkeypatch.setattr("llmflow_hpo.recipe.train.evaluate", lambda *a, **k: {"f1": next(scores), "loss": 1.0})
+    monkeypatch.setattr("llmflow_hpo.recipe.train.evaluate", lambda *a, **k: ({"f1": next(scores), "loss": 1.0}, []))
     run_search(cfg, space, raw, **QUIET)
     trial = load_study(cfg.study_name, cfg.storage).trials[1]
     assert (trial.state.name, len(trial.intermediate_values)) == (state, evaluations)
@@ -118,7 +118,7 @@ def test_a_non_finite_dev_metric_fails_the_trial_naming_the_metric_and_its_value
     # The same rule as on Ray (reporting.check_finite, which both reporters call): FAIL with the reason, never PRUNED.
     cfg, space, raw = tiny_cfg({"n_trials": 1})
     scores = iter([0.5, float("nan"), 0.6, 0.7, 0.8, 0.9])
-    monkeypatch.setattr("llmflow_hpo.recipe.train.evaluate", lambda *a, **k: {"f1": next(scores), "loss": 1.0})
+    monkeypatch.setattr("llmflow_hpo.recipe.train.evaluate", lambda *a, **k: ({"f1": next(scores), "loss": 1.0}, []))
     summary = run_search(cfg, space, raw, **QUIET)
     trials = load_study(cfg.study_name, cfg.storage).trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
