@@ -38,7 +38,7 @@ RESULTS = REPO / "benchmarks" / "results" / "lora.json"
 PROTOCOLS: dict[str, dict[str, Any]] = {
     "smollm2": {
         "study": "studies/sst2-lm.yaml",
-        "sets": ["data.limit_train=700", "data.test_split=100", "data.limit_dev=200", "generation.examples=200",
+        "sets": ["data.limit_train=300", "data.test_split=100", "data.limit_dev=100", "generation.examples=100",
                  "train.epochs=1", "train.evals_per_epoch=2"],
         "metric": "label_accuracy",
         "contenders": {
@@ -62,14 +62,15 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-def _config(protocol: str, smoke: bool, folder: Path) -> Any:
+def _config(protocol: str, smoke: bool, folder: Path, as_study: bool = False) -> Any:
     from llmflow_hpo.config.study import apply_overrides, config_from_dict
     from llmflow_hpo.config.yamlfile import read_yaml
 
     spec = PROTOCOLS[protocol]
     path = REPO / spec["study"]
     raw = read_yaml(path)
-    raw = apply_overrides(raw, [*spec["sets"], f"cache_dir={folder / 'cache'}"], source="benchmarks/lora.py")
+    sets = [] if as_study else spec["sets"]
+    raw = apply_overrides(raw, [*sets, f"cache_dir={folder / 'cache'}"], source="benchmarks/lora.py")
     if smoke:  # a tiny random model of the same family on a few examples
         raw["data"]["limit_train"], raw["data"]["limit_dev"] = 24, 8
         raw.setdefault("data", {})["limit_test"] = 8
@@ -95,7 +96,9 @@ def _best_params(db: str, study_name: str) -> dict[str, Any]:
     return {"adapter": "lora", **study.best_trial.params}
 
 
-def run_one(protocol: str, contender: str, seed: int, params: dict[str, Any] | None, smoke: bool) -> dict[str, Any]:
+def run_one(
+    protocol: str, contender: str, seed: int, params: dict[str, Any] | None, smoke: bool, as_study: bool = False
+) -> dict[str, Any]:
     """One contender, one seed, in this process (the parent reads its JSON line)."""
     import torch
 
@@ -107,9 +110,11 @@ def run_one(protocol: str, contender: str, seed: int, params: dict[str, Any] | N
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        cfg = _config(protocol, smoke, folder)
+        cfg = _config(protocol, smoke, folder, as_study)
         features = prepare_features(cfg, log=lambda _: None)
         record: dict[str, Any] = {"protocol": protocol, "contender": contender, "seed": seed, "smoke": smoke}
+        if as_study:
+            record["sizes"] = "study"  # the study's own data sizes, not the protocol's
         if params is None:
             record |= _zero_shot(cfg, features, seed)
         else:
@@ -154,9 +159,10 @@ def _zero_shot(cfg: Any, features: Any, seed: int) -> dict[str, Any]:
             "n_params": sum(p.numel() for p in model.parameters()), "n_trainable": 0}  # fmt: skip
 
 
-def _spawn(protocol: str, contender: str, seed: int, params: Any, smoke: bool) -> dict[str, Any]:
+def _spawn(protocol: str, contender: str, seed: int, params: Any, smoke: bool, as_study: bool) -> dict[str, Any]:
     args = [sys.executable, __file__, "--one", protocol, contender, str(seed), json.dumps(params)]
-    done = subprocess.run([*args, *(["--smoke"] if smoke else [])], capture_output=True, text=True, cwd=REPO)
+    flags = [*(["--smoke"] if smoke else []), *(["--as-study"] if as_study else [])]
+    done = subprocess.run([*args, *flags], capture_output=True, text=True, cwd=REPO)
     if done.returncode != 0:
         raise SystemExit(f"{protocol} {contender} seed {seed} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -166,7 +172,7 @@ def summarize(records: list[dict[str, Any]]) -> str:
     """A markdown table per protocol: each contender's mean ± std over its seeds."""
     lines = []
     for protocol in PROTOCOLS:
-        rows = [r for r in records if r["protocol"] == protocol and not r.get("smoke")]
+        rows = [r for r in records if r["protocol"] == protocol and not r.get("smoke") and not r.get("sizes")]
         if not rows:
             continue
         metric = PROTOCOLS[protocol]["metric"]
@@ -199,13 +205,16 @@ def main() -> None:
     parser.add_argument("--contenders", help="comma-separated subset")
     parser.add_argument("--best-from", help="smollm2: the study database whose best trial is lora-best")
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument(
+        "--as-study", action="store_true", help="the study's own data sizes (the zero-shot score of its dev set)"
+    )
     parser.add_argument("--summarize", action="store_true")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         protocol, contender, seed, params = args.one
-        print(json.dumps(run_one(protocol, contender, int(seed), json.loads(params), args.smoke)))
+        print(json.dumps(run_one(protocol, contender, int(seed), json.loads(params), args.smoke, args.as_study)))
         return
     records = json.loads(args.results.read_text()) if args.results.exists() else []
     if args.summarize:
@@ -223,10 +232,12 @@ def main() -> None:
                 params = _best_params(args.best_from, "sst2-lm")
             if contender == "zero-shot" and seed != args.seeds[0]:
                 continue  # greedy answers of an untrained model do not depend on the seed
-            record = _spawn(args.protocol, contender, seed, params, args.smoke)
+            record = _spawn(args.protocol, contender, seed, params, args.smoke, args.as_study)
             print(json.dumps({k: v for k, v in record.items() if k != "samples"}), file=sys.stderr)
-            key = (args.protocol, contender, seed, args.smoke)
-            records = [r for r in records if (r["protocol"], r["contender"], r["seed"], r["smoke"]) != key]
+            key = (args.protocol, contender, seed, args.smoke, record.get("sizes"))
+            records = [
+                r for r in records if (r["protocol"], r["contender"], r["seed"], r["smoke"], r.get("sizes")) != key
+            ]
             records.append(record)
             args.results.write_text(json.dumps(records, indent=1))
     print(summarize(records))

@@ -137,8 +137,10 @@ def prepare_features(
     for line in report:
         say(f"data: {line}")
     say(
-        "data: " + ", ".join(f"{s} {len(splits[s])}" for s in SPLIT_NAMES) + f" examples, {len(data.labels)} labels; "
-        f"tokenized once, cached in {cache_path}"
+        "data: "
+        + ", ".join(f"{s} {len(splits[s])}" for s in SPLIT_NAMES)
+        + (f" examples, {len(data.labels)} labels; " if task.labelled else " examples; ")
+        + f"tokenized once, cached in {cache_path}"
     )
     # Staged under a name of this process's own, then renamed: workers that tokenize at the same time
     # never see (or delete) each other's half-written folders; the first rename wins, the others drop theirs.

@@ -15,6 +15,7 @@ weights are the whole state a resume needs. Written by hand: only the target pre
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any
 
 from llmflow_hpo.config.hyperparameters import TrainConfig
@@ -94,7 +95,9 @@ def with_adapter(model: Any, hp: TrainConfig, task: str) -> Any:
     )
     if hp.quantization == "4bit":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=hp.gradient_checkpointing)
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():  # PEFT 0.21 asks transformers 5 a deprecated question; nothing for the user
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def is_adapter(model: Any) -> bool:
