@@ -57,7 +57,7 @@ def _card(
     auto = get_task(cfg.task).model_card_class
     return f"""# {cfg.study_name}: best trial {trial.number}
 
-Fine-tuned `{cfg.model.name_or_path}` for **{cfg.task}** by llmflow-hpo {__version__}.
+Fine-tuned `{cfg.model.name_or_path}`{f" (`{cfg.model.gguf_file}`)" if cfg.model.gguf_file else ""} for **{cfg.task}** by llmflow-hpo {__version__}.
 
 - Study: `{study.study_name}` ({n_trials} trials), objective dev `{cfg.metric}` ({cfg.direction})
 - Best trial: {trial.number}, dev {cfg.metric} = {metric_value(trial):.4f} at {trial.user_attrs.get(records.BEST_STEP)} training examples seen
