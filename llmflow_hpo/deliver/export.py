@@ -163,10 +163,9 @@ def _save_weights(model: Any, folder: Path, tokenizer: Any, hp: Any, merge: bool
     merged model in ``merged/``); for an adapter, what the model card and metrics.json say of it."""
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = True  # trained without the key-value cache (packing); inference wants it
+    model.save_pretrained(folder, safe_serialization=True)  # PEFT writes an adapter's files, transformers a model's
     if not is_adapter(model):
-        model.save_pretrained(folder, safe_serialization=True)
         return None
-    model.save_pretrained(folder, safe_serialization=True)
     adapter_bytes = (folder / "adapter_model.safetensors").stat().st_size
     info: dict[str, Any] = {"lora": adapter_settings(hp), "adapter_bytes": adapter_bytes, "merged": None}
     if merge:

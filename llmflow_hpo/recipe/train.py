@@ -43,7 +43,7 @@ from llmflow_hpo.recipe.optim import adopt_hyperparameters, build_optimizer, bui
 from llmflow_hpo.recipe.results import Evaluation, OnCosts, OnEval, OnResume, OnStep, TrainResult, better
 from llmflow_hpo.recipe.runtime import Runtime, device_settings, peak_memory, resolve_runtime, runtime_attrs
 from llmflow_hpo.study import records
-from llmflow_hpo.tasks import get_task
+from llmflow_hpo.tasks import BaseTask, get_task
 
 __all__ = ["retrain", "train_and_evaluate"]
 
@@ -58,6 +58,7 @@ class _Run:
 
     cfg: StudyConfig
     hp: TrainConfig
+    task: BaseTask
     features: Features
     runtime: Runtime
     model: Any
@@ -101,7 +102,8 @@ def _set_up(cfg: StudyConfig, hp: TrainConfig, features: Features, runtime: Runt
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = with_adapter(model, hp, cfg.task)
     model.train()
-    collate = get_task(cfg.task).collator(tokenizer, cfg.data)
+    task = get_task(cfg.task)
+    collate = task.collator(tokenizer, cfg.data)
     train_ds = features.splits[split]
     loader = train_loader(train_ds, hp, runtime, collate, seed)
     dev_loader = eval_loader(features.splits["dev"], hp, runtime, collate)
@@ -113,6 +115,7 @@ def _set_up(cfg: StudyConfig, hp: TrainConfig, features: Features, runtime: Runt
     return _Run(
         cfg=cfg,
         hp=hp,
+        task=task,
         features=features,
         runtime=runtime,
         model=model,
@@ -194,7 +197,7 @@ def _costs(run: _Run) -> dict[str, float]:
 def _train_step(run: _Run, batch: dict[str, torch.Tensor], step_number: int) -> tuple[float, int]:
     """One optimizer step on one batch: its training loss and the number of examples in it."""
     hp, runtime, model, optimizer, scaler = run.hp, run.runtime, run.model, run.optimizer, run.scaler
-    task = get_task(run.cfg.task)
+    task = run.task
     examples = task.batch_examples(batch)
     batch = {k: v.to(runtime.device, non_blocking=runtime.pin_memory) for k, v in batch.items()}
     labels = batch.pop("labels")

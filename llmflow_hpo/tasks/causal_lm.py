@@ -321,8 +321,8 @@ class CausalLM(BaseTask):
             rows = rows[: g.examples]
         if not rows or g.examples == 0:
             return metrics, []
-        prompts = [ds[i]["prompt_ids"] for i in rows]
-        references = [ds[i]["reference"] for i in rows]
+        picked = ds.select(rows)  # the columns of the generated examples, read once
+        prompts, references = picked["prompt_ids"], picked["reference"]
         answers = generate(
             model,
             tokenizer,
