@@ -156,7 +156,7 @@ def test_causal_lm_search_of_full_against_lora_then_retrain_best_merged(lm_study
     }
     config = lm_study({"n_trials": 3, "objective": {"metric": "label_accuracy"}}, space)
     storage = f"sqlite:///{tmp_path / 'tiny-lm.db'}"
-    run = cli("search", str(config))
+    run = cli("search", str(config), "--workers", "2")  # two worker processes share the study
     assert run.returncode == 0, run.stderr
     study = optuna.load_study(study_name="tiny-lm", storage=storage)
     trials = study.get_trials(states=[TrialState.COMPLETE])

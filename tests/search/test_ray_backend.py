@@ -593,3 +593,18 @@ def test_the_budget_on_ray_starts_no_trial_that_does_not_fit_and_ends_a_run_at_a
     reporter = trainable.RayReporter(cfg, None, 48, spent)
     assert reporter(evaluation) is True  # the run ends here
     assert reporter.extra[records.STOPPED_BY_BUDGET] is True and len(sent) == 2
+
+
+def test_a_causal_lm_study_runs_on_ray_with_tracking_and_generated_samples(lm_study, tmp_path: Path) -> None:
+    config = lm_study(
+        {"backend": "ray", "n_trials": 2, "tracking": "tensorboard", "ray": {"scheduler": "none", "max_concurrent_trials": 1}},
+        {"learning_rate": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
+         "adapter": {"type": "categorical", "choices": ["none", "lora"]}},
+    )  # fmt: skip
+    result = cli("search", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = optuna.load_study(study_name="tiny-lm", storage=f"sqlite:///{tmp_path / 'tiny-lm.db'}")
+    trials = study.get_trials(states=[TrialState.COMPLETE])
+    assert len(trials) == 2 and all(t.user_attrs["backend"] == "ray" for t in trials)
+    assert all(len(t.user_attrs["best_samples"]) == 2 and "dev_perplexity" in t.user_attrs for t in trials)
+    assert list((tmp_path / "tensorboard" / "tiny-lm").glob("trial-*/events.out.tfevents.*"))
