@@ -487,6 +487,122 @@ def cmd_retrain_best(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from llmflow_hpo.deliver.model_folder import ModelFolder
+
+    folder = ModelFolder.open(args.model_dir)  # not a model folder: refused before torch is imported
+    if args.input != "-" and not Path(args.input).is_file():
+        raise LlmflowError(f"{args.input}: no such input file; give a file in the model's format, or - for stdin")
+    output = Path(args.output) if args.output else None
+    if output is not None and (output.is_dir() or not output.parent.is_dir()):
+        raise LlmflowError(f"--output {output}: not a file in an existing folder; name the file to write")
+    _quiet_libraries()
+    from llmflow_hpo.deliver.predict import Predictor, run_predict
+
+    predictor = Predictor(
+        folder,
+        runtime=args.runtime,
+        quantized=args.int8,
+        device=args.device,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        max_new_tokens=args.max_new_tokens,
+        progress=True,
+    )
+    result = run_predict(
+        predictor,
+        args.input,
+        output=output,
+        format=args.format,
+        output_format=args.output_format,
+        evaluate=args.evaluate,
+        limit=args.limit,
+        log=_log,
+    )
+    say = print if output is not None else _log  # stdout holds the predictions when no --output is named
+    if args.json and output is not None:
+        print(json.dumps(result.__dict__, indent=2))
+        return 0
+    say(
+        f"{result.count} predictions in {result.seconds:.2f} s ({result.examples_per_second:.1f} examples/s, {result.runtime})"
+    )
+    if result.metrics is not None:
+        say(
+            "metrics: "
+            + ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.metrics.items()) if not k.startswith("f1_"))
+        )
+    return 0
+
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from llmflow_hpo.deliver.model_folder import ModelFolder
+
+    folder = ModelFolder.open(args.model_dir)
+    key = args.api_key or os.environ.get("LLMFLOW_API_KEY") or None
+    if args.host not in _LOOPBACK and key is None:
+        raise LlmflowError(
+            f"--host {args.host}: serving beyond this machine needs an API key; give --api-key or set LLMFLOW_API_KEY"
+        )
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise LlmflowError(f"serve needs {', '.join(missing)}: pip install 'llmflow-hpo[serve]'")
+    _quiet_libraries()
+    import signal
+    import socket
+
+    import uvicorn
+
+    from llmflow_hpo.deliver.predict import Predictor
+    from llmflow_hpo.deliver.serve import ServeSettings, create_app
+
+    predictor = Predictor(
+        folder,
+        runtime=args.runtime,
+        quantized=args.int8,
+        device=args.device,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        max_new_tokens=args.max_new_tokens,
+    )
+    predictor.predict([predictor.parse("warm up")])  # the first pass allocates; no request should pay for it
+    settings = ServeSettings(
+        micro_batching=not args.no_batching,
+        max_batch=args.batch_size,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        max_texts=args.max_texts,
+        max_chars=args.max_chars,
+        max_body_bytes=args.max_body_bytes,
+        timeout_s=args.timeout,
+        api_key=key,
+    )
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        raise LlmflowError(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror})") from None
+    config = uvicorn.Config(
+        create_app(predictor, settings),
+        log_level="info" if args.access_log else "warning",
+        access_log=args.access_log,
+        timeout_graceful_shutdown=int(args.timeout) + 5,
+    )
+    host, port = sock.getsockname()[:2]
+    auth = "API key required" if key else "no API key"
+    _log(f"serving {folder.path} ({predictor.runtime_name}, {auth}) on http://{host}:{port} (docs: /docs)")
+    # uvicorn re-raises the SIGTERM it handled once it has shut down; handled here, the exit is a clean 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.Server(config).run(sockets=[sock])
+    _log("llmflow-hpo serve: stopped")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from llmflow_hpo.study.storage import load_study
     from llmflow_hpo.views.report import build_report
@@ -696,6 +812,96 @@ def _add_dashboard(sub: Any) -> None:
     p.add_argument("--port", type=_port, default=8080, help="port to listen on (default 8080; 0: a free port)")
 
 
+def _runtime_args(p: argparse.ArgumentParser) -> None:
+    """The options predict and serve share: which model runs, where, in what batches."""
+    p.add_argument("model_dir", help="model folder written by retrain-best")
+    p.add_argument(
+        "--runtime",
+        choices=("torch", "onnx"),
+        default="torch",
+        help="torch (default) or the exported ONNX graph in onnxruntime (llmflow-hpo export MODEL_DIR first)",
+    )
+    p.add_argument("--int8", action="store_true", help="with --runtime onnx: the INT8 dynamically quantized graph")
+    p.add_argument("--device", help="torch device (default: the study's train.device, auto: a GPU when there is one)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="inputs per forward pass (default 32)")
+    p.add_argument(
+        "--max-length", type=int, metavar="N", help="tokens kept per input (default: the study's data.max_length)"
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        metavar="N",
+        help="causal-lm: the longest answer generated (default: the study's generation.max_new_tokens)",
+    )
+
+
+def _add_predict(sub: Any) -> None:
+    p = _command(
+        sub,
+        "predict",
+        cmd_predict,
+        "Predict with a finished model: a file in its training format (or plain text lines, or - for stdin) to "
+        "JSON Lines or CSV; --evaluate scores a labelled file with the training metrics.",
+        "llmflow-hpo predict runs/quickstart/best-model studies/data/quickstart-ner/test.txt --evaluate",
+    )
+    _runtime_args(p)
+    p.add_argument("input", help="input file, or - for stdin (one text a line)")
+    p.add_argument("--output", help="file to write (default: stdout); .csv writes CSV")
+    p.add_argument("--output-format", choices=("jsonl", "csv"), help="jsonl (default) or csv")
+    p.add_argument(
+        "--format",
+        choices=("conll", "csv", "tsv", "jsonl", "text"),
+        help="input format (default: the model's training format; stdin: text)",
+    )
+    p.add_argument("--evaluate", action="store_true", help="the input has gold labels: print the training metrics")
+    p.add_argument("--limit", type=int, metavar="N", help="the first N inputs only")
+
+
+def _add_serve(sub: Any) -> None:
+    p = _command(
+        sub,
+        "serve",
+        cmd_serve,
+        "Serve a finished model over HTTP (FastAPI): POST /predict, GET /health, /info, /metrics (Prometheus), "
+        "/docs; concurrent requests are micro-batched; SIGTERM finishes the requests in flight, then exits 0.",
+        "llmflow-hpo serve runs/quickstart/best-model --port 8000",
+    )
+    _runtime_args(p)
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1, this machine only; any other needs an API key)",
+    )
+    p.add_argument("--port", type=_port, default=8000, help="port to listen on (default 8000; 0: a free port)")
+    p.add_argument(
+        "--api-key",
+        help="key every request but /health must send (X-API-Key or Authorization: Bearer); "
+        "better from the environment: LLMFLOW_API_KEY",
+    )
+    p.add_argument("--no-batching", action="store_true", help="run each request alone (no micro-batching)")
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=5.0,
+        metavar="MS",
+        help="how long the first waiting text waits for others to batch with (default 5)",
+    )
+    p.add_argument(
+        "--max-queue", type=int, default=512, metavar="N", help="texts waiting at most; more: 503 (default 512)"
+    )
+    p.add_argument("--max-texts", type=int, default=64, metavar="N", help="texts per request; more: 413 (default 64)")
+    p.add_argument(
+        "--max-chars", type=int, default=10_000, metavar="N", help="characters per text; more: 413 (default 10000)"
+    )
+    p.add_argument(
+        "--max-body-bytes", type=int, default=1_000_000, metavar="N", help="request body; more: 413 (default 1 MB)"
+    )
+    p.add_argument(
+        "--timeout", type=float, default=30.0, metavar="S", help="a request's time limit; past it: 504 (default 30)"
+    )
+    p.add_argument("--access-log", action="store_true", help="log every request (method, path, status; never a key)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llmflow-hpo",
@@ -706,7 +912,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"llmflow-hpo {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of known errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_search, _add_validate, _add_confirm, _add_retrain_best, _add_worker, _add_readers):
+    for add in (
+        _add_search,
+        _add_validate,
+        _add_confirm,
+        _add_retrain_best,
+        _add_worker,
+        _add_readers,
+        _add_predict,
+        _add_serve,
+    ):
         add(sub)
     return parser
 

@@ -247,3 +247,76 @@ def study_made(storage: str, name: str = "tiny-ner") -> bool:
             return con.execute(query, {"name": name}).first() is not None
     finally:
         engine.dispose()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Finished model folders of tiny studies (one trial, then retrain-best), made once per session for the
+# predict, serve and export tests (tests/deliver/).
+
+TEXT_ROWS = [
+    ("a good and warm film", "pos"),
+    ("a bad , dull film", "neg"),
+    ("good acting and a good story", "pos"),
+    ("bad writing , bad acting", "neg"),
+]
+
+
+def _text_data(folder: Path) -> dict[str, Any]:
+    """A small TSV of two classes, 96 rows (train) and 24 (dev, test), with a "sentence" and a "label" column."""
+    for split, n in (("train", 96), ("dev", 24), ("test", 24)):
+        rows = ["sentence\tlabel"] + [f"{TEXT_ROWS[i % 4][0]} number {i}\t{TEXT_ROWS[i % 4][1]}" for i in range(n)]
+        (folder / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    return {
+        "task": "text-classification",
+        "study_name": "tiny-text",
+        "data": {
+            "format": "tsv",
+            "train": str(folder / "train.tsv"),
+            "dev": str(folder / "dev.tsv"),
+            "test": str(folder / "test.tsv"),
+            "text_column": "sentence",
+            "label_column": "label",
+            "limit_train": None,
+            "limit_dev": None,
+            "limit_test": None,
+        },
+        "train": {"learning_rate": 3e-3},
+    }
+
+
+def _finished_model(folder: Path, raw: dict[str, Any], space: dict[str, Any]) -> Path:
+    from llmflow_hpo.config.study import load_study_config
+    from llmflow_hpo.deliver.retrain import retrain_best
+    from llmflow_hpo.search.backends import run_search
+    from llmflow_hpo.search.spaces import load_search_space
+
+    raw = deep_update(raw, {"n_trials": 1, "cache_dir": str(folder / "cache"), "storage": f"sqlite:///{folder}/s.db"})
+    (folder / "space.yaml").write_text(yaml.safe_dump(space))
+    (folder / "study.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_study_config(folder / "study.yaml")
+    dist, space_raw = load_search_space(cfg.search_space)
+    run_search(cfg, dist, space_raw, log=lambda _: None)
+    out = folder / "model"
+    retrain_best(study_name=cfg.study_name, storage=cfg.storage, output_dir=out, log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ner_model(tmp_path_factory) -> Path:
+    """The tiny NER study's retrained model folder (2 epochs on 48 quick-start sentences)."""
+    raw = deep_update(NER_CONFIG, {"train": {"learning_rate": 5e-3, "epochs": 4}})  # learns a few entities
+    return _finished_model(tmp_path_factory.mktemp("ner-model"), raw, NER_SPACE)
+
+
+@pytest.fixture(scope="session")
+def text_model(tmp_path_factory) -> Path:
+    """A tiny text classifier (pos / neg) retrained from its one-trial study."""
+    folder = tmp_path_factory.mktemp("text-model")
+    return _finished_model(folder, deep_update(NER_CONFIG, _text_data(folder)), NER_SPACE)
+
+
+@pytest.fixture(scope="session")
+def lm_model(tmp_path_factory, tiny_lm_folder) -> Path:
+    """The tiny causal-LM study's retrained model folder (a random Llama on the quick-start reviews)."""
+    raw = deep_update(LM_CONFIG, {"model": {"name_or_path": str(tiny_lm_folder)}})
+    return _finished_model(tmp_path_factory.mktemp("lm-model"), raw, LM_SPACE)

@@ -37,6 +37,7 @@ __all__ = [
     "load_splits",
     "read_conll",
     "read_delimited",
+    "read_file_examples",
     "read_jsonl",
     "split_examples",
     "stratify_problem",
@@ -595,6 +596,31 @@ class _ReadOptions:
     header: bool
     encoding: str
     normalize_unicode: str | None
+
+
+def read_file_examples(path: str | Path, *, task: str, data: Any, limit: int | None = None) -> tuple[list, list[str]]:
+    """One file read and cleaned as a study's ``data:`` settings (``config.study.DataConfig``) say for its
+    splits, with its report lines: ``predict --evaluate`` reads a labelled input file so."""
+    spec = get_task(task)
+    _check_format(spec, data.format)
+    options = _ReadOptions(
+        task=spec,
+        format=data.format,
+        token_column=data.token_column,
+        tag_column=data.tag_column,
+        text_column=data.text_column,
+        label_column=data.label_column,
+        tokens_field=data.tokens_field,
+        tags_field=data.tags_field,
+        prompt_field=data.prompt_field,
+        completion_field=data.completion_field,
+        messages_field=data.messages_field,
+        header=data.header,
+        encoding=data.encoding,
+        normalize_unicode=None if data.normalize_unicode == "none" else data.normalize_unicode,
+    )
+    report: list[str] = []
+    return _read_split(Path(path), limit, options, report), report
 
 
 def _read_split(path: Path, limit: int | None, options: _ReadOptions, report: list[str]) -> list:

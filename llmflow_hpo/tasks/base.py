@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Protocol
 
 from llmflow_hpo.errors import DataError
 
-__all__ = ["IGNORE_INDEX", "BaseTask", "Cleaner", "ScoredFeatures", "json_field"]
+__all__ = ["IGNORE_INDEX", "BaseTask", "Cleaner", "ScoredFeatures", "clean_text", "json_field"]
 
 IGNORE_INDEX = -100  # label of the positions the loss skips (special tokens, non-first subwords, padding)
 
@@ -201,6 +201,63 @@ class BaseTask(abc.ABC):
         mode, under inference mode) and the split's ``loss``; ``cfg`` is the study config. Called once per
         evaluation, after ``score``; it must draw from no RNG the training uses. None by default."""
         return {}, []
+
+    # ------------------------------------------------------------ deployment (deliver.predict: predict, serve)
+
+    #: Whether the task's model runs as an exported ONNX graph (``--runtime onnx``): one forward pass gives its
+    #: predictions. A task that generates (causal-lm) needs the PyTorch model's ``generate``.
+    onnx_runtime: ClassVar[bool] = True
+
+    @abc.abstractmethod
+    def parse_input(self, value: Any, data: Any) -> Any:
+        """One input to predict, from a request's item or a line of an unlabelled file: a text (``str``) for
+        every task, or the task's own shape (NER: a list of words). The text is cleaned as ``data.read`` cleans
+        training text (``data``: the model's ``data:`` settings). Raises ValueError with the reason for
+        anything else; ``predict`` and ``serve`` turn it into their error."""
+
+    @abc.abstractmethod
+    def example_input(self, example: Any, data: Any) -> Any:
+        """The input of a labelled example read from a file (``predict --evaluate``): what ``parse_input``
+        gives for it, the example already cleaned by ``data.read``."""
+
+    def predict(
+        self, engine: Any, inputs: list, tokenizer: Any, data: Any, labels: list[str], options: Any
+    ) -> list[dict[str, Any]]:
+        """The predictions of ``inputs`` (of ``parse_input``), one JSON-able record each, in their order.
+
+        ``engine`` (``deliver.engines``) runs the model: ``engine.logits(ids)`` gives each input's logits as
+        a numpy array, in batches sorted by length. ``options``: ``deliver.predict.PredictOptions``
+        (``max_length``, ``batch_size``, ``max_new_tokens``). By default the inputs are encoded
+        (``encode_inputs``), run once, and each decoded (``decode``)."""
+        encoded = self.encode_inputs(inputs, tokenizer, options.max_length)
+        logits = engine.logits([e["input_ids"] for e in encoded], options.batch_size)
+        return [self.decode(row, e, labels) for row, e in zip(logits, encoded, strict=True)]
+
+    def encode_inputs(self, inputs: list, tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
+        """Each input's ``input_ids`` (truncated to ``max_length``) and what ``decode`` needs of it."""
+        raise NotImplementedError(f"{self.name} predicts through its own predict")
+
+    def decode(self, logits: Any, encoded: dict[str, Any], labels: list[str]) -> dict[str, Any]:
+        """One input's prediction record from its logits (``encoded``: its ``encode_inputs`` entry)."""
+        raise NotImplementedError(f"{self.name} predicts through its own predict")
+
+    @abc.abstractmethod
+    def gold(self, example: Any, data: Any) -> Any:
+        """The gold answer of a labelled example, as ``prediction_metrics`` compares it."""
+
+    @abc.abstractmethod
+    def prediction_metrics(self, gold: list, predictions: list[dict[str, Any]], cfg: Any) -> dict[str, float]:
+        """The training metrics (those of ``score``) of ``predict``'s records against the gold answers (``cfg``:
+        the model's study config)."""
+
+
+def clean_text(value: str, data: Any) -> str:
+    """A text to predict cleaned as ``data.read`` cleans training text: Unicode form ``data.normalize_unicode``,
+    ends stripped, whitespace runs made one space."""
+    import unicodedata
+
+    form = None if data.normalize_unicode in (None, "none") else data.normalize_unicode
+    return " ".join((unicodedata.normalize(form, value) if form else value).split())
 
 
 def json_field(path: str | Path, number: int, record: dict, name: str) -> object:

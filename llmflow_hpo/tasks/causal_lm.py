@@ -36,6 +36,7 @@ from typing import Any
 from llmflow_hpo.errors import DataError
 from llmflow_hpo.tasks.base import IGNORE_INDEX, BaseTask, Cleaner, ScoredFeatures, json_field
 from llmflow_hpo.tasks.metrics import GENERATION_METRICS, generation_metrics
+from llmflow_hpo.tasks.text_classification import TextExample
 
 __all__ = ["IGNORE_INDEX", "CausalLM", "EncodedExample", "LMExample", "encode_example", "generate", "render_chat"]
 
@@ -340,6 +341,57 @@ class CausalLM(BaseTask):
             for p, r, a in list(zip(prompts, references, answers, strict=True))[: g.samples]
         ]
         return metrics, samples
+
+    # ------------------------------------------------------------------ deployment
+
+    onnx_runtime = False  # answers are generated token by token: the PyTorch model's generate
+
+    def parse_input(self, value: Any, data: Any) -> Any:
+        """A prompt (``str``; with a model trained on csv/tsv texts, the text that ``data.prompt_template``
+        wraps), or a chat so far (a list of ``{role, content}`` turns) to answer."""
+        if isinstance(value, str):
+            if not value.strip():
+                raise ValueError("the prompt is empty")
+            if data.format in ("csv", "tsv"):
+                return TextExample(text=value, label="")
+            return LMExample(prompt=value, completion="")
+        if isinstance(value, list) and value:
+            turns = _messages("request", 0, "messages", [*value, {"role": "assistant", "content": ""}])
+            return LMExample(prompt="", completion="", messages=turns)
+        raise ValueError(f"expected a prompt or a list of chat turns, got {type(value).__name__}")
+
+    def example_input(self, example: Any, data: Any) -> Any:
+        return example
+
+    def predict(
+        self, engine: Any, inputs: list, tokenizer: Any, data: Any, labels: list[str], options: Any
+    ) -> list[dict[str, Any]]:
+        """Greedy answers of at most ``options.max_new_tokens`` tokens to the prompts as training renders them
+        (template, chat template); a prompt longer than ``options.max_length`` keeps its last tokens."""
+        prompts = [_prompt_and_completion(i, tokenizer, data)[0] for i in inputs]
+        ids = [list(tokenizer(p, add_special_tokens=True)["input_ids"])[-options.max_length :] for p in prompts]
+        answers = generate(
+            engine.model,
+            tokenizer,
+            ids,
+            max_new_tokens=options.max_new_tokens,
+            batch_size=options.batch_size,
+            device=engine.device,
+        )
+        return [{"prompt": p, "completion": a or ""} for p, a in zip(prompts, answers, strict=True)]
+
+    def gold(self, example: Any, data: Any) -> str | None:
+        if isinstance(example, LMExample):
+            return None if example.plain else example.completion
+        return data.label_words.get(example.label, example.label)
+
+    def prediction_metrics(self, gold: list, predictions: list[dict[str, Any]], cfg: Any) -> dict[str, float]:
+        """The generation metrics of the answers to the examples with a reference answer."""
+        pairs = [(g, p["completion"]) for g, p in zip(gold, predictions, strict=True) if g is not None]
+        if not pairs:
+            return {}
+        labels = cfg.generation.labels or sorted(set(cfg.data.label_words.values())) or None
+        return generation_metrics([g for g, _ in pairs], [a for _, a in pairs], labels)
 
 
 def _kind(example: Any) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llmflow_hpo.errors import ConfigError, DataError
-from llmflow_hpo.tasks.base import BaseTask, Cleaner, ScoredFeatures, json_field
+from llmflow_hpo.tasks.base import BaseTask, Cleaner, ScoredFeatures, clean_text, json_field
 from llmflow_hpo.tasks.metrics import TEXT_METRICS, text_classification_metrics
 
 __all__ = ["TextClassification", "TextExample"]
@@ -129,6 +129,43 @@ class TextClassification(BaseTask):
         """scikit-learn metrics of the predicted label names against the split's gold labels."""
         names = features.labels
         return text_classification_metrics(features.gold_labels(split), [names[i] for i in predictions])
+
+    # ------------------------------------------------------------------ deployment
+
+    def parse_input(self, value: Any, data: Any) -> str:
+        if not isinstance(value, str):
+            raise ValueError(f"expected a text, got {type(value).__name__}")
+        text = clean_text(value, data)
+        if not text:
+            raise ValueError("the text is empty")
+        return text
+
+    def example_input(self, example: TextExample, data: Any) -> str:
+        return example.text
+
+    def encode_inputs(self, inputs: list[str], tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
+        enc = tokenizer(list(inputs), truncation=True, max_length=max_length)
+        return [{"input_ids": ids, "text": text} for ids, text in zip(enc["input_ids"], inputs, strict=True)]
+
+    def decode(self, logits: Any, encoded: dict[str, Any], labels: list[str]) -> dict[str, Any]:
+        """The label, its probability, and every class's probability (softmax of the logits)."""
+        import numpy as np
+
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        best = int(probs.argmax())
+        return {
+            "text": encoded["text"],
+            "label": labels[best],
+            "score": round(float(probs[best]), 6),
+            "probabilities": {label: round(float(p), 6) for label, p in zip(labels, probs, strict=True)},
+        }
+
+    def gold(self, example: TextExample, data: Any) -> str:
+        return example.label
+
+    def prediction_metrics(self, gold: list, predictions: list[dict[str, Any]], cfg: Any) -> dict[str, float]:
+        return text_classification_metrics(gold, [p["label"] for p in predictions])
 
 
 def _was_cut(tokenizer: Any, text: str, ids: list[int], max_length: int) -> bool:

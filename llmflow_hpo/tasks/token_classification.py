@@ -8,16 +8,21 @@ counted, a word cut off by ``data.max_length`` predicted O.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llmflow_hpo.errors import ConfigError, DataError
-from llmflow_hpo.tasks.base import IGNORE_INDEX, BaseTask, Cleaner, ScoredFeatures, json_field
+from llmflow_hpo.tasks.base import IGNORE_INDEX, BaseTask, Cleaner, ScoredFeatures, clean_text, json_field
 from llmflow_hpo.tasks.metrics import TOKEN_METRICS, token_classification_metrics
 
-__all__ = ["TokenClassification", "TokenExample", "align_labels", "word_predictions"]
+__all__ = ["TokenClassification", "TokenExample", "WordsInput", "align_labels", "split_words", "word_predictions"]
+
+# A text's words for NER as CoNLL has them: runs of word characters (with inner hyphens, apostrophes and dots:
+# "Jean-Pierre", "O'Neil", "U.S"), every other non-space character a word of its own.
+_WORD = re.compile(r"\w+(?:[-'\u2019.]\w+)*|\S")
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,31 @@ class TokenExample:
             clean.count("empty")
             return None
         return TokenExample(tuple(tokens), tuple(tags))
+
+
+@dataclass(frozen=True)
+class WordsInput:
+    """One sentence to tag: its text, its words and each word's (start, end) character offsets in the text."""
+
+    text: str
+    words: tuple[str, ...]
+    spans: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def of_words(cls, words: Sequence[str]) -> WordsInput:
+        """Words as given (a CoNLL sentence, a request's list): the text is the words joined by spaces."""
+        spans, start = [], 0
+        for word in words:
+            spans.append((start, start + len(word)))
+            start += len(word) + 1
+        return cls(" ".join(words), tuple(words), tuple(spans))
+
+
+def split_words(text: str, data: Any) -> WordsInput:
+    """A text's words (``_WORD``), each cleaned as training words are, with offsets into the text as given."""
+    matches = list(_WORD.finditer(text))
+    words = tuple(clean_text(m.group(), data) for m in matches)
+    return WordsInput(text, words, tuple(m.span() for m in matches))
 
 
 class TokenClassification(BaseTask):
@@ -175,6 +205,77 @@ class TokenClassification(BaseTask):
         gold = features.gold_tags(split)
         pred = word_predictions(predictions, features.splits[split]["label_words"], gold, features.labels)
         return token_classification_metrics(gold, pred)
+
+    # ------------------------------------------------------------------ deployment
+
+    def parse_input(self, value: Any, data: Any) -> WordsInput:
+        """A text (split into words by ``split_words``) or a list of words."""
+        if isinstance(value, str):
+            sentence = split_words(value, data)
+        elif isinstance(value, list) and all(isinstance(word, str) for word in value):
+            words = [clean_text(word, data) for word in value]
+            if any(not word or " " in word for word in words):
+                raise ValueError("every word must be a non-empty string without spaces")
+            sentence = WordsInput.of_words(words)
+        else:
+            raise ValueError(f"expected a text or a list of words, got {type(value).__name__}")
+        if not sentence.words:
+            raise ValueError("the text has no words")
+        return sentence
+
+    def example_input(self, example: TokenExample, data: Any) -> WordsInput:
+        return WordsInput.of_words(example.tokens)
+
+    def encode_inputs(self, inputs: list[WordsInput], tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
+        """Input ids as training tokenizes them, and each word's first subword position (None: cut off)."""
+        enc = tokenizer(
+            [list(i.words) for i in inputs], is_split_into_words=True, truncation=True, max_length=max_length
+        )
+        encoded = []
+        for row, sentence in enumerate(inputs):
+            first: list[int | None] = [None] * len(sentence.words)
+            for position, word in enumerate(enc.word_ids(row)):
+                if word is not None and first[word] is None:
+                    first[word] = position
+            encoded.append({"input_ids": enc["input_ids"][row], "first": first, "input": sentence})
+        return encoded
+
+    def decode(self, logits: Any, encoded: dict[str, Any], labels: list[str]) -> dict[str, Any]:
+        """The word-level tags (a word cut off by max_length is O, as in scoring) and the entities as spans:
+        type, text, words [start, end), characters [start, end) and score (the mean probability of its tags)."""
+        import numpy as np
+        from seqeval.metrics.sequence_labeling import get_entities
+
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        sentence: WordsInput = encoded["input"]
+        tags, scores = [], []
+        for position in encoded["first"]:
+            best = 0 if position is None else int(probs[position].argmax())
+            tags.append("O" if position is None else labels[best])
+            scores.append(None if position is None else float(probs[position, best]))
+        entities = []
+        for kind, start, last in get_entities(tags):
+            begin, end = sentence.spans[start][0], sentence.spans[last][1]
+            word_scores = [s for s in scores[start : last + 1] if s is not None]
+            entities.append(
+                {
+                    "type": kind,
+                    "text": sentence.text[begin:end],
+                    "start_word": start,
+                    "end_word": last + 1,
+                    "start_char": begin,
+                    "end_char": end,
+                    "score": round(sum(word_scores) / len(word_scores), 6),
+                }
+            )
+        return {"text": sentence.text, "words": list(sentence.words), "tags": tags, "entities": entities}
+
+    def gold(self, example: TokenExample, data: Any) -> list[str]:
+        return list(example.tags)
+
+    def prediction_metrics(self, gold: list, predictions: list[dict[str, Any]], cfg: Any) -> dict[str, float]:
+        return token_classification_metrics(gold, [p["tags"] for p in predictions])
 
 
 def _tokenize_report(total: int, truncated: int, empty: list[str], max_length: int) -> list[str]:
