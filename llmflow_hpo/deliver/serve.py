@@ -82,7 +82,8 @@ class _HTTPError(Exception):
 class _Item:
     value: Any
     future: asyncio.Future
-    abandoned: bool = False  # its request timed out: not run when not started
+    abandoned: bool = False  # its request timed out: not run when not started, no longer counted as waiting
+    taken: bool = False  # in a batch
 
 
 @dataclass
@@ -155,9 +156,20 @@ class _Batcher:
             and len(batch) + len(self.waiting[0]) <= self.settings.max_batch
         ):
             batch.extend(self.waiting.popleft())
+        batch = [item for item in batch if not item.abandoned]
+        for item in batch:
+            item.taken = True
         self.queued -= len(batch)
         self.metrics.queue.set(self.queued)
-        return [item for item in batch if not item.abandoned]
+        return batch
+
+    def abandon(self, items: list[_Item]) -> None:
+        """A timed-out request's texts: the ones not yet in a batch are dropped from the queue."""
+        for item in items:
+            if not item.taken and not item.abandoned:
+                item.abandoned = True
+                self.queued -= 1
+        self.metrics.queue.set(self.queued)
 
     async def _run_batch(self, batch: list[_Item]) -> None:
         if not batch:
@@ -304,6 +316,5 @@ async def _predict(request: Request, batcher: _Batcher, predictor: Any, settings
     try:
         return list(await asyncio.wait_for(asyncio.gather(*(i.future for i in items)), settings.timeout_s))
     except asyncio.TimeoutError:
-        for item in items:
-            item.abandoned = True
+        batcher.abandon(items)
         raise _HTTPError(504, f"no answer within {settings.timeout_s:g} s", reason="timeout") from None
