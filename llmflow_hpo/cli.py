@@ -603,6 +603,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from llmflow_hpo.deliver.model_folder import ModelFolder
+
+    folder = ModelFolder.open(args.model_dir)
+    missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise LlmflowError(f"export --format onnx needs {', '.join(missing)}: pip install 'llmflow-hpo[onnx]'")
+    _quiet_libraries()
+    from llmflow_hpo.deliver.onnx_export import export_onnx
+
+    report = export_onnx(folder, check_file=args.check_data, limit=args.limit, log=_log)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    metric = folder.cfg.metric
+    print(
+        f"checked on {report['examples']} examples of {report['check_data']} (report: {folder.path / 'onnx' / 'report.json'})"
+    )
+    print(
+        f"| runtime | max abs logit diff | examples with other labels | dev {metric} | ex/s batch 1 | ex/s batch 32 |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name, r in report["runtimes"].items():
+        speed = r["examples_per_second"]
+        print(
+            f"| {name} | {r['max_abs_logit_diff']:.2e} | {r['examples_with_other_labels']} | "
+            f"{r['metrics'].get(metric, float('nan')):.4f} | {speed['1']:.1f} | {speed['32']:.1f} |"
+        )
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from llmflow_hpo.study.storage import load_study
     from llmflow_hpo.views.report import build_report
@@ -902,6 +935,21 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--access-log", action="store_true", help="log every request (method, path, status; never a key)")
 
 
+def _add_export(sub: Any) -> None:
+    p = _command(
+        sub,
+        "export",
+        cmd_export,
+        "Export a finished model to ONNX (dynamic batch and sequence axes) with an INT8 variant, both checked "
+        "against PyTorch on the dev file: logit difference, labels that differ, scores, speed.",
+        "llmflow-hpo export runs/quickstart/best-model --format onnx",
+    )
+    p.add_argument("model_dir", help="model folder written by retrain-best; the graphs go into its onnx/")
+    p.add_argument("--format", choices=("onnx",), default="onnx", help="onnx (the one format so far)")
+    p.add_argument("--check-data", metavar="FILE", help="labelled file to check on (default: the study's dev file)")
+    p.add_argument("--limit", type=int, metavar="N", help="check on the first N examples (default: data.limit_dev)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llmflow-hpo",
@@ -921,6 +969,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_readers,
         _add_predict,
         _add_serve,
+        _add_export,
     ):
         add(sub)
     return parser
