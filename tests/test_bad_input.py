@@ -664,6 +664,13 @@ CLI_CASES: list[tuple[str, dict[str, Content], list[str], tuple[str, ...]]] = [
     ("trials-no-db-here", {}, ["trials", "--study", "probe"], ("no --storage given",)),
     ("dashboard-port", {}, ["dashboard", "--port", "99999"], ("not a port number",)),
     ("retrain-train-on", {}, ["retrain-best", "--study", "probe", "--train-on", "everything"], ("invalid choice",)),
+    ("predict-no-folder", {}, ["predict", "model", "in.txt"], ("model", "no such model folder")),
+    ("predict-not-a-model", {"model/config.json": "{}"}, ["predict", "model", "in.txt"], ("no metrics.json",)),
+    ("predict-bad-runtime", {}, ["predict", "model", "in.txt", "--runtime", "tensorrt"], ("invalid choice",)),
+    ("serve-not-a-model", {"model/x": ""}, ["serve", "model"], ("not an llmflow-hpo model folder",)),
+    ("serve-port", {}, ["serve", "model", "--port", "70000"], ("not a port number",)),
+    ("export-format", {}, ["export", "model", "--format", "tflite"], ("invalid choice",)),
+    ("export-no-folder", {}, ["export", "model"], ("no such model folder",)),
 ]
 
 CASES = [*YAML_CASES, *STORAGE_CASES, *FOLDER_CASES, *DATA_CASES, *CLI_CASES]

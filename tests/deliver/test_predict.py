@@ -25,8 +25,20 @@ def test_predict_evaluate_gives_retrain_bests_test_scores_and_entities_as_spans(
     test_file = folder.cfg.data.test
     out = tmp_path / "ner.jsonl"
     result = subprocess.run(
-        [sys.executable, "-m", "llmflow_hpo", "predict", str(ner_model), test_file, "--evaluate"]
-        + ["--limit", "24", "--output", str(out), "--json"],
+        [
+            sys.executable,
+            "-m",
+            "llmflow_hpo",
+            "predict",
+            str(ner_model),
+            test_file,
+            "--evaluate",
+            "--limit",
+            "24",
+            "--output",
+            str(out),
+            "--json",
+        ],
         capture_output=True,
         text=True,
         timeout=300,
