@@ -123,7 +123,8 @@ async def _load(url: str, texts: list[str], clients: int, requests: int, seconds
 
 
 def cmd_load(args: argparse.Namespace) -> None:
-    results: dict[str, Any] = {"protocol": vars(args) | {"models": [str(m) for m in args.models]}, "cells": []}
+    protocol = {k: v for k, v in vars(args).items() if k != "func"} | {"models": [str(m) for m in args.models]}
+    results: dict[str, Any] = {"protocol": protocol | {"out": str(args.out)}, "cells": []}
     for model in args.models:
         texts = dev_texts(model, 256)
         for variant in args.variants:
@@ -200,6 +201,7 @@ def cmd_baseline(args: argparse.Namespace) -> None:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     print(f"baseline on http://127.0.0.1:{sock.getsockname()[1]}", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: None)  # uvicorn re-raises the SIGTERM it shut down on: exit 0
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
 
