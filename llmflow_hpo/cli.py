@@ -487,6 +487,31 @@ def cmd_retrain_best(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predictor(folder: Any, args: argparse.Namespace, progress: bool = False) -> Any:
+    """The model folder loaded as predict's and serve's shared options say (``_runtime_args``)."""
+    from llmflow_hpo.deliver.predict import Predictor
+
+    return Predictor(
+        folder,
+        runtime=args.runtime,
+        quantized=args.int8,
+        device=args.device,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        max_new_tokens=args.max_new_tokens,
+        progress=progress,
+    )
+
+
+def _require(modules: tuple[str, ...], command: str, extra: str) -> None:
+    """A one-line install hint when an optional dependency of ``command`` is missing (checked before import)."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise LlmflowError(f"{command} needs {', '.join(missing)}: pip install 'llmflow-hpo[{extra}]'")
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from llmflow_hpo.deliver.model_folder import ModelFolder
 
@@ -497,18 +522,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if output is not None and (output.is_dir() or not output.parent.is_dir()):
         raise LlmflowError(f"--output {output}: not a file in an existing folder; name the file to write")
     _quiet_libraries()
-    from llmflow_hpo.deliver.predict import Predictor, run_predict
+    from llmflow_hpo.deliver.predict import run_predict
 
-    predictor = Predictor(
-        folder,
-        runtime=args.runtime,
-        quantized=args.int8,
-        device=args.device,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        max_new_tokens=args.max_new_tokens,
-        progress=True,
-    )
+    predictor = _predictor(folder, args, progress=True)
     result = run_predict(
         predictor,
         args.input,
@@ -538,8 +554,6 @@ _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import importlib.util
-
     from llmflow_hpo.deliver.model_folder import ModelFolder
 
     folder = ModelFolder.open(args.model_dir)
@@ -548,27 +562,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise LlmflowError(
             f"--host {args.host}: serving beyond this machine needs an API key; give --api-key or set LLMFLOW_API_KEY"
         )
-    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise LlmflowError(f"serve needs {', '.join(missing)}: pip install 'llmflow-hpo[serve]'")
+    _require(("fastapi", "uvicorn", "prometheus_client"), "serve", "serve")
     _quiet_libraries()
     import signal
     import socket
 
     import uvicorn
 
-    from llmflow_hpo.deliver.predict import Predictor
     from llmflow_hpo.deliver.serve import ServeSettings, create_app
 
-    predictor = Predictor(
-        folder,
-        runtime=args.runtime,
-        quantized=args.int8,
-        device=args.device,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        max_new_tokens=args.max_new_tokens,
-    )
+    predictor = _predictor(folder, args)
     predictor.predict([predictor.parse("warm up")])  # the first pass allocates; no request should pay for it
     settings = ServeSettings(
         micro_batching=not args.no_batching,
@@ -604,14 +607,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import importlib.util
-
     from llmflow_hpo.deliver.model_folder import ModelFolder
 
     folder = ModelFolder.open(args.model_dir)
-    missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise LlmflowError(f"export --format onnx needs {', '.join(missing)}: pip install 'llmflow-hpo[onnx]'")
+    _require(("onnx", "onnxruntime", "onnxscript"), "export --format onnx", "onnx")
     _quiet_libraries()
     from llmflow_hpo.deliver.onnx_export import export_onnx
 
