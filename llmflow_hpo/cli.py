@@ -565,11 +565,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _require(("fastapi", "uvicorn", "prometheus_client"), "serve", "serve")
     _quiet_libraries()
     import signal
-    import socket
 
     import uvicorn
 
-    from llmflow_hpo.deliver.serve import ServeSettings, create_app
+    from llmflow_hpo.deliver.serve import ServeSettings, create_app, listen
 
     predictor = _predictor(folder, args)
     predictor.predict([predictor.parse("warm up")])  # the first pass allocates; no request should pay for it
@@ -584,12 +583,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         api_key=key,
     )
-    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((args.host, args.port))
-    except OSError as e:
-        raise LlmflowError(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror})") from None
+    sock = listen(args.host, args.port)
     config = uvicorn.Config(
         create_app(predictor, settings),
         log_level="info" if args.access_log else "warning",

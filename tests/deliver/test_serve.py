@@ -206,3 +206,25 @@ def test_serving_beyond_loopback_without_a_key_is_refused(ner_model):
     finally:
         if env is not None:
             os.environ["LLMFLOW_API_KEY"] = env
+
+
+def test_the_listening_socket_sends_without_nagle_delay_and_names_a_taken_port():
+    """Accepted connections inherit TCP_NODELAY from the listener: without it every kept-alive request waited
+    40 ms for the client's delayed ACK (/health 44 ms instead of 3.5)."""
+    import socket
+
+    from llmflow_hpo.deliver.serve import listen
+    from llmflow_hpo.errors import LlmflowError
+
+    sock = listen("127.0.0.1", 0)
+    try:
+        sock.listen()
+        client = socket.create_connection(sock.getsockname())
+        accepted, _ = sock.accept()
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        accepted.close()
+        client.close()
+        with pytest.raises(LlmflowError, match="cannot listen there"):
+            listen("127.0.0.1", sock.getsockname()[1])
+    finally:
+        sock.close()
