@@ -36,11 +36,25 @@ def length_batches(
         yield batch, input_ids, mask
 
 
+class _NoProgress:
+    def __enter__(self) -> _NoProgress:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        return None
+
+    def update(self, n: int) -> None:
+        return None
+
+
 def _progress(total: int, show: bool) -> Any:
-    """A progress bar on stderr when it is a terminal and ``show``; a no-op otherwise."""
+    """A progress bar on stderr when it is a terminal and ``show``; otherwise nothing is made (serve calls
+    this for every batch)."""
+    if not (show and sys.stderr.isatty()):
+        return _NoProgress()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="ex", disable=not (show and sys.stderr.isatty()), file=sys.stderr)
+    return tqdm(total=total, unit="ex", file=sys.stderr)
 
 
 def _unpad(logits: np.ndarray, lengths: list[int]) -> list[np.ndarray]:
