@@ -49,7 +49,7 @@ VARIANTS = {
 def dev_texts(model: Path, n: int) -> list[str]:
     """The first ``n`` texts of the model's dev file, as plain strings (NER: the words joined by spaces)."""
     sys.path.insert(0, str(REPO))
-    from llmflow_hpo.data.read import read_file_examples
+    from llmflow_hpo.data.splits import read_file_examples
     from llmflow_hpo.deliver.model_folder import ModelFolder
 
     folder = ModelFolder.open(model)

@@ -39,11 +39,15 @@ def _log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _load(config: str, overrides: list[str]) -> tuple[Any, Any, dict[str, Any], Any]:
+def _load(
+    config: str, overrides: list[str], *, check_lines: int | None = 1000, read: bool = True
+) -> tuple[Any, Any, dict[str, Any], Any]:
     """Validate a study config, its search space, sampler/pruner options and input files (no torch import).
 
-    Returns the config, the search space (distributions and raw) and the data as read (``DataSplits``),
-    which ``search`` hands on to its tokenization rather than reading the files again."""
+    The first ``check_lines`` examples of every data source are checked (all problems at once); with ``read``
+    the data is then read whole. Returns the config, the search space (distributions and raw) and the data as
+    read (``DataSplits``), which ``search`` hands on to its tokenization rather than reading the files again;
+    without ``read``, what the check found (``data.check.DataCheck``)."""
     import importlib.util
 
     from llmflow_hpo.config.study import load_study_config
@@ -56,7 +60,14 @@ def _load(config: str, overrides: list[str]) -> tuple[Any, Any, dict[str, Any], 
     problems = combination_problems(cfg.train, space, config)
     for split in ("train", "dev", "test"):
         path = getattr(cfg.data, split)
-        if path is not None and Path(path).exists() and not Path(path).is_file():
+        if cfg.data.format == "hf-disk" and path is not None and not Path(path).is_dir():
+            problems.append(
+                f"{config}: data.{split}: {path} is not a folder; format hf-disk reads a folder written by "
+                "datasets' save_to_disk"
+            )
+        elif cfg.data.format == "hf-disk":
+            continue
+        elif path is not None and Path(path).exists() and not Path(path).is_file():
             what = "a folder" if Path(path).is_dir() else "not a regular file"
             problems.append(f"{config}: data.{split}: {path} is {what}; give the path of a data file")
         elif path is not None and not Path(path).is_file():
@@ -85,7 +96,12 @@ def _load(config: str, overrides: list[str]) -> tuple[Any, Any, dict[str, Any], 
             problems.append(f"{config}: backend: ray needs Ray Tune, which is not installed; {RAY_HINT}")
     problems.extend(_place_problems(cfg, config))
     data = None
-    if not problems:  # every data file is there: read them as the search will (no tokenizer, no torch)
+    if not problems:  # every data file is there: check their first lines, then read them as the search will
+        from llmflow_hpo.data.check import check_data
+
+        data = check_data(cfg.data, task=cfg.task, limit=check_lines)
+        problems += [f"{config}: {line}" for line in data.problems]
+    if not problems and read:
         from llmflow_hpo.data.features import read_splits
         from llmflow_hpo.errors import DataError
 
@@ -122,12 +138,18 @@ def _place_problems(cfg: Any, source: str) -> list[str]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    cfg, space, _, _ = _load(args.config, args.set)
+    if args.lines is not None and args.lines < 1:
+        raise ConfigError(f"--lines {args.lines}: must be >= 1 (leave it out to read every file whole)")
+    quick = args.lines is not None
+    cfg, space, _, data = _load(args.config, args.set, check_lines=args.lines or 1000, read=not quick)
+    report = data.notes if quick else data.report
     if args.json:
         from llmflow_hpo.config.study import config_to_dict
 
-        print(json.dumps({"config": config_to_dict(cfg), "search_space": sorted(space)}, indent=2))
+        print(json.dumps({"config": config_to_dict(cfg), "search_space": sorted(space), "data": report}, indent=2))
     else:
+        for line in report:
+            _log(f"data: {line}")
         stopping = (
             f"{cfg.pruner.name} pruner" if cfg.backend == "optuna" else f"Ray Tune, {cfg.ray.scheduler} scheduler"
         )
@@ -730,10 +752,18 @@ def _add_validate(sub: Any) -> None:
         sub,
         "validate",
         cmd_validate,
-        "Check a study config and its search space without training (no torch import).",
+        "Check a study config, its search space and its data files without training (no torch import).",
         "llmflow-hpo validate studies/conll2003.yaml --set train.epochs=2",
     )
     _config_args(p)
+    p.add_argument(
+        "--lines",
+        type=int,
+        default=None,
+        metavar="N",
+        help="check only the first N examples of every data file (default: the first 1000 of each, every problem "
+        "at once, then every file whole, as search reads them)",
+    )
 
 
 def _add_retrain_best(sub: Any) -> None:

@@ -21,8 +21,8 @@ import yaml
 from conftest import NER_SPACE, SAMPLE_NER, TINY_MODEL, deep_update
 from refusals import refused
 
-from llmflow_hpo.config.study import load_study_config
-from llmflow_hpo.data.read import load_splits
+from llmflow_hpo.config.study import DataConfig, load_study_config
+from llmflow_hpo.data.splits import load_splits
 from llmflow_hpo.errors import DataError
 from llmflow_hpo.search.preflight import check_model_config
 
@@ -314,19 +314,20 @@ def test_load_splits_refuses_ner_training_data_without_anything_to_learn(
 ) -> None:
     train = Path(_ner_file(tmp_path, "train.txt", tags))
     dev = SAMPLE_NER / "dev.txt"
-    args: dict[str, Any] = {"task": "token-classification", "format": "conll", "dev": dev, "test": dev, "limits": {}}
+    data = DataConfig(format="conll", train=str(train), dev=str(dev), test=str(dev))
     if expected is None:
-        assert "B-LOC" in load_splits(train=train, **args).labels
+        assert "B-LOC" in load_splits(data, task="token-classification").labels
         return
     with pytest.raises(DataError, match=expected) as info:
-        load_splits(train=train, **args)
+        load_splits(data, task="token-classification")
     assert str(train) in str(info.value)
 
 
 def test_load_splits_warns_when_dev_has_no_entities(tmp_path: Path) -> None:
     train = Path(_ner_file(tmp_path, "train.txt", ["O", "B-LOC"] * 3))
     dev = Path(_ner_file(tmp_path, "dev.txt", ["O"] * 3))
-    splits = load_splits(task="token-classification", format="conll", train=train, dev=dev, test=train, limits={})
+    data = DataConfig(format="conll", train=str(train), dev=str(dev), test=str(train))
+    splits = load_splits(data, task="token-classification")
     assert any(line.startswith("warning: dev has no entities") for line in splits.report)
 
 

@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import encodings.aliases
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -58,11 +59,16 @@ def _help(text: str, **kwargs: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    format: Literal["conll", "csv", "tsv", "jsonl", "text"] = _help(
+    format: Literal["conll", "csv", "tsv", "jsonl", "lines", "text", "json", "parquet", "arrow", "hf-disk"] = _help(
         "File format: conll (token-classification), csv/tsv (text-classification, causal-lm), jsonl (all three), "
-        "text (causal-lm: one document per line, for continued training)."
+        "lines (text and label on one line, split by data.separator), text (causal-lm: one document per line), "
+        "json, parquet, arrow (read by Hugging Face datasets' builders), hf-disk (a folder written by "
+        "datasets' save_to_disk)."
     )
-    train: str = _help("Training file (relative paths are resolved from the config file's folder).")
+    train: str = _help(
+        "Training file, or for hf-disk a save_to_disk folder (all its splits are read; see data.splits); "
+        "relative paths are resolved from the config file's folder."
+    )
     dev: str | None = _help("Dev file; when missing, dev_split of train is held out.", default=None)
     test: str | None = _help("Test file; when missing, test_split of train is held out.", default=None)
     limit_train: int | None = _help("Read only the first N training examples.", default=None)
@@ -75,6 +81,27 @@ class DataConfig:
     tokens_field: str = _help("jsonl token-classification: field with the token list.", default="tokens")
     tags_field: str = _help("jsonl token-classification: field with the tag list.", default="tags")
     header: bool = _help("csv/tsv: the first row is a header.", default=True)
+    delimiter: str | None = _help("csv: the field delimiter (one character); null: a comma (tsv: a tab).", default=None)
+    separator: str = _help("lines: what separates the text from the label on each line.", default="\t")
+    label_position: Literal["start", "end"] = _help(
+        "lines: the label is at the start of the line (LABEL text) or at its end (text LABEL).", default="end"
+    )
+    split_at: Literal["first", "last"] | None = _help(
+        "lines: which occurrence of the separator splits the line; null: the one nearest the label (the first for "
+        "a label at the start, the last for one at the end), so the text may hold the separator.",
+        default=None,
+    )
+    json_field: str | None = _help(
+        "json: the key of the list of records in a JSON document ({json_field: [...]}); null: the document is a "
+        "list of records, or one record per line.",
+        default=None,
+    )
+    splits: dict[str, str] = _help(
+        "hf-disk: the split of the folder that each of train, dev and test is (e.g. {dev: validation}); "
+        "default: train, validation (or dev, valid) and test where the folder has them. Given, only the splits "
+        "named are read from the folder (the others come from data.dev/test or are held out of train).",
+        default_factory=dict,
+    )
     encoding: str = _help("Text encoding of the data files.", default="utf-8")
     dev_split: float | int = _help(
         "Fraction (<1) or count of train held out as dev when no dev file is given.", default=0.1
@@ -87,6 +114,40 @@ class DataConfig:
     )
     normalize_unicode: Literal["NFC", "NFKC", "none"] = _help(
         "Unicode normalisation applied when cleaning.", default="NFC"
+    )
+    tag_scheme: Literal["IOB1", "IOB2", "BIOES", "BILOU"] = _help(
+        "token-classification: the tag scheme of the files; tags are converted to IOB2 for training, and "
+        "sequences the scheme does not allow (an I- without its B-) are reported.",
+        default="IOB2",
+    )
+    label_separator: str | None = _help(
+        "Take a part of each label (NER: of each entity type): the label split by this separator "
+        "(e.g. ':' for COARSE:fine).",
+        default=None,
+    )
+    label_part: int = _help("With label_separator: which part (0 = first, -1 = last).", default=0)
+    label_regex: str | None = _help(
+        "Take a part of each label: the first group (or the match) of this regular expression, e.g. '^([A-Z]+):'.",
+        default=None,
+    )
+    label_map: dict[str, str] = _help(
+        "Rename or merge labels after the part is taken (NER: entity types; map a type to O to drop it), "
+        "e.g. {pos: positive, very_pos: positive}.",
+        default_factory=dict,
+    )
+    drop_labels: list[str] = _help(
+        "Labels whose examples are dropped (NER: entity types whose tags become O), after label_map.",
+        default_factory=list,
+    )
+    labels: list[str] | None = _help(
+        "The label set in a fixed order (label ids follow it; NER: entity types, tags O, B-, I- of each); a label "
+        "outside it is an error. null: the labels seen, sorted (NER: O first).",
+        default=None,
+    )
+    dedupe: bool = _help(
+        "Drop from train the examples that also occur in dev or test (same input after cleaning); they are "
+        "reported either way.",
+        default=False,
     )
     prompt_field: str = _help("jsonl causal-lm: field with the prompt (with completion_field).", default="prompt")
     completion_field: str = _help("jsonl causal-lm: field with the completion to learn.", default="completion")
@@ -549,6 +610,7 @@ def _check_ranges(cfg: StudyConfig, problems: Problems) -> None:
     for lim in ("limit_train", "limit_dev", "limit_test"):
         value = getattr(d, lim)
         need(value is None or value >= 1, f"data.{lim}", "must be >= 1 or null")
+    _check_data(d, problems)
     task = get_task(cfg.task)
     for path, message in task.check_config(cfg):
         problems.add(path, message)
@@ -557,6 +619,34 @@ def _check_ranges(cfg: StudyConfig, problems: Problems) -> None:
         problems.add(
             "objective.metric", f"{cfg.objective.metric!r} is not a {cfg.task} metric; use one of {', '.join(metrics)}"
         )
+
+
+def _check_data(d: DataConfig, problems: Problems) -> None:
+    """The data: section's reading and label options, each against the format it applies to."""
+    for name, value, fmt in (("delimiter", d.delimiter, "csv"), ("json_field", d.json_field, "json")):
+        if value is not None and d.format != fmt:
+            problems.add(f"data.{name}", f"applies to format {fmt} only (format is {d.format}); remove it")
+    if d.splits and d.format != "hf-disk":
+        problems.add("data.splits", f"applies to format hf-disk only (format is {d.format}); remove it")
+    if d.delimiter is not None and (len(d.delimiter) != 1 or d.delimiter in "\r\n\"'"):
+        problems.add("data.delimiter", f"got {d.delimiter!r}; give one character such as ';', '|' or '\\t'")
+    if not d.separator or any(c in d.separator for c in "\r\n"):
+        problems.add("data.separator", f"got {d.separator!r}; give a string without line breaks, e.g. ' ', ':' or '@'")
+    unknown = sorted(set(d.splits) - {"train", "dev", "test"})
+    if unknown:
+        problems.add("data.splits", f"unknown key(s) {', '.join(unknown)}; use train, dev and test")
+    if d.label_separator == "":
+        problems.add("data.label_separator", "must not be empty (or null for none)")
+    if d.label_regex is not None:
+        try:
+            re.compile(d.label_regex)
+        except re.error as error:
+            problems.add("data.label_regex", f"{d.label_regex!r} is not a regular expression: {error}")
+    if d.labels is not None:
+        repeated = sorted({label for label in d.labels if d.labels.count(label) > 1})
+        if not d.labels or repeated:
+            why = f"{', '.join(repeated)} given twice" if repeated else "it is empty"
+            problems.add("data.labels", f"{why}; list each label once (or null for the labels seen)")
 
 
 def _budget_problem(cfg: StudyConfig, problems: Problems) -> float | None:

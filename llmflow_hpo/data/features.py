@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from llmflow_hpo.config.study import StudyConfig
-from llmflow_hpo.data.read import SPLIT_NAMES, DataSplits, load_splits
+from llmflow_hpo.data.splits import SPLIT_NAMES, DataSplits, load_splits
 from llmflow_hpo.recipe.models import load_tokenizer, tokenizer_fingerprint
 from llmflow_hpo.tasks import get_task
 
 __all__ = ["Features", "prepare_features", "read_splits"]
 
-_FORMAT_VERSION = "2"  # 2: label_words (the word of each labelled position)
+_FORMAT_VERSION = "3"  # 2: label_words (the word of each labelled position); 3: tags read as IOB2
 
 
 @dataclass
@@ -52,9 +52,13 @@ def _file_digest(path: str | None) -> str | None:
     if not p.exists():
         return None  # load_splits reports it
     digest = hashlib.sha256()
-    with p.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    # A save_to_disk folder counts by every file in it, each with its name.
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    for file in files:
+        digest.update(str(file.relative_to(p)).encode() if p.is_dir() else b"")
+        with file.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 
@@ -73,31 +77,8 @@ def _cache_key(cfg: StudyConfig, tokenizer: Any) -> str:
 
 
 def read_splits(cfg: StudyConfig) -> DataSplits:
-    """Read, clean and split the study's data files as its data settings say (no tokenizer, no torch)."""
-    d = cfg.data
-    return load_splits(
-        task=cfg.task,
-        format=d.format,
-        train=Path(d.train),
-        dev=Path(d.dev) if d.dev else None,
-        test=Path(d.test) if d.test else None,
-        limits={"train": d.limit_train, "dev": d.limit_dev, "test": d.limit_test},
-        token_column=d.token_column,
-        tag_column=d.tag_column,
-        text_column=d.text_column,
-        label_column=d.label_column,
-        tokens_field=d.tokens_field,
-        tags_field=d.tags_field,
-        prompt_field=d.prompt_field,
-        completion_field=d.completion_field,
-        messages_field=d.messages_field,
-        header=d.header,
-        encoding=d.encoding,
-        split_dev=d.dev_split,
-        split_test=d.test_split,
-        seed=cfg.seed,
-        normalize_unicode=None if d.normalize_unicode == "none" else d.normalize_unicode,
-    )
+    """Read, clean and split the study's data as its data settings say (no tokenizer, no torch)."""
+    return load_splits(cfg.data, task=cfg.task, seed=cfg.seed)
 
 
 def prepare_features(

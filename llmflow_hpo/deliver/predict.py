@@ -3,7 +3,7 @@
 
 The input is read in the model's training format (``data.format`` of its study, or ``--format``): CoNLL,
 CSV/TSV, JSON Lines, or plain text lines (one text each). A file that carries gold labels is read by the
-training readers and cleaned as training data was (``data.read.read_file_examples``), so ``--evaluate`` scores
+training readers and cleaned as training data was (``data.splits.read_file_examples``), so ``--evaluate`` scores
 exactly what retrain-best scored; an unlabelled file gives the texts (or words, or prompts) only. Each task
 decodes its own predictions (``BaseTask.predict``): NER entities as spans with the word tags, a class with
 every class's probability, a causal LM's generated completion.
@@ -115,7 +115,7 @@ def read_inputs(
     format; stdin: text lines). A labelled file (always with ``evaluate``) is read as training reads it."""
     from dataclasses import replace
 
-    from llmflow_hpo.data.read import read_file_examples
+    from llmflow_hpo.data.splits import read_file_examples
 
     cfg = predictor.cfg
     fmt = format or ("text" if source == "-" else cfg.data.format)
@@ -137,7 +137,7 @@ def read_inputs(
 
 def _has_labels(path: Path, data: Any, task: str) -> bool:
     """Whether the first examples of a file read with the training reader (gold labels and all)."""
-    from llmflow_hpo.data.read import read_file_examples
+    from llmflow_hpo.data.splits import read_file_examples
 
     try:
         read_file_examples(path, task=task, data=data, limit=3)
@@ -161,6 +161,12 @@ def _unlabelled(source: str, data: Any, limit: int | None) -> Iterator[tuple[int
 
 
 def _values(source: str, data: Any) -> Iterator[tuple[int, Any]]:
+    from llmflow_hpo.data.tables import TABLE_FORMATS, table_rows
+
+    if source != "-" and data.format in TABLE_FORMATS:
+        for number, record in table_rows(Path(source), data):
+            yield number, _record_value(source, f"row {number}", record, data)
+        return
     handle: TextIO = sys.stdin if source == "-" else _open(source, data.encoding)
     try:
         if data.format in ("csv", "tsv"):
@@ -182,7 +188,10 @@ def _values(source: str, data: Any) -> Iterator[tuple[int, Any]]:
         if words:
             yield number + 1, words
     except UnicodeDecodeError as e:
-        raise DataError(source, f"cannot decode as {e.encoding} ({e.reason}); set data.encoding with --set") from None
+        from llmflow_hpo.data.read import decode_message
+
+        where = decode_message(source, data.encoding, e) if source != "-" else f"cannot decode as {e.encoding}"
+        raise DataError(source, f"{where} (with --set)") from None
     finally:
         if handle is not sys.stdin:
             handle.close()
@@ -197,7 +206,8 @@ def _open(source: str, encoding: str) -> TextIO:
 
 def _delimited_values(source: str, handle: TextIO, data: Any) -> Iterator[tuple[int, Any]]:
     tab = data.format == "tsv"  # as training reads TSV: a quote is text
-    reader = csv.reader(handle, delimiter="\t" if tab else ",", quoting=csv.QUOTE_NONE if tab else csv.QUOTE_MINIMAL)
+    delimiter = "\t" if tab else (data.delimiter or ",")
+    reader = csv.reader(handle, delimiter=delimiter, quoting=csv.QUOTE_NONE if tab else csv.QUOTE_MINIMAL)
     column = data.text_column
     if data.header:
         names = [n.strip().removeprefix("\ufeff") for n in next(reader, [])]
@@ -217,14 +227,17 @@ def _json_value(source: str, number: int, line: str, data: Any) -> Any:
         record = json.loads(line)
     except json.JSONDecodeError as e:
         raise DataError(source, f"line {number}: not valid JSON ({e.msg})") from None
-    if isinstance(record, str):
-        return record
+    return record if isinstance(record, str) else _record_value(source, f"line {number}", record, data)
+
+
+def _record_value(source: str, where: str, record: Any, data: Any) -> Any:
+    """The input of an unlabelled record (a JSON object, a table's row): its words, chat, prompt or text."""
     if isinstance(record, dict):
         for field in (data.tokens_field, data.messages_field, data.prompt_field, data.text_column):
             if field in record:
                 return record[field]
     fields = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
-    raise DataError(source, f"line {number}: no {data.text_column!r} (or words, messages, prompt) field in {fields}")
+    raise DataError(source, f"{where}: no {data.text_column!r} (or words, messages, prompt) field in {fields}")
 
 
 # --------------------------------------------------------------------------------------------- writing

@@ -15,13 +15,23 @@ from typing import Any, ClassVar, Protocol
 
 from llmflow_hpo.errors import DataError
 
-__all__ = ["IGNORE_INDEX", "BaseTask", "Cleaner", "ScoredFeatures", "clean_text", "json_field"]
+__all__ = [
+    "IGNORE_INDEX",
+    "BaseTask",
+    "Cleaner",
+    "ScoredFeatures",
+    "clean_text",
+    "json_field",
+    "label_report",
+    "record_fields",
+    "unknown_labels_message",
+]
 
 IGNORE_INDEX = -100  # label of the positions the loss skips (special tokens, non-first subwords, padding)
 
 
 class Cleaner(Protocol):
-    """What an example's ``cleaned(clean, source, number)`` method is handed by ``data.read.clean_examples``,
+    """What an example's ``cleaned(clean, source, number)`` method is handed by ``data.clean.clean_examples``,
     once per example read: ``clean(value)`` is the string in the study's Unicode form, stripped, with
     whitespace runs made one space (the cleaner notes what changed); ``count(what)`` counts a part of the
     example dropped (reported as cleaning's lines). Each task's example class has that method: it returns the
@@ -99,17 +109,20 @@ class BaseTask(abc.ABC):
     def format_problem(self, format: str) -> str:
         """The config check's message for a ``data.format`` this task does not read."""
 
-    # ------------------------------------------------------------------ reading (data.read.load_splits, no tokenizer)
+    # ------------------------------------------------------------------ reading (data.splits.load_splits, no tokenizer)
 
-    def check_jsonl_fields(self, fields: Mapping[str, object]) -> None:
-        """Called before a JSON Lines split is read, with the config's field names (``text_column``,
-        ``label_column``, ``tokens_field``, ``tags_field``); raises ConfigError for one this task cannot use."""
+    def check_record_fields(self, fields: Mapping[str, object]) -> None:
+        """Called before a JSON Lines file or a table is read, with the config's field names keyed as
+        ``record_example`` reads them (``text``, ``label``, ``tokens``...); raises ConfigError for one this task
+        cannot use."""
         return None
 
     @abc.abstractmethod
-    def jsonl_example(self, path: str | Path, number: int, record: dict, fields: Mapping[str, str]) -> Any:
-        """One example from one JSON Lines object (line ``number``), reading the fields of ``fields`` that
-        this task uses (keys ``text``, ``label``, ``tokens``, ``tags``); raises DataError for a bad record."""
+    def record_example(self, path: str | Path, where: str, record: dict, fields: Mapping[str, str]) -> Any:
+        """One example from one record: a JSON Lines object, or a row of a Parquet, Arrow, JSON or
+        ``save_to_disk`` table (``where``: "line 3", "row 3"). It reads the fields of ``fields`` that this task
+        uses (keys ``text``, ``label``, ``tokens``, ``tags``, ``prompt``, ``completion``, ``messages``); raises
+        DataError for a bad record. A table's class-label ids are already their names."""
 
     @abc.abstractmethod
     def example_labels(self, example: Any) -> Sequence[str]:
@@ -117,9 +130,22 @@ class BaseTask(abc.ABC):
         the label counts and the checks of the train split are made of these."""
 
     @abc.abstractmethod
-    def label_set(self, examples: list) -> list[str]:
+    def label_set(self, examples: list, order: Sequence[str] | None = None) -> list[str]:
         """The ordered label names of all splits' examples: label id i of the features and the model is
-        ``label_set(...)[i]``. Called once, after reading and cleaning."""
+        ``label_set(...)[i]``. ``order``: the fixed label order of ``data.labels`` (every example's labels are
+        in it by then). Called once, after reading, cleaning and the label rules."""
+
+    def relabel(self, examples: list, rules: Any, data: Any, source: str) -> tuple[list, list[str]]:
+        """The examples of one file with the label rules (``data.labels.LabelRules``) applied, and report lines
+        (each starting with ``source``). Called after cleaning; raises DataError (naming ``source`` and the
+        example) for a label the rules cannot take or one outside ``rules.order``. A task without labels
+        has nothing to do."""
+        return examples, []
+
+    def input_key(self, example: Any) -> Any:
+        """What makes two examples the same input (their text, words or prompt), to find examples that occur
+        in more than one split; the whole example by default."""
+        return example
 
     def train_problem(self, counts: Mapping[str, int]) -> str | None:
         """Why a train split with these label counts teaches nothing (beyond having one label only, which
@@ -131,7 +157,7 @@ class BaseTask(abc.ABC):
         raise DataError(path, f"format text does not fit task {self.name}")
 
     def summary(self, splits: Any) -> list[str]:
-        """Report lines of this task about the splits read (``data.read.DataSplits``): label counts, warnings.
+        """Report lines of this task about the splits read (``data.splits.DataSplits``): label counts, warnings.
 
         Called once by ``load_splits``, after the common lines (sizes, label set) and before the warnings
         about labels never seen in train."""
@@ -211,14 +237,14 @@ class BaseTask(abc.ABC):
     @abc.abstractmethod
     def parse_input(self, value: Any, data: Any) -> Any:
         """One input to predict, from a request's item or a line of an unlabelled file: a text (``str``) for
-        every task, or the task's own shape (NER: a list of words). The text is cleaned as ``data.read`` cleans
+        every task, or the task's own shape (NER: a list of words). The text is cleaned as ``data.clean`` cleans
         training text (``data``: the model's ``data:`` settings). Raises ValueError with the reason for
         anything else; ``predict`` and ``serve`` turn it into their error."""
 
     @abc.abstractmethod
     def example_input(self, example: Any, data: Any) -> Any:
         """The input of a labelled example read from a file (``predict --evaluate``): what ``parse_input``
-        gives for it, the example already cleaned by ``data.read``."""
+        gives for it, the example already cleaned by ``data.clean``."""
 
     def predict(
         self, engine: Any, inputs: list, tokenizer: Any, data: Any, labels: list[str], options: Any
@@ -252,7 +278,7 @@ class BaseTask(abc.ABC):
 
 
 def clean_text(value: str, data: Any) -> str:
-    """A text to predict cleaned as ``data.read`` cleans training text: Unicode form ``data.normalize_unicode``,
+    """A text to predict cleaned as ``data.clean`` cleans training text: Unicode form ``data.normalize_unicode``,
     ends stripped, whitespace runs made one space."""
     import unicodedata
 
@@ -260,9 +286,46 @@ def clean_text(value: str, data: Any) -> str:
     return " ".join((unicodedata.normalize(form, value) if form else value).split())
 
 
-def json_field(path: str | Path, number: int, record: dict, name: str) -> object:
-    """The value of field ``name`` of the JSON object on line ``number``, or a DataError that lists the fields."""
+def record_fields(data: Any) -> dict[str, Any]:
+    """The field names a record (a JSON object, a table's row) is read by, keyed as ``record_example`` reads
+    them, from the study's ``data:`` settings (``config.study.DataConfig``)."""
+    return {
+        "text": data.text_column,
+        "label": data.label_column,
+        "tokens": data.tokens_field,
+        "tags": data.tags_field,
+        "prompt": data.prompt_field,
+        "completion": data.completion_field,
+        "messages": data.messages_field,
+    }
+
+
+def json_field(path: str | Path, where: str, record: dict, name: str) -> object:
+    """The value of field ``name`` of the record at ``where`` ("line 3"), or a DataError that lists the fields."""
     if name not in record:
         found = ", ".join(sorted(record)) or "none"
-        raise DataError(path, f"line {number}: no field {name!r} (fields found: {found})")
+        raise DataError(path, f"{where}: no field {name!r} (fields found: {found})")
     return record[name]
+
+
+def label_report(name: str, changed: Mapping[str, int], dropped: Mapping[str, int], unit: str) -> list[str]:
+    """The report lines of the label rules on one file (``name``): the labels changed and those dropped,
+    with counts (``unit``: what is dropped, "examples" or "entities")."""
+    lines = []
+    if changed:
+        listed = ", ".join(f"{change} ({count})" for change, count in sorted(changed.items()))
+        lines.append(f"{name}: label rules changed {sum(changed.values())} label(s): {listed}")
+    if dropped:
+        listed = ", ".join(f"{label} ({count})" for label, count in sorted(dropped.items()))
+        lines.append(f"{name}: dropped {sum(dropped.values())} {unit} of data.drop_labels or mapped to O: {listed}")
+    return lines
+
+
+def unknown_labels_message(unknown: Sequence[str], seen: Sequence[str], order: Sequence[str] | None) -> str:
+    """The error for labels outside the fixed order ``data.labels``, with how often each occurs."""
+    counts = {label: sum(1 for s in seen if s == label) for label in unknown}
+    listed = ", ".join(f"{label!r} ({counts[label]}x)" for label in unknown[:10])
+    return (
+        f"unknown label(s) {listed}: not in data.labels ({', '.join(order or ())}); add them to data.labels, "
+        "rename them with data.label_map or drop them with data.drop_labels"
+    )

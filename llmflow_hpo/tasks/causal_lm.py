@@ -103,7 +103,7 @@ class LMExample:
     plain: bool = False
 
     def cleaned(self, clean: Cleaner, source: str, number: int) -> LMExample | None:
-        """Called by ``data.read.clean_examples``. The text is kept as written (newlines and runs of spaces
+        """Called by ``data.clean.clean_examples``. The text is kept as written (newlines and runs of spaces
         are part of what a language model learns); an example whose completion is blank is dropped."""
         if not self.completion.strip():
             clean.count("empty")
@@ -111,8 +111,8 @@ class LMExample:
         return self
 
 
-def _messages(path: str | Path, number: int, name: str, value: object) -> tuple[tuple[str, str], ...]:
-    where = f"line {number}: field {name!r}"
+def _messages(path: str | Path, at: str, name: str, value: object) -> tuple[tuple[str, str], ...]:
+    where = f"{at}: field {name!r}"
     if not isinstance(value, list) or not value:
         raise DataError(path, f"{where} must be a non-empty list of {{role, content}} turns")
     turns = []
@@ -131,10 +131,10 @@ def _messages(path: str | Path, number: int, name: str, value: object) -> tuple[
     return tuple(turns)
 
 
-def _string(path: str | Path, number: int, record: dict, name: str) -> str:
-    value = json_field(path, number, record, name)
+def _string(path: str | Path, where: str, record: dict, name: str) -> str:
+    value = json_field(path, where, record, name)
     if not isinstance(value, str):
-        raise DataError(path, f"line {number}: field {name!r} must be a string, got {type(value).__name__}")
+        raise DataError(path, f"{where}: field {name!r} must be a string, got {type(value).__name__}")
     return value
 
 
@@ -146,7 +146,7 @@ class CausalLM(BaseTask):
     """Next-token prediction on completions (SFT), chats or plain text; scored by dev loss and generation."""
 
     name = "causal-lm"
-    formats = ("jsonl", "csv", "tsv", "text")
+    formats = ("jsonl", "csv", "tsv", "lines", "text", "json", "parquet", "arrow", "hf-disk")
     unit = "example"
     label_field = "data.completion_field"
     stratify = False
@@ -158,10 +158,23 @@ class CausalLM(BaseTask):
     peft_task_type = "CAUSAL_LM"
 
     def format_problem(self, format: str) -> str:
-        return "causal-lm reads jsonl (prompt/completion, messages or text), csv or tsv (text and label), or text"
+        return (
+            "causal-lm reads jsonl, json, parquet, arrow or hf-disk (prompt/completion, messages or text), csv, tsv "
+            "or lines (text and label), or text"
+        )
 
     def check_config(self, cfg: Any) -> list[tuple[str, str]]:
         problems = super().check_config(cfg)
+        d = cfg.data
+        rules = {"label_separator": d.label_separator, "label_regex": d.label_regex, "label_map": d.label_map,
+                 "drop_labels": d.drop_labels, "labels": d.labels}  # fmt: skip
+        problems += [
+            (f"data.{name}", "causal-lm learns completions, not labels; give each label's words in data.label_words")
+            for name, value in rules.items()
+            if value
+        ]
+        if d.tag_scheme != "IOB2":
+            problems.append(("data.tag_scheme", "applies to token-classification only; remove it"))
         if cfg.train.class_weighting != "none":
             problems.append(("train.class_weighting", "causal-lm predicts tokens, not classes; use none"))
         metric = cfg.objective.metric
@@ -195,21 +208,21 @@ class CausalLM(BaseTask):
 
     # ------------------------------------------------------------------ reading
 
-    def jsonl_example(self, path: str | Path, number: int, record: dict, fields: Mapping[str, str]) -> LMExample:
+    def record_example(self, path: str | Path, where: str, record: dict, fields: Mapping[str, str]) -> LMExample:
         """A chat when the record has the messages field, else a prompt and completion when it has the prompt
         field, else a plain text (the text field)."""
         if fields["messages"] in record:
-            turns = _messages(path, number, fields["messages"], record[fields["messages"]])
+            turns = _messages(path, where, fields["messages"], record[fields["messages"]])
             return LMExample(prompt="", completion=turns[-1][1], messages=turns)
         if fields["prompt"] in record:
-            prompt = _string(path, number, record, fields["prompt"])
-            return LMExample(prompt=prompt, completion=_string(path, number, record, fields["completion"]))
+            prompt = _string(path, where, record, fields["prompt"])
+            return LMExample(prompt=prompt, completion=_string(path, where, record, fields["completion"]))
         if fields["text"] in record:
-            return LMExample(prompt="", completion=_string(path, number, record, fields["text"]), plain=True)
+            return LMExample(prompt="", completion=_string(path, where, record, fields["text"]), plain=True)
         found = ", ".join(sorted(record)) or "none"
         raise DataError(
             path,
-            f"line {number}: none of the fields {fields['messages']!r}, {fields['prompt']!r} (with "
+            f"{where}: none of the fields {fields['messages']!r}, {fields['prompt']!r} (with "
             f"{fields['completion']!r}) or {fields['text']!r} (fields found: {found}); set data.messages_field, "
             "data.prompt_field or data.text_column",
         )
@@ -220,7 +233,7 @@ class CausalLM(BaseTask):
     def example_labels(self, example: Any) -> Sequence[str]:
         return ()
 
-    def label_set(self, examples: list) -> list[str]:
+    def label_set(self, examples: list, order: Sequence[str] | None = None) -> list[str]:
         return []
 
     def summary(self, splits: Any) -> list[str]:

@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from llmflow_hpo.errors import ConfigError, DataError
-from llmflow_hpo.tasks.base import BaseTask, Cleaner, ScoredFeatures, clean_text, json_field
+from llmflow_hpo.tasks.base import (
+    BaseTask,
+    Cleaner,
+    ScoredFeatures,
+    clean_text,
+    json_field,
+    label_report,
+    unknown_labels_message,
+)
 from llmflow_hpo.tasks.metrics import TEXT_METRICS, text_classification_metrics
 
 __all__ = ["TextClassification", "TextExample"]
@@ -28,7 +36,7 @@ class TextExample:
     label: str
 
     def cleaned(self, clean: Cleaner, source: str, number: int) -> TextExample | None:
-        """Called by ``data.read.clean_examples``: text and label cleaned; None when the text becomes empty,
+        """Called by ``data.clean.clean_examples``: text and label cleaned; None when the text becomes empty,
         or when a text is left without a label."""
         text, label = clean(self.text), clean(self.label)
         if text and not label:
@@ -44,7 +52,7 @@ class TextClassification(BaseTask):
     """Sequence classification: one label per text."""
 
     name = "text-classification"
-    formats = ("csv", "tsv", "jsonl")
+    formats = ("csv", "tsv", "jsonl", "lines", "json", "parquet", "arrow", "hf-disk")
     unit = "example"
     label_field = "data.label_column"
     stratify = True
@@ -53,36 +61,66 @@ class TextClassification(BaseTask):
     model_card_class = "AutoModelForSequenceClassification"
     peft_task_type = "SEQ_CLS"
 
+    def check_config(self, cfg: Any) -> list[tuple[str, str]]:
+        problems = super().check_config(cfg)
+        if cfg.data.tag_scheme != "IOB2":
+            problems.append(("data.tag_scheme", "applies to token-classification only; remove it"))
+        return problems
+
     def format_problem(self, format: str) -> str:
-        return "text-classification reads csv, tsv or jsonl"
+        return f"text-classification reads {', '.join(self.formats)}"
 
     # ------------------------------------------------------------------ reading
 
-    def check_jsonl_fields(self, fields: Mapping[str, object]) -> None:
-        """JSON Lines: the text and label columns are field names."""
-        for name in ("text_column", "label_column"):
-            value = fields[name]
+    def check_record_fields(self, fields: Mapping[str, object]) -> None:
+        """Records: the text and label columns are field names."""
+        for key, name in (("text", "text_column"), ("label", "label_column")):
+            value = fields[key]
             if not isinstance(value, str):
-                raise ConfigError(f"data.{name}: format jsonl needs a field name, got {value!r}")
+                raise ConfigError(f"data.{name}: records (jsonl, json, tables) are read by field name, not {value!r}")
 
-    def jsonl_example(self, path: str | Path, number: int, record: dict, fields: Mapping[str, str]) -> TextExample:
+    def record_example(self, path: str | Path, where: str, record: dict, fields: Mapping[str, str]) -> TextExample:
         text_field, label_field = fields["text"], fields["label"]
-        text = json_field(path, number, record, text_field)
-        label = json_field(path, number, record, label_field)
+        text = json_field(path, where, record, text_field)
+        label = json_field(path, where, record, label_field)
         if not isinstance(text, str):
-            raise DataError(path, f"line {number}: field {text_field!r} must be a string")
+            raise DataError(path, f"{where}: field {text_field!r} must be a string")
         if isinstance(label, bool):
             label = str(label).lower()
         if not isinstance(label, (str, int, float)):
-            raise DataError(path, f"line {number}: field {label_field!r} must be a string or number")
+            raise DataError(path, f"{where}: field {label_field!r} must be a string or number")
         return TextExample(text=text, label=str(label))
 
     def example_labels(self, example: TextExample) -> Sequence[str]:
         return (example.label,)
 
-    def label_set(self, examples: list) -> list[str]:
-        """The labels seen, sorted as strings."""
-        return sorted({example.label for example in examples})
+    def label_set(self, examples: list, order: Sequence[str] | None = None) -> list[str]:
+        """The labels of ``order`` as given, else the labels seen, sorted as strings."""
+        return list(order) if order else sorted({example.label for example in examples})
+
+    def relabel(self, examples: list, rules: Any, data: Any, source: str) -> tuple[list, list[str]]:
+        """Each label through the rules; an example whose label is dropped goes, and is counted."""
+        if not rules.changes and rules.order is None:
+            return examples, []
+        kept, changed, dropped = [], Counter(), Counter()
+        for number, example in enumerate(examples, start=1):
+            try:
+                label = rules.apply(example.label)
+            except ValueError as error:
+                raise DataError(source, f"example {number}: {error}") from None
+            if label is None:
+                dropped[example.label] += 1
+                continue
+            if label != example.label:
+                changed[f"{example.label} -> {label}"] += 1
+            kept.append(TextExample(example.text, label))
+        unknown = rules.unknown([example.label for example in kept])
+        if unknown:
+            raise DataError(source, unknown_labels_message(unknown, [e.label for e in kept], rules.order))
+        return kept, label_report(Path(source).name, changed, dropped, "examples")
+
+    def input_key(self, example: TextExample) -> str:
+        return example.text
 
     def summary(self, splits: Any) -> list[str]:
         lines = []

@@ -9,14 +9,25 @@ counted, a word cut off by ``data.max_length`` predicted O.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llmflow_hpo.errors import ConfigError, DataError
-from llmflow_hpo.tasks.base import IGNORE_INDEX, BaseTask, Cleaner, ScoredFeatures, clean_text, json_field
+from llmflow_hpo.tasks.base import (
+    IGNORE_INDEX,
+    BaseTask,
+    Cleaner,
+    ScoredFeatures,
+    clean_text,
+    json_field,
+    label_report,
+    unknown_labels_message,
+)
 from llmflow_hpo.tasks.metrics import TOKEN_METRICS, token_classification_metrics
+from llmflow_hpo.tasks.tag_schemes import split_tag, to_iob2
 
 __all__ = ["TokenClassification", "TokenExample", "WordsInput", "align_labels", "split_words", "word_predictions"]
 
@@ -33,7 +44,7 @@ class TokenExample:
     tags: tuple[str, ...]
 
     def cleaned(self, clean: Cleaner, source: str, number: int) -> TokenExample | None:
-        """Called by ``data.read.clean_examples``: words and tags cleaned; a word that becomes empty is
+        """Called by ``data.clean.clean_examples``: words and tags cleaned; a word that becomes empty is
         dropped with its tag; a word left without a tag is an error; None when no word is left."""
         if len(self.tokens) != len(self.tags):
             raise DataError(source, f"example {number}: {len(self.tokens)} tokens but {len(self.tags)} tags")
@@ -83,7 +94,7 @@ class TokenClassification(BaseTask):
     """Named-entity recognition: one IOB tag per word."""
 
     name = "token-classification"
-    formats = ("conll", "jsonl")
+    formats = ("conll", "jsonl", "json", "parquet", "arrow", "hf-disk")
     unit = "sentence"
     label_field = "data.tag_column"
     stratify = False
@@ -95,28 +106,58 @@ class TokenClassification(BaseTask):
     scoring_columns = ("word_labels", "label_words")
 
     def format_problem(self, format: str) -> str:
-        return f"{format} holds no token tags; use conll or jsonl"
+        return f"{format} holds no token tags; use one of {', '.join(self.formats)}"
 
     # ------------------------------------------------------------------ reading
 
-    def jsonl_example(self, path: str | Path, number: int, record: dict, fields: Mapping[str, str]) -> TokenExample:
+    def record_example(self, path: str | Path, where: str, record: dict, fields: Mapping[str, str]) -> TokenExample:
         tokens_field, tags_field = fields["tokens"], fields["tags"]
-        tokens = json_field(path, number, record, tokens_field)
-        tags = json_field(path, number, record, tags_field)
+        tokens = json_field(path, where, record, tokens_field)
+        tags = json_field(path, where, record, tags_field)
         for name, value in ((tokens_field, tokens), (tags_field, tags)):
             if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-                raise DataError(path, f"line {number}: field {name!r} must be a list of strings")
+                raise DataError(path, f"{where}: field {name!r} must be a list of strings")
         if len(tokens) != len(tags):
-            raise DataError(path, f"line {number}: {len(tokens)} tokens but {len(tags)} tags")
+            raise DataError(path, f"{where}: {len(tokens)} tokens but {len(tags)} tags")
         return TokenExample(tuple(tokens), tuple(tags))
 
     def example_labels(self, example: TokenExample) -> Sequence[str]:
         return example.tags
 
-    def label_set(self, examples: list) -> list[str]:
-        """Every tag seen, "O" first (when there is one), then the others sorted."""
+    def label_set(self, examples: list, order: Sequence[str] | None = None) -> list[str]:
+        """With ``order`` (entity types): O, then B- and I- of each type in that order. Else every tag seen, "O"
+        first (when there is one), then the others sorted."""
+        if order:
+            return ["O", *(f"{prefix}-{kind}" for kind in order for prefix in ("B", "I"))]
         tags = {tag for example in examples for tag in example.tags}
         return (["O"] if "O" in tags else []) + sorted(tags - {"O"})
+
+    def relabel(self, examples: list, rules: Any, data: Any, source: str) -> tuple[list, list[str]]:
+        """Tags of ``data.tag_scheme`` converted to IOB2 (faults counted), then the rules applied to each
+        entity type: a type mapped to O or dropped leaves its words O."""
+        name = Path(source).name
+        converted, faults = [], []
+        for number, example in enumerate(examples, start=1):
+            try:
+                tags, found = to_iob2(example.tags, data.tag_scheme)
+            except ValueError as error:
+                raise DataError(source, f"sentence {number}: {error}") from None
+            faults.extend((number, fault) for fault in found)
+            converted.append(TokenExample(example.tokens, tags))
+        lines = [f"{name}: tags converted from {data.tag_scheme} to IOB2"] if data.tag_scheme != "IOB2" else []
+        if faults:
+            shown = "; ".join(f"sentence {n} word {f.word + 1}: {f.problem}" for n, f in faults[:3])
+            lines.append(
+                f"{name}: {len(faults)} tag sequence(s) that {data.tag_scheme} does not allow, read as conlleval "
+                f"reads them (an entity starts there): {shown}"
+            )
+        if rules.changes or rules.order is not None:
+            converted, more = _relabel_types(converted, rules, source)
+            lines.extend(more)
+        return converted, lines
+
+    def input_key(self, example: TokenExample) -> tuple[str, ...]:
+        return example.tokens
 
     def train_problem(self, counts: Mapping[str, int]) -> str | None:
         if set(counts) - {"O"}:
@@ -276,6 +317,37 @@ class TokenClassification(BaseTask):
 
     def prediction_metrics(self, gold: list, predictions: list[dict[str, Any]], cfg: Any) -> dict[str, float]:
         return token_classification_metrics(gold, [p["tags"] for p in predictions])
+
+
+def _relabel_types(examples: list[TokenExample], rules: Any, source: str) -> tuple[list[TokenExample], list[str]]:
+    """The label rules on each tag's entity type; the tags of a type that becomes O (or is dropped) become O."""
+    changed: Counter[str] = Counter()
+    dropped: Counter[str] = Counter()
+    out = []
+    for number, example in enumerate(examples, start=1):
+        tags = []
+        for tag in example.tags:
+            prefix, kind = split_tag(tag)
+            if prefix == "O":
+                tags.append(tag)
+                continue
+            try:
+                new = rules.apply(kind)
+            except ValueError as error:
+                raise DataError(source, f"sentence {number}: {error}") from None
+            if new is None or new == "O":
+                dropped[kind] += prefix == "B"
+                tags.append("O")
+                continue
+            changed[f"{kind} -> {new}"] += (new != kind) and prefix == "B"
+            tags.append(f"{prefix}-{new}")
+        out.append(TokenExample(example.tokens, tuple(tags)))
+    kinds = [split_tag(tag)[1] for example in out for tag in example.tags if tag != "O"]
+    unknown = rules.unknown(kinds)
+    if unknown:
+        raise DataError(source, unknown_labels_message(unknown, kinds, rules.order))
+    changed = Counter({k: v for k, v in changed.items() if v})
+    return out, label_report(Path(source).name, changed, dropped, "entities")
 
 
 def _tokenize_report(total: int, truncated: int, empty: list[str], max_length: int) -> list[str]:

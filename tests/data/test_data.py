@@ -9,18 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from llmflow_hpo.data.read import (
-    DataSplits,
-    TextExample,
-    TokenExample,
-    clean_examples,
-    load_splits,
-    read_conll,
-    read_delimited,
-    read_jsonl,
-    split_examples,
-    stratify_problem,
-)
+from llmflow_hpo.config.study import DataConfig
+from llmflow_hpo.data.clean import clean_examples
+from llmflow_hpo.data.read import TextExample, TokenExample, read_conll, read_delimited, read_jsonl
+from llmflow_hpo.data.splits import DataSplits, load_splits, split_examples, stratify_problem
 from llmflow_hpo.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,6 +45,13 @@ def write(tmp_path: Path, name: str, text: str, encoding: str = "utf-8") -> Path
 
 def tok(words: str, tags: str) -> TokenExample:
     return TokenExample(tuple(words.split()), tuple(tags.split()))
+
+
+def splits_of(task: str, fmt: str, train: Path, dev: Path | None = None, test: Path | None = None, seed: int = 0,
+              **data: object) -> DataSplits:  # fmt: skip
+    """load_splits of a DataConfig with these files and settings."""
+    files = {"train": str(train), "dev": dev and str(dev), "test": test and str(test)}
+    return load_splits(DataConfig(format=fmt, **files, **data), task=task, seed=seed)
 
 
 def text_examples(counts: dict[str, int]) -> list[TextExample]:
@@ -221,7 +220,9 @@ def test_encoding_option(tmp_path: Path) -> None:
     examples = read_delimited(path, delimiter=",", text_column="text", label_column="label", encoding="latin-1")
 
     assert examples == [TextExample("café crème", "1")]
-    with pytest.raises(DataError, match=r"cannot decode as utf-8.*encoding option"):
+    with pytest.raises(
+        DataError, match=r"train.csv: line 2, byte 14 \(0xe9\): cannot decode as utf-8 .*set data.encoding"
+    ):
         read_delimited(path, delimiter=",", text_column="text", label_column="label")
 
 
@@ -420,9 +421,7 @@ def ner_file(tmp_path: Path, name: str, count: int, tag: str = "B-PER") -> Path:
 def test_load_splits_carves_dev_and_test_from_train(tmp_path: Path) -> None:
     train = ner_file(tmp_path, "train.txt", 100)
 
-    splits = load_splits(
-        task="token-classification", format="conll", train=train, dev=None, test=None, limits={}, seed=1
-    )
+    splits = splits_of("token-classification", "conll", train, seed=1)
 
     assert isinstance(splits, DataSplits)
     assert (len(splits.train), len(splits.dev), len(splits.test)) == (80, 10, 10)
@@ -432,22 +431,18 @@ def test_load_splits_carves_dev_and_test_from_train(tmp_path: Path) -> None:
     )
     assert any(line.startswith("dev: no file given, carved 10 examples") for line in splits.report)
     assert "splits: train 80, dev 10, test 10" in splits.report
-    again = load_splits(
-        task="token-classification", format="conll", train=train, dev=None, test=None, limits={}, seed=1
-    )
+    again = splits_of("token-classification", "conll", train, seed=1)
     assert again.dev == splits.dev
 
 
 def test_load_splits_ner_labels_o_first_then_sorted(tmp_path: Path) -> None:
-    train = ner_file(tmp_path, "train.txt", 20, tag="I-PER")
+    train = ner_file(tmp_path, "train.txt", 20, tag="B-PER\nSmith X X I-PER")
     dev = ner_file(tmp_path, "dev.txt", 5, tag="B-LOC")
     test = ner_file(tmp_path, "test.txt", 5, tag="B-MISC")
 
-    splits = load_splits(
-        task="token-classification", format="conll", train=train, dev=dev, test=test, limits={"dev": 2}
-    )
+    splits = splits_of("token-classification", "conll", train, dev, test, limit_dev=2)
 
-    assert splits.labels == ["O", "B-LOC", "B-MISC", "I-PER"]
+    assert splits.labels == ["O", "B-LOC", "B-MISC", "B-PER", "I-PER"]
     assert len(splits.dev) == 2
     assert "dev.txt: read 2 sentences from " + str(dev) + " (limit 2)" in splits.report
     assert "warning: dev has label(s) never seen in train: B-LOC" in splits.report
@@ -457,17 +452,7 @@ def test_load_splits_classification_is_stratified_with_sorted_labels(tmp_path: P
     rows = "".join(f"text {i} \t{'1' if i % 4 else '0'}\n" for i in range(200))
     train = write(tmp_path, "train.tsv", "sentence\tlabel\n" + rows)
 
-    splits = load_splits(
-        task="text-classification",
-        format="tsv",
-        train=train,
-        dev=None,
-        test=None,
-        limits={},
-        text_column="sentence",
-        split_dev=40,
-        split_test=0.2,
-    )
+    splits = splits_of("text-classification", "tsv", train, text_column="sentence", dev_split=40, test_split=0.2)
 
     assert splits.labels == ["0", "1"]
     assert Counter(e.label for e in splits.dev) == {"1": 30, "0": 10}
@@ -480,17 +465,8 @@ def test_load_splits_jsonl_classification(tmp_path: Path) -> None:
     lines = "".join(f'{{"review": "r{i}", "stars": {i % 3}}}\n' for i in range(30))
     train = write(tmp_path, "train.jsonl", lines)
 
-    splits = load_splits(
-        task="text-classification",
-        format="jsonl",
-        train=train,
-        dev=None,
-        test=None,
-        limits={},
-        text_column="review",
-        label_column="stars",
-        split_dev=3,
-        split_test=3,
+    splits = splits_of(
+        "text-classification", "jsonl", train, text_column="review", label_column="stars", dev_split=3, test_split=3
     )
 
     assert splits.labels == ["0", "1", "2"]
@@ -501,9 +477,7 @@ def test_load_splits_missing_file_names_path(tmp_path: Path) -> None:
     train = ner_file(tmp_path, "train.txt", 10)
 
     with pytest.raises(DataError, match=r"dev\.txt: no such file"):
-        load_splits(
-            task="token-classification", format="conll", train=train, dev=tmp_path / "dev.txt", test=None, limits={}
-        )
+        splits_of("token-classification", "conll", train, tmp_path / "dev.txt")
 
 
 def test_load_splits_empty_split_is_an_error(tmp_path: Path) -> None:
@@ -511,34 +485,27 @@ def test_load_splits_empty_split_is_an_error(tmp_path: Path) -> None:
     empty = write(tmp_path, "test.txt", "-DOCSTART- -X- -X- O\n\n")
 
     with pytest.raises(DataError, match=r"test\.txt: the test split has no examples"):
-        load_splits(task="token-classification", format="conll", train=train, dev=None, test=empty, limits={})
+        splits_of("token-classification", "conll", train, test=empty)
 
 
 def test_load_splits_too_small_to_carve(tmp_path: Path) -> None:
     train = ner_file(tmp_path, "train.txt", 2)
 
     with pytest.raises(DataError, match=r"train\.txt: cannot carve a dev split"):
-        load_splits(task="token-classification", format="conll", train=train, dev=None, test=None, limits={})
+        splits_of("token-classification", "conll", train)
 
 
 @pytest.mark.parametrize(("task", "fmt"), [("token-classification", "tsv"), ("text-classification", "conll")])
 def test_load_splits_format_must_fit_task(tmp_path: Path, task: str, fmt: str) -> None:
     with pytest.raises(ConfigError, match="does not fit task"):
-        load_splits(task=task, format=fmt, train=tmp_path / "x", dev=None, test=None, limits={})
+        splits_of(task, fmt, tmp_path / "x")
 
 
 # --------------------------------------------------------------------------------------- shipped and real data
 
 
 def test_quickstart_sample_loads() -> None:
-    splits = load_splits(
-        task="token-classification",
-        format="conll",
-        train=QUICKSTART / "train.txt",
-        dev=QUICKSTART / "dev.txt",
-        test=QUICKSTART / "test.txt",
-        limits={},
-    )
+    splits = splits_of("token-classification", "conll", *(QUICKSTART / f"{s}.txt" for s in ("train", "dev", "test")))
 
     assert (len(splits.train), len(splits.dev), len(splits.test)) == (400, 120, 120)
     assert splits.labels == ["O", "B-LOC", "B-MISC", "B-ORG", "B-PER", "I-LOC", "I-MISC", "I-ORG", "I-PER"]

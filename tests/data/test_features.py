@@ -211,7 +211,7 @@ def test_tokenizer_fingerprint_reads_the_vocabulary_files_of_the_tokenizer_class
 def test_text_truncation_counts_only_examples_that_were_cut(tiny_cfg, tmp_path):
     cfg, _, _ = tiny_cfg()
     tokenizer = load_tokenizer(cfg.model)
-    from llmflow_hpo.data.read import TextExample
+    from llmflow_hpo.tasks.text_classification import TextExample
 
     exact = "one two three four five six"  # [CLS] + 6 + [SEP] = 8 tokens: fits max_length 8 exactly
     assert len(tokenizer(exact)["input_ids"]) == 8

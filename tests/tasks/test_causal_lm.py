@@ -115,7 +115,7 @@ def test_every_data_shape_is_read_pairs_chats_texts_and_labelled_tsv(tmp_path, t
     import json
 
     from llmflow_hpo.config.study import DataConfig, ModelConfig
-    from llmflow_hpo.data.read import load_splits
+    from llmflow_hpo.data.splits import load_splits
     from llmflow_hpo.recipe.models import load_tokenizer
     from llmflow_hpo.tasks import get_task
 
@@ -125,10 +125,8 @@ def test_every_data_shape_is_read_pairs_chats_texts_and_labelled_tsv(tmp_path, t
         {"text": "A plain text to continue."},
     ]
     (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    splits = load_splits(
-        task="causal-lm", format="jsonl", train=tmp_path / "mixed.jsonl", dev=tmp_path / "mixed.jsonl",
-        test=tmp_path / "mixed.jsonl", limits={},
-    )  # fmt: skip
+    mixed = str(tmp_path / "mixed.jsonl")
+    splits = load_splits(DataConfig(format="jsonl", train=mixed, dev=mixed, test=mixed), task="causal-lm")
     assert splits.labels == [] and "train: 1 chats, 1 plain texts, 1 prompt/completion pairs" in splits.report
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tiny_lm_folder)))
     data = DataConfig(format="jsonl", train="x", max_length=64)
