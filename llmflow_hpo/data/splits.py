@@ -128,7 +128,7 @@ def load_splits(data: Any, *, task: str, seed: int = 0) -> DataSplits:
     report: list[str] = []
     limits = {"train": data.limit_train, "dev": data.limit_dev, "test": data.limit_test}
     loaded = {name: _read_split(source, limits[name], spec, data, rules, report) for name, source in sources.items()}
-    origin = {name: str(source) for name, source in sources.items()}
+    origin = {name: f"from {source}" for name, source in sources.items()}
     train_path = sources["train"].path
     _require_examples("train", loaded["train"], train_path)
     amounts = {"test": data.test_split, "dev": data.dev_split}
@@ -187,10 +187,10 @@ def _overlaps(task: BaseTask, loaded: dict[str, list], *, dedupe: bool, report: 
         shared = keys[first].keys() & keys[second].keys()
         if shared:
             found = True
+            ours, theirs = (sum(keys[name][k] for k in shared) for name in (first, second))
             report.append(
-                f"overlap: {plural(len(shared), 'input')} occur in both {first} and {second} "
-                f"({sum(keys[first][k] for k in shared)} {first} examples, {sum(keys[second][k] for k in shared)} "
-                f"{second} examples; the same input after cleaning)"
+                f"overlap: {plural(len(shared), 'input')} in both {first} and {second} ({plural(ours, first + ' example')}, "
+                f"{plural(theirs, second + ' example')}; the same input after cleaning)"
             )
     for name in SPLIT_NAMES:
         repeats = sum(count - 1 for count in keys[name].values() if count > 1)
@@ -288,7 +288,7 @@ def _carve_missing(
             loaded["train"], loaded[name] = _carve(
                 task, loaded["train"], name, amount, total=total, seed=seed, train_path=train_path, report=report
             )
-            share = f"{amount * 100:g}%" if isinstance(amount, float) else str(amount)
+            share = f"{amount * 100:g}%" if isinstance(amount, float) else plural(amount, "example")
             origin[name] = f"carved from train ({share}, seed {seed})"
             origin["train"] += f", less {len(loaded[name])} carved for {name}"
 
@@ -349,7 +349,7 @@ def _require_something_to_learn(task: BaseTask, examples: list, path: Path) -> N
 
 def _summary(task: BaseTask, splits: DataSplits, origin: dict[str, str]) -> list[str]:
     lines = [f"splits: train {len(splits.train)}, dev {len(splits.dev)}, test {len(splits.test)}"]
-    lines += [f"{name}: {len(getattr(splits, name))} from {origin[name]}" for name in SPLIT_NAMES]
+    lines += [f"{name}: {len(getattr(splits, name))} {origin[name]}" for name in SPLIT_NAMES]
     if task.labelled:
         lines.append(f"labels ({len(splits.labels)}): {', '.join(splits.labels)}")
     lines.extend(task.summary(splits))

@@ -310,14 +310,14 @@ def json_field(path: str | Path, where: str, record: dict, name: str) -> object:
 
 def label_report(name: str, changed: Mapping[str, int], dropped: Mapping[str, int], unit: str) -> list[str]:
     """The report lines of the label rules on one file (``name``): the labels changed and those dropped,
-    with counts (``unit``: what is dropped, "examples" or "entities")."""
+    with counts (``unit``: what is dropped, and why: "examples of data.drop_labels")."""
     lines = []
     if changed:
         listed = ", ".join(f"{change} ({count})" for change, count in sorted(changed.items()))
         lines.append(f"{name}: label rules changed {sum(changed.values())} label(s): {listed}")
     if dropped:
         listed = ", ".join(f"{label} ({count})" for label, count in sorted(dropped.items()))
-        lines.append(f"{name}: dropped {sum(dropped.values())} {unit} of data.drop_labels or mapped to O: {listed}")
+        lines.append(f"{name}: dropped {sum(dropped.values())} {unit}: {listed}")
     return lines
 
 

@@ -117,7 +117,7 @@ class TextClassification(BaseTask):
         unknown = rules.unknown([example.label for example in kept])
         if unknown:
             raise DataError(source, unknown_labels_message(unknown, [e.label for e in kept], rules.order))
-        return kept, label_report(Path(source).name, changed, dropped, "examples")
+        return kept, label_report(Path(source).name, changed, dropped, "examples of data.drop_labels")
 
     def input_key(self, example: TextExample) -> str:
         return example.text

@@ -347,7 +347,7 @@ def _relabel_types(examples: list[TokenExample], rules: Any, source: str) -> tup
     if unknown:
         raise DataError(source, unknown_labels_message(unknown, kinds, rules.order))
     changed = Counter({k: v for k, v in changed.items() if v})
-    return out, label_report(Path(source).name, changed, dropped, "entities")
+    return out, label_report(Path(source).name, changed, dropped, "entities of data.drop_labels or mapped to O")
 
 
 def _tokenize_report(total: int, truncated: int, empty: list[str], max_length: int) -> list[str]:
