@@ -58,22 +58,7 @@ def _load(
     space, space_raw = load_search_space(cfg.search_space)
     check_strategy(cfg, space, config)
     problems = combination_problems(cfg.train, space, config)
-    for split in ("train", "dev", "test"):
-        path = getattr(cfg.data, split)
-        if cfg.data.format == "hf-disk" and path is not None and not Path(path).is_dir():
-            problems.append(
-                f"{config}: data.{split}: {path} is not a folder; format hf-disk reads a folder written by "
-                "datasets' save_to_disk"
-            )
-        elif cfg.data.format == "hf-disk":
-            continue
-        elif path is not None and Path(path).exists() and not Path(path).is_file():
-            what = "a folder" if Path(path).is_dir() else "not a regular file"
-            problems.append(f"{config}: data.{split}: {path} is {what}; give the path of a data file")
-        elif path is not None and not Path(path).is_file():
-            problems.append(
-                f"{config}: data.{split}: file {path} does not exist; fix the path (relative to the config's folder)"
-            )
+    problems += _data_path_problems(cfg.data, config)
     name = cfg.model.name_or_path
     if name.startswith("package:"):
         module = name[len("package:") :]
@@ -112,6 +97,28 @@ def _load(
     if problems:
         raise ConfigError(problems)
     return cfg, space, space_raw, data
+
+
+def _data_path_problems(data: Any, config: str) -> list[str]:
+    """The data paths that are not there or not what the format reads; a path of several splits is one line."""
+    fields: dict[str, list[str]] = {}
+    for split in ("train", "dev", "test"):
+        if getattr(data, split) is not None:
+            fields.setdefault(getattr(data, split), []).append(f"data.{split}")
+    problems = []
+    for path, names in fields.items():
+        where, p = f"{config}: {', '.join(names)}", Path(path)
+        if data.format == "hf-disk":
+            if not p.is_dir():
+                problems.append(
+                    f"{where}: {path} is not a folder; format hf-disk reads a folder written by save_to_disk"
+                )
+        elif p.exists() and not p.is_file():
+            what = "a folder" if p.is_dir() else "not a regular file"
+            problems.append(f"{where}: {path} is {what}; give the path of a data file")
+        elif not p.is_file():
+            problems.append(f"{where}: file {path} does not exist; fix the path (relative to the config's folder)")
+    return problems
 
 
 def _place_problems(cfg: Any, source: str) -> list[str]:

@@ -86,8 +86,11 @@ def refused(
     line = lines[-1]
     if result.returncode == 1:
         assert line.startswith("llmflow-hpo: error: "), shown
-        # One line: nothing else on stderr but the log lines a command prints before it fails.
-        assert sum(1 for x in lines if "error" in x.lower()) == 1, shown
+        # One line per problem: nothing else on stderr but the log lines a command prints before it fails.
+        problems = [x for x in lines if x.startswith("llmflow-hpo: error: ")]
+        assert problems == [x for x in lines if "error" in x.lower()], shown
+        assert problems == lines[-len(problems) :], shown  # together, at the end
+        line = "\n".join(problems)
     else:
         assert "error:" in line, shown
     after = snapshot(roots)

@@ -637,6 +637,45 @@ DATA_CASES: list[tuple[str, dict[str, Content], list[str], tuple[str, ...]]] = [
         ["search", C],
         ("train.jsonl", "line 1", "2 tokens but 1 tags"),
     ),
+    ("label-regex-broken", {}, ["validate", C, "--set", "data.label_regex=(A"], ("data.label_regex", "not a regular")),
+    (
+        "delimiter-not-csv",
+        {},
+        ["validate", C, "--set", "data.delimiter=;"],
+        ("data.delimiter", "applies to format csv"),
+    ),
+    (
+        "delimiter-two-chars",
+        text_files("csv", "text,label\ngood,1\n"),
+        ["validate", C, "--set", "data.delimiter=;;"],
+        ("data.delimiter", "give one character"),
+    ),
+    ("splits-not-hf-disk", {}, ["validate", C, "--set", "data.splits={dev: v}"], ("data.splits", "hf-disk only")),
+    (
+        "hf-disk-given-a-file",
+        text_files("csv", "text,label\ngood,1\n"),
+        ["validate", C, "--set", "data.format=hf-disk"],
+        ("data.train, data.dev, data.test", "not a folder"),
+    ),
+    ("labels-twice", {}, ["validate", C, "--set", "data.labels=[PER, PER]"], ("data.labels", "PER given twice")),
+    (
+        "bioes-tags-read-as-iob2",
+        {"data/train.txt": "Paris S-LOC\nis O\n\nBonn S-LOC\n"},
+        ["validate", C],
+        ("train.txt", "sentence 1", "'S-LOC' is not a IOB2 tag", "set data.tag_scheme: BIOES"),
+    ),
+    (
+        "lines-without-the-separator",
+        {"data/train.txt": "good film@1\nbad film 0\n", "study.yaml": text_study("lines", "data/train.txt")},
+        ["validate", C, "--set", "data.separator=@"],
+        ("train.txt", "line 2", "no '@' (data.separator)"),
+    ),
+    (
+        "lines-latin1",
+        {"data/train.txt": "caf\xe9 noir@1\n".encode("latin-1"), "study.yaml": text_study("lines", "data/train.txt")},
+        ["validate", C, "--set", "data.separator=@"],
+        ("train.txt", "line 1, byte 3 (0xe9)", "set data.encoding"),
+    ),
     (
         "jsonl-nested-deep",
         {

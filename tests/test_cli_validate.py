@@ -40,14 +40,15 @@ def write_study(tmp_path: Path, **train: object) -> Path:
     return path
 
 
-def assert_one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+def assert_one_error_line(result: subprocess.CompletedProcess[str], problems: int = 1) -> str:
+    """A refusal: exit 1, no traceback, nothing on stdout, and one line per problem on stderr."""
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("llmflow-hpo: error: ")
+    assert len(lines) == problems, result.stderr
+    assert all(line.startswith("llmflow-hpo: error: ") for line in lines)
     assert result.stdout == ""
-    return lines[0]
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -95,9 +96,9 @@ def test_validate_a_study_of_our_own(tmp_path: Path) -> None:
     assert f"storage sqlite:///{(tmp_path / 'tiny.db').resolve()}" in result.stdout
 
 
-def test_broken_config_is_one_error_line_naming_file_and_field(tmp_path: Path) -> None:
+def test_broken_config_is_one_error_line_per_problem_naming_file_and_field(tmp_path: Path) -> None:
     path = write_study(tmp_path, epochs=0, warmup_ratio=1.5)
-    line = assert_one_error_line(cli("validate", str(path)))
+    line = assert_one_error_line(cli("validate", str(path)), problems=2)
     assert f"{path}: train.epochs: must be >= 1" in line
     assert f"{path}: train.warmup_ratio: must be in [0, 1)" in line
 
@@ -238,9 +239,7 @@ def test_validate_reports_every_data_problem_in_one_line_each(tmp_path: Path) ->
 
     result = cli("validate", str(config))
 
-    assert result.returncode == 1 and "Traceback" not in result.stderr and result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 3, result.stderr
+    lines = assert_one_error_line(result, problems=3).splitlines()
     assert lines[0] == (
         f"llmflow-hpo: error: {config}: data.train: {tmp_path / 'train.jsonl'}: line 11: no field 'text' (fields found: txt)"
     )

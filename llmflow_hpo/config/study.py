@@ -628,7 +628,7 @@ def _check_data(d: DataConfig, problems: Problems) -> None:
             problems.add(f"data.{name}", f"applies to format {fmt} only (format is {d.format}); remove it")
     if d.splits and d.format != "hf-disk":
         problems.add("data.splits", f"applies to format hf-disk only (format is {d.format}); remove it")
-    if d.delimiter is not None and (len(d.delimiter) != 1 or d.delimiter in "\r\n\"'"):
+    if d.format == "csv" and d.delimiter is not None and (len(d.delimiter) != 1 or d.delimiter in "\r\n\"'"):
         problems.add("data.delimiter", f"got {d.delimiter!r}; give one character such as ';', '|' or '\\t'")
     if not d.separator or any(c in d.separator for c in "\r\n"):
         problems.add("data.separator", f"got {d.separator!r}; give a string without line breaks, e.g. ' ', ':' or '@'")

@@ -38,8 +38,11 @@ def check_data(data: Any, *, task: str, limit: int | None = 1000) -> DataCheck:
     except DataError as error:
         found.problems.append(f"data.train: {error}")
         return found
+    splits_of: dict = {}  # a source that serves several splits (one file as dev and test) is read once
     for name, source in sources.items():
-        where = f"data.{name}" + (f" (data.splits.{name})" if source.split else "")
+        splits_of.setdefault(source, []).append(name)
+    for source, names in splits_of.items():
+        where = ", ".join(f"data.{name}" + (f" (data.splits.{name})" if source.split else "") for name in names)
         try:
             examples = read_file(source.path, task=spec, data=data, split=source.split, limit=limit)
             cleaned, _ = clean_examples(examples, source=source.name, normalize_unicode=data.normalize_unicode)
