@@ -241,3 +241,15 @@ def test_deploy_load_smoke_runs_the_pipeline_baseline_and_tabulates(text_model: 
         assert 0 < c["p50_ms"] <= c["p95_ms"] <= c["p99_ms"]
     assert [c.get("exit_code") for c in cells if "exit_code" in c] == [0]  # the server stopped cleanly
     assert "| model | server | clients |" in result.stdout
+
+
+@pytest.mark.skipif(not (REPO.parent / "shared" / "data").is_dir(), reason="no shared data beside the repository")
+def test_data_formats_smoke_finds_the_parquet_copies_equal_to_the_originals(tmp_path: Path) -> None:
+    out = tmp_path / "formats.json"
+    result = run("data_formats.py", "--smoke", "--workdir", str(tmp_path / "copies"), "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(out.read_text())
+    assert found["all_equal"] is True
+    assert found["conll2003"]["dev"]["examples"] == 200 and found["sst2"]["train"]["examples"] == 180
+    assert found["conll2003"]["labels"][0] == "O" and found["sst2"]["labels"] == ["0", "1"]
+    assert {"input_ids", "labels", "word_labels", "label_words"} <= set(found["conll2003"]["train"]["feature_columns"])

@@ -69,17 +69,34 @@ class DataConfig:
         "Training file, or for hf-disk a save_to_disk folder (all its splits are read; see data.splits); "
         "relative paths are resolved from the config file's folder."
     )
-    dev: str | None = _help("Dev file; when missing, dev_split of train is held out.", default=None)
-    test: str | None = _help("Test file; when missing, test_split of train is held out.", default=None)
+    dev: str | None = _help(
+        "Dev file (hf-disk: a folder); when missing (and not a split of train's folder), dev_split of train is "
+        "held out.",
+        default=None,
+    )
+    test: str | None = _help(
+        "Test file (hf-disk: a folder); when missing (and not a split of train's folder), test_split of train is "
+        "held out.",
+        default=None,
+    )
     limit_train: int | None = _help("Read only the first N training examples.", default=None)
     limit_dev: int | None = _help("Read only the first N dev examples.", default=None)
     limit_test: int | None = _help("Read only the first N test examples.", default=None)
     token_column: int = _help("conll: 0-based column of the tokens.", default=0)
     tag_column: int = _help("conll: 0-based column of the tags (-1 = last).", default=-1)
-    text_column: str | int = _help("csv/tsv/jsonl: column name (or index) of the text.", default="text")
-    label_column: str | int = _help("csv/tsv/jsonl: column name (or index) of the label.", default="label")
-    tokens_field: str = _help("jsonl token-classification: field with the token list.", default="tokens")
-    tags_field: str = _help("jsonl token-classification: field with the tag list.", default="tags")
+    text_column: str | int = _help(
+        "csv/tsv: column name (or index) of the text; jsonl, json and tables: its field.", default="text"
+    )
+    label_column: str | int = _help(
+        "csv/tsv: column name (or index) of the label; jsonl, json and tables: its field.", default="label"
+    )
+    tokens_field: str = _help(
+        "token-classification records (jsonl, json, tables): field with the token list.", default="tokens"
+    )
+    tags_field: str = _help(
+        "token-classification records (jsonl, json, tables): field with the tag list (strings, or class-label ids).",
+        default="tags",
+    )
     header: bool = _help("csv/tsv: the first row is a header.", default=True)
     delimiter: str | None = _help("csv: the field delimiter (one character); null: a comma (tsv: a tab).", default=None)
     separator: str = _help("lines: what separates the text from the label on each line.", default="\t")
