@@ -268,3 +268,25 @@ def test_validate_names_a_wrong_column_and_reads_only_the_first_lines_with_lines
     whole = cli("validate", str(config))
     assert_one_error_line(whole)
     assert "train.csv: line 32: 1 column(s), need at least 2" in whole.stderr
+
+
+def test_validate_reads_a_save_to_disk_folder_and_parquet_files(tmp_path: Path) -> None:
+    import datasets
+
+    rows = {"text": [f"text {i}" for i in range(12)], "label": ["ab"[i % 2] for i in range(12)]}
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict(rows), "validation": datasets.Dataset.from_dict(rows).select(range(4))}
+    ).save_to_disk(str(tmp_path / "folder"))
+    datasets.Dataset.from_dict(rows).to_parquet(str(tmp_path / "test.parquet"))
+    config = _text_study(tmp_path, {"format": "hf-disk", "train": "folder", "test_split": 2}, {})
+
+    result = cli("validate", str(config))
+
+    assert result.returncode == 0, result.stderr
+    assert f"data: dev: 4 from split 'validation' of {tmp_path / 'folder'}" in result.stderr
+    assert "data: test: 2 carved from train (2 examples, seed 42)" in result.stderr
+    parquet = cli("validate", str(config), "--set", "data.format=parquet", "--set", "data.train=test.parquet")
+    assert parquet.returncode == 0, parquet.stderr
+    assert f"data: train: 8 from {tmp_path / 'test.parquet'}, less 2 carved for test, less 2 carved for dev" in (
+        parquet.stderr
+    )

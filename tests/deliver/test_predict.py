@@ -93,6 +93,11 @@ def test_unlabelled_files_of_every_training_format_are_read(ner_model, text_mode
         ("New", "York"),
         ("in", "Rome"),
     ]
+    import datasets
+
+    datasets.Dataset.from_dict({"tokens": [["Bonn", "waits"]]}).to_parquet(str(tmp_path / "words.parquet"))
+    read = read_inputs(str(tmp_path / "words.parquet"), ner, format="parquet", evaluate=False)
+    assert read.gold is None and [i.words for i in read.inputs] == [("Bonn", "waits")]  # a table without tags
     text = Predictor(ModelFolder.open(text_model))
     tsv = tmp_path / "texts.tsv"
     tsv.write_text('sentence\n"quoted" good film\nbad   film\n')  # no label column; TSV quotes are text
