@@ -3,11 +3,29 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+
+def _one_core_per_worker() -> None:
+    """Under pytest-xdist (``-n 2``), each worker runs on its own share of the cores (on 2 cores: one each),
+    set before torch is imported, so torch sizes its threads to it. The workers, and the CLI processes their
+    tests start (which inherit the affinity), never share a core: two processes with two threads each on two
+    cores slow each other down many times."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker.startswith("gw") and len(cores) >= count > 1:
+        share = len(cores) // count
+        index = int(worker[2:]) % count
+        os.sched_setaffinity(0, set(cores[index * share : (index + 1) * share]))
+
+
+_one_core_per_worker()
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_NER = REPO / "studies" / "data" / "quickstart-ner"

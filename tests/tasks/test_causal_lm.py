@@ -137,10 +137,8 @@ def test_every_data_shape_is_read_pairs_chats_texts_and_labelled_tsv(tmp_path, t
     learned = [t for t, label in zip(columns["input_ids"][2], columns["labels"][2], strict=True) if label != -100]
     assert tokenizer.decode(learned) == "A plain text to continue.<|im_end|>"  # all of a plain text trains
     (tmp_path / "sst.tsv").write_text("sentence\tlabel\nit is fine\t1\nit is bad\t0\n")
-    tsv = load_splits(
-        task="causal-lm", format="tsv", train=tmp_path / "sst.tsv", dev=tmp_path / "sst.tsv",
-        test=tmp_path / "sst.tsv", limits={}, text_column="sentence",
-    )  # fmt: skip
+    sst = str(tmp_path / "sst.tsv")
+    tsv = load_splits(DataConfig(format="tsv", train=sst, dev=sst, test=sst, text_column="sentence"), task="causal-lm")
     data = DataConfig(
         format="tsv",
         train="x",

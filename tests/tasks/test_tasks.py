@@ -70,13 +70,24 @@ def test_the_objective_metrics_and_defaults_are_those_of_before():
     [
         ("token-classification", "conll", []),
         ("token-classification", "jsonl", []),
-        ("token-classification", "csv", [("data.format", "csv holds no token tags; use conll or jsonl")]),
+        ("token-classification", "parquet", []),
+        (
+            "token-classification",
+            "csv",
+            [("data.format", "csv holds no token tags; use one of conll, jsonl, json, parquet, arrow, hf-disk")],
+        ),
         ("text-classification", "tsv", []),
-        ("text-classification", "conll", [("data.format", "text-classification reads csv, tsv or jsonl")]),
+        ("text-classification", "lines", []),
+        (
+            "text-classification",
+            "conll",
+            [("data.format", "text-classification reads csv, tsv, jsonl, lines, json, parquet, arrow, hf-disk")],
+        ),
     ],
 )
 def test_check_config_names_a_format_the_task_cannot_read(name, format, problems):
-    cfg = SimpleNamespace(data=SimpleNamespace(format=format), objective=SimpleNamespace(metric=None))
+    data = SimpleNamespace(format=format, tag_scheme="IOB2")
+    cfg = SimpleNamespace(data=data, objective=SimpleNamespace(metric=None))
     assert get_task(name).check_config(cfg) == problems
 
 
