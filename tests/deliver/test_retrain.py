@@ -94,8 +94,17 @@ def test_retrain_runs_with_the_trials_thread_count_and_compares_weights(tiny_cfg
     """A worker trains with its share of the cores; the weights depend on the thread count (CPU reductions)."""
     import torch
 
-    if torch.get_num_threads() < 2:
-        pytest.skip("needs 2 torch threads to differ from the worker's 1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(before, 2))  # 2 threads to differ from the worker's 1 (a test worker may have 1 core)
+    try:
+        _retrain_with_the_trials_threads(tiny_cfg, tmp_path, monkeypatch)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _retrain_with_the_trials_threads(tiny_cfg, tmp_path, monkeypatch) -> None:
+    import torch
+
     cfg, space, raw = tiny_cfg({"n_trials": 1, "train": {"epochs": 1, "num_threads": 1}})
     run_search(cfg, space, raw, **QUIET)
     study = load_study(cfg.study_name, cfg.storage)
