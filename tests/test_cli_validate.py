@@ -287,6 +287,11 @@ def test_validate_reads_a_save_to_disk_folder_and_parquet_files(tmp_path: Path) 
     assert "data: test: 2 carved from train (2 examples, seed 42)" in result.stderr
     parquet = cli("validate", str(config), "--set", "data.format=parquet", "--set", "data.train=test.parquet")
     assert parquet.returncode == 0, parquet.stderr
+    assert "Generating" not in parquet.stderr  # the datasets builder's progress bars stay off
     assert f"data: train: 8 from {tmp_path / 'test.parquet'}, less 2 carved for test, less 2 carved for dev" in (
         parquet.stderr
     )
+    for argv in ([str(config)], [str(config), "--set", "data.format=parquet", "--set", "data.train=test.parquet"]):
+        probe = PROBE.format(argv=["validate", *argv])
+        result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert result.stdout.strip().splitlines()[-1] == "PROBE 0 False False False", result.stderr  # no torch

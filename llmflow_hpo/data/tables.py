@@ -1,12 +1,12 @@
 """Tables read by Hugging Face ``datasets``: Parquet, Arrow and JSON files through its builders, and folders
 written by ``save_to_disk``.
 
-Files are streamed (``load_dataset(..., streaming=True)``): rows are read as they are needed, so the first
-lines of a large file are read in a moment, and no Arrow copy is written to a cache (the builder's lock files
-go to a temporary folder that is removed after). A ``save_to_disk`` folder is memory-mapped as it is
-(``load_from_disk``). Each row is a record, made into the task's example by ``BaseTask.record_example``;
-a class-label column (``ClassLabel``, or a list of them such as the ``ner_tags`` of Hugging Face's
-CoNLL-2003) gives its label names, not its ids.
+A file is loaded by its builder (``load_dataset("parquet", ...)``) into a cache folder of its own under the
+system's temporary folder, removed once the rows are read: nothing is written beside the data or into the
+user's Hugging Face cache, and no torch is imported (a streamed ``IterableDataset`` would import it). A
+``save_to_disk`` folder is memory-mapped as it is (``load_from_disk``). Each row is a record, made into the
+task's example by ``BaseTask.record_example``; a class-label column (``ClassLabel``, or a list of them such as
+the ``ner_tags`` of Hugging Face's CoNLL-2003) gives its label names, not its ids.
 """
 
 from __future__ import annotations
@@ -65,10 +65,10 @@ def table_rows(
 ) -> Iterator[tuple[int, dict]]:
     """The rows of a table in ``data.format`` as records, numbered from 1, class-label ids as their names."""
     with _read_errors(path, data.format), tempfile.TemporaryDirectory(prefix="llmflow-datasets-") as scratch:
-        rows = _folder(path, split) if data.format == "hf-disk" else _streamed(path, data, scratch)
+        rows = _folder(path, split) if data.format == "hf-disk" else _built(path, data, scratch)
         names = _class_names(rows.features)
         if limit is not None:
-            rows = rows.take(limit) if hasattr(rows, "take") else rows.select(range(min(limit, len(rows))))
+            rows = rows.select(range(min(limit, len(rows))))
         for number, row in enumerate(rows, start=1):
             yield number, _named(row, names)
 
@@ -84,15 +84,25 @@ def _folder(path: Path, split: str | None) -> Any:
     return loaded
 
 
-def _streamed(path: Path, data: Any, scratch: str) -> Any:
+def _built(path: Path, data: Any, scratch: str) -> Any:
+    """The file as a Dataset, built by the datasets builder of its format into ``scratch``, quietly."""
     import datasets
 
     if not path.is_file():
         raise DataError(path, "no such file" if not path.exists() else "not a file")
     options = {"field": data.json_field} if data.format == "json" and data.json_field else {}
-    return datasets.load_dataset(
-        data.format, data_files={"rows": str(path)}, split="rows", streaming=True, cache_dir=scratch, **options
-    )
+    shown = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity_error()
+    try:
+        return datasets.load_dataset(
+            data.format, data_files={"rows": str(path)}, split="rows", cache_dir=scratch, **options
+        )
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if shown:
+            datasets.enable_progress_bars()
 
 
 @contextlib.contextmanager
