@@ -44,10 +44,10 @@ def _load(
 ) -> tuple[Any, Any, dict[str, Any], Any]:
     """Validate a study config, its search space, sampler/pruner options and input files (no torch import).
 
-    The first ``check_lines`` examples of every data source are checked (all problems at once); with ``read``
-    the data is then read whole. Returns the config, the search space (distributions and raw) and the data as
-    read (``DataSplits``), which ``search`` hands on to its tokenization rather than reading the files again;
-    without ``read``, what the check found (``data.check.DataCheck``)."""
+    The data is read whole (``read``) or its first ``check_lines`` examples of every file are checked; every
+    problem is reported at once (``_read_data``). Returns the config, the search space (distributions and raw)
+    and the data as read (``DataSplits``), which ``search`` hands on to its tokenization rather than reading
+    the files again; without ``read``, what the check found (``data.check.DataCheck``)."""
     import importlib.util
 
     from llmflow_hpo.config.study import load_study_config
@@ -81,22 +81,31 @@ def _load(
             problems.append(f"{config}: backend: ray needs Ray Tune, which is not installed; {RAY_HINT}")
     problems.extend(_place_problems(cfg, config))
     data = None
-    if not problems:  # every data file is there: check their first lines, then read them as the search will
-        from llmflow_hpo.data.check import check_data
-
-        data = check_data(cfg.data, task=cfg.task, limit=check_lines)
-        problems += [f"{config}: {line}" for line in data.problems]
-    if not problems and read:
-        from llmflow_hpo.data.features import read_splits
-        from llmflow_hpo.errors import DataError
-
-        try:
-            data = read_splits(cfg)
-        except (DataError, ConfigError) as e:
-            problems.append(f"{config}: data: {e}")
+    if not problems:  # every data file is there: read them as the search will (no tokenizer, no torch)
+        data, found = _read_data(cfg, check_lines, read)
+        problems += [f"{config}: {line}" for line in found]
     if problems:
         raise ConfigError(problems)
     return cfg, space, space_raw, data
+
+
+def _read_data(cfg: Any, check_lines: int | None, read: bool) -> tuple[Any, list[str]]:
+    """The data read whole (``DataSplits``), or without ``read`` the first-lines check (``DataCheck``), and
+    the problems. Where the whole read fails, the first ``check_lines`` examples of every file are checked so
+    that all their problems are reported at once (the failure itself where they show none); a good read
+    reads each file once."""
+    from llmflow_hpo.data.check import check_data
+    from llmflow_hpo.errors import DataError
+
+    if not read:
+        check = check_data(cfg.data, task=cfg.task, limit=check_lines)
+        return check, check.problems
+    from llmflow_hpo.data.features import read_splits
+
+    try:
+        return read_splits(cfg), []
+    except (DataError, ConfigError) as e:
+        return None, check_data(cfg.data, task=cfg.task, limit=check_lines).problems or [f"data: {e}"]
 
 
 def _data_path_problems(data: Any, config: str) -> list[str]:

@@ -53,9 +53,9 @@ def _file_digest(path: str | None) -> str | None:
         return None  # load_splits reports it
     digest = hashlib.sha256()
     # A save_to_disk folder counts by every file in it, each with its name.
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-    for file in files:
-        digest.update(str(file.relative_to(p)).encode() if p.is_dir() else b"")
+    named = sorted((str(f.relative_to(p)), f) for f in p.rglob("*") if f.is_file()) if p.is_dir() else [("", p)]
+    for name, file in named:
+        digest.update(name.encode())
         with file.open("rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)

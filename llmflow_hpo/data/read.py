@@ -64,8 +64,9 @@ def read_file(
             path, token_column=data.token_column, tag_column=data.tag_column, encoding=data.encoding, limit=limit
         )
     if data.format == "jsonl":
-        task.check_record_fields(record_fields(data))
-        return read_jsonl(path, task=task.name, encoding=data.encoding, limit=limit, **_jsonl_fields(data))
+        fields = record_fields(data)
+        task.check_record_fields(fields)
+        return _read_records(path, task, fields, encoding=data.encoding, limit=limit)
     if data.format == "text":
         return read_text_lines(path, task=task.name, encoding=data.encoding, limit=limit)
     if data.format == "lines":
@@ -86,19 +87,6 @@ def read_file(
         encoding=data.encoding,
         limit=limit,
     )
-
-
-def _jsonl_fields(data: Any) -> dict[str, str]:
-    fields = record_fields(data)
-    return {
-        "text_field": str(fields["text"]),
-        "label_field": str(fields["label"]),
-        "tokens_field": fields["tokens"],
-        "tags_field": fields["tags"],
-        "prompt_field": fields["prompt"],
-        "completion_field": fields["completion"],
-        "messages_field": fields["messages"],
-    }
 
 
 def read_conll(
@@ -286,8 +274,6 @@ def read_jsonl(
     causal-lm. Labels may be JSON strings, numbers or booleans and become strings; tags must be strings (integer
     tag ids carry no names). ``limit`` keeps the first N objects; blank lines are skipped.
     """
-    spec = get_task(task)
-    _check_limit(limit)
     fields = {
         "text": text_field,
         "label": label_field,
@@ -297,6 +283,14 @@ def read_jsonl(
         "completion": completion_field,
         "messages": messages_field,
     }
+    return _read_records(path, get_task(task), fields, encoding=encoding, limit=limit)
+
+
+def _read_records(
+    path: str | Path, spec: BaseTask, fields: dict[str, Any], *, encoding: str, limit: int | None
+) -> list:
+    """The task's example of each JSON object line, by the field names of ``fields`` (``record_fields``)."""
+    _check_limit(limit)
     examples: list = []
     for number, line in _numbered_lines(path, encoding):
         if limit is not None and len(examples) >= limit:

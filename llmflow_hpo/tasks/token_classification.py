@@ -336,17 +336,17 @@ def _relabel_types(examples: list[TokenExample], rules: Any, source: str) -> tup
             except ValueError as error:
                 raise DataError(source, f"sentence {number}: {error}") from None
             if new is None or new == "O":
-                dropped[kind] += prefix == "B"
+                dropped[kind] += prefix == "B"  # entities, counted at their first word
                 tags.append("O")
                 continue
-            changed[f"{kind} -> {new}"] += (new != kind) and prefix == "B"
+            if new != kind and prefix == "B":
+                changed[f"{kind} -> {new}"] += 1
             tags.append(f"{prefix}-{new}")
         out.append(TokenExample(example.tokens, tuple(tags)))
     kinds = [split_tag(tag)[1] for example in out for tag in example.tags if tag != "O"]
     unknown = rules.unknown(kinds)
     if unknown:
         raise DataError(source, unknown_labels_message(unknown, kinds, rules.order))
-    changed = Counter({k: v for k, v in changed.items() if v})
     return out, label_report(Path(source).name, changed, dropped, "entities of data.drop_labels or mapped to O")
 
 
