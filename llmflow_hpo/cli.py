@@ -777,8 +777,8 @@ def _add_validate(sub: Any) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="check only the first N examples of every data file (default: the first 1000 of each, every problem "
-        "at once, then every file whole, as search reads them)",
+        help="check only the first N examples of every data file (default: every file whole, as search reads "
+        "them; where that fails, the problems of the first 1000 examples of each, all at once)",
     )
 
 
